@@ -1,0 +1,69 @@
+"""Target devices: what the time model needs (throughput, bf16 support) and the memory model's per-device
+overhead terms. Values are public spec-sheet figures; the overhead terms are calibrated from measurement
+(see benchmarks/) and can be overridden per plan."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class DeviceSpec(BaseModel):
+    """One kind of training device."""
+
+    name: str
+    kind: str = Field(description='"cuda" or "cpu"')
+    memory_bytes: int | None = None
+    """Memory of the card as sold (nvidia-smi's total); None when unknown (the budget says it)."""
+    supports_bf16: bool = True
+    tflops_fp32: float
+    """Dense fp32 matmul throughput (TF32 tensor cores where PyTorch uses them by default is NOT assumed)."""
+    tflops_half: float
+    """Dense fp16/bf16 tensor-core throughput."""
+    memory_bandwidth_gbs: float
+    context_bytes: int = 0
+    """Memory the runtime takes before any tensor exists (CUDA context, cuBLAS workspace); counted against
+    the budget because the budget is the card's total memory."""
+    allocator_reserve_fraction: float = 0.0
+    """Caching-allocator slack: reserved bytes above allocated bytes at the peak, as a fraction of it."""
+    matmul_efficiency: float = 0.6
+    """Fraction of peak FLOPs a large transformer matmul reaches; small micro-batches reach less."""
+
+
+_GIB = 1 << 30
+
+DEVICES: dict[str, DeviceSpec] = {
+    spec.name: spec
+    for spec in [
+        # A generic current CUDA card: Ampere-class throughput, bf16 available.
+        DeviceSpec(name="cuda", kind="cuda", tflops_fp32=19.5, tflops_half=78.0, memory_bandwidth_gbs=900,
+                   context_bytes=500 * 2**20, allocator_reserve_fraction=0.05),
+        DeviceSpec(name="h100", kind="cuda", memory_bytes=80 * _GIB, tflops_fp32=67.0, tflops_half=495.0,
+                   memory_bandwidth_gbs=3350, context_bytes=520 * 2**20, allocator_reserve_fraction=0.05),
+        DeviceSpec(name="a100", kind="cuda", memory_bytes=40 * _GIB, tflops_fp32=19.5, tflops_half=156.0,
+                   memory_bandwidth_gbs=1555, context_bytes=500 * 2**20, allocator_reserve_fraction=0.05),
+        DeviceSpec(name="a10g", kind="cuda", memory_bytes=24 * _GIB, tflops_fp32=31.2, tflops_half=62.5,
+                   memory_bandwidth_gbs=600, context_bytes=450 * 2**20, allocator_reserve_fraction=0.05),
+        DeviceSpec(name="l4", kind="cuda", memory_bytes=24 * _GIB, tflops_fp32=30.3, tflops_half=60.0,
+                   memory_bandwidth_gbs=300, context_bytes=450 * 2**20, allocator_reserve_fraction=0.05),
+        DeviceSpec(name="rtx4090", kind="cuda", memory_bytes=24 * _GIB, tflops_fp32=82.6, tflops_half=165.0,
+                   memory_bandwidth_gbs=1008, context_bytes=450 * 2**20, allocator_reserve_fraction=0.05),
+        DeviceSpec(name="rtx3090", kind="cuda", memory_bytes=24 * _GIB, tflops_fp32=35.6, tflops_half=71.0,
+                   memory_bandwidth_gbs=936, context_bytes=450 * 2**20, allocator_reserve_fraction=0.05),
+        DeviceSpec(name="t4", kind="cuda", memory_bytes=16 * _GIB, supports_bf16=False, tflops_fp32=8.1,
+                   tflops_half=65.0, memory_bandwidth_gbs=320, context_bytes=400 * 2**20,
+                   allocator_reserve_fraction=0.05, matmul_efficiency=0.45),
+        DeviceSpec(name="v100", kind="cuda", memory_bytes=16 * _GIB, supports_bf16=False, tflops_fp32=15.7,
+                   tflops_half=125.0, memory_bandwidth_gbs=900, context_bytes=400 * 2**20,
+                   allocator_reserve_fraction=0.05, matmul_efficiency=0.5),
+        # The CPU: no context, malloc returns memory to the OS; bf16 autocast works but is not faster.
+        DeviceSpec(name="cpu", kind="cpu", tflops_fp32=0.2, tflops_half=0.1, memory_bandwidth_gbs=20,
+                   matmul_efficiency=0.5),
+    ]
+}
+
+
+def get_device(name: str) -> DeviceSpec:
+    try:
+        return DEVICES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown device {name!r}; known: {', '.join(sorted(DEVICES))}") from None

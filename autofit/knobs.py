@@ -1,0 +1,88 @@
+"""The knobs a plan turns: one validated, serialisable object shared by memory, cost, search and executor.
+
+Every field is one memory-saving technique's setting. Their trade-offs live in the technique modules
+(`autofit/techniques/`); this file only says what each knob means.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Precision(str, Enum):
+    """Numeric regime of forward/backward. Master weights, grads and optimizer state always stay fp32."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"  # autocast fp16 + GradScaler (overflow steps are skipped)
+    bf16 = "bf16"  # autocast bf16, no scaler needed; needs hardware support on CUDA
+
+
+class Knobs(BaseModel):
+    """One point in the search space: a full description of how to run a training step."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    freeze_embeddings: bool = False
+    """Freeze the input embeddings (and weights tied to them). Saves their grads and optimizer state."""
+
+    freeze_layers: int = Field(0, ge=0)
+    """Number of bottom transformer layers frozen (requires frozen embeddings, so nothing below the
+    boundary needs a gradient: those layers save no activations and run no backward)."""
+
+    checkpoint_layers: tuple[int, ...] = ()
+    """Indices of layers whose activations are recomputed in backward (non-reentrant checkpointing).
+    A checkpointed layer keeps only its input; it costs one extra forward of that layer."""
+
+    precision: Precision = Precision.fp32
+    """Autocast dtype for forward/backward; fp32 master weights are kept either way."""
+
+    optimizer_bits: int = Field(32, description="AdamW state width: 32 or 8 (bitsandbytes)")
+    """8-bit AdamW keeps ~2 B/param of state instead of 8; embeddings and tensors < 4096 elements stay 32-bit."""
+
+    micro_batch_size: int = Field(1, ge=1)
+    """Sequences per forward/backward. With `tokens_per_micro_batch` this is the cap for short buckets."""
+
+    tokens_per_micro_batch: int | None = Field(None, ge=1)
+    """Token budget per micro-batch (batch x padded length). When set, a micro-batch holds
+    min(micro_batch_size, tokens_per_micro_batch // padded_length) sequences, so long buckets cannot
+    exceed the planned peak."""
+
+    accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; micro_batch_size x accumulation_steps is the effective batch."""
+
+    bucket_boundaries: tuple[int, ...] = ()
+    """Upper length of each length bucket (sorted). Empty means plain dynamic padding, no bucketing."""
+
+    pad_to_multiple_of: int | None = 8
+    """Pad each batch's length up to a multiple of this (tensor-core friendly). None pads to the longest."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Knobs:
+        if self.freeze_layers and not self.freeze_embeddings:
+            raise ValueError("freeze_layers > 0 requires freeze_embeddings=True")
+        if self.optimizer_bits not in (8, 32):
+            raise ValueError(f"optimizer_bits must be 8 or 32, not {self.optimizer_bits}")
+        if list(self.checkpoint_layers) != sorted(set(self.checkpoint_layers)):
+            raise ValueError("checkpoint_layers must be sorted and unique")
+        if any(i < 0 for i in self.checkpoint_layers):
+            raise ValueError("checkpoint_layers must be non-negative")
+        if list(self.bucket_boundaries) != sorted(set(self.bucket_boundaries)):
+            raise ValueError("bucket_boundaries must be sorted and unique")
+        return self
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulation_steps
+
+    def trainable_layers(self, num_layers: int) -> range:
+        return range(min(self.freeze_layers, num_layers), num_layers)
+
+    def validate_for(self, num_layers: int) -> None:
+        """Raise ValueError when these knobs cannot apply to a model with `num_layers` layers."""
+        if self.freeze_layers > num_layers:
+            raise ValueError(f"freeze_layers={self.freeze_layers} but the model has {num_layers} layers")
+        bad = [i for i in self.checkpoint_layers if i >= num_layers]
+        if bad:
+            raise ValueError(f"checkpoint_layers {bad} out of range for a model with {num_layers} layers")

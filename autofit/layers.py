@@ -1,0 +1,87 @@
+"""Find a transformer's three parts — embeddings, the stack of identical layers, everything else (head).
+
+One routine serves the profiler (which measures each part), freezing and checkpointing (which change them).
+It works structurally, so bert, roberta, electra, xlm-roberta, distilbert, deberta-v2/v3, gpt2 and
+llama/qwen-style models all map without a per-family table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+class UnmappableModelError(ValueError):
+    """The model has no recognisable stack of transformer layers or no input embeddings."""
+
+
+@dataclass
+class ModelLayout:
+    """Where the parts of a model are."""
+
+    layers: nn.ModuleList
+    """The transformer layers, bottom first (e.g. `bert.encoder.layer`, `model.layers`, `transformer.h`)."""
+    layers_path: str
+    """Dotted name of `layers` inside the model."""
+    embedding_modules: list[nn.Module]
+    """Modules that turn ids into the first hidden state (token, position, type embeddings and their norm)."""
+    embedding_params: list[nn.Parameter]
+    """Parameters of the embedding modules, deduplicated (a tied LM head shares the token embedding)."""
+    head_params: list[nn.Parameter]
+    """Every parameter that is neither an embedding nor in a layer: pooler, classifier, final norm, lm head."""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def _find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The largest ModuleList whose children all share one class (the repeated transformer block)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > sum(p.numel() for p in best[1].parameters()):
+            best = (name, module)
+    if best is None:
+        raise UnmappableModelError(
+            f"cannot find a stack of transformer layers in {type(model).__name__}; "
+            "autofit supports bert/roberta/electra/xlm-roberta/distilbert/deberta/gpt2/llama-style models"
+        )
+    return best
+
+
+def _find_embedding_modules(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    get = getattr(model, "get_input_embeddings", None)
+    token_embedding = get() if callable(get) else None
+    if token_embedding is None:
+        token_embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if token_embedding is None:
+        raise UnmappableModelError(f"cannot find input embeddings in {type(model).__name__}")
+    # BERT-like models group token/position/type embeddings and their LayerNorm in one `embeddings`
+    # module: freeze it whole. Otherwise (gpt2, llama) take every nn.Embedding outside the layers.
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "embeddings" and any(m is token_embedding for m in module.modules()):
+            return [module]
+    in_layers = {id(m) for m in layers.modules()}
+    return [m for m in model.modules() if isinstance(m, nn.Embedding) and id(m) not in in_layers]
+
+
+def find_layout(model: nn.Module) -> ModelLayout:
+    """Map `model` to embeddings / layers / head, or raise UnmappableModelError with a one-line reason."""
+    layers_path, layers = _find_layer_stack(model)
+    embedding_modules = _find_embedding_modules(model, layers)
+    seen: set[int] = set()
+    embedding_params = []
+    for module in embedding_modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                embedding_params.append(p)
+    seen |= {id(p) for p in layers.parameters()}
+    head_params = [p for p in model.parameters() if id(p) not in seen]
+    return ModelLayout(layers, layers_path, embedding_modules, embedding_params, head_params)

@@ -1,0 +1,130 @@
+"""The Profile: the numbers the profiler gathers and every later stage reads. Plain, validated, serialisable.
+
+Sizes that depend on the micro-batch shape are stored as a `ShapeFit`, fit by least squares from a few
+small real shapes: value(batch, seq) = const + per_token * batch*seq + per_token_seq * batch*seq*seq.
+The quadratic term is attention scores/probs of implementations that materialise them (eager); it is ~0
+for flash/memory-efficient attention.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+BlockKind = Literal["embeddings", "layer", "head"]
+
+
+class ShapeFit(BaseModel):
+    """value(batch, seq) = const + per_token * B*S + per_token_seq * B*S*S (bytes, seconds or FLOPs)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    const: float = 0.0
+    per_token: float = 0.0
+    per_token_seq: float = 0.0
+
+    def __call__(self, batch: int, seq: int) -> float:
+        tokens = batch * seq
+        return max(0.0, self.const + self.per_token * tokens + self.per_token_seq * tokens * seq)
+
+
+class BlockActivations(BaseModel):
+    """How one block uses activation memory under one precision, all as functions of (batch, seq).
+
+    All values are bytes and exclude parameters, their gradients and optimizer state."""
+
+    saved: ShapeFit
+    """Bytes kept alive for backward by this block when it and everything below it trains (storages
+    first saved during this block's forward; autocast's weight copies included)."""
+    saved_first_trainable: ShapeFit
+    """Same, when this block trains but its input needs no gradient (the first layer above a frozen
+    boundary): autograd then skips what only the input's gradient would have needed."""
+    output: ShapeFit
+    """Bytes of the block's output hidden state: what a checkpointed block above it keeps as its input."""
+    forward_transient: ShapeFit
+    """Peak bytes above the running total while this block's forward runs (temporaries freed at its end)."""
+    backward_transient: ShapeFit
+    """Peak bytes above (everything still saved + gradients already held) while this block's backward
+    runs: incoming/outgoing activation grads and the op workspaces."""
+
+
+class TimeFit(BaseModel):
+    """Measured seconds of one block's forward and backward on the profiling device."""
+
+    forward: ShapeFit
+    backward: ShapeFit
+
+
+class BlockProfile(BaseModel):
+    """One part of the model: the embeddings, one transformer layer (repeated `count` times), or the head
+    (everything after the last layer, including the loss)."""
+
+    name: str
+    kind: BlockKind
+    count: int = Field(1, ge=1)
+    """How many identical copies of this block the model has (layers are profiled once)."""
+    param_numels: list[int]
+    """Element count of every parameter tensor in one copy (drives 8-bit state: small tensors stay 32-bit)."""
+    embedding_numels: list[int] = []
+    """The subset of `param_numels` that are nn.Embedding weights (8-bit AdamW keeps them at 32-bit state)."""
+    param_bytes: int
+    """Bytes of one copy's parameters in their storage dtype."""
+    flops_forward: ShapeFit
+    """Forward FLOPs of one copy (backward is ~2x for trainable blocks, ~1x when only input grads flow)."""
+    activations: dict[str, BlockActivations]
+    """Keyed by precision name ("fp32", "bf16", "fp16")."""
+    time: dict[str, TimeFit] = {}
+    """Measured times keyed by precision; empty when profiled on the meta device."""
+
+    @property
+    def numel(self) -> int:
+        return sum(self.param_numels)
+
+
+class FitCheck(BaseModel):
+    """A held-out shape: what the fits predicted against what was measured there."""
+
+    batch: int
+    seq: int
+    precision: str
+    predicted_bytes: float
+    measured_bytes: float
+
+    @property
+    def error(self) -> float:
+        return abs(self.predicted_bytes - self.measured_bytes) / max(self.measured_bytes, 1.0)
+
+
+class Profile(BaseModel):
+    """Everything later stages need to know about a model, gathered once."""
+
+    model_id: str
+    model_type: str
+    task: str
+    """"classification", "causal-lm", ... (decides the head and loss that were profiled)."""
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int | None = None
+    attn_implementation: str
+    device: Literal["cpu", "cuda", "meta"]
+    """Where the numbers were gathered. On "meta" nothing ran: times are estimates from FLOPs."""
+    blocks: list[BlockProfile]
+    """In execution order: embeddings, layer (count = num_layers), head."""
+    optimizer_transient_per_param: dict[str, float] = {}
+    """Temporary bytes per trainable parameter during optimizer.step(), keyed by "32"/"8" (measured)."""
+    profile_shapes: list[tuple[int, int]] = []
+    """(batch, seq) shapes that were measured to fit the ShapeFits."""
+    fit_checks: list[FitCheck] = []
+    """Held-out shapes checking the fits."""
+    seconds: float = 0.0
+    """Wall time the profiling took."""
+    versions: dict[str, str] = {}
+
+    def block(self, kind: BlockKind) -> BlockProfile:
+        return next(b for b in self.blocks if b.kind == kind)
+
+    @property
+    def num_params(self) -> int:
+        return sum(b.numel * b.count for b in self.blocks)

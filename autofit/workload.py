@@ -1,0 +1,70 @@
+"""What is being trained on: the length distribution of the data and the effective batch. Pure data."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class LengthHistogram(BaseModel):
+    """Token lengths of the training examples, as sorted unique lengths with their counts."""
+
+    lengths: list[int]
+    counts: list[int]
+
+    @model_validator(mode="after")
+    def _check(self) -> LengthHistogram:
+        if len(self.lengths) != len(self.counts) or not self.lengths:
+            raise ValueError("lengths and counts must be non-empty and of equal size")
+        if self.lengths != sorted(set(self.lengths)) or min(self.lengths) < 1 or min(self.counts) < 1:
+            raise ValueError("lengths must be sorted, unique and positive; counts positive")
+        return self
+
+    @classmethod
+    def from_lengths(cls, lengths: Iterable[int]) -> LengthHistogram:
+        counter = Counter(int(n) for n in lengths)
+        keys = sorted(counter)
+        return cls(lengths=keys, counts=[counter[k] for k in keys])
+
+    @classmethod
+    def fixed(cls, seq_len: int, num_samples: int) -> LengthHistogram:
+        return cls(lengths=[seq_len], counts=[num_samples])
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def max_length(self) -> int:
+        return self.lengths[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n * c for n, c in zip(self.lengths, self.counts))
+
+    def quantile(self, q: float) -> int:
+        """Smallest length L such that a fraction >= q of the examples are no longer than L."""
+        target, seen = q * self.num_samples, 0
+        for length, count in zip(self.lengths, self.counts):
+            seen += count
+            if seen >= target:
+                return length
+        return self.max_length
+
+
+class Workload(BaseModel):
+    """The training job the plan is for."""
+
+    task: str = "classification"
+    lengths: LengthHistogram
+    """Token lengths of the examples (a single length when planning from --seq-len)."""
+    batch_size: int = Field(32, ge=1)
+    """Effective batch size in examples per optimizer step (kept by every plan)."""
+    from_data: bool = False
+    """True when `lengths` were measured on real data, False when assumed from --seq-len."""
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.lengths.num_samples // self.batch_size)
