@@ -1,0 +1,185 @@
+"""The time model: predicted seconds per optimizer step and per epoch of a plan on a target device. Pure.
+
+An epoch is the micro-batches the data yields under the knobs (dynamic padding or length buckets, each
+micro-batch padded to its own longest example: `techniques.bucketing.expected_micro_batches`) plus one
+optimizer step per effective batch. One micro-batch of shape (B, L) costs, per block copy:
+
+- forward, always (frozen layers still run forward);
+- backward: ~2x forward for a trainable block whose input needs a gradient, ~1x for the first trainable
+  block above a frozen boundary (weight gradients only), 0 for frozen blocks below the boundary;
+- one more forward for each checkpointed trainable layer (the recompute in backward).
+
+Block times come from the profile's measured per-block fits when it was profiled on the target's device
+kind, else from FLOPs / (throughput x matmul efficiency x utilisation(B*L)). The optimizer step is bound
+by memory bandwidth. The constants below are calibratable: benchmarks/ fits them to measured step times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from autofit.devices import DeviceSpec
+from autofit.knobs import Knobs, Precision
+from autofit.plan import TimePrediction
+from autofit.profiler.schema import BlockProfile, Profile
+from autofit.techniques.bucketing import expected_micro_batches, padding_efficiency
+from autofit.techniques.optimizer import state_bytes
+from autofit.workload import LengthHistogram, Workload
+
+HALF_UTILISATION_TOKENS = 2048.0
+"""Tokens per micro-batch at which a 100-TFLOP device reaches half its large-batch matmul throughput on a
+hidden size of 768: utilisation is t / (t + t_half), t_half = this x TFLOPs/100 x 768/hidden. Faster
+devices need more work to fill, wider matmuls need fewer tokens; it makes a tiny micro-batch cost about
+the same on any GPU (latency-bound), as measured."""
+LAUNCH_SECONDS_PER_PASS = {"cuda": 1e-4, "cpu": 2e-5}
+"""Kernel-launch and Python overhead of one block copy's forward or backward (FLOP estimates only;
+measured block times already include it)."""
+MICRO_BATCH_SECONDS = {"cuda": 1e-3, "cpu": 2e-4}
+"""Fixed cost of a micro-batch: host-to-device copy, loss scaling, autograd set-up."""
+OPTIMIZER_STEP_SECONDS = {"cuda": 2e-3, "cpu": 1e-3}
+"""Fixed cost of optimizer.step() + zero_grad() (foreach kernels, grad clipping bookkeeping)."""
+BANDWIDTH_EFFICIENCY = 0.7
+"""Fraction of the spec-sheet memory bandwidth an elementwise optimizer kernel reaches."""
+WEIGHT_GRAD_SHARE = 0.5
+"""Share of a measured (full) backward spent on weight gradients: what the first trainable block pays."""
+
+
+@dataclass(frozen=True)
+class BlockPasses:
+    """How many copies of a block run each kind of pass in one micro-batch."""
+
+    forward: int
+    backward_full: int
+    """Copies computing input and weight gradients."""
+    backward_weights: int
+    """Copies computing weight gradients only (their input needs no gradient)."""
+    recompute: int
+    """Copies recomputing their forward (checkpointed, trainable)."""
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward_full + self.backward_weights + self.recompute
+
+
+def block_passes(profile: Profile, knobs: Knobs) -> list[tuple[BlockProfile, BlockPasses]]:
+    """Each block of the profile with the passes it runs under `knobs`."""
+    num_layers = profile.num_layers
+    frozen = min(knobs.freeze_layers, num_layers)
+    trainable = num_layers - frozen
+    # The first trainable layer's input needs a gradient only if the embeddings train.
+    full_layers = trainable if not knobs.freeze_embeddings else max(0, trainable - 1)
+    recompute = sum(1 for i in knobs.checkpoint_layers if frozen <= i < num_layers)
+    head_full = not knobs.freeze_embeddings or trainable > 0
+    result = []
+    for block in profile.blocks:
+        if block.kind == "embeddings":
+            # Ids need no gradient: a trainable embedding only accumulates its weight gradient.
+            passes = BlockPasses(block.count, 0, 0 if knobs.freeze_embeddings else block.count, 0)
+        elif block.kind == "layer":
+            passes = BlockPasses(block.count, full_layers, trainable - full_layers, recompute)
+        else:
+            passes = BlockPasses(block.count, block.count if head_full else 0,
+                                 0 if head_full else block.count, 0)
+        result.append((block, passes))
+    return result
+
+
+def is_measured(profile: Profile, knobs: Knobs, device: DeviceSpec) -> bool:
+    """Measured block times apply when they were taken on the target's device kind at this precision."""
+    return profile.device == device.kind and all(knobs.precision.value in b.time for b in profile.blocks)
+
+
+def matmul_flops_per_second(device: DeviceSpec, precision: Precision, tokens: int, hidden: int) -> float:
+    """Achieved FLOP/s for a micro-batch of `tokens` tokens through matmuls `hidden` wide."""
+    half = precision == Precision.fp16 or (precision == Precision.bf16 and device.supports_bf16)
+    tflops = device.tflops_half if half else device.tflops_fp32
+    t_half = HALF_UTILISATION_TOKENS * tflops / 100.0 * 768.0 / max(hidden, 1)
+    utilisation = tokens / (tokens + t_half)
+    return tflops * 1e12 * device.matmul_efficiency * max(utilisation, 1e-6)
+
+
+def _pass_seconds(block: BlockProfile, knobs: Knobs, device: DeviceSpec, measured: bool, hidden: int,
+                  batch: int, seq: int) -> tuple[float, float, float]:
+    """(forward, full backward, weight-only backward) seconds of one copy of `block`."""
+    if measured:
+        fit = block.time[knobs.precision.value]
+        forward, backward = fit.forward(batch, seq), fit.backward(batch, seq)
+        # The embeddings' measured backward already is weight-only (ids take no gradient).
+        weights = backward if block.kind == "embeddings" else WEIGHT_GRAD_SHARE * backward
+        return forward, backward, weights
+    rate = matmul_flops_per_second(device, knobs.precision, batch * seq, hidden)
+    forward = block.flops_forward(batch, seq) / rate
+    return forward, 2.0 * forward, forward
+
+
+def micro_batch_seconds(profile: Profile, knobs: Knobs, device: DeviceSpec, batch: int, seq: int) -> float:
+    """Seconds of one forward + backward of a (batch, seq) micro-batch."""
+    measured = is_measured(profile, knobs, device)
+    launch = 0.0 if measured else LAUNCH_SECONDS_PER_PASS.get(device.kind, 1e-4)
+    seconds = MICRO_BATCH_SECONDS.get(device.kind, 1e-3)
+    for block, passes in block_passes(profile, knobs):
+        forward, full, weights = _pass_seconds(block, knobs, device, measured, profile.hidden_size,
+                                                batch, seq)
+        seconds += (passes.forward + passes.recompute) * forward
+        seconds += passes.backward_full * full + passes.backward_weights * weights
+        seconds += launch * passes.total
+    return seconds
+
+
+def trainable_tensors(profile: Profile, knobs: Knobs) -> tuple[list[int], list[int]]:
+    """(numels of every trainable parameter tensor, the subset that are embedding weights)."""
+    numels: list[int] = []
+    embeddings: list[int] = []
+    trainable_layers = len(knobs.trainable_layers(profile.num_layers))
+    for block in profile.blocks:
+        if block.kind == "embeddings" and knobs.freeze_embeddings:
+            continue
+        copies = trainable_layers if block.kind == "layer" else block.count
+        numels += block.param_numels * copies
+        embeddings += block.embedding_numels * copies
+    return numels, embeddings
+
+
+def optimizer_step_seconds(profile: Profile, knobs: Knobs, device: DeviceSpec) -> float:
+    """One AdamW step: read+write fp32 weights, read grads, read+write state (fp16 also unscales grads)."""
+    numels, embeddings = trainable_tensors(profile, knobs)
+    params = sum(numels)
+    traffic = params * (8 + 4) + 2 * state_bytes(numels, embeddings, knobs.optimizer_bits)
+    if knobs.precision == Precision.fp16:
+        traffic += params * 4  # GradScaler's unscale + inf check reads every gradient once more
+    bandwidth = device.memory_bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY
+    return traffic / bandwidth + OPTIMIZER_STEP_SECONDS.get(device.kind, 2e-3)
+
+
+def epoch_micro_batches(knobs: Knobs, hist: LengthHistogram) -> tuple[tuple[tuple[int, int, float], ...], float]:
+    """(expected micro-batches of an epoch, padding efficiency); they depend only on the batching knobs, so
+    a search asks for each batching once."""
+    return _epoch_micro_batches(tuple(hist.lengths), tuple(hist.counts), knobs.micro_batch_size,
+                                knobs.tokens_per_micro_batch, knobs.bucket_boundaries, knobs.pad_to_multiple_of)
+
+
+@lru_cache(maxsize=4096)
+def _epoch_micro_batches(lengths: tuple[int, ...], counts: tuple[int, ...], micro_batch: int, tokens: int | None,
+                         boundaries: tuple[int, ...], pad: int | None):
+    hist = LengthHistogram(lengths=list(lengths), counts=list(counts))
+    knobs = Knobs(micro_batch_size=micro_batch, tokens_per_micro_batch=tokens, bucket_boundaries=boundaries,
+                  pad_to_multiple_of=pad)
+    return tuple(expected_micro_batches(knobs, hist)), padding_efficiency(knobs, hist)
+
+
+def predict_time(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec) -> TimePrediction:
+    """Predicted step and epoch time of training `profile`'s model with `knobs` on `workload`."""
+    knobs.validate_for(profile.num_layers)
+    hist = workload.lengths
+    shapes, efficiency = epoch_micro_batches(knobs, hist)
+    compute = sum(count * micro_batch_seconds(profile, knobs, device, batch, seq) for batch, seq, count in shapes)
+    steps = -(-hist.num_samples // knobs.effective_batch_size)
+    epoch = compute + steps * optimizer_step_seconds(profile, knobs, device)
+    return TimePrediction(
+        step_seconds=epoch / steps,
+        epoch_seconds=epoch,
+        samples_per_second=hist.num_samples / epoch,
+        padding_efficiency=efficiency,
+        measured=is_measured(profile, knobs, device),
+    )

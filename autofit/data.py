@@ -1,0 +1,303 @@
+"""Data intake: read a data file, find its text and label columns, tokenize, and hand the executor
+plain token-id lists (`TokenizedData`) and the planner a length distribution (`text_lengths`).
+
+Accepted data: a `datasets.Dataset`, a list of dicts (or a dict of columns), or already tokenized examples
+(`input_ids` present). Texts are one column, or a pair (`text`+`text_pair`, `sentence1`+`sentence2`,
+`premise`+`hypothesis`, `question1`+`question2`). Sequences longer than `max_length` are truncated and
+counted (`num_truncated`); with `truncation=False` they are an error instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+TEXT_PAIRS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
+              ("question1", "question2"))
+TEXT_COLUMNS = ("text", "sentence", "content")
+LABEL_COLUMNS = ("label", "labels")
+TOKEN_LEVEL_TASKS = ("causal-lm", "token-classification")
+_BATCH = 1000  # texts per fast-tokenizer call: batched calls run in parallel in Rust
+
+
+class DataError(ValueError):
+    """Data that cannot be read or trained on, with a one-line reason."""
+
+
+class TokenizedData(BaseModel):
+    """Tokenized examples ready for the collator: one entry per example in each list."""
+
+    task: str
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None = None
+    labels: list[int] | list[float] | list[list[int]] | None = None
+    """Class ids (classification), floats (regression), token labels, or None (causal LM: the inputs)."""
+    num_labels: int | None = None
+    label_names: list[str] | None = None
+    """Original label of each class id, when the data's labels were strings."""
+    num_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+    def example(self, index: int) -> dict[str, Any]:
+        """One example as the collator takes it."""
+        row: dict[str, Any] = {"input_ids": self.input_ids[index]}
+        if self.token_type_ids is not None:
+            row["token_type_ids"] = self.token_type_ids[index]
+        if self.labels is not None:
+            row["labels"] = self.labels[index]
+        return row
+
+
+# ---- files ------------------------------------------------------------------------------------------------
+
+
+def load_data_file(path: str | Path):
+    """Rows of a CSV or JSON-lines/JSON file as a list of dicts, or a `datasets.save_to_disk` directory
+    as a `datasets.Dataset` (its "train" split when it holds several)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        rows = _load_saved_dataset(path)
+    elif path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        rows = _load_json(path)
+    else:
+        raise DataError(f"unknown data format {path.suffix or path.name!r}: use .csv, .jsonl, .json "
+                        "or a directory saved by datasets.save_to_disk")
+    if len(rows) == 0:
+        raise DataError(f"{path} holds no examples")
+    return rows
+
+
+def _load_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # one JSON array
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    else:  # JSON lines
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+    if not all(isinstance(row, dict) for row in rows):
+        raise DataError(f"{path}: every example must be a JSON object such as {{\"text\": ..., \"label\": ...}}")
+    return rows
+
+
+def _load_saved_dataset(path: Path):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading a saved dataset directory needs the `datasets` package "
+                        "(pip install 'autofit[data]')") from None
+    try:
+        data = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path} is a directory but not one saved by datasets.save_to_disk") from None
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise DataError(f"{path} holds splits {sorted(data)} and no 'train' split")
+        data = data["train"]
+    return data
+
+
+# ---- columns ----------------------------------------------------------------------------------------------
+
+
+def _columns(data) -> dict[str, list]:
+    """Column name -> values, from a datasets.Dataset, a dict of columns or a list of dicts."""
+    if hasattr(data, "column_names") and hasattr(data, "to_dict"):  # datasets.Dataset
+        columns = data.to_dict()
+    elif isinstance(data, Mapping):
+        columns = {name: list(values) for name, values in data.items()}
+    elif isinstance(data, Sequence) and not isinstance(data, str):
+        if data and not all(isinstance(row, Mapping) for row in data):
+            raise DataError("each example must be a dict such as {'text': ..., 'label': ...}")
+        names = list(dict.fromkeys(name for row in data for name in row))
+        columns = {name: [row.get(name) for row in data] for name in names}
+    else:
+        raise DataError(f"cannot read data of type {type(data).__name__}: "
+                        "pass a datasets.Dataset, a list of dicts or a dict of columns")
+    if not columns or not len(next(iter(columns.values()))):
+        raise DataError("the data holds no examples")
+    return columns
+
+
+def _text_columns(columns: dict[str, list], text_column: str | Sequence[str] | None) -> tuple[str, ...]:
+    if text_column is not None:
+        names = (text_column,) if isinstance(text_column, str) else tuple(text_column)
+        missing = [n for n in names if n not in columns]
+        if missing or not 1 <= len(names) <= 2:
+            raise DataError(f"text column {missing or names} not found; the data has columns {sorted(columns)}")
+        return names
+    for pair in TEXT_PAIRS:
+        if all(name in columns for name in pair):
+            return pair
+    for name in TEXT_COLUMNS:
+        if name in columns:
+            return (name,)
+    strings = [n for n, values in columns.items()
+               if n not in LABEL_COLUMNS and all(isinstance(v, str) for v in values)]
+    if len(strings) == 1:
+        return (strings[0],)
+    raise DataError(f"cannot tell which column holds the text (columns: {sorted(columns)}); "
+                    "name it with text_column / --text-column")
+
+
+def _label_column(columns: dict[str, list], label_column: str | None, task: str) -> str | None:
+    if label_column is not None:
+        if label_column not in columns:
+            raise DataError(f"label column {label_column!r} not found; the data has columns {sorted(columns)}")
+        return label_column
+    found = next((name for name in LABEL_COLUMNS if name in columns), None)
+    if found is None and task not in TOKEN_LEVEL_TASKS:
+        raise DataError(f"no label column ('label' or 'labels') for {task}; the data has columns "
+                        f"{sorted(columns)} (name it with label_column / --label-column)")
+    return found
+
+
+def _class_labels(values: list) -> dict[str, Any]:
+    """labels, num_labels and label_names (for string classes) of sequence-level labels."""
+    missing = next((i for i, v in enumerate(values) if v is None or v == ""), None)
+    if missing is not None:
+        raise DataError(f"example {missing} has no label")
+    if all(isinstance(v, str) for v in values):
+        if all(v.strip().lstrip("-").isdigit() for v in values):  # CSV numbers arrive as strings
+            values = [int(v) for v in values]
+        else:
+            names = sorted(set(values))
+            ids = {name: i for i, name in enumerate(names)}
+            return dict(labels=[ids[v] for v in values], num_labels=len(names), label_names=names)
+    if all(isinstance(v, bool | int) for v in values):
+        ints = [int(v) for v in values]
+        if min(ints) < 0:
+            raise DataError(f"class labels must be >= 0, found {min(ints)}")
+        return dict(labels=ints, num_labels=max(ints) + 1)
+    if all(isinstance(v, int | float) for v in values):
+        return dict(labels=[float(v) for v in values], num_labels=1)  # regression: HF heads with num_labels=1 use MSE
+    raise DataError(f"labels must be all strings, all integers or all numbers, found {type(values[0]).__name__}")
+
+
+# ---- tokenizing -------------------------------------------------------------------------------------------
+
+
+def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
+                     text_column: str | Sequence[str] | None = None, label_column: str | None = None,
+                     truncation: bool = True) -> TokenizedData:
+    """Tokenize `data` for `task` ("classification", "causal-lm", "token-classification").
+
+    Sequences longer than `max_length` (the smaller of the user's limit and the model's positions) are
+    truncated and counted in `num_truncated`; with `truncation=False` they raise DataError instead."""
+    columns = _columns(data)
+    if "input_ids" in columns:
+        return _from_token_ids(columns, task, max_length, label_column, truncation)
+    if task == "token-classification":
+        raise DataError("token-classification needs pre-tokenized examples with input_ids and token labels")
+    if tokenizer is None:
+        raise DataError("text data needs a tokenizer (or pass examples that already hold input_ids)")
+    names = _text_columns(columns, text_column)
+    texts = [_texts(columns, name) for name in names]
+    ids, types, truncated = _encode(tokenizer, texts, max_length, truncation)
+    fields = dict(task=task, input_ids=ids, token_type_ids=types, num_truncated=truncated)
+    label = _label_column(columns, label_column, task)
+    if task not in TOKEN_LEVEL_TASKS:
+        fields.update(_class_labels(columns[label]))
+    return TokenizedData.model_construct(**fields)  # built and checked here: skip re-validating every id
+
+
+def text_lengths(data, tokenizer, text_column: str | Sequence[str] | None = None,
+                 max_length: int | None = None) -> list[int]:
+    """Token length of every example (with special tokens), capped at `max_length`: the planner's input."""
+    columns = _columns(data)
+    if "input_ids" in columns:
+        lengths = [len(ids) for ids in columns["input_ids"]]
+    else:
+        texts = [_texts(columns, name) for name in _text_columns(columns, text_column)]
+        lengths = [len(ids) for ids in _encode(tokenizer, texts, None, True)[0]]
+    return [min(n, max_length) for n in lengths] if max_length else lengths
+
+
+def _texts(columns: dict[str, list], name: str) -> list[str]:
+    values = columns[name]
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise DataError(f"example {bad} has no text in column {name!r} (found {values[bad]!r})")
+    return values
+
+
+def _encode(tokenizer, texts: list[list[str]], max_length: int | None,
+            truncation: bool) -> tuple[list[list[int]], list[list[int]] | None, int]:
+    """(input_ids, token_type_ids or None, number truncated). Tokenizes untruncated first so that what
+    truncation cuts is counted, then re-tokenizes only the too-long examples with truncation."""
+    ids, types = _batched(tokenizer, texts, None)
+    too_long = [i for i, row in enumerate(ids) if max_length is not None and len(row) > max_length]
+    if too_long and not truncation:
+        raise DataError(f"{len(too_long)} examples are longer than max_length={max_length} tokens "
+                        f"(the longest has {max(len(ids[i]) for i in too_long)}); enable truncation "
+                        "or raise --max-length up to the model's limit")
+    if too_long:
+        cut_ids, cut_types = _batched(tokenizer, [[column[i] for i in too_long] for column in texts], max_length)
+        for j, i in enumerate(too_long):
+            ids[i] = cut_ids[j]
+            if types is not None:
+                types[i] = cut_types[j]
+    return ids, types, len(too_long)
+
+
+def _batched(tokenizer, texts: list[list[str]], max_length: int | None):
+    ids: list[list[int]] = []
+    types: list[list[int]] | None = []
+    for start in range(0, len(texts[0]), _BATCH):
+        chunk = [column[start:start + _BATCH] for column in texts]
+        enc = tokenizer(*chunk, truncation=max_length is not None, max_length=max_length, verbose=False)
+        ids.extend(enc["input_ids"])
+        if types is not None and "token_type_ids" in enc:
+            types.extend(enc["token_type_ids"])
+        else:
+            types = None
+    return ids, types
+
+
+def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None, label_column: str | None,
+                    truncation: bool) -> TokenizedData:
+    """Examples that already hold input_ids (and maybe token_type_ids and labels)."""
+    ids = [list(map(int, row)) for row in columns["input_ids"]]
+    empty = next((i for i, row in enumerate(ids) if not row), None)
+    if empty is not None:
+        raise DataError(f"example {empty} has empty input_ids")
+    too_long = [i for i, row in enumerate(ids) if max_length is not None and len(row) > max_length]
+    if too_long and not truncation:
+        raise DataError(f"{len(too_long)} examples are longer than max_length={max_length} tokens "
+                        f"(the longest has {max(len(ids[i]) for i in too_long)}); enable truncation")
+    cut = (lambda row: list(row)[:max_length]) if max_length else list
+    types = [cut(row) for row in columns["token_type_ids"]] if "token_type_ids" in columns else None
+    fields = dict(task=task, input_ids=[cut(row) for row in ids], token_type_ids=types,
+                  num_truncated=len(too_long))
+    label = _label_column(columns, label_column, task)
+    if task in TOKEN_LEVEL_TASKS:
+        if label is None and task != "causal-lm":
+            raise DataError(f"{task} examples need token labels; the data has columns {sorted(columns)}")
+        if label is not None:
+            fields["labels"] = [cut(map(int, row)) for row in columns[label]]
+    else:
+        fields.update(_class_labels(columns[label]))
+    return TokenizedData.model_construct(**fields)

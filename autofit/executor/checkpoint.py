@@ -1,0 +1,129 @@
+"""Save and resume a run: weights (safetensors), optimizer, GradScaler, data position, RNG, counters, plan.
+
+Each checkpoint is written into a temporary directory and renamed into place (`checkpoint-<step>`), so a
+kill during a save leaves the previous checkpoint whole; older checkpoints are removed only after the new
+one exists. A resumed run restores every random generator, so it continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_model, save_model
+
+from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord
+from autofit.knobs import Knobs
+from autofit.plan import Plan
+
+PREFIX = "checkpoint-"
+FILES = ("model.safetensors", "optimizer.pt", "scaler.pt", "rng.pt", "trainer_state.json", "plan.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or does not belong to this run."""
+
+
+class TrainerState(BaseModel):
+    """Counters and records of a run: everything but tensors."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    sampler: dict[str, int] = {}
+    """BucketBatchSampler.state_dict(consumed=...): seed, epoch and micro-batches consumed in the epoch."""
+    batch_knobs: Knobs
+    """The knobs the sampler was built with: they define every epoch's windows, whatever fallbacks do."""
+    history: list[StepRecord] = []
+    eval: list[EvalRecord] = []
+    fallbacks: list[FallbackRecord] = []
+    real_tokens: int = 0
+    computed_tokens: int = 0
+    train_seconds: float = 0.0
+    samples: int = 0
+
+
+def save_checkpoint(output_dir: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, plan: Plan, state: TrainerState, keep: int = 1) -> Path:
+    """Write `checkpoint-<step>` atomically and keep only the newest `keep` checkpoints."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"{PREFIX}{state.step:08d}"
+    tmp = output_dir / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))  # tied weights are stored once
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(state.model_dump_json(indent=1))
+    plan.save(tmp / "plan.json")
+    if final.exists():  # the same step saved again (e.g. at the end, after evaluation)
+        old = output_dir / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    for stale in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(stale)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit() and all((p / f).exists() for f in FILES)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_plan_and_state(path: str | Path) -> tuple[Plan, TrainerState]:
+    """The plan in force and the counters of checkpoint `path` (before the model is set up)."""
+    path = Path(path)
+    if not all((path / f).exists() for f in FILES):
+        raise CheckpointError(f"{path} is not a complete autofit checkpoint")
+    return Plan.load(path / "plan.json"), TrainerState.model_validate_json((path / "trainer_state.json").read_text())
+
+
+def load_tensors(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler) -> None:
+    """Restore weights, optimizer and scaler state, then every RNG (last, so nothing consumes it)."""
+    path = Path(path)
+    device = next(model.parameters()).device
+    load_model(model, path / "model.safetensors", device=str(device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+
+
+def _rng_state() -> dict:
+    version, keys, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": [version, list(keys), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,73 @@
+"""Out-of-memory fallback: when a window of micro-batches runs out of memory, pick smaller knobs and go on.
+
+The default ladder is pure: halve the micro-batch and double accumulation (the effective batch stays: the
+executor re-splits the same examples into smaller micro-batches), then checkpoint every trainable layer,
+then give up. Only knobs that change how a window is cut and recomputed may change mid-run; freezing,
+precision and optimizer bits would need a new optimizer, so a fallback that changes them is refused.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from autofit.knobs import Knobs
+from autofit.plan import Plan
+
+CHANGEABLE = ("micro_batch_size", "tokens_per_micro_batch", "accumulation_steps", "checkpoint_layers",
+              "pad_to_multiple_of")
+
+
+class FallbackError(ValueError):
+    """A fallback plan changed a knob that cannot change in the middle of a run."""
+
+
+class TrainingOutOfMemoryError(RuntimeError):
+    """Out of memory with no smaller plan left to fall back to."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError, or a RuntimeError saying so (older torch, some kernels, bitsandbytes)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    """Return what the failed window held: collect cycles, then give cached blocks back to the driver."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def default_fallback(plan: Plan) -> Plan | None:
+    """The next smaller plan, or None when nothing is left: halve the micro-batch (ceil) and double
+    accumulation; at micro-batch 1, checkpoint every trainable layer. The prediction is not redone."""
+    k = plan.knobs
+    if k.micro_batch_size > 1:
+        tokens = -(-k.tokens_per_micro_batch // 2) if k.tokens_per_micro_batch else None
+        knobs = k.model_copy(update=dict(micro_batch_size=-(-k.micro_batch_size // 2),
+                                         tokens_per_micro_batch=tokens,
+                                         accumulation_steps=k.accumulation_steps * 2))
+    else:
+        all_trainable = tuple(k.trainable_layers(plan.num_layers))
+        if k.checkpoint_layers == all_trainable:
+            return None
+        knobs = k.model_copy(update=dict(checkpoint_layers=all_trainable))
+    return plan.model_copy(update=dict(knobs=Knobs.model_validate(knobs.model_dump())))
+
+
+def check_changeable(old: Knobs, new: Knobs) -> None:
+    """Raise FallbackError when `new` changes a knob that cannot change mid-run."""
+    fixed = [name for name in Knobs.model_fields if name not in CHANGEABLE
+             and getattr(old, name) != getattr(new, name)]
+    if fixed:
+        raise FallbackError(f"a fallback plan cannot change {', '.join(fixed)} in the middle of a run")
+
+
+def describe_change(old: Knobs, new: Knobs) -> str:
+    """One line naming what changed, e.g. "micro_batch_size 16 -> 8, accumulation_steps 2 -> 4"."""
+    changes = [f"{name} {getattr(old, name)} -> {getattr(new, name)}" for name in Knobs.model_fields
+               if getattr(old, name) != getattr(new, name)]
+    return ", ".join(changes) or "no change"

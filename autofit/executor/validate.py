@@ -1,0 +1,97 @@
+"""Checks that run before training touches anything: each bad input is one clear ExecutorInputError."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from autofit.data import TokenizedData
+from autofit.layers import UnmappableModelError, find_layout
+from autofit.plan import Plan
+from autofit.techniques import precision as amp
+
+PARAM_TOLERANCE = 0.01
+"""Relative difference in parameter count accepted between plan and model (a head with another label
+count differs by a few thousand parameters; another model size differs by far more)."""
+
+
+class ExecutorInputError(ValueError):
+    """Input the executor cannot train with: empty data, a plan for another model, an impossible knob."""
+
+
+def run_device(plan: Plan) -> torch.device:
+    """The device the plan was made for; a CUDA plan without a visible CUDA device is an error."""
+    if plan.device.kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ExecutorInputError(f"the plan is for a CUDA device ({plan.device.name}) but none is visible; "
+                                     "plan again for the cpu or run where the GPU is")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_inputs(model: PreTrainedModel, plan: Plan, train: TokenizedData, eval: TokenizedData | None,
+                 *, epochs: int, max_steps: int | None, output_dir: str | None,
+                 checkpoint_every: int | None, resume: bool) -> None:
+    """Raise ExecutorInputError for anything that would fail later or silently train the wrong thing."""
+    if len(train) == 0:
+        raise ExecutorInputError("the training data is empty")
+    if eval is not None and len(eval) == 0:
+        raise ExecutorInputError("the evaluation data is empty (pass eval=None to skip evaluation)")
+    if epochs < 1 or (max_steps is not None and max_steps < 1):
+        raise ExecutorInputError(f"epochs and max_steps must be >= 1, got epochs={epochs}, max_steps={max_steps}")
+    if (checkpoint_every is not None or resume) and output_dir is None:
+        raise ExecutorInputError("checkpoint_every and resume need an output_dir")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ExecutorInputError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    _check_model_matches(model, plan)
+    for name, data in (("training", train), ("evaluation", eval)):
+        if data is not None:
+            _check_data_fits(model, plan, data, name)
+    try:
+        amp.resolve(plan.knobs.precision, run_device(plan).type)
+    except amp.PrecisionError as error:
+        raise ExecutorInputError(str(error)) from None
+
+
+def _check_model_matches(model: PreTrainedModel, plan: Plan) -> None:
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type != plan.model_type:
+        raise ExecutorInputError(f"the plan is for a {plan.model_type} model ({plan.model_id}), "
+                                 f"this model is {model_type}")
+    try:
+        num_layers = find_layout(model).num_layers
+    except UnmappableModelError as error:
+        raise ExecutorInputError(str(error)) from None
+    if num_layers != plan.num_layers:
+        raise ExecutorInputError(f"the plan is for {plan.num_layers} layers ({plan.model_id}), "
+                                 f"this model has {num_layers}")
+    num_params = sum(p.numel() for p in model.parameters())
+    if abs(num_params - plan.num_params) > PARAM_TOLERANCE * plan.num_params:
+        raise ExecutorInputError(f"the plan is for {plan.num_params:,} parameters ({plan.model_id}), "
+                                 f"this model has {num_params:,}")
+    try:
+        plan.knobs.validate_for(num_layers)
+    except ValueError as error:
+        raise ExecutorInputError(f"the plan's knobs do not fit this model: {error}") from None
+
+
+def _check_data_fits(model: PreTrainedModel, plan: Plan, data: TokenizedData, name: str) -> None:
+    config = model.config
+    if data.task != plan.task:
+        raise ExecutorInputError(f"the {name} data was prepared for {data.task}, the plan is for {plan.task}")
+    if any(len(ids) == 0 for ids in data.input_ids):
+        raise ExecutorInputError(f"the {name} data has an example with no tokens")
+    vocab = getattr(config, "vocab_size", None)
+    top = max(max(ids) for ids in data.input_ids)
+    if vocab is not None and top >= vocab:
+        raise ExecutorInputError(f"the {name} data has token id {top} but the model's vocabulary has "
+                                 f"{vocab} entries: was it tokenized with another model's tokenizer?")
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = max(data.lengths)
+    if positions is not None and longest > positions:
+        raise ExecutorInputError(f"the {name} data has a {longest}-token example but the model takes at most "
+                                 f"{positions} positions: prepare it with max_length <= {positions}")
+    labels = getattr(config, "num_labels", None)
+    if data.num_labels is not None and labels is not None and data.task == "classification" \
+            and data.num_labels > labels:
+        raise ExecutorInputError(f"the {name} data has {data.num_labels} labels but the model's head has {labels}")

@@ -1,0 +1,157 @@
+"""The memory model: (profile, knobs, micro-batch shape) -> predicted peak bytes with a breakdown. Pure.
+
+A training step is replayed block by block on paper, the way the allocator sees it:
+
+  forward    every block adds what it keeps for backward (nothing when frozen below the boundary, only its
+             input when checkpointed); the running total plus the block's transient is a candidate peak.
+  backward   blocks run top-down; a checkpointed block first recomputes what it saved; each block's grads
+             appear while what it kept is freed. The candidate is the running total + the block's
+             backward transient + the gradient flowing into it.
+  optimizer  weights + grads + state + the optimizer's temporaries.
+
+Steady state is assumed: optimizer state exists (after step 1) and, with accumulation, gradients already
+exist during every micro-batch but the first of a window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autofit.devices import DeviceSpec
+from autofit.knobs import Knobs
+from autofit.plan import MemoryBreakdown
+from autofit.profiler.schema import BlockProfile, Profile
+from autofit.techniques import bucketing, optimizer
+from autofit.workload import Workload
+
+INDEX_BYTES = 8  # input_ids / attention_mask / token labels are int64
+
+
+@dataclass
+class _Block:
+    """One executed block of the model (layers expanded), with what the knobs make of it."""
+
+    profile: BlockProfile
+    trainable: bool
+    needs_input_grad: bool
+    checkpointed: bool
+
+
+def _expand(profile: Profile, knobs: Knobs) -> list[_Block]:
+    blocks: list[_Block] = []
+    below_trainable = False  # does anything below the current block train?
+    for block in profile.blocks:
+        for index in range(block.count):
+            if block.kind == "embeddings":
+                trainable, ckpt = not knobs.freeze_embeddings, False
+            elif block.kind == "layer":
+                trainable, ckpt = index >= knobs.freeze_layers, index in knobs.checkpoint_layers
+            else:
+                trainable, ckpt = True, False
+            blocks.append(_Block(block, trainable, below_trainable, ckpt and trainable))
+            below_trainable = below_trainable or trainable
+    return blocks
+
+
+def _kept_bytes(block: _Block, previous_output: float, precision: str, batch: int, seq: int) -> float:
+    """Bytes this block keeps alive from its forward until its backward."""
+    if not block.trainable and not block.needs_input_grad:
+        return 0.0  # frozen below the boundary: autograd records nothing
+    if block.checkpointed:
+        return previous_output  # non-reentrant checkpoint keeps only the block's input
+    acts = block.profile.activations[precision]
+    fit = acts.saved if block.needs_input_grad else acts.saved_first_trainable
+    return fit(batch, seq)
+
+
+def param_state(profile: Profile, knobs: Knobs) -> tuple[int, int, int, int]:
+    """(weight bytes, gradient bytes, optimizer-state bytes, trainable parameter count)."""
+    weights = grads = state = trainable_numel = 0
+    for block in _expand(profile, knobs):
+        p = block.profile
+        weights += p.param_bytes
+        if block.trainable:
+            grads += p.param_bytes
+            trainable_numel += p.numel
+            state += optimizer.state_bytes(p.param_numels, p.embedding_numels, knobs.optimizer_bits)
+    return weights, grads, state, trainable_numel
+
+
+def input_bytes(profile: Profile, batch: int, seq: int) -> int:
+    """The micro-batch itself: input_ids, attention_mask and labels (token labels for causal LMs)."""
+    label_bytes = batch * seq * INDEX_BYTES if profile.task != "classification" else batch * INDEX_BYTES
+    return 2 * batch * seq * INDEX_BYTES + label_bytes
+
+
+def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
+                     grads_held: bool) -> tuple[float, float, float, str]:
+    """Replay forward then backward. Returns (activations, temporaries, grads) at the peak, and its phase."""
+    kept: list[float] = []
+    outputs: list[float] = []
+    live = previous_output = 0.0
+    best = (0.0, 0.0, 0.0, "forward")
+
+    def consider(candidate: tuple[float, float, float, str]) -> None:
+        nonlocal best
+        if sum(candidate[:3]) > sum(best[:3]):
+            best = candidate
+
+    for block in blocks:
+        acts = block.profile.activations[precision]
+        k = _kept_bytes(block, previous_output, precision, batch, seq)
+        out = acts.output(batch, seq)
+        runs_autograd = block.trainable or block.needs_input_grad
+        transient = acts.forward_transient(batch, seq) if runs_autograd else 0.0
+        # live at the block's end is everything kept so far plus its output; the transient sits on top
+        consider((live + k, out + transient, 0.0, "forward"))
+        live += k
+        kept.append(k)
+        outputs.append(out)
+        previous_output = out
+    grads = 0.0
+    for i in range(len(blocks) - 1, -1, -1):
+        block = blocks[i]
+        if not block.trainable and not block.needs_input_grad:
+            break  # nothing below the boundary runs backward
+        acts = block.profile.activations[precision]
+        grad_out = outputs[i]  # the gradient flowing into this block: its output's shape and dtype
+        if block.trainable and not grads_held:
+            grads += block.profile.param_bytes
+        temps = grad_out + acts.backward_transient(batch, seq)
+        if block.checkpointed:  # recompute the forward first: its saved tensors come back
+            recompute = acts.saved(batch, seq)
+            temps = grad_out + recompute + max(acts.forward_transient(batch, seq),
+                                               acts.backward_transient(batch, seq))
+        consider((live, temps, grads, "backward"))
+        live -= kept[i]
+    return best
+
+
+def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int,
+                      device: DeviceSpec) -> MemoryBreakdown:
+    """Predicted peak of one steady-state training step on micro-batches of shape (batch, seq)."""
+    precision = knobs.precision.value
+    weights, grads, state, trainable = param_state(profile, knobs)
+    grads_held = knobs.accumulation_steps > 1  # grads persist across the micro-batches of a window
+    blocks = _expand(profile, knobs)
+    acts, temps, walk_grads, phase = _activation_walk(blocks, precision, batch, seq, grads_held)
+    acts += input_bytes(profile, batch, seq)
+    step_grads = grads if grads_held else walk_grads
+    opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
+    if grads + opt_temps > step_grads + acts + temps:
+        # the optimizer step (all grads present, activations gone) is the peak
+        acts, temps, step_grads, phase = 0.0, opt_temps, grads, "optimizer"
+    allocated = weights + step_grads + state + acts + temps
+    overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
+    return MemoryBreakdown(
+        weights=int(weights), gradients=int(step_grads), optimizer_state=int(state),
+        activations=int(acts), temporaries=int(temps), overhead=int(overhead),
+        peak_phase=phase, peak_shape=(batch, seq),
+    )
+
+
+def predict_peak(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec) -> MemoryBreakdown:
+    """Predicted peak over every micro-batch shape these knobs form on this workload (the worst bucket)."""
+    shapes = bucketing.worst_case_shapes(knobs, workload.lengths)
+    return max((predict_step_peak(profile, knobs, b, s, device) for b, s in shapes),
+               key=lambda m: m.peak_bytes)

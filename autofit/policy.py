@@ -1,0 +1,208 @@
+"""Policies: which knobs the search may turn, how far, what it optimises and how much risk it accepts.
+
+A policy is a small YAML file (shipped ones live in `autofit/policies/`), validated by pydantic. The search
+reads it; nothing else does. Conventions a policy relies on:
+
+- Freezing is a depth: embeddings first, then the bottom `k` layers (frozen layers need frozen embeddings).
+- Selective checkpointing is a count `n`: the *lowest* `n` trainable layers are checkpointed. Layers of a
+  stack are identical, so which ones are checkpointed barely changes the peak or the recompute time; fixing
+  the lowest keeps the space one-dimensional.
+- Micro-batch sizes are the powers of two that divide the effective batch, plus the effective batch itself,
+  so accumulation steps = batch / micro-batch keeps the effective batch exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from autofit.budget import parse_budget
+from autofit.knobs import Knobs, Precision
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be found, read or validated."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FreezeRule(_Strict):
+    embeddings: bool = False
+    """May the input embeddings be frozen (and with them, layers)."""
+    max_layers: int | None = Field(None, ge=0)
+    """Most bottom layers that may be frozen, as a count."""
+    max_fraction: float | None = Field(None, ge=0.0, le=1.0)
+    """Most bottom layers that may be frozen, as a fraction of depth (rounded down). With max_layers
+    both caps apply; with neither, no layer is frozen."""
+
+    @model_validator(mode="after")
+    def _layers_need_embeddings(self) -> FreezeRule:
+        if not self.embeddings and (self.max_layers or self.max_fraction):
+            raise ValueError("freezing layers needs embeddings: true (frozen layers need frozen embeddings)")
+        return self
+
+    def max_frozen_layers(self, num_layers: int) -> int:
+        caps = [num_layers]
+        if self.max_layers is not None:
+            caps.append(self.max_layers)
+        if self.max_fraction is not None:
+            caps.append(int(self.max_fraction * num_layers + 1e-9))
+        if len(caps) == 1 or not self.embeddings:
+            return 0
+        return min(caps)
+
+
+class BucketRule(_Strict):
+    counts: list[int] = [0]
+    """Numbers of length buckets the search may try; 0 means plain dynamic padding (no buckets)."""
+    token_budget: bool = False
+    """May a bucketed plan cap each micro-batch by tokens (micro-batch x shortest bucket's length)."""
+
+    @field_validator("counts")
+    @classmethod
+    def _counts(cls, counts: list[int]) -> list[int]:
+        if not counts or min(counts) < 0:
+            raise ValueError("must be a non-empty list of bucket counts >= 0")
+        return sorted(set(counts))
+
+
+class Headroom(_Strict):
+    """Memory kept free below the budget: the larger of `fraction` x budget and `bytes`."""
+
+    fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    bytes: int = Field(0, ge=0)
+
+    @field_validator("bytes", mode="before")
+    @classmethod
+    def _parse_bytes(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip() not in ("0", ""):
+            return parse_budget(value)
+        return value
+
+    def for_budget(self, budget_bytes: int) -> int:
+        return max(int(self.fraction * budget_bytes), self.bytes)
+
+    def smallest_budget_for(self, peak_bytes: int) -> int:
+        """Smallest budget b with b - for_budget(b) >= peak_bytes."""
+        return max(math.ceil(peak_bytes / (1.0 - self.fraction)) + 1, peak_bytes + self.bytes)
+
+
+class RiskWeights(_Strict):
+    """Quality-risk score of each technique (0 = none). Used to break ties and, with `risk_price`, to
+    trade speed against risk."""
+
+    freeze_embeddings: float = Field(0.05, ge=0)
+    frozen_layers: float = Field(1.0, ge=0)
+    """Multiplied by the fraction of layers frozen."""
+    optimizer_8bit: float = Field(0.1, ge=0)
+    fp16: float = Field(0.15, ge=0)
+    """fp16 overflows are skipped by the GradScaler but some models (DeBERTa-v3) lose steps often."""
+    bf16: float = Field(0.02, ge=0)
+    bucketing: float = Field(0.02, ge=0)
+    """Bucketed batches are less random (batches drawn within a length bucket)."""
+
+
+class Relaxation(_Strict):
+    """What a second-stage search may also use when nothing fits under the policy itself."""
+
+    freeze: FreezeRule | None = None
+    checkpointing: bool | None = None
+    precisions: list[Precision] | None = None
+    optimizer_bits: list[Literal[8, 32]] | None = None
+
+
+class Policy(_Strict):
+    name: str
+    description: str = ""
+    objective: Literal["time", "memory"] = "time"
+    """"time": minimise predicted epoch time; "memory": minimise predicted peak."""
+    freeze: FreezeRule = FreezeRule()
+    checkpointing: bool = True
+    """May layers be checkpointed (a count from 0 to all trainable layers, lowest first)."""
+    precisions: list[Precision] = [Precision.fp32]
+    optimizer_bits: list[Literal[8, 32]] = [32]
+    max_micro_batch: int | None = Field(None, ge=1)
+    """Largest micro-batch to try (None: up to the effective batch)."""
+    bucketing: BucketRule = BucketRule()
+    headroom: Headroom = Headroom()
+    risk_weights: RiskWeights = RiskWeights()
+    risk_price: float = Field(0.0, ge=0.0)
+    """Objective = epoch time x (1 + risk_price x risk): how much speed one unit of risk must buy."""
+    tie_tolerance: float = Field(0.01, ge=0.0, lt=1.0)
+    """Plans whose objective is within this fraction of the best count as tied; the least risky wins."""
+    fallback: Relaxation | None = None
+
+    @field_validator("precisions", "optimizer_bits")
+    @classmethod
+    def _non_empty(cls, values: list) -> list:
+        if not values:
+            raise ValueError("must list at least one choice")
+        return list(dict.fromkeys(values))
+
+    def risk(self, knobs: Knobs, num_layers: int) -> float:
+        """Quality-risk score of `knobs` on a model with `num_layers` layers (higher = riskier)."""
+        w = self.risk_weights
+        score = w.freeze_embeddings * knobs.freeze_embeddings
+        score += w.frozen_layers * knobs.freeze_layers / max(1, num_layers)
+        score += w.optimizer_8bit * (knobs.optimizer_bits == 8)
+        score += {Precision.fp16: w.fp16, Precision.bf16: w.bf16}.get(knobs.precision, 0.0)
+        score += w.bucketing * bool(knobs.bucket_boundaries)
+        return score
+
+    def relaxed(self) -> Policy | None:
+        """This policy with its fallback applied (the second-stage search), or None without one."""
+        if self.fallback is None:
+            return None
+        changes = {k: v for k, v in self.fallback.model_dump().items() if v is not None}
+        return Policy.model_validate({**self.model_dump(), **changes, "fallback": None})
+
+
+def shipped_policies() -> list[str]:
+    folder = resources.files("autofit") / "policies"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def parse_policy(data: object, source: str) -> Policy:
+    """Validate a policy mapping; a PolicyError names the bad field."""
+    if not isinstance(data, dict):
+        raise PolicyError(f"invalid policy {source}: expected a mapping of fields")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "policy"
+        raise PolicyError(f"invalid policy {source}: {field}: {first['msg']}") from None
+
+
+def load_policy(name_or_path: str | Path | Policy) -> Policy:
+    """A shipped policy by name ("balanced", "quality-first", ...) or a policy YAML file by path."""
+    if isinstance(name_or_path, Policy):
+        return name_or_path
+    text, source, stem = _read_policy_text(str(name_or_path))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"invalid policy {source}: not YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(data, dict):
+        data.setdefault("name", stem)
+    return parse_policy(data, source)
+
+
+def _read_policy_text(name_or_path: str) -> tuple[str, str, str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise PolicyError(f"policy file {name_or_path!r} not found")
+        return path.read_text(), repr(str(path)), path.stem
+    name = name_or_path.strip().lower().replace("_", "-")
+    shipped = resources.files("autofit") / "policies" / f"{name}.yaml"
+    if not shipped.is_file():
+        raise PolicyError(f"unknown policy {name_or_path!r}; shipped: {', '.join(shipped_policies())}")
+    return shipped.read_text(), repr(name), name

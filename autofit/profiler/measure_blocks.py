@@ -1,0 +1,185 @@
+"""Measure embeddings, one layer and the head of a model at one (precision, batch, seq).
+
+The layer stack is cut to two identical layers for the measurement: layer 1 is "the" layer (its input needs
+a gradient), layer 0 is the lowest trainable layer. Bytes that layer 0 saves beyond layer 1 are the model's
+shared per-step tensors (masks, rotary tables, relative-position embeddings) that whichever layer uses them
+first saves; they are charged to the embeddings, which sit below every layer.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from autofit.layers import ModelLayout
+from autofit.profiler.instrument import Timeline, run_step
+from autofit.profiler.tracker import LiveBytes, SavedBytes
+
+KEEP_LAYERS = 2
+WINDOWS = {"embeddings": "emb", "layer": "layer{last}", "head": "head"}
+
+
+class UnsupportedTaskError(ValueError):
+    """The profiler knows how to build synthetic labels only for classification and causal-lm."""
+
+
+class ShapeSample(BaseModel):
+    """Bytes (and forward FLOPs) of each block kind at one shape and precision; see BlockActivations."""
+
+    batch: int
+    seq: int
+    saved: dict[str, float]
+    saved_first_trainable: dict[str, float]
+    output: dict[str, float]
+    forward_transient: dict[str, float]
+    backward_transient: dict[str, float]
+    flops: dict[str, float]
+
+
+class TimeSample(BaseModel):
+    batch: int
+    seq: int
+    forward: dict[str, float]
+    backward: dict[str, float]
+
+
+@dataclass
+class Subject:
+    """The model made ready to measure: two layers, train mode, no checkpointing."""
+
+    model: nn.Module
+    layers: nn.ModuleList
+    embedding_params: list[nn.Parameter]
+    task: str
+
+    @property
+    def layer_window(self) -> str:
+        return f"layer{len(self.layers) - 1}"
+
+    def window(self, kind: str) -> str:
+        return WINDOWS[kind].format(last=len(self.layers) - 1)
+
+
+@contextmanager
+def prepared(model: nn.Module, layout: ModelLayout, task: str) -> Iterator[Subject]:
+    """Truncate the layer stack, switch to train mode, switch off checkpointing; undo all of it after."""
+    layers = layout.layers
+    tail = list(layers[KEEP_LAYERS:])
+    params = list(model.parameters())
+    requires_grad = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    was_training = model.training
+    checkpointing = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    config = model.config
+    pad_token_id = getattr(config, "pad_token_id", None)
+    try:
+        del layers[KEEP_LAYERS:]
+        model.train()
+        for module in checkpointing:
+            module.gradient_checkpointing = False
+        if task == "classification" and pad_token_id is None:
+            config.pad_token_id = 0  # decoder classifiers find each row's last token through it
+        yield Subject(model, layers, list(layout.embedding_params), task)
+    finally:
+        layers.extend(tail)
+        model.train(was_training)
+        for module in checkpointing:
+            module.gradient_checkpointing = True
+        config.pad_token_id = pad_token_id
+        for p, flag, grad in zip(params, requires_grad, grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
+@contextmanager
+def frozen(params: list[nn.Parameter]) -> Iterator[None]:
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def make_batch(config, task: str, batch: int, seq: int, device: str) -> dict[str, torch.Tensor]:
+    """Synthetic inputs: random ids, an all-ones mask, labels as the task's loss expects them."""
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if task == "causal-lm":
+        inputs["labels"] = ids.clone()  # a collator's copy: its own storage, as in training
+    elif task == "classification":
+        num_labels = getattr(config, "num_labels", 2)
+        if getattr(config, "problem_type", None) == "multi_label_classification":
+            inputs["labels"] = torch.rand(batch, num_labels, device=device).round()
+        elif num_labels == 1:
+            inputs["labels"] = torch.randn(batch, device=device)
+        else:
+            inputs["labels"] = torch.randint(0, num_labels, (batch,), device=device)
+    else:
+        raise UnsupportedTaskError(f"cannot profile task {task!r}; expected 'classification' or 'causal-lm'")
+    return inputs
+
+
+def _memory_run(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,
+                *, count_flops: bool, below_frozen: bool) -> Timeline:
+    params = list(subject.model.parameters())
+    tracker = LiveBytes(count_flops=count_flops)
+    timeline = Timeline(params, tracker)
+    with tracker:
+        timeline.saved = SavedBytes(params, timeline.phase)
+        batch = make_batch(subject.model.config, subject.task, *shape, device_type)
+        run_step(subject.model, subject.layers, batch, timeline, precision=precision, device_type=device_type,
+                 backward=not below_frozen, detach_last=below_frozen)
+        del batch
+    return timeline
+
+
+def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,
+                   count_flops: bool = False) -> ShapeSample:
+    """Two runs: a full step with everything trainable, and a forward with the embeddings frozen and the
+    last layer's output detached (layer 0 and the head then sit right above a frozen boundary)."""
+    full = _memory_run(subject, precision, shape, device_type, count_flops=count_flops, below_frozen=False)
+    with frozen(subject.embedding_params):
+        first = _memory_run(subject, precision, shape, device_type, count_flops=False, below_frozen=True)
+    layer = subject.layer_window
+    saved = {k: float(full.saved.by_phase[f"fwd:{subject.window(k)}"]) for k in WINDOWS}
+    shared = full.saved.by_phase["fwd:layer0"] - saved["layer"] if layer != "layer0" else 0
+    saved["embeddings"] += max(0, shared)
+    fwd = {k: full.windows[f"fwd:{subject.window(k)}"] for k in WINDOWS}
+    bwd = {k: full.windows[f"bwd:{subject.window(k)}"] for k in WINDOWS}
+    return ShapeSample(
+        batch=shape[0], seq=shape[1], saved=saved,
+        saved_first_trainable={"embeddings": saved["embeddings"],
+                               "layer": float(first.saved.by_phase["fwd:layer0"]),
+                               "head": float(first.saved.by_phase["fwd:head"])},
+        output={k: float(w.output) for k, w in fwd.items()},
+        forward_transient={k: float(max(0, w.peak - w.end_live)) for k, w in fwd.items()},
+        backward_transient={k: float(max(0, w.peak - w.saved_live_start - w.grads_end - full.batch_unsaved))
+                            for k, w in bwd.items()},
+        flops={k: w.flops for k, w in fwd.items()},
+    )
+
+
+def measure_time(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,
+                 repeats: int = 3) -> TimeSample:
+    """Median per-block seconds of `repeats` plain steps (no byte tracking), after the caller's warm-up."""
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    runs = []
+    params = list(subject.model.parameters())
+    for _ in range(repeats):
+        timeline = Timeline(params, sync=sync)
+        batch = make_batch(subject.model.config, subject.task, *shape, device_type)
+        run_step(subject.model, subject.layers, batch, timeline, precision=precision, device_type=device_type)
+        subject.model.zero_grad(set_to_none=True)
+        runs.append(timeline.windows)
+    median = {d: {k: statistics.median(r[f"{d}:{subject.window(k)}"].seconds for r in runs) for k in WINDOWS}
+              for d in ("fwd", "bwd")}
+    return TimeSample(batch=shape[0], seq=shape[1], forward=median["fwd"], backward=median["bwd"])

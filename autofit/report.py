@@ -1,0 +1,93 @@
+"""Format plans and profiles for people (rich tables). Gathering numbers happens elsewhere; this only prints."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from autofit.budget import format_bytes
+from autofit.plan import Plan
+from autofit.profiler.schema import Profile
+
+
+def _seconds(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s"
+
+
+def describe_knobs(plan: Plan) -> list[tuple[str, str]]:
+    k, n = plan.knobs, plan.num_layers
+    frozen = "none"
+    if k.freeze_embeddings:
+        frozen = "embeddings" + (f" + bottom {k.freeze_layers}/{n} layers" if k.freeze_layers else "")
+    ckpt = "none"
+    if k.checkpoint_layers:
+        ids = k.checkpoint_layers
+        span = f"{ids[0]}-{ids[-1]}" if list(ids) == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
+        ckpt = f"{len(ids)}/{n} layers ({span})"
+    batch = f"{k.micro_batch_size}"
+    if k.tokens_per_micro_batch:
+        batch += f" (max {k.tokens_per_micro_batch} tokens)"
+    buckets = ", ".join(map(str, k.bucket_boundaries)) if k.bucket_boundaries else "none (dynamic padding)"
+    return [
+        ("freeze", frozen),
+        ("gradient checkpointing", ckpt),
+        ("precision", k.precision.value + (" + grad scaler" if k.precision.value == "fp16" else "")),
+        ("optimizer", "AdamW 8-bit (bitsandbytes)" if k.optimizer_bits == 8 else "AdamW 32-bit"),
+        ("micro-batch", batch),
+        ("accumulation steps", f"{k.accumulation_steps} (effective batch {k.effective_batch_size})"),
+        ("length buckets", buckets),
+    ]
+
+
+def plan_report(plan: Plan) -> Group:
+    """The plan as a person reads it: knobs, peak breakdown, time, alternatives."""
+    m, t = plan.predicted, plan.time
+    title = (f"[bold]{plan.model_id}[/] ({plan.num_params / 1e6:.0f}M params) on {plan.device.name}, "
+             f"budget {format_bytes(plan.budget_bytes)}, policy {plan.policy}")
+    knobs = Table(title="knobs", show_header=False, box=None, padding=(0, 2))
+    for name, value in describe_knobs(plan):
+        knobs.add_row(name, value)
+    mem = Table(title=f"predicted peak ({m.peak_phase}, micro-batch {m.peak_shape[0]}x{m.peak_shape[1]})",
+                show_header=False, box=None, padding=(0, 2))
+    for name in ("weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead"):
+        mem.add_row(name.replace("_", " "), format_bytes(getattr(m, name)))
+    mem.add_row("[bold]peak[/]", f"[bold]{format_bytes(m.peak_bytes)}[/]")
+    mem.add_row("headroom left", f"{format_bytes(plan.headroom_left_bytes)} of {format_bytes(plan.budget_bytes)}")
+    kind = "measured" if t.measured else "estimated from FLOPs"
+    speed = Table(title=f"predicted time ({kind})", show_header=False, box=None, padding=(0, 2))
+    speed.add_row("per optimizer step", _seconds(t.step_seconds))
+    speed.add_row("per epoch", f"{_seconds(t.epoch_seconds)} ({plan.workload.lengths.num_samples} samples)")
+    speed.add_row("padding efficiency", f"{t.padding_efficiency:.0%}")
+    parts = [Text.from_markup(title), knobs, mem, speed]
+    if plan.alternatives:
+        alt = Table(title="alternatives", show_header=False, box=None, padding=(0, 2))
+        for a in plan.alternatives:
+            alt.add_row("•", a.note)
+        parts.append(alt)
+    if plan.search:
+        parts.append(Text(f"searched {plan.search.trials} trials in {plan.search.seconds:.1f} s", style="dim"))
+    return Group(*parts)
+
+
+def profile_table(profile: Profile, seq: int = 512) -> Table:
+    """Per-block table: params, grads, optimizer state, activation bytes per token, forward/backward time."""
+    table = Table(title=f"{profile.model_id}: per-block profile (measured on {profile.device}, seq {seq})")
+    for col in ("block", "count", "params", "grads", "adam state", "act/token fp32", "act/token bf16",
+                "fwd ms (b1)", "bwd ms (b1)"):
+        table.add_column(col, justify="right" if col != "block" else "left")
+    for b in profile.blocks:
+        per_token = {p: a.saved(1, seq) / seq for p, a in b.activations.items()}
+        times = b.time.get("fp32")
+        fwd = f"{times.forward(1, seq) * 1e3:.1f}" if times else "-"
+        bwd = f"{times.backward(1, seq) * 1e3:.1f}" if times else "-"
+        table.add_row(
+            b.name, str(b.count), f"{b.numel / 1e6:.2f}M", format_bytes(b.param_bytes),
+            format_bytes(8 * b.numel),
+            format_bytes(per_token.get("fp32", 0)), format_bytes(per_token.get("bf16", 0)), fwd, bwd,
+        )
+    return table

@@ -1,0 +1,107 @@
+"""Selective gradient checkpointing: chosen layers keep only their input and recompute the rest in backward.
+
+Trade-off: saves the activations a checkpointed layer would keep for backward (all but its input);
+costs one extra forward of that layer per step. Non-reentrant, so frozen lower layers keep gradients flowing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from autofit.knobs import Knobs
+from autofit.layers import find_layout
+
+CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
+"""Names of KV-cache arguments of HF layers; a cache written in forward would be written again by the
+recompute (and the replayed attention would see twice the keys)."""
+
+
+class CheckpointingError(ValueError):
+    """Layer indices that do not exist in the model."""
+
+
+# ---- pure side -------------------------------------------------------------------------------------------
+
+
+def recomputed_layers(knobs: Knobs, num_layers: int) -> list[int]:
+    """Checkpointed layers that really recompute: frozen layers below the boundary run no backward."""
+    knobs.validate_for(num_layers)
+    return [i for i in knobs.checkpoint_layers if i >= knobs.freeze_layers]
+
+
+def recompute_fraction(knobs: Knobs, num_layers: int) -> float:
+    """Extra layer forwards per step, as a fraction of one full forward through the layer stack."""
+    return len(recomputed_layers(knobs, num_layers)) / num_layers
+
+
+# ---- apply side ------------------------------------------------------------------------------------------
+
+
+def _checkpointed_forward(layer: nn.Module, previous: Any, *args: Any, **kwargs: Any) -> Any:
+    forward = previous if previous is not None else partial(type(layer).forward, layer)
+    if not (torch.is_grad_enabled() and layer.training):
+        return forward(*args, **kwargs)  # no backward will replay it (eval, no_grad): run as is, cache included
+    args, kwargs = _without_cache(args, kwargs)
+    # preserve_rng_state (the default) replays dropout masks exactly in the recompute.
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Drop KV caches, passed by name or (gpt2) by position, from a layer call that will be replayed."""
+    from transformers.cache_utils import Cache
+
+    args = tuple(None if isinstance(a, Cache) else a for a in args)
+    kwargs = {k: None if k in CACHE_KWARGS or isinstance(v, Cache) else v for k, v in kwargs.items()}
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def is_checkpointed(layer: nn.Module) -> bool:
+    forward = layer.__dict__.get("forward")
+    return isinstance(forward, partial) and forward.func is _checkpointed_forward
+
+
+def apply(model: nn.Module, layer_indices: Sequence[int]) -> None:
+    """Checkpoint exactly the layers `layer_indices` of the model's layer stack (others are restored).
+
+    The layer's `forward` is wrapped on the instance, so its class, parameters and state-dict keys stay
+    unchanged, hooks stay outside the checkpoint, and a deep copy wraps the copied layer."""
+    layout = find_layout(model)
+    wanted = sorted(set(layer_indices))
+    bad = [i for i in wanted if not 0 <= i < layout.num_layers]
+    if bad:
+        raise CheckpointingError(f"cannot checkpoint layers {bad}: the model has {layout.num_layers} layers")
+    if getattr(model, "is_gradient_checkpointing", False):
+        # HF's own all-layer checkpointing would nest inside ours and checkpoint every layer anyway.
+        warnings.warn("disabling the model's built-in gradient checkpointing; autofit checkpoints "
+                      f"layers {wanted} only", stacklevel=2)
+        model.gradient_checkpointing_disable()
+    remove(model)
+    for i in wanted:
+        layer = layout.layers[i]
+        previous = layer.__dict__.get("forward")  # e.g. a hook-installed forward (accelerate) stays inside
+        layer.forward = partial(_checkpointed_forward, layer, previous)
+
+
+def checkpointed_indices(model: nn.Module) -> list[int]:
+    """Indices of the layers `apply` checkpointed."""
+    return [i for i, layer in enumerate(find_layout(model).layers) if is_checkpointed(layer)]
+
+
+def remove(model: nn.Module) -> None:
+    """Undo `apply`: every layer runs its own forward again."""
+    for module in model.modules():
+        if is_checkpointed(module):
+            previous = module.__dict__["forward"].args[1]
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous

@@ -1,0 +1,46 @@
+"""Hand-built Profiles for the time-model and search tests: BERT-shaped, no model needed."""
+
+import random
+
+from autofit.profiler.schema import BlockActivations, BlockProfile, Profile, ShapeFit
+from autofit.workload import LengthHistogram, Workload
+
+
+def _activations(h: int) -> dict[str, BlockActivations]:
+    """Roughly BERT's: ~18 hidden-sized tensors saved per token, eager attention's scores and probs."""
+    result = {}
+    for precision, size in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+        saved = ShapeFit(per_token=18 * h * size + 4 * h, per_token_seq=24 * size)
+        first = ShapeFit(per_token=16 * h * size + 4 * h, per_token_seq=24 * size)
+        result[precision] = BlockActivations(
+            saved=saved, saved_first_trainable=first, output=ShapeFit(per_token=4 * h),
+            forward_transient=ShapeFit(per_token=8 * h * size, per_token_seq=12 * size),
+            backward_transient=ShapeFit(per_token=12 * h * size, per_token_seq=24 * size))
+    return result
+
+
+def make_profile(hidden=768, layers=12, vocab=30000, device="meta", times=None) -> Profile:
+    """A BERT-shaped profile built by hand. `times` maps kind -> precision -> TimeFit (measured)."""
+    h, times = hidden, times or {}
+    layer_numels = [h * h] * 4 + [4 * h * h] * 2 + [h] * 9 + [4 * h]
+    blocks = [
+        BlockProfile(name="embeddings", kind="embeddings", param_numels=[vocab * h, 512 * h, 2 * h, h, h],
+                     embedding_numels=[vocab * h, 512 * h, 2 * h], param_bytes=4 * (vocab + 516) * h,
+                     flops_forward=ShapeFit(per_token=10 * h), activations=_activations(h),
+                     time=times.get("embeddings", {})),
+        BlockProfile(name="layer", kind="layer", count=layers, param_numels=layer_numels,
+                     param_bytes=4 * sum(layer_numels), flops_forward=ShapeFit(per_token=24 * h * h,
+                                                                               per_token_seq=4 * h),
+                     activations=_activations(h), time=times.get("layer", {})),
+        BlockProfile(name="head", kind="head", param_numels=[h * h, h, 2 * h, 2],
+                     param_bytes=4 * (h * h + 3 * h + 2), flops_forward=ShapeFit(per_token=2 * h * h),
+                     activations=_activations(h), time=times.get("head", {})),
+    ]
+    return Profile(model_id="tiny-bert", model_type="bert", task="classification", num_layers=layers,
+                   hidden_size=h, vocab_size=vocab, attn_implementation="eager", device=device, blocks=blocks)
+
+
+def skewed_workload(n=2000, batch_size=32, seed=0) -> Workload:
+    rng = random.Random(seed)
+    lengths = [min(512, 8 + int(rng.expovariate(1 / 60))) for _ in range(n)]
+    return Workload(lengths=LengthHistogram.from_lengths(lengths), batch_size=batch_size)

