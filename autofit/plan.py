@@ -132,8 +132,11 @@ class Plan(BaseModel):
             fp16=k.precision == Precision.fp16,
             bf16=k.precision == Precision.bf16,
             optim="adamw_bnb_8bit" if k.optimizer_bits == 8 else "adamw_torch",
-            group_by_length=bool(k.bucket_boundaries),
             report_to=[],
         )
+        if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:  # transformers >= 5
+            args["train_sampling_strategy"] = "group_by_length" if k.bucket_boundaries else "random"
+        else:  # transformers 4.x
+            args["group_by_length"] = bool(k.bucket_boundaries)
         args.update(overrides)
         return TrainingArguments(**args)

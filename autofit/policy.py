@@ -14,7 +14,6 @@ reads it; nothing else does. Conventions a policy relies on:
 from __future__ import annotations
 
 import math
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from autofit.budget import parse_budget
 from autofit.knobs import Knobs, Precision
+
+
+POLICY_DIR = Path(__file__).parent / "policies"
+"""Shipped policies (a plain folder next to this module, like the catalog: `importlib.resources` cannot
+open it while `autofit` has no `__init__.py`, a namespace package under an editable install)."""
 
 
 class PolicyError(ValueError):
@@ -90,8 +94,13 @@ class Headroom(_Strict):
         return max(int(self.fraction * budget_bytes), self.bytes)
 
     def smallest_budget_for(self, peak_bytes: int) -> int:
-        """Smallest budget b with b - for_budget(b) >= peak_bytes."""
-        return max(math.ceil(peak_bytes / (1.0 - self.fraction)) + 1, peak_bytes + self.bytes)
+        """Smallest budget b with b - for_budget(b) >= peak_bytes (b - for_budget(b) never falls as b grows)."""
+        b = max(math.ceil(peak_bytes / (1.0 - self.fraction)), peak_bytes + self.bytes)
+        while b - self.for_budget(b) < peak_bytes:  # float rounding
+            b += 1
+        while b > 0 and b - 1 - self.for_budget(b - 1) >= peak_bytes:  # int() rounds the headroom down
+            b -= 1
+        return b
 
 
 class RiskWeights(_Strict):
@@ -165,8 +174,7 @@ class Policy(_Strict):
 
 
 def shipped_policies() -> list[str]:
-    folder = resources.files("autofit") / "policies"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in POLICY_DIR.iterdir() if p.name.endswith(".yaml"))
 
 
 def parse_policy(data: object, source: str) -> Policy:
@@ -202,7 +210,7 @@ def _read_policy_text(name_or_path: str) -> tuple[str, str, str]:
             raise PolicyError(f"policy file {name_or_path!r} not found")
         return path.read_text(), repr(str(path)), path.stem
     name = name_or_path.strip().lower().replace("_", "-")
-    shipped = resources.files("autofit") / "policies" / f"{name}.yaml"
+    shipped = POLICY_DIR / f"{name}.yaml"
     if not shipped.is_file():
         raise PolicyError(f"unknown policy {name_or_path!r}; shipped: {', '.join(shipped_policies())}")
     return shipped.read_text(), repr(name), name

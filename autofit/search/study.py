@@ -83,9 +83,11 @@ def run_study(space: SearchSpace, policy: Policy, evaluate: Evaluator, limit_byt
     done = len(study.trials)
     if grid:
         budget = max(0, space.grid_size - done)  # a resumed grid only runs what it has not run yet
-    elif done == 0:
-        for params in space.starting_points():
-            study.enqueue_trial(params, skip_if_exists=True)
+    else:
+        if done == 0:
+            for params in space.starting_points():
+                study.enqueue_trial(params, skip_if_exists=True)
+        budget = max(0, budget - done)  # likewise, a resumed study only runs the trials it has left
 
     def objective(trial: optuna.Trial) -> float:
         params = space.suggest(trial)
@@ -122,7 +124,11 @@ def least_checkpointing(space: SearchSpace, params: dict, policy: Policy, evalua
         return evaluate(space.knobs({**params, "checkpoint": count}), policy)
 
     low = at(counts[0])
-    if limit_bytes is None or low.peak_bytes <= limit_bytes or len(counts) == 1:
+    if len(counts) == 1:
+        return low
+    if limit_bytes is None:  # the unconstrained minimal-memory study: the smallest peak, all checkpointed
+        return min((low, at(counts[-1])), key=lambda c: c.peak_bytes)
+    if low.peak_bytes <= limit_bytes:
         return low
     best = at(counts[-1])
     if best.peak_bytes > limit_bytes:

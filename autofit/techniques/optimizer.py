@@ -7,6 +7,7 @@ HF Trainer does the same) and bitsandbytes leaves tensors under 4096 elements at
 
 from __future__ import annotations
 
+import logging
 import warnings
 from functools import lru_cache
 
@@ -103,6 +104,9 @@ def build_optimizer(model: nn.Module, knobs: Knobs, *, lr: float, weight_decay: 
 @lru_cache(maxsize=None)
 def _bnb_adamw8bit(device_type: str) -> type:
     """bitsandbytes' AdamW8bit, honouring a per-group `optim_bits`, after a probe step on `device_type`."""
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its import warns about 4-bit CPU kernels, which 8-bit AdamW never uses
     try:
         import bitsandbytes as bnb
     except Exception as error:  # ImportError, or a broken native library raising anything at import

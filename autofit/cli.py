@@ -1,0 +1,209 @@
+"""The `autofit` command: plan | train | profile | explain. Formatting only; the work happens in autofit.api.
+
+Exit codes: 0 success; 2 no plan fits the budget (the message names the smallest budget that would);
+1 any other bad input, with a one-line reason and no traceback (AUTOFIT_DEBUG=1 shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Plan and run memory-efficient fine-tuning of Hugging Face transformers on a small GPU.")
+out = Console()
+err = Console(stderr=True)
+
+VRAM_HELP = ("GPU memory budget: 16GB, 15.5GiB, 16000MB or bytes. GB and GiB both mean 2**30 bytes, as "
+             "nvidia-smi reports memory and as '16 GB' cards are sized; 'auto' reads the current CUDA device.")
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Turn any error into one line on stderr: exit 2 when no plan fits, else 1."""
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        from autofit.search import NoPlanFitsError
+
+        try:
+            return command(*args, **kwargs)
+        except NoPlanFitsError as error:
+            err.print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as error:  # noqa: BLE001 - the contract is one line, never a traceback
+            if os.environ.get("AUTOFIT_DEBUG"):
+                raise
+            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if not isinstance(error, ValueError | OSError | KeyError):
+                text = f"{type(error).__name__}: {text}"
+            err.print("[red]error:[/] " + _escape(text), soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _load_data(path: Optional[Path]):
+    from autofit.data import load_data_file
+
+    return None if path is None else load_data_file(path)
+
+
+@app.command()
+@friendly_errors
+def plan(
+    model: str = typer.Option(..., "--model", "-m", help="HF model id (resolved offline), local directory."),
+    vram: str = typer.Option(..., "--vram", help=VRAM_HELP),
+    seq_len: int = typer.Option(512, "--seq-len", min=1, help="Sequence length (cap, with --data)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Effective batch size, kept by every plan."),
+    data: Optional[Path] = typer.Option(None, "--data", help="CSV, JSON lines or saved dataset: real lengths."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory for --data."),
+    text_column: Optional[str] = typer.Option(None, "--text-column"),
+    policy: str = typer.Option("balanced", "--policy", help="balanced, quality-first, fastest, minimal-memory, "
+                                                            "or a policy YAML file."),
+    task: Optional[str] = typer.Option(None, "--task", help="classification | causal-lm (default: by model)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Target card: h100, a100, a10g, l4, t4, "
+                                                                "rtx4090, rtx3090, v100, cuda, cpu."),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Optuna trials for large spaces."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage, e.g. sqlite:///study.db."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Save the plan as JSON here."),
+) -> None:
+    """Find the fastest mix of memory-saving techniques that fits the budget."""
+    import autofit
+    from autofit.models import load_tokenizer
+    from autofit.report import plan_report
+
+    rows = _load_data(data)
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    if tokenizer and tok is None:
+        raise ValueError(f"no tokenizer files in {tokenizer!r}")
+    if rows is not None and tok is None:
+        tok = load_tokenizer(model)
+        if tok is None:
+            raise ValueError(f"--data needs a tokenizer and none for {model!r} is on this machine: pass --tokenizer")
+    result = autofit.plan(model, vram, seq_len=seq_len, batch_size=batch_size, data=rows, policy=policy,
+                          task=task, device=device, tokenizer=tok, text_column=text_column, n_trials=trials,
+                          storage=storage)
+    if out_path is not None:
+        result.save(out_path)
+    if as_json:
+        print(result.to_json())
+    else:
+        out.print(plan_report(result))
+        if out_path is not None:
+            out.print(f"saved to {out_path}", style="dim")
+
+
+@app.command()
+@friendly_errors
+def train(
+    data: Path = typer.Option(..., "--data", help="Training data: CSV, JSON lines or saved dataset."),
+    plan_path: Optional[Path] = typer.Option(None, "--plan", help="A plan saved by `autofit plan --out`."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or id (default: the plan's)."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Plan and train in one go. " + VRAM_HELP),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: the model's)."),
+    text_column: Optional[str] = typer.Option(None, "--text-column"),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Checkpoints go here."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --output-dir."),
+    epochs: int = typer.Option(1, "--epochs", min=1),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1),
+    lr: float = typer.Option(2e-5, "--lr"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Effective batch size (with --vram)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1),
+    policy: str = typer.Option("balanced", "--policy"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train with a plan (or plan first with --vram), measuring the real peak memory."""
+    import autofit
+    from autofit.models import load_tokenizer
+
+    if (plan_path is None) == (vram is None):
+        raise ValueError("give exactly one of --plan and --vram")
+    saved = _read_plan(plan_path) if plan_path is not None else None
+    model_spec = model or (saved.model_id if saved else None)
+    if model_spec is None:
+        raise ValueError("--vram needs --model")
+    tok = load_tokenizer(tokenizer or model_spec)
+    if tok is None:
+        raise ValueError(f"no tokenizer for {tokenizer or model_spec!r} on this machine: pass --tokenizer")
+    result = autofit.train(model_spec, _load_data(data), budget=vram, plan=saved, tokenizer=tok, epochs=epochs,
+                           max_steps=max_steps, lr=lr, batch_size=batch_size, eval_data=_load_data(eval_data),
+                           policy=policy, max_length=max_length, text_column=text_column, output_dir=output_dir,
+                           checkpoint_every=checkpoint_every, resume=resume, quiet=quiet)
+    out.print(_train_summary(result))
+
+
+def _train_summary(result) -> str:
+    from autofit.budget import format_bytes
+
+    lines = [f"{result.optimizer_steps} optimizer steps, final loss {result.final_loss:.4f}"
+             if result.final_loss is not None else f"{result.optimizer_steps} optimizer steps"]
+    if result.measured_peak_bytes is not None:
+        lines.append(f"peak memory {format_bytes(result.measured_peak_bytes)} measured, "
+                     f"{format_bytes(result.predicted_allocated_bytes)} predicted")
+    lines.append(f"{result.tokens_per_second:,.0f} tokens/s, padding efficiency {result.padding_efficiency:.0%}")
+    lines += [f"eval epoch {e.epoch}: loss {e.loss:.4f}" + (f", accuracy {e.accuracy:.1%}" if e.accuracy is not None
+                                                          else "") for e in result.eval]
+    lines += [f"fallback at step {f.step}: {f.summary}" for f in result.fallbacks]
+    if result.output_dir:
+        lines.append(f"checkpoint: {result.output_dir}")
+    return "\n".join(lines)
+
+
+@app.command()
+@friendly_errors
+def profile(
+    model: str = typer.Option(..., "--model", "-m"),
+    task: Optional[str] = typer.Option(None, "--task"),
+    seq_len: int = typer.Option(512, "--seq-len", min=1, help="Sequence length the table is shown at."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole Profile as JSON."),
+) -> None:
+    """The per-layer table: params, grads, optimizer state, activation bytes per token, times."""
+    from autofit.profiler import profile_model
+    from autofit.report import profile_table
+
+    result = profile_model(model, task=task, timing=() if as_json else ("fp32",))
+    if as_json:
+        print(result.model_dump_json(indent=2))
+    else:
+        out.print(profile_table(result, seq=seq_len))
+
+
+@app.command()
+@friendly_errors
+def explain(plan_path: Path = typer.Argument(..., help="A plan JSON file.")) -> None:
+    """Print a saved plan as `autofit plan` shows it."""
+    from autofit.report import plan_report
+
+    out.print(plan_report(_read_plan(plan_path)))
+
+
+def _read_plan(path: Path):
+    from autofit.plan import Plan
+
+    if not path.is_file():
+        raise ValueError(f"plan file not found: {path}")
+    try:
+        return Plan.load(path)
+    except (json.JSONDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not a plan saved by autofit ({str(error).splitlines()[0]})") from None
+
+
+def main() -> None:  # pragma: no cover - console-script entry
+    sys.exit(app())

@@ -1,0 +1,215 @@
+"""profile_model: measure a model's embeddings, one layer and its head, and fit how they scale.
+
+Only two layers are ever built: the layers of a stack are identical, so one measured layer stands for all
+of them (`count` in the Profile). Bytes and FLOPs come from a two-layer twin made of fake tensors
+(torch's FakeTensorMode): every op runs only its shape function, so a 7B model's layer is measured in a
+fraction of a second without allocating it, yet each tensor has its real size and dtype, and autocast
+behaves as on the real device. Times, when asked for, are measured for real on a two-layer copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from contextlib import nullcontext
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers import PretrainedConfig, PreTrainedModel
+
+from autofit.knobs import Knobs
+from autofit.layers import find_layout
+from autofit.models import build_model, default_task, resolve_config
+from autofit.profiler.fit import TIME_TERMS, fit_shape
+from autofit.profiler.measure_blocks import (KEEP_LAYERS, WINDOWS, Subject, TimeSample, measure_memory, measure_time,
+                                             prepared)
+from autofit.profiler.schema import BlockActivations, BlockProfile, FitCheck, Profile, TimeFit
+from autofit.profiler.tracker import LiveBytes
+from autofit.techniques import optimizer as optim
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+FIT_BATCHES, FIT_SEQS = (1, 4), (32, 64, 128, 256)
+"""The memory fits are made from these (batch, seq) shapes (on meta they cost no compute, only dispatch)."""
+HELD_OUT_SHAPES = ((3, 96), (2, 512))
+"""Shapes measured but not fitted: the Profile reports the fits' error there."""
+TIME_SHAPES = ((1, 32), (2, 64), (4, 64), (4, 128))
+QUANTITIES = ("saved", "saved_first_trainable", "output", "forward_transient", "backward_transient")
+VERSIONED = ("autofit", "torch", "transformers", "accelerate", "bitsandbytes", "optuna")
+
+
+def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, task: str | None = None,
+                  timing: tuple[str, ...] = (), timing_device: str = "cpu",
+                  attn_implementation: str | None = None) -> Profile:
+    """The Profile of `model` (an id or path resolved offline, a config, or a live nn.Module).
+
+    Bytes and FLOPs are measured on a two-layer meta-device twin of the model (a plain nn.Module that is
+    no PreTrainedModel is measured itself). For each precision in `timing`, per-block forward/backward seconds
+    are measured on `timing_device` too: on the module itself when one is passed, else on a two-layer copy."""
+    started = time.perf_counter()
+    live = model if isinstance(model, nn.Module) else None
+    if live is not None:
+        config, model_id = live.config, _module_id(live)
+        num_layers = find_layout(live).num_layers
+        attn_implementation = getattr(config, "_attn_implementation", None) or attn_implementation
+    else:
+        model_id, config = (model.name_or_path or model.model_type, model) if isinstance(model, PretrainedConfig) \
+            else resolve_config(model)
+        num_layers = config.num_hidden_layers
+    task = task or default_task(config)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    twin = _fake_twin(live, config, task, attn_implementation, fake)
+    subject_model = twin if twin is not None else live
+    with fake if twin is not None else nullcontext(), \
+            prepared(subject_model, find_layout(subject_model), task) as subject:
+        samples, held_out = _memory_samples(subject, _device_of(subject_model))
+        params = _block_params(subject, num_layers)
+    times = {}
+    if timing:
+        timed = live if live is not None else build_model(_two_layer_config(config), task, device=timing_device,
+                                                          attn_implementation=attn_implementation)
+        with prepared(timed, find_layout(timed), task) as subject:
+            times = {p: _time_samples(subject, p, _device_of(timed)) for p in timing}
+    blocks, checks = _blocks(params, samples, held_out, times)
+    return Profile(
+        model_id=model_id, model_type=config.model_type, task=task, num_layers=num_layers,
+        hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+        max_positions=getattr(config, "max_position_embeddings", None),
+        attn_implementation=getattr(subject_model.config, "_attn_implementation", None) or "eager",
+        device=(_device_of(live) if live is not None else timing_device) if timing else "meta",
+        blocks=blocks, optimizer_transient_per_param=optimizer_transient(params["layer"][0]),
+        profile_shapes=[(s.batch, s.seq) for s in samples["fp32"]], fit_checks=checks, seconds=time.perf_counter() - started,
+        versions=package_versions(),
+    )
+
+
+def package_versions() -> dict[str, str]:
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _module_id(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return (getattr(config, "name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__)
+
+
+def _two_layer_config(config: PretrainedConfig) -> PretrainedConfig:
+    small = copy.deepcopy(config)
+    keep = min(KEEP_LAYERS, config.num_hidden_layers)
+    small.num_hidden_layers = keep
+    if isinstance(getattr(small, "layer_types", None), list):  # per-layer attention kinds (qwen2, gemma)
+        small.layer_types = small.layer_types[:keep]
+    return small
+
+
+def _device_of(model: nn.Module) -> str:
+    return next(model.parameters()).device.type
+
+
+def _fake_twin(live: nn.Module | None, config: PretrainedConfig, task: str, attn: str | None,
+               fake: FakeTensorMode) -> nn.Module | None:
+    """A two-layer copy of the model made of fake tensors: same classes, dtype and device, no storage.
+
+    Fake tensors carry their device's dispatch keys, so autocast and kernel choice are the real device's,
+    but every op runs only its shape function: bytes are exact and nothing is computed."""
+    small = _two_layer_config(config)
+    with fake:
+        if live is None:
+            return build_model(small, task, device="cpu", attn_implementation=attn)
+        if not isinstance(live, PreTrainedModel):
+            return None
+        first = next(live.parameters())
+        kwargs = {"attn_implementation": attn} if attn else {}
+        with torch.device(first.device):
+            return type(live)._from_config(small, dtype=first.dtype, **kwargs)
+
+
+def _memory_samples(subject: Subject, device: str) -> tuple[dict, dict]:
+    """ShapeSamples at the fit and held-out shapes, per precision. fp16 and bf16 autocast cast the same ops
+    to a 2-byte type, so fp16 reuses bf16's bytes."""
+    limit = _max_seq(subject.model)
+    held_out_shapes = [(b, s) for b, s in HELD_OUT_SHAPES if s <= limit]
+    seqs = [s for s in FIT_SEQS if s <= limit]
+    if len(seqs) < len(FIT_SEQS):  # a model for short sequences: fit at a quarter, half and all of them
+        seqs = [max(1, limit // 4), max(1, limit // 2), limit]
+    samples, held_out = {}, {}
+    for precision in ("fp32", "bf16"):
+        samples[precision] = [measure_memory(subject, precision, (b, s), device, count_flops=precision == "fp32")
+                              for b in FIT_BATCHES for s in seqs]
+        held_out[precision] = [measure_memory(subject, precision, shape, device) for shape in held_out_shapes]
+    samples["fp16"], held_out["fp16"] = samples["bf16"], held_out["bf16"]
+    return samples, held_out
+
+
+def _max_seq(model: nn.Module) -> int:
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
+
+
+def _time_samples(subject: Subject, precision: str, device: str) -> list[TimeSample]:
+    limit = _max_seq(subject.model)
+    shapes = [(b, min(s, limit)) for b, s in TIME_SHAPES]
+    measure_time(subject, precision, shapes[0], device, repeats=1)  # warm-up: first calls pay set-up costs
+    return [measure_time(subject, precision, shape, device) for shape in shapes]
+
+
+def _block_params(subject: Subject, num_layers: int) -> dict[str, tuple[list[torch.Tensor], list[int], int]]:
+    """Per block kind: (its parameter tensors, the numels of those that are embeddings, copies)."""
+    layout = find_layout(subject.model)
+    embedding_ids = {id(m.weight) for m in subject.model.modules() if isinstance(m, nn.Embedding)}
+    params = {"embeddings": layout.embedding_params, "layer": list(layout.layers[-1].parameters()),
+              "head": layout.head_params}
+    return {kind: (ps, [p.numel() for p in ps if id(p) in embedding_ids], num_layers if kind == "layer" else 1)
+            for kind, ps in params.items()}
+
+
+def _blocks(params: dict, samples: dict, held_out: dict, times: dict) -> tuple[list[BlockProfile], list[FitCheck]]:
+    """Fit every block's quantities over the shapes, and check the fits of `saved` on the held-out shapes."""
+    shapes = [(s.batch, s.seq) for s in samples["fp32"]]
+    blocks, checks = [], []
+    for kind in WINDOWS:
+        activations = {p: BlockActivations(**{q: fit_shape(shapes, [getattr(x, q)[kind] for x in ss])
+                                              for q in QUANTITIES}) for p, ss in samples.items()}
+        time_fits = {p: TimeFit(**{d: fit_shape([(t.batch, t.seq) for t in ts], [getattr(t, d)[kind] for t in ts],
+                                                TIME_TERMS) for d in ("forward", "backward")})
+                     for p, ts in times.items()}
+        tensors, embedding_numels, count = params[kind]
+        blocks.append(BlockProfile(
+            name=kind, kind=kind, count=count, param_numels=[t.numel() for t in tensors],
+            embedding_numels=embedding_numels, param_bytes=sum(t.numel() * t.element_size() for t in tensors),
+            flops_forward=fit_shape(shapes, [s.flops[kind] for s in samples["fp32"]]),
+            activations=activations, time=time_fits))
+        checks += [FitCheck(batch=s.batch, seq=s.seq, precision=p, quantity=f"{kind}.saved",
+                            predicted_bytes=activations[p].saved(s.batch, s.seq), measured_bytes=s.saved[kind])
+                   for p in ("fp32", "bf16") for s in held_out[p]]
+    return blocks, checks
+
+
+def optimizer_transient(layer_params: list[torch.Tensor]) -> dict[str, float]:
+    """Temporary bytes per trainable parameter of one steady-state optimizer.step(), for 32- and 8-bit
+    AdamW as the executor builds them, measured on CPU copies of one layer's parameter shapes (foreach
+    AdamW's temporaries are per-parameter lists; bitsandbytes' are per tensor)."""
+    proxy = nn.Module()
+    # At most 2**20 elements a tensor: the ratio is what counts, and a 7B layer need not be copied.
+    proxy.params = nn.ParameterList(nn.Parameter(torch.zeros(min(p.numel(), 2**20))) for p in layer_params)
+    numel = sum(p.numel() for p in proxy.parameters())
+    result = {}
+    for bits in (32, 8):
+        for p in proxy.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        try:
+            optimizer = optim.build_optimizer(proxy, Knobs(optimizer_bits=bits), lr=1e-5)
+        except optim.OptimizerUnavailableError:
+            continue  # no bitsandbytes here: 8-bit plans are rejected by the executor anyway
+        optimizer.step()  # the first step creates the state; the second is the steady state
+        with LiveBytes() as tracker:
+            optimizer.step()
+        result[str(bits)] = tracker.peak / max(numel, 1)
+    return result

@@ -1,0 +1,199 @@
+"""Checkpoints and resume: a run stopped after k steps and resumed ends exactly where an uninterrupted
+run ends (fp32 on the CPU: bit-identical weights and losses), and a bad resume is refused up front."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from autofit.executor import ExecutorInputError, latest_checkpoint, run_plan
+from autofit.executor import checkpoint as ckpt
+from autofit.executor.checkpoint import FILES, list_checkpoints
+from autofit.knobs import Precision
+
+LR = 3e-3
+N, EPOCHS = 12, 2  # micro-batch 2, accumulation 2: 6 micro-batches, 3 steps per epoch, 6 steps in all
+
+
+class Killed(Exception):
+    """Stands in for the process dying in the middle of a step."""
+
+
+def setup(tiny, data, plan_for, *, seed=0, precision=Precision.fp32):
+    # Dropout on: a resumed run must also restore the random generators to match.
+    model = tiny(seed=seed, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    train = data(N)
+    plan = plan_for(model, data=train, micro_batch_size=2, accumulation_steps=2, precision=precision)
+    return model, plan, train
+
+
+def run(model, plan, train, **kwargs):
+    kwargs = {"epochs": EPOCHS, "lr": LR, "quiet": True, "measure_memory": False, **kwargs}
+    return run_plan(model, plan, train, **kwargs)
+
+
+def assert_same_run(model, result, ref_model, ref):
+    assert result.optimizer_steps == ref.optimizer_steps == N // 4 * EPOCHS
+    assert [r.step for r in result.history] == list(range(1, ref.optimizer_steps + 1))
+    assert [(r.epoch, r.loss, r.samples) for r in result.history] == [(r.epoch, r.loss, r.samples) for r in ref.history]
+    assert result.epochs_completed == EPOCHS
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("stop_after", [1, 3, 4])  # inside epoch 0, at the epoch boundary, inside epoch 1
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, data, plan_for, tmp_path, stop_after):
+    ref_model, plan, train = setup(tiny, data, plan_for)
+    ref = run(ref_model, plan, train)
+
+    model, plan, train = setup(tiny, data, plan_for)
+    first = run(model, plan, train, max_steps=stop_after, output_dir=str(tmp_path), checkpoint_every=2)
+    assert first.optimizer_steps == stop_after
+    assert Path(first.output_dir) == latest_checkpoint(tmp_path) == tmp_path / f"checkpoint-{stop_after:08d}"
+
+    # A fresh process: another model object with other initial weights, loaded from the checkpoint.
+    resumed_model, plan, train = setup(tiny, data, plan_for, seed=1)
+    result = run(resumed_model, plan, train, output_dir=str(tmp_path), checkpoint_every=2, resume=True)
+    assert_same_run(resumed_model, result, ref_model, ref)
+    assert Path(result.output_dir) == tmp_path / "checkpoint-00000006"
+
+
+def test_killed_mid_step_resumes_from_the_last_periodic_checkpoint(tiny, data, plan_for, tmp_path):
+    ref_model, plan, train = setup(tiny, data, plan_for)
+    ref = run(ref_model, plan, train)
+
+    model, plan, train = setup(tiny, data, plan_for)
+    forward, calls = model.forward, []
+
+    def dies_in_step_6(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 11:  # the first micro-batch of the 6th step
+            raise Killed
+        return forward(*args, **kwargs)
+
+    model.forward = dies_in_step_6
+    with pytest.raises(Killed):
+        run(model, plan, train, output_dir=str(tmp_path), checkpoint_every=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000004"]  # older ones removed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written checkpoint
+
+    resumed_model, plan, train = setup(tiny, data, plan_for, seed=1)
+    result = run(resumed_model, plan, train, output_dir=str(tmp_path), checkpoint_every=2, resume=True)
+    assert_same_run(resumed_model, result, ref_model, ref)
+
+
+def test_fp16_resume_restores_the_grad_scaler(tiny, data, plan_for, tmp_path):
+    ref_model, plan, train = setup(tiny, data, plan_for, precision=Precision.fp16)
+    ref = run(ref_model, plan, train, output_dir=str(tmp_path / "ref"))
+    model, plan, train = setup(tiny, data, plan_for, precision=Precision.fp16)
+    run(model, plan, train, max_steps=2, output_dir=str(tmp_path / "run"))
+    resumed_model, plan, train = setup(tiny, data, plan_for, seed=1, precision=Precision.fp16)
+    result = run(resumed_model, plan, train, output_dir=str(tmp_path / "run"), resume=True)
+    assert_same_run(resumed_model, result, ref_model, ref)
+    assert [r.skipped for r in result.history] == [r.skipped for r in ref.history]
+    # The scaler's state goes on too (its growth counter, not only its scale).
+    ref_scaler, scaler = (torch.load(latest_checkpoint(tmp_path / name) / "scaler.pt", weights_only=True)
+                          for name in ("ref", "run"))
+    assert ref_scaler["scale"] > 1 and ref_scaler["_growth_tracker"] == sum(not r.skipped for r in ref.history) > 0
+    assert scaler == ref_scaler
+
+
+def test_resume_keeps_the_fallback_plan(tiny, data, plan_for, tmp_path):
+    """OOM in step 2 halves the micro-batch; the checkpoint carries that plan, so the resumed run goes on
+    with it (and the examples of each step stay those of the original windows)."""
+
+    def with_oom(model):
+        forward, calls = model.forward, []
+
+        def forward_oom_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3 and len(kwargs["input_ids"]) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return forward(*args, **kwargs)
+
+        model.forward = forward_oom_once
+        return model
+
+    ref_model, plan, train = setup(tiny, data, plan_for)
+    ref = run(with_oom(ref_model), plan, train)
+    assert len(ref.fallbacks) == 1 and ref.plan.knobs.micro_batch_size == 1
+
+    model, plan, train = setup(tiny, data, plan_for)
+    run(with_oom(model), plan, train, max_steps=3, output_dir=str(tmp_path))
+    saved = json.loads((latest_checkpoint(tmp_path) / "plan.json").read_text())
+    assert saved["knobs"]["micro_batch_size"] == 1 and saved["knobs"]["accumulation_steps"] == 4
+
+    resumed_model, plan, train = setup(tiny, data, plan_for, seed=1)
+    sizes = []
+    forward = resumed_model.forward
+    resumed_model.forward = lambda *a, **k: sizes.append(len(k["input_ids"])) or forward(*a, **k)
+    result = run(resumed_model, plan, train, output_dir=str(tmp_path), resume=True)
+    assert set(sizes) == {1} and len(sizes) == 3 * 4
+    assert result.plan.knobs == ref.plan.knobs
+    assert [f.model_dump() for f in result.fallbacks] == [f.model_dump() for f in ref.fallbacks]
+    assert_same_run(resumed_model, result, ref_model, ref)
+
+
+def test_checkpoint_every_keeps_only_the_newest_complete_checkpoint(tiny, data, plan_for, tmp_path, monkeypatch):
+    model, plan, train = setup(tiny, data, plan_for)
+    saved, real = [], ckpt.save_checkpoint
+
+    def spy(output_dir, **kwargs):
+        saved.append(kwargs["state"].step)
+        return real(output_dir, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", spy)
+    result = run(model, plan, train, output_dir=str(tmp_path), checkpoint_every=4)
+    assert saved == [4, 6]  # every 4 steps, and at the end
+    newest, = list_checkpoints(tmp_path)
+    assert newest.name == "checkpoint-00000006" and Path(result.output_dir) == newest
+    assert all((newest / name).is_file() for name in FILES)
+    state = json.loads((newest / "trainer_state.json").read_text())
+    assert state["step"] == 6 and len(state["history"]) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000006"]
+
+
+def test_resuming_a_finished_run_trains_nothing_more(tiny, data, plan_for, tmp_path):
+    model, plan, train = setup(tiny, data, plan_for)
+    done = run(model, plan, train, output_dir=str(tmp_path))
+    again_model, plan, train = setup(tiny, data, plan_for, seed=1)
+    again = run(again_model, plan, train, output_dir=str(tmp_path), resume=True)
+    assert again.optimizer_steps == done.optimizer_steps == 6 and len(again.history) == 6
+    for p, q in zip(again_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resume_without_a_checkpoint_is_refused(tiny, data, plan_for, tmp_path):
+    model, plan, train = setup(tiny, data, plan_for)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ExecutorInputError, match="holds no complete checkpoint") as info:
+        run(model, plan, train, output_dir=str(tmp_path / "nothing-here"), resume=True)
+    assert "\n" not in str(info.value)
+    # A checkpoint missing a file (killed mid-save) does not count.
+    run(model, plan, train, max_steps=1, output_dir=str(tmp_path))
+    (latest_checkpoint(tmp_path) / "optimizer.pt").unlink()
+    with pytest.raises(ExecutorInputError, match="holds no complete checkpoint"):
+        run(model, plan, train, output_dir=str(tmp_path), resume=True)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the max_steps=1 run trained
+
+
+def test_resume_from_another_models_checkpoint_is_refused(tiny, data, plan_for, tmp_path):
+    model, plan, train = setup(tiny, data, plan_for)
+    run(model, plan, train, max_steps=1, output_dir=str(tmp_path))
+    lm = tiny("gpt2", "causal-lm")
+    lm_data = data(N, task="causal-lm")
+    with pytest.raises(ExecutorInputError, match="checkpoint in .* is for tiny-bert"):
+        run_plan(lm, plan_for(lm, "causal-lm", lm_data), lm_data, output_dir=str(tmp_path), resume=True, quiet=True)
+
+
+def test_resume_with_another_seed_is_refused(tiny, data, plan_for, tmp_path):
+    model, plan, train = setup(tiny, data, plan_for)
+    run(model, plan, train, max_steps=1, output_dir=str(tmp_path))
+    other, plan, train = setup(tiny, data, plan_for)
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ExecutorInputError, match="does not fit this data or seed"):
+        run(other, plan, train, output_dir=str(tmp_path), resume=True, seed=5)
+    assert all(torch.equal(a, p) for a, p in zip(before, other.parameters()))

@@ -1,0 +1,301 @@
+"""run_plan end to end on the CPU: training, result fields, freezing, checkpointed layers, 8-bit AdamW,
+mixed precision, and the input checks that run before anything changes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from autofit.data import TokenizedData
+from autofit.executor import ExecutorInputError, run_plan
+from autofit.knobs import Precision
+from autofit.techniques import checkpointing
+from autofit.techniques import optimizer as optim
+
+LR = 3e-3
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def changed(before: dict[str, torch.Tensor], model, prefix: str) -> dict[str, bool]:
+    """{name: weight differs from `before`} for the parameters under `prefix`."""
+    out = {name: not torch.equal(before[name], p) for name, p in model.named_parameters() if name.startswith(prefix)}
+    assert out, f"no parameter under {prefix!r}"
+    return out
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+# ---- 1. training works -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type, task", [("bert", "classification"), ("gpt2", "causal-lm")])
+def test_loss_goes_down_and_result_is_sane(tiny, data, plan_for, model_type, task):
+    model, train = tiny(model_type, task), data(24, task=task)
+    plan = plan_for(model, task, train, micro_batch_size=4, accumulation_steps=2)
+    before = snapshot(model)
+    result = run_plan(model, plan, train, eval=train, epochs=5, lr=LR, quiet=True)
+
+    steps_per_epoch = math.ceil(24 / 8)  # 6 micro-batches of 4, two per window
+    assert result.optimizer_steps == 5 * steps_per_epoch == len(result.history)
+    assert [r.step for r in result.history] == list(range(1, 16))
+    assert [r.epoch for r in result.history] == [e for e in range(5) for _ in range(steps_per_epoch)]
+    assert result.epochs_completed == 5
+    assert all(r.samples == 8 for r in result.history)
+    assert sum(r.samples for r in result.history) == 5 * 24
+    assert not any(r.skipped for r in result.history)
+    assert all(math.isfinite(r.loss) and r.loss > 0 for r in result.history)
+    assert all(r.lr == pytest.approx(LR) for r in result.history)
+    # Learns: later steps and the end-of-epoch evaluation (on the training data) beat the first ones.
+    assert mean(r.loss for r in result.history[-3:]) < mean(r.loss for r in result.history[:3]) - 0.05
+    assert [e.epoch for e in result.eval] == list(range(5))
+    assert [e.step for e in result.eval] == [3, 6, 9, 12, 15]
+    assert all(e.samples == 24 for e in result.eval)
+    assert result.eval[-1].loss < result.eval[0].loss
+    if task == "classification":
+        assert 0.0 <= result.eval[-1].accuracy <= 1.0
+    else:
+        assert result.eval[-1].accuracy is None
+    assert any(changed(before, model, "").values())
+
+    # Result fields.
+    assert 0.0 < result.padding_efficiency < 1.0  # random lengths 4..20, padded to multiples of 8
+    assert result.tokens_per_second > 0 and result.samples_per_second > 0
+    real_tokens = 5 * sum(train.lengths)
+    assert sum(r.tokens_per_second * r.seconds for r in result.history) == pytest.approx(real_tokens, rel=1e-6)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert result.measured_peak_bytes is not None and result.measured_peak_bytes > weight_bytes
+    assert result.measured_reserved_bytes is None  # CUDA only
+    assert result.predicted_peak_bytes == plan.predicted.peak_bytes
+    assert result.plan == plan and result.fallbacks == []
+    assert result.output_dir is None
+    assert result.final_loss == result.history[-1].loss
+    assert model.training  # mode restored (it was in train mode)
+
+
+def test_padding_efficiency_is_one_without_padding(tiny, data, plan_for):
+    model, train = tiny(), data(8, min_len=8, max_len=8)
+    plan = plan_for(model, data=train, micro_batch_size=4)
+    result = run_plan(model, plan, train, quiet=True, measure_memory=False)
+    assert result.padding_efficiency == 1.0
+    assert result.measured_peak_bytes is None  # not measured
+
+
+def test_max_steps_bounds_the_run(tiny, data, plan_for):
+    model, train = tiny(), data(24)
+    plan = plan_for(model, data=train, micro_batch_size=4, accumulation_steps=2)  # 3 steps per epoch
+    result = run_plan(model, plan, train, epochs=5, max_steps=4, lr=LR, quiet=True)
+    assert result.optimizer_steps == 4 == len(result.history)
+    assert [r.epoch for r in result.history] == [0, 0, 0, 1]
+    assert result.epochs_completed == 1
+
+
+@pytest.mark.parametrize("n, micro, accumulation", [(21, 4, 2), (20, 4, 3), (7, 2, 4), (5, 8, 1)])
+def test_partial_last_window_steps_too(tiny, data, plan_for, n, micro, accumulation):
+    model, train = tiny(), data(n)
+    plan = plan_for(model, data=train, micro_batch_size=micro, accumulation_steps=accumulation)
+    result = run_plan(model, plan, train, epochs=2, quiet=True, measure_memory=False)
+    effective = micro * accumulation
+    per_epoch = math.ceil(n / effective)
+    assert result.optimizer_steps == 2 * per_epoch
+    for epoch in range(2):
+        samples = sorted(r.samples for r in result.history if r.epoch == epoch)
+        assert sum(samples) == n  # every example exactly once per epoch
+        assert samples[-1] <= effective
+        assert samples.count(effective) >= per_epoch - 1  # only one window may be short
+
+
+# ---- 2./3. freezing and checkpointed layers -----------------------------------------------------------------
+
+
+def test_frozen_weights_stay_bit_identical_and_flags_come_back(tiny, data, plan_for):
+    model, train = tiny(), data(16)
+    model.classifier.bias.requires_grad_(False)  # the caller's own choice must survive the run
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    plan = plan_for(model, data=train, micro_batch_size=4, freeze_embeddings=True, freeze_layers=1)
+    before = snapshot(model)
+    result = run_plan(model, plan, train, epochs=2, lr=LR, quiet=True)
+    assert result.optimizer_steps == 8
+
+    assert not any(changed(before, model, "bert.embeddings.").values())
+    assert not any(changed(before, model, "bert.encoder.layer.0.").values())
+    assert not any(changed(before, model, "classifier.bias").values())
+    assert all(changed(before, model, "bert.encoder.layer.1.attention.self.query.weight").values())
+    assert all(changed(before, model, "classifier.weight").values())
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert not flags["classifier.bias"] and flags["bert.embeddings.word_embeddings.weight"]
+
+
+def test_frozen_embeddings_freeze_the_tied_lm_head(tiny, data, plan_for):
+    model, train = tiny("gpt2", "causal-lm"), data(8, task="causal-lm")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    plan = plan_for(model, "causal-lm", train, micro_batch_size=4, freeze_embeddings=True)
+    before = snapshot(model)
+    run_plan(model, plan, train, lr=LR, quiet=True, measure_memory=False)
+    assert not any(changed(before, model, "transformer.wte.").values())
+    assert not any(changed(before, model, "transformer.wpe.").values())
+    assert all(changed(before, model, "transformer.h.0.attn.c_attn.weight").values())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def count_forwards(modules) -> list[int]:
+    counts = [0] * len(modules)
+    for i, module in enumerate(modules):
+        module.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("checkpoint_layers", [(1,), (0, 1)])
+def test_checkpointed_layers_above_the_frozen_boundary_train(tiny, data, plan_for, checkpoint_layers):
+    """Layer 1's input comes from a frozen layer and needs no grad: reentrant checkpointing would train
+    nothing there. The weights must move, exactly as far as without checkpointing."""
+    train = data(16)
+    runs = {}
+    for layers in ((), checkpoint_layers):
+        model = tiny()
+        plan = plan_for(model, data=train, micro_batch_size=4, freeze_embeddings=True, freeze_layers=1,
+                        checkpoint_layers=layers)
+        # Hooks on a sub-module of each layer run again when the layer's forward is recomputed.
+        counts = count_forwards([layer.attention for layer in model.bert.encoder.layer])
+        before = snapshot(model)
+        result = run_plan(model, plan, train, epochs=2, lr=LR, quiet=True, measure_memory=False)
+        runs[layers] = model, result, counts, before
+    model, result, counts, before = runs[checkpoint_layers]
+    micro_batches = 2 * 4
+    # Layer 1 recomputes (checkpointed and trainable); layer 0 is frozen, runs no backward, never recomputes.
+    assert counts == [micro_batches, 2 * micro_batches]
+    assert runs[()][2] == [micro_batches, micro_batches]
+    assert all(changed(before, model, "bert.encoder.layer.1.").values())
+    assert not any(changed(before, model, "bert.encoder.layer.0.").values())
+    reference = runs[()][0]
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+    assert checkpointing.checkpointed_indices(model) == []  # the layers run their own forward again
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ---- 7./8. 8-bit optimizer and mixed precision ----------------------------------------------------------
+
+
+def test_8bit_adamw_trains_and_keeps_embedding_state_32bit(tiny, data, plan_for, monkeypatch):
+    # Tensors under 4096 elements stay 32-bit in bitsandbytes: make the embeddings (200 x 32, 128 x 32)
+    # and the feed-forward matrices (32 x 128) big enough that 8-bit state would apply to them.
+    model, train = tiny(vocab_size=200, max_position_embeddings=128, intermediate_size=128), data(16)
+    plan = plan_for(model, data=train, micro_batch_size=4, optimizer_bits=8)
+    built = []
+    real_build = optim.build_optimizer
+    monkeypatch.setattr(optim, "build_optimizer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    before = snapshot(model)
+    result = run_plan(model, plan, train, epochs=3, lr=LR, quiet=True)
+
+    optimizer, = built
+    assert "8bit" in type(optimizer).__name__.lower()
+    assert result.optimizer_steps == 12 and all(math.isfinite(r.loss) for r in result.history)
+    assert mean(r.loss for r in result.history[-4:]) < mean(r.loss for r in result.history[:4])
+    assert all(changed(before, model, "bert.encoder.layer.0.intermediate.dense.weight").values())
+    state = {id(p): s for p, s in optimizer.state.items()}
+
+    def moment_dtype(param):
+        return state[id(param)]["state1"].dtype
+
+    for embedding in (model.bert.embeddings.word_embeddings, model.bert.embeddings.position_embeddings):
+        assert embedding.weight.numel() >= optim.BNB_MIN_8BIT_SIZE
+        assert moment_dtype(embedding.weight) == torch.float32
+    assert moment_dtype(model.bert.encoder.layer[0].intermediate.dense.weight) == torch.uint8
+    assert moment_dtype(model.bert.encoder.layer[0].attention.self.query.weight) == torch.float32  # 1024 < 4096
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("precision", [Precision.fp16, Precision.bf16])
+@pytest.mark.parametrize("model_type, task", [("bert", "classification"), ("gpt2", "causal-lm")])
+def test_mixed_precision_runs_on_cpu_without_nan(tiny, data, plan_for, precision, model_type, task):
+    model, train = tiny(model_type, task), data(16, task=task)
+    plan = plan_for(model, task, train, micro_batch_size=4, precision=precision)
+    before = snapshot(model)
+    result = run_plan(model, plan, train, epochs=2, lr=LR, quiet=True)
+    assert result.optimizer_steps == 8
+    assert all(math.isfinite(r.loss) for r in result.history)
+    assert sum(not r.skipped for r in result.history) >= 6  # fp16's scaler may skip a first step or two
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())  # fp32 masters
+    assert any(changed(before, model, "").values())
+    assert result.plan.knobs.precision is precision
+
+
+# ---- 6. bad input, refused before anything changes ------------------------------------------------------
+
+
+def refuse(model, plan, train, match: str, **kwargs) -> str:
+    before = snapshot(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ExecutorInputError, match=match) as info:
+        run_plan(model, plan, train, quiet=True, **kwargs)
+    message = str(info.value)
+    assert message and "\n" not in message
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert checkpointing.checkpointed_indices(model) == []
+    return message
+
+
+def test_empty_data_is_refused(tiny, data, plan_for):
+    model = tiny()
+    plan = plan_for(model, micro_batch_size=4)
+    empty = TokenizedData(task="classification", input_ids=[], labels=[], num_labels=2)
+    refuse(model, plan, empty, "training data is empty")
+    refuse(model, plan, data(8), "evaluation data is empty", eval=empty)
+
+
+def test_plan_for_another_model_is_refused(tiny, data, plan_for):
+    model, train = tiny(), data(8)
+    deeper = plan_for(tiny(num_hidden_layers=3), data=train)
+    assert "3 layers" in refuse(model, deeper, train, "plan is for 3 layers")
+    other_type = plan_for(tiny("gpt2", "classification"), data=train)
+    assert "gpt2" in refuse(model, other_type, train, "plan is for a gpt2 model")
+    wider = plan_for(tiny(hidden_size=64, intermediate_size=128), data=train)
+    refuse(model, wider, train, "parameters")
+
+
+def test_data_the_model_cannot_take_is_refused(tiny, data, plan_for):
+    model = tiny()  # 64 positions, vocabulary 100
+    plan = plan_for(model, micro_batch_size=4)
+    too_long = data(4, min_len=10, max_len=10)
+    too_long.input_ids[2] = too_long.input_ids[2] * 7  # 70 tokens
+    assert "70-token" in refuse(model, plan, too_long, "64 positions")
+    refuse(model, plan, data(4), "evaluation data has a 70-token", eval=too_long)
+    lm = tiny("gpt2", "causal-lm")
+    lm_long = data(4, task="causal-lm", min_len=65, max_len=65)
+    refuse(lm, plan_for(lm, "causal-lm"), lm_long, "64 positions")
+    bad_ids = data(4)
+    bad_ids.input_ids[0][0] = 100
+    refuse(model, plan, bad_ids, "token id 100")
+    refuse(model, plan, data(4, task="causal-lm"), "prepared for causal-lm")
+
+
+@pytest.mark.parametrize("knobs, match", [
+    (dict(checkpoint_layers=(1, 2)), r"\[2\] out of range"),
+    (dict(freeze_embeddings=True, freeze_layers=3), "freeze_layers=3"),
+])
+def test_knobs_the_model_cannot_take_are_refused(tiny, data, plan_for, knobs, match):
+    model, train = tiny(), data(8)
+    refuse(model, plan_for(model, data=train, **knobs), train, match)
+
+
+def test_other_bad_arguments_are_refused(tiny, data, plan_for, tmp_path):
+    model, train = tiny(), data(8)
+    plan = plan_for(model, data=train)
+    refuse(model, plan, train, "epochs and max_steps", epochs=0)
+    refuse(model, plan, train, "epochs and max_steps", max_steps=0)
+    refuse(model, plan, train, "need an output_dir", checkpoint_every=2)
+    refuse(model, plan, train, "need an output_dir", resume=True)
+    refuse(model, plan, train, "checkpoint_every must be >= 1", output_dir=str(tmp_path), checkpoint_every=0)
+    everything = plan_for(model, data=train, freeze_embeddings=True, freeze_layers=2)
+    for p in [*model.bert.pooler.parameters(), *model.classifier.parameters()]:
+        p.requires_grad_(False)
+    refuse(model, everything, train, "nothing to optimize")
