@@ -111,6 +111,8 @@ def _bnb_adamw8bit(device_type: str) -> type:
         import bitsandbytes as bnb
     except Exception as error:  # ImportError, or a broken native library raising anything at import
         raise OptimizerUnavailableError(f"8-bit AdamW needs bitsandbytes, which cannot be imported: {error}") from None
+    finally:
+        quiet.setLevel(level)
 
     class AdamW8bitGroupBits(bnb.optim.AdamW8bit):
         # bitsandbytes reads per-parameter overrides from a process-wide manager keyed by (group, index),
