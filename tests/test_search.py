@@ -314,9 +314,8 @@ def test_a_stored_grid_study_resumes_without_new_trials(tmp_path):
     assert again.study_name == first.study_name
     assert again.best.knobs == first.best.knobs and again.best.score == first.best.score
     assert [c.knobs for c in again.ranked] == [c.knobs for c in first.ranked]
-    # another budget is another study in the same file
-    other = search(PROFILES[4], workload, A100, 900 * MB, SMALL, storage=storage, **MODELS)
-    assert other.study_name != first.study_name and other.trials == 6
+    # and a stored study answers what an in-memory one does
+    assert search(PROFILES[4], workload, A100, 1000 * MB, SMALL, **MODELS).best.knobs == first.best.knobs
 
 
 def test_a_stored_sampled_study_resumes_without_new_trials(tmp_path):
@@ -328,4 +327,5 @@ def test_a_stored_sampled_study_resumes_without_new_trials(tmp_path):
     assert again.trials == 0
     assert again.best.knobs == first.best.knobs and again.best.score == first.best.score
     more = run(4, 1200, "quality-first", storage=storage, n_trials=8)
-    assert more.trials == 2 and more.best.score <= first.best.score
+    assert more.trials == 2
+    assert min(c.score for c in [more.best, *more.ranked]) <= min(c.score for c in [first.best, *first.ranked])

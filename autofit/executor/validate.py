@@ -9,6 +9,7 @@ from autofit.data import TokenizedData
 from autofit.layers import UnmappableModelError, find_layout
 from autofit.plan import Plan
 from autofit.techniques import precision as amp
+from autofit.techniques.bucketing import padded_length
 
 PARAM_TOLERANCE = 0.01
 """Relative difference in parameter count accepted between plan and model (a head with another label
@@ -81,6 +82,10 @@ def _check_data_fits(model: PreTrainedModel, plan: Plan, data: TokenizedData, na
         raise ExecutorInputError(f"the {name} data was prepared for {data.task}, the plan is for {plan.task}")
     if any(len(ids) == 0 for ids in data.input_ids):
         raise ExecutorInputError(f"the {name} data has an example with no tokens")
+    if data.labels is None and data.task != "causal-lm":
+        raise ExecutorInputError(f"the {name} data has no labels, which {data.task} needs")
+    if data.labels is not None and len(data.labels) != len(data.input_ids):
+        raise ExecutorInputError(f"the {name} data has {len(data.labels)} labels for {len(data.input_ids)} examples")
     vocab = getattr(config, "vocab_size", None)
     top = max(max(ids) for ids in data.input_ids)
     if vocab is not None and top >= vocab:
@@ -91,6 +96,12 @@ def _check_data_fits(model: PreTrainedModel, plan: Plan, data: TokenizedData, na
     if positions is not None and longest > positions:
         raise ExecutorInputError(f"the {name} data has a {longest}-token example but the model takes at most "
                                  f"{positions} positions: prepare it with max_length <= {positions}")
+    multiple = plan.knobs.pad_to_multiple_of
+    if positions is not None and padded_length(longest, multiple) > positions:
+        raise ExecutorInputError(f"the {name} data has a {longest}-token example, padded to a multiple of "
+                                 f"{multiple} that is {padded_length(longest, multiple)} tokens, but the model "
+                                 f"takes at most {positions} positions: prepare it with max_length <= "
+                                 f"{positions // multiple * multiple} or plan with pad_to_multiple_of=None")
     labels = getattr(config, "num_labels", None)
     if data.num_labels is not None and labels is not None and data.task == "classification" \
             and data.num_labels > labels:

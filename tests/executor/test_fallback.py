@@ -145,7 +145,10 @@ def test_a_fallback_may_not_change_precision(tiny, data, plan_for):
     model, train_data = tiny(), data(8)
     plan = plan_for(model, data=train_data, micro_batch_size=4)
     FaultyForward(model, RuntimeError("CUDA out of memory"))
-    to_bf16 = lambda p: p.model_copy(update=dict(knobs=p.knobs.model_copy(update=dict(precision=Precision.bf16))))  # noqa: E731
+
+    def to_bf16(plan):
+        return plan.model_copy(update=dict(knobs=plan.knobs.model_copy(update=dict(precision=Precision.bf16))))
+
     with pytest.raises(FallbackError, match="cannot change precision"):
         run_plan(model, plan, train_data, quiet=True, measure_memory=False, fallback=to_bf16)
 

@@ -61,28 +61,35 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, data, plan_fo
     assert Path(result.output_dir) == tmp_path / "checkpoint-00000006"
 
 
-def test_killed_mid_step_resumes_from_the_last_periodic_checkpoint(tiny, data, plan_for, tmp_path):
+@pytest.mark.parametrize("every", [2, 3])  # 3: the checkpoint ends epoch 0 but precedes its evaluation
+def test_killed_mid_step_resumes_from_the_last_periodic_checkpoint(tiny, data, plan_for, tmp_path, every):
     ref_model, plan, train = setup(tiny, data, plan_for)
-    ref = run(ref_model, plan, train)
+    ref = run(ref_model, plan, train, eval=train)
 
     model, plan, train = setup(tiny, data, plan_for)
     forward, calls = model.forward, []
 
     def dies_in_step_6(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 11:  # the first micro-batch of the 6th step
+        calls.append(model.training)  # evaluation calls forward too
+        if calls.count(True) == 11:  # the first micro-batch of the 6th step
             raise Killed
         return forward(*args, **kwargs)
 
     model.forward = dies_in_step_6
     with pytest.raises(Killed):
-        run(model, plan, train, output_dir=str(tmp_path), checkpoint_every=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000004"]  # older ones removed
+        run(model, plan, train, eval=train, output_dir=str(tmp_path), checkpoint_every=every)
+    last = 5 // every * every
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint-{last:08d}"]  # older ones removed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written checkpoint
+    saved = json.loads((tmp_path / f"checkpoint-{last:08d}" / "trainer_state.json").read_text())
+    assert len(saved["eval"]) == (1 if every == 2 else 0)
 
     resumed_model, plan, train = setup(tiny, data, plan_for, seed=1)
-    result = run(resumed_model, plan, train, output_dir=str(tmp_path), checkpoint_every=2, resume=True)
+    result = run(resumed_model, plan, train, eval=train, output_dir=str(tmp_path), checkpoint_every=every,
+                 resume=True)
     assert_same_run(resumed_model, result, ref_model, ref)
+    assert [e.model_dump() for e in result.eval] == [e.model_dump() for e in ref.eval]
+    assert [e.epoch for e in result.eval] == [0, 1]
 
 
 def test_fp16_resume_restores_the_grad_scaler(tiny, data, plan_for, tmp_path):
