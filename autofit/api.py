@@ -17,6 +17,7 @@ from autofit.devices import DEVICES, DeviceSpec, get_device
 from autofit.models import default_task, load_model, load_tokenizer, resolve_config
 from autofit.plan import Plan
 from autofit.profiler import Profile, profile_model
+from autofit.profiler.cache import cached_profile
 from autofit.profiler.profile import PRECISIONS, package_versions
 from autofit.search import alternatives, search
 from autofit.workload import LengthHistogram, Workload
@@ -65,7 +66,9 @@ def plan(model: ModelSpec, budget: str | int = "16GB", *, seq_len: int = 512, ba
     budget_bytes = parse_budget(budget)
     spec = target_device(device)
     if profile is None:
-        profile = profile_model(model, task=task, timing=PRECISIONS if spec.kind == "cpu" else ())
+        timing = PRECISIONS if spec.kind == "cpu" else ()
+        profile = profile_model(model, task=task, timing=timing) if isinstance(model, nn.Module) \
+            else cached_profile(model, task=task, timing=timing)
     lengths = None
     if data is not None:
         if tokenizer is None and not isinstance(model, nn.Module | PretrainedConfig):

@@ -1,0 +1,65 @@
+"""An on-disk cache of Profiles of models named by id, path or config, so a second `autofit plan` of the same
+model skips the profiling. Live nn.Modules are never cached (their weights' dtype, device or code may
+differ from their config).
+
+The key covers everything a Profile depends on: the model's config, the task, the attention
+implementation, the timed precisions, the torch/transformers versions and the profiler's own source, so a
+changed profiler never reads an old profile. AUTOFIT_CACHE=0 switches the cache off; AUTOFIT_CACHE=DIR
+moves it (default ~/.cache/autofit/profiles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from pydantic import ValidationError
+from transformers import PretrainedConfig
+
+from autofit.models import resolve_config
+from autofit.profiler.profile import package_versions, profile_model
+from autofit.profiler.schema import Profile
+
+_SOURCES = sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parent.parent / "layers.py"]
+
+
+def cache_dir() -> Path | None:
+    setting = os.environ.get("AUTOFIT_CACHE", "")
+    if setting.lower() in ("0", "off", "false", "no"):
+        return None
+    return Path(setting) if setting else Path.home() / ".cache" / "autofit" / "profiles"
+
+
+def cache_key(config: PretrainedConfig, task: str | None, timing: tuple[str, ...], attn: str | None) -> str:
+    digest = hashlib.sha256()
+    for part in (config.to_json_string(use_diff=False), str(task), ",".join(timing), str(attn),
+                 str(sorted(package_versions().items()))):
+        digest.update(part.encode())
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_profile(spec: str | os.PathLike | PretrainedConfig, *, task: str | None = None,
+                   timing: tuple[str, ...] = (), attn_implementation: str | None = None) -> Profile:
+    """profile_model(spec, ...) read from the cache when it was made before, else made and stored."""
+    folder = cache_dir()
+    if folder is None:
+        return profile_model(spec, task=task, timing=timing, attn_implementation=attn_implementation)
+    model_id, config = (spec.name_or_path, spec) if isinstance(spec, PretrainedConfig) else resolve_config(spec)
+    path = folder / f"{cache_key(config, task, timing, attn_implementation)}.json"
+    if path.is_file():
+        try:
+            return Profile.model_validate_json(path.read_text())
+        except (ValidationError, OSError):
+            pass  # unreadable or from an older schema: profile again
+    profile = profile_model(spec, task=task, timing=timing, attn_implementation=attn_implementation)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(profile.model_dump_json())
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: planning still works, only slower
+    return profile
