@@ -114,14 +114,16 @@ def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
         if not block.trainable and not block.needs_input_grad:
             break  # nothing below the boundary runs backward
         acts = block.profile.activations[precision]
-        grad_out = outputs[i]  # the gradient flowing into this block: its output's shape and dtype
+        # The measured backward transient already holds the gradient flowing in (it is live in the
+        # window); a recompute runs the block's forward while that gradient waits.
+        grad_out = outputs[i]
         if block.trainable and not grads_held:
             grads += block.profile.param_bytes
-        temps = grad_out + acts.backward_transient(batch, seq)
+        temps = acts.backward_transient(batch, seq)
         if block.checkpointed:  # recompute the forward first: its saved tensors come back
             recompute = acts.saved(batch, seq)
-            temps = grad_out + recompute + max(acts.forward_transient(batch, seq),
-                                               acts.backward_transient(batch, seq))
+            temps = recompute + max(grad_out + acts.forward_transient(batch, seq),
+                                    acts.backward_transient(batch, seq))
         consider((live, temps, grads, "backward"))
         live -= kept[i]
     return best

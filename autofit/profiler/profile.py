@@ -31,9 +31,10 @@ from autofit.profiler.tracker import LiveBytes
 from autofit.techniques import optimizer as optim
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-FIT_BATCHES, FIT_SEQS = (1, 4), (32, 64, 128, 256)
-"""The memory fits are made from these (batch, seq) shapes (on meta they cost no compute, only dispatch)."""
-HELD_OUT_SHAPES = ((3, 96), (2, 512))
+FIT_BATCHES, FIT_SEQS = (2, 8), (64, 128, 256, 512)
+"""The memory fits are made from these (batch, seq) shapes: fake tensors cost no compute, so they can be as
+large as real training. Batch 1 is left out: models special-case it (masks), which would bend the fit."""
+HELD_OUT_SHAPES = ((3, 96), (4, 384), (1, 512))
 """Shapes measured but not fitted: the Profile reports the fits' error there."""
 TIME_SHAPES = ((1, 32), (2, 64), (4, 64), (4, 128))
 QUANTITIES = ("saved", "saved_first_trainable", "output", "forward_transient", "backward_transient")
@@ -137,7 +138,7 @@ def _memory_samples(subject: Subject, device: str) -> tuple[dict, dict]:
     limit = _max_seq(subject.model)
     held_out_shapes = [(b, s) for b, s in HELD_OUT_SHAPES if s <= limit]
     seqs = [s for s in FIT_SEQS if s <= limit]
-    if len(seqs) < len(FIT_SEQS):  # a model for short sequences: fit at a quarter, half and all of them
+    if len(seqs) < 3:  # a model for short sequences: fit at a quarter, half and all of them
         seqs = [max(1, limit // 4), max(1, limit // 2), limit]
     samples, held_out = {}, {}
     for precision in ("fp32", "bf16"):
@@ -175,7 +176,8 @@ def _blocks(params: dict, samples: dict, held_out: dict, times: dict) -> tuple[l
     shapes = [(s.batch, s.seq) for s in samples["fp32"]]
     blocks, checks = [], []
     for kind in WINDOWS:
-        activations = {p: BlockActivations(**{q: fit_shape(shapes, [getattr(x, q)[kind] for x in ss])
+        activations = {p: BlockActivations(**{q: fit_shape(shapes, [getattr(x, q)[kind] for x in ss],
+                                                            envelope=q.endswith("transient"))
                                               for q in QUANTITIES}) for p, ss in samples.items()}
         time_fits = {p: TimeFit(**{d: fit_shape([(t.batch, t.seq) for t in ts], [getattr(t, d)[kind] for t in ts],
                                                 TIME_TERMS) for d in ("forward", "backward")})
