@@ -10,17 +10,67 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Plan and run memory-efficient fine-tuning of Hugging Face transformers on a small GPU.")
 out = Console()
 err = Console(stderr=True)
+
+try:  # recent typer ships its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as _click_errors
+_HELP_ASKED = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 8.2: what bare `autofit` raises
+
+
+class _Commands(TyperGroup):
+    """Usage errors (a missing or invalid option, an unknown command) are bad input like any other: one
+    line and exit 1. click's own exit code for them, 2, is the one that means "no plan fits"."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_errors_as_bad_input():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_errors_as_bad_input(), _transformers_errors_only():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _transformers_errors_only():
+    """transformers' advisory warnings (e.g. GPT-2's "`loss_type=None` ... unrecognized" on the profiler's
+    first loss) would land on stderr next to our one-line error."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+@contextmanager
+def _usage_errors_as_bad_input():
+    try:
+        yield
+    except _HELP_ASKED:
+        raise  # bare `autofit`: the help, as no_args_is_help asks
+    except _click_errors.UsageError as error:
+        command = f"{error.ctx.command_path} --help" if error.ctx is not None else "--help"
+        err.print("[red]error:[/] " + _escape(f"{error.format_message()} (see {command})"), soft_wrap=True,
+                  highlight=False)
+        raise typer.Exit(1) from None
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Plan and run memory-efficient fine-tuning of Hugging Face transformers on a small GPU.")
 
 VRAM_HELP = ("GPU memory budget: 16GB, 15.5GiB, 16000MB or bytes. GB and GiB both mean 2**30 bytes, as "
              "nvidia-smi reports memory and as '16 GB' cards are sized; 'auto' reads the current CUDA device.")

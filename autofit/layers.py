@@ -64,11 +64,22 @@ def _find_embedding_modules(model: nn.Module, layers: nn.ModuleList) -> list[nn.
         raise UnmappableModelError(f"cannot find input embeddings in {type(model).__name__}")
     # BERT-like models group token/position/type embeddings and their LayerNorm in one `embeddings`
     # module: freeze it whole. Otherwise (gpt2, llama) take every nn.Embedding outside the layers.
-    for name, module in model.named_modules():
-        if name.split(".")[-1] == "embeddings" and any(m is token_embedding for m in module.modules()):
-            return [module]
     in_layers = {id(m) for m in layers.modules()}
-    return [m for m in model.modules() if isinstance(m, nn.Embedding) and id(m) not in in_layers]
+    modules = next(([m] for name, m in model.named_modules()
+                    if name.split(".")[-1] == "embeddings" and any(x is token_embedding for x in m.modules())),
+                   [])
+    grouped = {id(x) for m in modules for x in m.modules()}
+    # Embedding tables outside that group feed the layers too (DeBERTa's relative-position table in the
+    # encoder): left trainable, they would make every frozen layer record its graph for their gradient.
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Embedding) and id(child) not in in_layers | grouped:
+                modules.append(child)
+                grouped.add(id(child))
+                if name == "rel_embeddings" and isinstance(getattr(parent, "LayerNorm", None), nn.LayerNorm):
+                    modules.append(parent.LayerNorm)  # DeBERTa normalises that table before the layers use it
+                    grouped.add(id(parent.LayerNorm))
+    return modules
 
 
 def find_layout(model: nn.Module) -> ModelLayout:

@@ -31,10 +31,10 @@ from autofit.profiler.tracker import LiveBytes
 from autofit.techniques import optimizer as optim
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-FIT_BATCHES, FIT_SEQS = (2, 8), (64, 128, 256, 512)
+FIT_BATCHES, FIT_SEQS = (2, 8), (64, 256, 512)
 """The memory fits are made from these (batch, seq) shapes: fake tensors cost no compute, so they can be as
 large as real training. Batch 1 is left out: models special-case it (masks), which would bend the fit."""
-HELD_OUT_SHAPES = ((3, 96), (4, 384), (1, 512))
+HELD_OUT_SHAPES = ((3, 96), (4, 384))
 """Shapes measured but not fitted: the Profile reports the fits' error there."""
 TIME_SHAPES = ((1, 32), (2, 64), (4, 64), (4, 128))
 QUANTITIES = ("saved", "saved_first_trainable", "output", "forward_transient", "backward_transient")
@@ -211,7 +211,9 @@ def optimizer_transient(layer_params: list[torch.Tensor]) -> dict[str, float]:
         except optim.OptimizerUnavailableError:
             continue  # no bitsandbytes here: 8-bit plans are rejected by the executor anyway
         optimizer.step()  # the first step creates the state; the second is the steady state
-        with LiveBytes() as tracker:
+        state = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        params = list(proxy.parameters())
+        with LiveBytes(existing=[*params, *(p.grad for p in params), *state]) as tracker:
             optimizer.step()
         result[str(bits)] = tracker.peak / max(numel, 1)
     return result

@@ -1,8 +1,9 @@
 """The Profile: the numbers the profiler gathers and every later stage reads. Plain, validated, serialisable.
 
 Sizes that depend on the micro-batch shape are stored as a `ShapeFit`, fit by least squares from a few
-small real shapes: value(batch, seq) = const + per_token * B*S + per_token_seq * B*S*S + per_seq * S
-+ per_seq_sq * S*S. The B*S*S term is attention scores/probs of implementations that materialise them
+small real shapes: value(batch, seq) = const + per_batch * B + per_token * B*S + per_token_seq * B*S*S
++ per_seq * S + per_seq_sq * S*S. The B term is per-example tensors (a classifier's pooled output and
+logits). The B*S*S term is attention scores/probs of implementations that materialise them
 (eager); it is ~0 for flash/memory-efficient attention. The batch-free S and S*S terms are tensors shared
 by the whole batch: DeBERTa's relative-position tables, a causal mask built once.
 """
@@ -17,12 +18,13 @@ BlockKind = Literal["embeddings", "layer", "head"]
 
 
 class ShapeFit(BaseModel):
-    """value(batch, seq) = const + per_token*B*S + per_token_seq*B*S*S + per_seq*S + per_seq_sq*S*S
-    (bytes, seconds or FLOPs)."""
+    """value(batch, seq) = const + per_batch*B + per_token*B*S + per_token_seq*B*S*S + per_seq*S
+    + per_seq_sq*S*S (bytes, seconds or FLOPs)."""
 
     model_config = ConfigDict(frozen=True)
 
     const: float = 0.0
+    per_batch: float = 0.0
     per_token: float = 0.0
     per_token_seq: float = 0.0
     per_seq: float = 0.0
@@ -30,8 +32,8 @@ class ShapeFit(BaseModel):
 
     def __call__(self, batch: int, seq: int) -> float:
         tokens = batch * seq
-        value = (self.const + self.per_token * tokens + self.per_token_seq * tokens * seq
-                 + self.per_seq * seq + self.per_seq_sq * seq * seq)
+        value = (self.const + self.per_batch * batch + self.per_token * tokens
+                 + self.per_token_seq * tokens * seq + self.per_seq * seq + self.per_seq_sq * seq * seq)
         return max(0.0, value)
 
 

@@ -34,12 +34,18 @@ def _storage(t: torch.Tensor):
 class _StorageCounter:
     """Bytes of distinct storages, each counted from first sight until it is freed."""
 
-    def __init__(self) -> None:
+    def __init__(self, existing: Iterable[torch.Tensor] = ()) -> None:
         self.live = 0
         self._sizes: dict[int, int] = {}
+        # Storages that existed before (weights, grads, optimizer state): an op returning a view of one
+        # (a weight's .t(), a detach) allocates nothing. Kept referenced so their ids stay unique.
+        self._existing = [s for t in existing if (s := _storage(t)) is not None]
+        self._existing_ids = {id(s) for s in self._existing}
 
     def add(self, storage) -> int:
         """Count `storage`; returns the bytes newly counted (0 when already counted at this size)."""
+        if id(storage) in self._existing_ids:
+            return 0
         key, nbytes = id(storage), storage.nbytes()
         old = self._sizes.get(key)
         if old is None:
@@ -69,16 +75,17 @@ _FLOP_FORMULAS = {**flop_registry, aten._scaled_dot_product_flash_attention_for_
 
 class LiveBytes(TorchDispatchMode):
     """Live bytes of tensors created while active, their peak, and (optionally) FLOPs of the ops run.
+    Storages of `existing` tensors (parameters, buffers) never count, even when an op returns a view of one.
 
     On meta/fake tensors it also answers the two data-dependent questions HF models ask of all-ones masks
     and non-negative labels: `.item()` of a bool (True: "all ones") and `nonzero` (every element)."""
 
-    def __init__(self, count_flops: bool = False) -> None:
+    def __init__(self, count_flops: bool = False, existing: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.count_flops = count_flops
         self.flops = 0.0
         self.peak = 0
-        self._counter = _StorageCounter()
+        self._counter = _StorageCounter(existing)
 
     @property
     def live(self) -> int:

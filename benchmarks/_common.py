@@ -1,0 +1,87 @@
+"""Shared helpers of the benchmark scripts: where results go and what describes the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def environment() -> dict[str, Any]:
+    """Date, machine and versions: what a reader needs to judge a number."""
+    import torch
+    import transformers
+
+    try:
+        from importlib.metadata import version
+        autofit_version = version("autofit")
+    except Exception:  # not installed as a distribution
+        autofit_version = "unknown"
+    return {
+        **git_state(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "autofit": autofit_version,
+        "command": " ".join(shlex.quote(a) for a in ["python", *getattr(sys, "orig_argv", sys.argv)[1:]]),
+    }
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the numbers were made at, and which tracked files differed from it (read-only git calls)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        return {"git_commit": commit or None, "git_modified": [line[3:] for line in dirty if line.strip()]}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_modified": []}
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain markdown table (right-aligned numbers are not worth the complexity here)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def quiet_libraries() -> None:
+    """Silence the warnings random-weight models and CPU autocast print on every run."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "accelerate", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+    except Exception:
+        pass

@@ -1,0 +1,353 @@
+"""What really lives at the measured peak of a training step, next to the memory model's breakdown.
+
+    python -m benchmarks.diagnose deberta-v2 freeze --seq 128 --micro-batch 8
+
+Runs one cell of benchmarks/accuracy.py through autofit.executor.run_plan with the executor's meter replaced by
+one that also remembers, for every live storage, where it was made: the phase (forward / backward / optimizer),
+the innermost module running (embeddings, layer i, head), the op, its shape and dtype. At the steady-state peak
+it prints the live bytes by category — weights, grads, optimizer state, the batch, and activations by the block
+that made them — against predict_peak's terms, and the biggest tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import sys
+from collections import Counter
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+
+import torch
+from torch import nn
+
+from autofit import measure
+from benchmarks import accuracy
+from benchmarks._common import quiet_libraries
+
+MiB = 2**20
+
+
+class _Where:
+    """The innermost module currently running and the phase of the step."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.phase = "other"
+
+
+WHERE = _Where()
+
+
+class RecordingCounter(measure._LiveStorageCounter):
+    """The executor's live-storage counter, which also keeps what made each storage and a snapshot at the peak."""
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__(device_type)
+        self.meta: dict[int, tuple] = {}
+        self.snapshot: dict[int, tuple] = {}
+        self.snapshot_phase = ""
+        self.op = "?"
+        self.recording = False
+
+    def add(self, tensor: object) -> None:
+        before = self.peak
+        if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+            try:
+                key = tensor.untyped_storage()._cdata
+            except (RuntimeError, NotImplementedError):
+                key = None
+            if key is not None and key not in self._sizes:
+                where = WHERE.stack[-1] if WHERE.stack else "-"
+                self.meta[key] = (WHERE.phase, where, self.op, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))
+        super().add(tensor)
+        if self.recording and self.peak > before:
+            self.snapshot = {k: (self._sizes[k], self.meta.get(k, ("pre", "-", "-", (), "?"))) for k in self._sizes}
+            self.snapshot_phase = WHERE.phase
+
+    def _release(self, key: int) -> None:
+        super()._release(key)
+        self.meta.pop(key, None)
+
+
+class RecordingTracker(measure._TensorTracker):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counter.op = str(func.overloadpacket.__name__)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class RecordingMeter(measure.PeakMemoryMeter):
+    last: RecordingMeter | None = None
+
+    def __init__(self, device, *, track=()) -> None:
+        super().__init__(device, track=track)
+        self._counter = RecordingCounter(self.device.type)
+        RecordingMeter.last = self
+
+    def __enter__(self):
+        result = super().__enter__()
+        self._mode.__exit__(None, None, None)
+        self._mode = RecordingTracker(self._counter)
+        self._mode.__enter__()
+        return result
+
+    def reset_peak(self) -> None:
+        super().reset_peak()
+        self._counter.recording = True  # after the first optimizer step: the steady state
+        self._counter.snapshot = {}
+
+
+def _label_modules(model: nn.Module) -> list:
+    from autofit.layers import find_layout
+
+    layout = find_layout(model)
+    labels: dict[int, str] = {}
+    for i, layer in enumerate(layout.layers):
+        for m in layer.modules():
+            labels[id(m)] = f"layer{i}"
+    for emb in layout.embedding_modules:
+        for m in emb.modules():
+            labels.setdefault(id(m), "embeddings")
+    handles = []
+    for name, module in model.named_modules():
+        label = labels.get(id(module), f"other:{name}" if name else "model")
+
+        def pre(mod, args, label=label):
+            WHERE.stack.append(label)
+
+        def post(mod, args, out, label=label):
+            if WHERE.stack:
+                WHERE.stack.pop()
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    return handles
+
+
+def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> dict[str, Any]:
+    from autofit.api import make_workload, plan_from_profile
+    from autofit.devices import get_device
+    from autofit.executor import run as executor_run
+    from autofit.memory import predict_peak
+    from autofit.profiler import profile_model
+
+    _, task, _ = accuracy.ARCHS[arch]
+    profile = profile_model(accuracy.build_model(arch), task=task)
+    knobs = accuracy.make_knobs(knob_set, profile.num_layers, micro)
+    device = get_device("cpu")
+    workload = make_workload(task, seq_len=seq, batch_size=knobs.effective_batch_size,
+                             lengths=[seq] * (knobs.effective_batch_size * steps))
+    memory = predict_peak(profile, knobs, workload, device)
+    plan = plan_from_profile(profile, workload, 1 << 30, device)
+    plan = plan.model_copy(update={"knobs": knobs, "predicted": memory, "workload": workload})
+    model = accuracy.build_model(arch)
+    handles = _label_modules(model)
+    # phase markers: backward starts when the loss's graph runs, the optimizer at its step
+    original_backward = torch.Tensor.backward
+
+    def backward(self, *a, **k):
+        WHERE.phase = "backward"
+        try:
+            return original_backward(self, *a, **k)
+        finally:
+            WHERE.phase = "between"
+
+    original_accumulate = executor_run.accumulate
+
+    def accumulate(ctx, window):
+        ctx.optimizer.register_step_pre_hook(lambda *a: setattr(WHERE, "phase", "optimizer")) \
+            if not getattr(ctx.optimizer, "_diag", False) else None
+        ctx.optimizer._diag = True
+        WHERE.phase = "forward"
+        return original_accumulate(ctx, window)
+
+    def model_pre(mod, args, kwargs):
+        WHERE.phase = "forward"
+
+    handles.append(model.register_forward_pre_hook(model_pre, with_kwargs=True))
+    torch.Tensor.backward = backward
+    executor_run.PeakMemoryMeter = RecordingMeter
+    executor_run.accumulate = accumulate
+    try:
+        data = accuracy.make_data(task, seq, knobs.effective_batch_size * steps)
+        result = executor_run.run_plan(model, plan, data, max_steps=steps, quiet=True)
+    finally:
+        torch.Tensor.backward = original_backward
+        executor_run.PeakMemoryMeter = measure.PeakMemoryMeter
+        executor_run.accumulate = original_accumulate
+        for h in handles:
+            h.remove()
+    counter = RecordingMeter.last._counter
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    by_category: Counter = Counter()
+    tensors = []
+    for key, (size, (phase, where, op, shape, dtype)) in counter.snapshot.items():
+        if key in params:
+            category = "weights"
+        elif phase == "pre":
+            category = "grads/optimizer state (alive before the step)"
+        else:
+            category = f"{phase}:{where}"
+        by_category[category] += size
+        tensors.append((size, category, op, shape, dtype))
+    tensors.sort(reverse=True)
+    return {"arch": arch, "knobs": knob_set, "seq": seq, "micro_batch": micro,
+            "measured": result.measured_peak_bytes, "snapshot_total": sum(by_category.values()),
+            "snapshot_phase": counter.snapshot_phase, "predicted": memory.model_dump(mode="json"),
+            "predicted_allocated": memory.allocated_bytes, "by_category": dict(by_category), "largest": tensors[:25]}
+
+
+def show(d: dict[str, Any]) -> None:
+    p = d["predicted"]
+    print(f"{d['arch']} {d['knobs']} S={d['seq']} mb={d['micro_batch']}: measured {d['measured'] / MiB:.3f} MiB "
+          f"(snapshot {d['snapshot_total'] / MiB:.3f} at {d['snapshot_phase']}), predicted "
+          f"{d['predicted_allocated'] / MiB:.3f} MiB at {p['peak_phase']}")
+    print("  predicted: " + ", ".join(f"{k} {p[k] / MiB:.3f}" for k in
+                                      ("weights", "gradients", "optimizer_state", "activations", "temporaries")))
+    print("  live at the measured peak, by (phase:block that made it):")
+    for cat, size in sorted(d["by_category"].items(), key=lambda kv: -kv[1]):
+        print(f"    {size / MiB:9.3f} MiB  {cat}")
+    print("  largest live tensors:")
+    for size, cat, op, shape, dtype in d["largest"]:
+        print(f"    {size / MiB:9.3f} MiB  {cat:30} {op:28} {str(shape):22} {dtype}")
+
+
+
+
+# ---- decomposition: fit error vs fake-tensor error vs the memory model's structure ------------------------
+
+def patch_tracker_ignore_params() -> None:
+    """What-if for the profiler bug this file found: autofit.profiler.tracker.LiveBytes counts a parameter's
+    storage as a new live allocation the first time a view op (aten.t, detach, expand, slice) returns it, so every
+    fp32 weight a block transposes is added to the transients. Seed the counter with the parameter and buffer
+    storages (known, already paid for) so only storages made during the step count."""
+    from autofit.profiler import measure_blocks
+
+    original = measure_blocks.LiveBytes
+
+    class ParamAwareLiveBytes(original):
+        def __enter__(self):
+            model = ParamAwareLiveBytes.model
+            for t in [*model.parameters(), *model.buffers()]:
+                s = t.untyped_storage()
+                self._counter._sizes[id(s)] = s.nbytes()
+                self._keep = getattr(self, "_keep", []) + [s]
+            return super().__enter__()
+
+    original_run = measure_blocks._memory_run
+
+    def memory_run(subject, *args, **kwargs):
+        ParamAwareLiveBytes.model = subject.model
+        return original_run(subject, *args, **kwargs)
+
+    measure_blocks.LiveBytes = ParamAwareLiveBytes
+    measure_blocks._memory_run = memory_run
+
+
+def oracle_profile(profile, model, shape: tuple[int, int], *, real: bool):
+    """`profile` with every activation fit replaced by the value measured at exactly `shape` (a constant): on
+    the profiler's fake-tensor twin (real=False) or on real tensors of the model itself (real=True)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from autofit.layers import find_layout
+    from autofit.profiler.measure_blocks import measure_memory, prepared
+    from autofit.profiler.profile import QUANTITIES, _fake_twin
+    from autofit.profiler.schema import ShapeFit
+
+    samples = {}
+    if real:
+        subject_model = copy.deepcopy(model)
+        context = contextlib.nullcontext()
+    else:
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        subject_model = _fake_twin(model, model.config, profile.task, None, fake)
+        context = fake
+    with context, prepared(subject_model, find_layout(subject_model), profile.task) as subject:
+        for precision in ("fp32", "bf16"):
+            samples[precision] = measure_memory(subject, precision, shape, "cpu")
+    samples["fp16"] = samples["bf16"]
+    blocks = []
+    for block in profile.blocks:
+        acts = {p: block.activations[p].model_copy(update={
+            q: ShapeFit(const=getattr(samples[p], q)[block.kind]) for q in QUANTITIES}) for p in block.activations}
+        blocks.append(block.model_copy(update={"activations": acts}))
+    return profile.model_copy(update={"blocks": blocks})
+
+
+def decompose(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For measured cells of benchmarks/accuracy.py: the prediction with the fitted profile (autofit), with
+    exact fake-tensor samples at the cell's shape (no fit), and with exact real-tensor samples (no fake).
+    fit error = autofit - exact_fake; fake-tensor error = exact_fake - exact_real; model error = exact_real -
+    measured."""
+    from autofit.api import make_workload
+    from autofit.devices import get_device
+    from autofit.memory import predict_peak
+    from autofit.profiler import profile_model
+
+    device = get_device("cpu")
+    out = []
+    by_arch: dict[str, Any] = {}
+    oracles: dict[tuple, Any] = {}
+    for cell in cells:
+        arch = cell["arch"]
+        if arch not in by_arch:
+            model = accuracy.build_model(arch)
+            by_arch[arch] = (model, profile_model(model, task=accuracy.ARCHS[arch][1]))
+        model, profile = by_arch[arch]
+        knobs = accuracy.make_knobs(cell["knobs"], profile.num_layers, cell["micro_batch"])
+        shape = (cell["micro_batch"], cell["seq"])
+        for real in (False, True):
+            if (arch, shape, real) not in oracles:
+                oracles[(arch, shape, real)] = oracle_profile(profile, model, shape, real=real)
+        workload = make_workload(profile.task, seq_len=cell["seq"], batch_size=knobs.effective_batch_size,
+                                 lengths=[cell["seq"]] * knobs.effective_batch_size)
+        fitted = predict_peak(profile, knobs, workload, device)
+        fake = predict_peak(oracles[(arch, shape, False)], knobs, workload, device)
+        real = predict_peak(oracles[(arch, shape, True)], knobs, workload, device)
+        m = cell["measured_bytes"]
+        out.append({"arch": arch, "knobs": cell["knobs"], "seq": cell["seq"], "micro_batch": cell["micro_batch"],
+                    "measured": m, "autofit": fitted.allocated_bytes, "exact_fake": fake.allocated_bytes,
+                    "exact_real": real.allocated_bytes, "fit_error": (fitted.allocated_bytes - fake.allocated_bytes) / m,
+                    "fake_error": (fake.allocated_bytes - real.allocated_bytes) / m,
+                    "model_error": (real.allocated_bytes - m) / m, "total_error": (fitted.allocated_bytes - m) / m,
+                    "real_breakdown": real.model_dump(mode="json")})
+    return out
+
+
+def show_decomposition(rows: list[dict[str, Any]]) -> str:
+    from benchmarks._common import table
+
+    pct = lambda x: f"{100 * x:+.1f}%"  # noqa: E731
+    return table(["arch", "knobs", "seq", "mb", "total err", "= fit", "+ fake tensors", "+ memory model"],
+                 [[r["arch"], r["knobs"], r["seq"], r["micro_batch"], pct(r["total_error"]), pct(r["fit_error"]),
+                   pct(r["fake_error"]), pct(r["model_error"])] for r in rows])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("arch", nargs="?", choices=list(accuracy.ARCHS))
+    parser.add_argument("knobs", nargs="?", choices=list(accuracy.KNOB_SETS))
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--patch-tracker", action="store_true",
+                        help="profile with the tracker fix (parameters' storages not counted as new allocations)")
+    parser.add_argument("--decompose", metavar="RESULTS_JSON",
+                        help="split every cell's error of an accuracy result into fit / fake-tensor / memory-model parts")
+    args = parser.parse_args()
+    quiet_libraries()
+    torch.set_num_threads(1)
+    if args.patch_tracker:
+        patch_tracker_ignore_params()
+    if args.decompose:
+        cells = json.loads(open(args.decompose).read())["cells"]
+        rows = decompose(cells)
+        print(show_decomposition(rows))
+        name = "decomposition_" + __import__("pathlib").Path(args.decompose).stem + ("_tracker_fixed" if args.patch_tracker else "")
+        from benchmarks._common import environment, write_result
+        print(write_result(name, {"benchmark": "decomposition", **environment(), "source": args.decompose, "cells": rows}))
+    else:
+        show(diagnose(args.arch, args.knobs, args.seq, args.micro_batch))

@@ -1,0 +1,173 @@
+"""Run every benchmark and print the README's summary table.
+
+    python -m benchmarks.run --quick        # about 10 minutes on a 2-core CPU
+    python -m benchmarks.run                # full runs (much longer)
+    python -m benchmarks.run --quick --only accuracy,planning
+
+Each module in MODULES that exists exposes `main(quick: bool) -> dict` and writes its own JSON to
+benchmarks/results/. This script runs them in sequence, one failure not stopping the others, pulls a few
+headline metrics out of each result, writes benchmarks/results/summary.json and prints a markdown table
+(metric | value | target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import environment, table, write_result
+
+MODULES = ("accuracy", "planning", "padding", "overhead", "plan_quality")
+
+Row = tuple[str, str, str]  # metric, value, target
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}%"
+
+
+def _accuracy(r: dict[str, Any]) -> list[Row]:
+    h = r["headline"]
+    s = r["summary"]
+    worst_knob = max((k for k in s if k.startswith("knobs=")), key=lambda k: s[k]["autofit"]["median_abs_pct"])
+    worst_arch = max((k for k in s if k.startswith("arch=")), key=lambda k: s[k]["autofit"]["max_abs_pct"])
+    return [
+        (f"peak-memory prediction error, median over {h['cells']} runs (autofit)",
+         _pct(h["autofit_median_abs_error_pct"]), "≤ 5%"),
+        ("peak-memory prediction error, worst run (autofit)", _pct(h["autofit_max_abs_error_pct"]), "≤ 10%"),
+        ("  same, `accelerate estimate-memory` rule (no activations): median / worst",
+         f"{_pct(h['accelerate_median_abs_error_pct'])} / {_pct(h['accelerate_max_abs_error_pct'])}", "baseline"),
+        ("  same, DeepSpeed-autotuner rule (one measured activation slope): median / worst",
+         f"{_pct(h['deepspeed_median_abs_error_pct'])} / {_pct(h['deepspeed_max_abs_error_pct'])}", "baseline"),
+        *([("  on padded batches (the attention mask materialised, as profiled): median / worst",
+             f"{_pct(s['data=padded']['autofit']['median_abs_pct'])} / {_pct(s['data=padded']['autofit']['max_abs_pct'])}",
+             "≤ 5% / ≤ 10%")] if "data=padded" in s else []),
+        (f"  worst architecture ({worst_arch[5:]}): median / worst",
+         f"{_pct(s[worst_arch]['autofit']['median_abs_pct'])} / {_pct(s[worst_arch]['autofit']['max_abs_pct'])}",
+         "≤ 5% / ≤ 10%"),
+        (f"  worst knob set ({worst_knob[6:]}): median / worst",
+         f"{_pct(s[worst_knob]['autofit']['median_abs_pct'])} / {_pct(s[worst_knob]['autofit']['max_abs_pct'])}",
+         "≤ 5% / ≤ 10%"),
+    ]
+
+
+def _planning(r: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for m in r["models"]:
+        name = m["model"].split("/")[-1]
+        if m.get("trials") is not None:
+            value = (f"{m['cold_wall_seconds']:.1f} s cold ({m['profile_seconds']:.1f} s profile + "
+                     f"{m['cold_search_seconds']:.1f} s search, {m['trials']} trials); {m['warm_wall_seconds']:.1f} s cached")
+        else:
+            error = m["error"] or ""
+            if "smallest budget that fits is" in error:
+                error = "no plan fits; needs " + error.split("smallest budget that fits is")[1].split("(")[0].strip()
+            value = f"{m['cold_wall_seconds']:.1f} s cold, {m['warm_wall_seconds']:.1f} s cached ({error[:70]})"
+        rows.append((f"`autofit plan` {name}, 16GB, seq 512, batch 32", value, "≤ 30 s cold, ≤ 5 s cached"))
+    return rows
+
+
+def _padding(r: dict[str, Any]) -> list[Row]:
+    v = r["variants"]
+    best = max((k for k in v if k != "fixed"), key=lambda k: v[k]["throughput_ratio_vs_fixed"])
+    return [
+        ("padding efficiency: fixed-length / dynamic / best bucketing",
+         " / ".join(f"{v[k]['padding_efficiency']:.2f}" for k in ("fixed", "dynamic", best) if k in v), "higher"),
+        (f"throughput vs fixed-length padding ({best})", f"{v[best]['throughput_ratio_vs_fixed']:.2f}x", "> 1x"),
+    ]
+
+
+def _overhead(r: dict[str, Any]) -> list[Row]:
+    return [
+        ("executor throughput vs a hand-written loop (CPU time)", f"{r['autofit_vs_hand']:.3f}x", "≥ 0.97x"),
+        ("HF Trainer throughput vs a hand-written loop (CPU time)", f"{r['trainer_vs_hand']:.3f}x", "reference"),
+    ]
+
+
+def _plan_quality(r: dict[str, Any]) -> list[Row]:
+    summary = r["summary"]
+    policies = [p for p, s in summary.items() if s["ratio_vs_grid_best"]]
+    names = "/".join(policies)
+    rows: list[Row] = [
+        (f"plan throughput / best point of the measured grid, worst budget ({names})",
+         " / ".join(f"{min(summary[p]['ratio_vs_grid_best'].values()):.2f}" for p in policies), "≥ 0.95"),
+        (f"speed-up over the safe default, median over budgets ({names})",
+         " / ".join(f"{statistics.median(summary[p]['speedup_vs_safe_default'].values()):.2f}x" for p in policies),
+         "> 1x"),
+        ("measured peak over the budget, any policy or budget",
+         "yes" if any(s["any_measured_peak_over_budget"] for s in summary.values()) else "no", "no"),
+    ]
+    if "cost_model_rank_correlation" in r:
+        rows.append(("time model rank correlation with measured throughput",
+                     f"{r['cost_model_rank_correlation']:.2f}", "≥ 0.8"))
+    return rows
+
+
+EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "accuracy": _accuracy, "planning": _planning, "padding": _padding, "overhead": _overhead,
+    "plan_quality": _plan_quality,
+}
+
+
+def _available(name: str) -> bool:
+    return importlib.util.find_spec(f"benchmarks.{name}") is not None
+
+
+def main(quick: bool = True, only: list[str] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    modules: dict[str, Any] = {}
+    rows: list[Row] = []
+    for name in only or MODULES:
+        if not _available(name):
+            modules[name] = {"status": "missing"}
+            continue
+        print(f"\n=== benchmarks.{name} ({'quick' if quick else 'full'}) ===", flush=True)
+        t = time.perf_counter()
+        try:
+            result = importlib.import_module(f"benchmarks.{name}").main(quick=quick)
+            status = "ok"
+        except Exception as error:  # one broken benchmark must not hide the others' numbers
+            traceback.print_exc()
+            result, status = None, f"failed: {type(error).__name__}: {error}"
+        seconds = time.perf_counter() - t
+        entry: dict[str, Any] = {"status": status, "seconds": round(seconds, 1)}
+        if result is not None:
+            try:
+                metrics = EXTRACTORS[name](result)
+            except Exception as error:  # a module changed its result format: say so, keep going
+                metrics = [(f"{name}: see benchmarks/results/{name}*.json", "—",
+                            f"(summary unavailable: {type(error).__name__} {error})")]
+            entry["metrics"] = [{"metric": m, "value": v, "target": g} for m, v, g in metrics]
+            rows.extend(metrics)
+        else:
+            rows.append((f"{name}", status, "—"))
+        modules[name] = entry
+    total = time.perf_counter() - started
+    rows.append((f"time for `python -m benchmarks.run{' --quick' if quick else ''}`", f"{total / 60:.1f} min",
+                 "≤ 10 min" if quick else "—"))
+    markdown = table(["metric", "value", "target"], [list(r) for r in rows])
+    env = environment()
+    summary = {"benchmark": "summary", "mode": "quick" if quick else "full", **env, "seconds": round(total, 1),
+               "modules": modules, "markdown": markdown}
+    path = write_result("summary" if only is None else "summary_partial", summary)
+    print(f"\n{markdown}\n\n{env['date']}, {env['machine']['cpu_count']} CPUs ({env['machine']['processor']}), "
+          f"torch {env['torch']}; wrote {path}")
+    return summary
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="every benchmark's quick mode (≈10 min on 2 cores)")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(MODULES)}")
+    args = parser.parse_args()
+    main(args.quick, args.only.split(",") if args.only else None)

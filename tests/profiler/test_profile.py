@@ -1,0 +1,238 @@
+"""profile_model: block structure, held-out fit error, fake-tensor bytes against a real CPU measurement, a 7B
+config without its weights, real timing, and the live model left as it was."""
+
+import importlib.util
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from autofit.layers import find_layout
+from autofit.profiler import measure_blocks, profile_model
+from autofit.profiler.measure_blocks import measure_memory, prepared
+
+_spec = importlib.util.spec_from_file_location(
+    "_executor_helpers", Path(__file__).resolve().parents[1] / "executor" / "conftest.py")
+_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_helpers)
+tiny_model = _helpers.tiny_model
+
+KINDS = ["embeddings", "layer", "head"]
+# Three layers (the profiler builds a two-layer twin: the count must come from the model) and 512 positions
+# (every held-out shape of the profiler is then checked).
+MODELS = {
+    "bert": ("classification", dict(num_hidden_layers=3, max_position_embeddings=512)),
+    "gpt2": ("causal-lm", dict(n_layer=3, n_positions=512)),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _unusual_state(model):
+    """Eval mode, checkpointing on, the (tied) embeddings and layer 0 frozen, a stale grad: what profiling
+    must leave exactly as it found it."""
+    model.eval()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.transformer.wte.requires_grad_(False)
+    model.transformer.h[0].requires_grad_(False)
+    model.transformer.ln_f.weight.grad = torch.full_like(model.transformer.ln_f.weight, 0.5)
+
+
+def _snapshot(model) -> dict:
+    return dict(
+        layers=len(model.transformer.h), layer_ids=[id(m) for m in model.transformer.h],
+        state={k: v.clone() for k, v in model.state_dict().items()},
+        requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+        grads={n: p.grad for n, p in model.named_parameters()},
+        training=model.training, checkpointing=model.is_gradient_checkpointing,
+        config=model.config.to_dict(),
+    )
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    """model type -> (tiny model, its Profile). The GPT-2 is profiled with real fp32 timing, in an unusual
+    state, and a snapshot of it from before is kept under "before"."""
+    found = {}
+    task, overrides = MODELS["bert"]
+    bert = tiny_model("bert", task, **overrides)
+    found["bert"] = bert, profile_model(bert, task=task)
+    task, overrides = MODELS["gpt2"]
+    gpt2 = tiny_model("gpt2", task, **overrides)
+    _unusual_state(gpt2)
+    found["before"] = _snapshot(gpt2)
+    found["gpt2"] = gpt2, profile_model(gpt2, task=task, timing=("fp32",))
+    return found
+
+
+def _unique_numel(model):
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_blocks_counts_and_parameters(profiled, model_type):
+    model, profile = profiled[model_type]
+    assert [b.kind for b in profile.blocks] == KINDS
+    assert [b.count for b in profile.blocks] == [1, 3, 1]
+    assert profile.num_layers == 3 and profile.task == MODELS[model_type][0]
+    if model_type == "bert":  # no timing asked for
+        assert profile.device == "meta" and all(b.time == {} for b in profile.blocks)
+    assert profile.num_params == _unique_numel(model)
+    layout = find_layout(model)
+    assert sorted(profile.block("layer").param_numels) == sorted(p.numel() for p in layout.layers[0].parameters())
+    for block in profile.blocks:
+        assert block.param_bytes == 4 * block.numel  # fp32 storage
+        assert set(block.activations) == {"fp32", "bf16", "fp16"}
+    vocab_table = model.get_input_embeddings().weight.numel()
+    assert vocab_table in profile.block("embeddings").embedding_numels
+    assert vocab_table in profile.block("embeddings").param_numels
+
+
+def test_tied_weights_are_counted_once(profiled):
+    model, profile = profiled["gpt2"]
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with_duplicates = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    assert profile.num_params == _unique_numel(model) < with_duplicates
+    assert profile.block("head").numel == model.transformer.ln_f.weight.numel() * 2  # ln_f only, no lm_head
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_held_out_fit_checks_within_one_percent(profiled, model_type):
+    _, profile = profiled[model_type]
+    checks = profile.fit_checks
+    assert {c.quantity for c in checks} == {f"{k}.saved" for k in KINDS}
+    assert {c.precision for c in checks} >= {"fp32", "bf16"}
+    assert not {(c.batch, c.seq) for c in checks} & set(map(tuple, profile.profile_shapes))
+    report = [(c.quantity, c.precision, c.batch, c.seq, f"{c.error:.2%}") for c in checks]
+    print(model_type, report)
+    bad = [r for c, r in zip(checks, report) if c.error >= 0.01]
+    assert not bad, f"held-out fit error >= 1%: {bad}"
+
+
+_make_batch = measure_blocks.make_batch
+
+
+def _padded_batch(*args, **kwargs):
+    """make_batch with one pad position, as in a padded training batch. With an all-ones mask transformers
+    skips building the attention mask for real tensors, never for fake ones (is_tracing): under bf16 autocast
+    the real run then saves less, as the fp32 mask is what promotes the scores to an fp32 softmax."""
+    batch = _make_batch(*args, **kwargs)
+    batch["attention_mask"][0, -1] = 0
+    return batch
+
+
+BATCH_ONE_GPT2 = pytest.mark.xfail(strict=True, reason=(
+    "known: the fits are made at batch >= 2, but at batch 1 GPT-2's eager attention saves q and k as views "
+    "that keep the whole fused c_attn output alive (at batch >= 2 the reshape copies them), so layer.saved "
+    "is under-predicted at batch 1 by 256 B/token fp32 (-4.7%), 128 B/token bf16 (-2.8%) at (1, 200)"))
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (1, 200)], ids=["3x40", "1x200"])
+@pytest.mark.parametrize("model_type", MODELS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fake_tensor_bytes_match_a_real_cpu_measurement(profiled, model_type, precision, shape, monkeypatch,
+                                                         request):
+    """The profile is measured on a fake-tensor twin; the same measurement on the real model at a shape the
+    fits never saw must agree with the fits."""
+    if model_type == "gpt2" and shape[0] == 1:
+        request.applymarker(BATCH_ONE_GPT2)
+    model, profile = profiled[model_type]
+    assert shape not in set(map(tuple, profile.profile_shapes))
+    task = MODELS[model_type][0]
+    monkeypatch.setattr(measure_blocks, "make_batch", _padded_batch)
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # the profile is of a fully trainable model
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with prepared(model, find_layout(model), task) as subject:
+            real = measure_memory(subject, precision, shape, "cpu")
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    for kind in KINDS:
+        acts = profile.block(kind).activations[precision]
+        for quantity in ("saved", "output"):
+            predicted, measured = getattr(acts, quantity)(*shape), getattr(real, quantity)[kind]
+            assert measured > 0 or kind == "head", (kind, quantity)
+            assert predicted == pytest.approx(measured, rel=0.01, abs=64), (kind, quantity)
+
+
+class _PeakRss:
+    """Highest resident set size of this process while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        self._process = psutil.Process()
+        self.start = self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def test_a_7b_config_is_profiled_without_allocating_its_weights():
+    with _PeakRss() as rss:
+        profile = profile_model("meta-llama/Llama-2-7b-hf")
+    # Two fp32 layers, the embeddings and the head of Llama-2-7B would take ~2.7 GB; one layer 0.8 GB.
+    print(f"RSS growth while profiling Llama-2-7B: {rss.growth / 2**20:.0f} MiB")
+    assert rss.growth < 512 * 2**20
+    assert profile.num_params == 6_738_415_616
+    assert [b.count for b in profile.blocks] == [1, 32, 1]
+    assert profile.block("layer").numel == 202_383_360
+    assert profile.block("layer").param_bytes == 4 * 202_383_360
+    assert profile.task == "causal-lm"
+    # The bytes are real sizes: a layer at (1, 512) in fp32 keeps far more than its 4096-wide output.
+    acts = profile.block("layer").activations["fp32"]
+    assert acts.output(1, 512) == pytest.approx(4 * 512 * 4096)
+    assert acts.saved(1, 512) > 10 * acts.output(1, 512)
+
+
+def test_timing_fills_block_time(profiled):
+    _, profile = profiled["gpt2"]
+    assert profile.device == "cpu"
+    for block in profile.blocks:
+        assert set(block.time) == {"fp32"}, block.kind
+        fit = block.time["fp32"]
+        for shape in ((1, 32), (4, 64)):
+            forward, backward = fit.forward(*shape), fit.backward(*shape)
+            assert 0 < forward < 1.0 and 0 < backward < 1.0, (block.kind, shape, forward, backward)
+    layer = profile.block("layer").time["fp32"]
+    assert layer.forward(4, 128) > layer.forward(1, 8)
+
+
+def test_profiling_leaves_the_live_model_unchanged(profiled):
+    (model, profile), before = profiled["gpt2"], profiled["before"]
+    after = _snapshot(model)
+    assert profile.num_layers == 3 == after["layers"] == before["layers"]
+    assert after["layer_ids"] == before["layer_ids"]
+    assert after["state"].keys() == before["state"].keys()
+    changed = [k for k, v in after["state"].items() if not torch.equal(v, before["state"][k])]
+    assert not changed, changed
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["requires_grad"]["transformer.wte.weight"] is False
+    assert all(after["grads"][n] is g for n, g in before["grads"].items())  # the stale grad kept, no new ones
+    assert after["training"] is before["training"] is False
+    assert after["checkpointing"] is before["checkpointing"] is True
+    assert after["config"] == before["config"]
