@@ -59,7 +59,7 @@ def _kept_bytes(block: _Block, previous_output: float, precision: str, batch: in
         return 0.0  # frozen below the boundary: autograd records nothing
     if block.checkpointed:
         return previous_output  # non-reentrant checkpoint keeps only the block's input
-    acts = block.profile.activations[precision]
+    acts = block.profile.activations[precision].at(batch)
     fit = acts.saved if block.needs_input_grad else acts.saved_first_trainable
     return fit(batch, seq)
 
@@ -97,13 +97,14 @@ def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
             best = candidate
 
     for block in blocks:
-        acts = block.profile.activations[precision]
+        acts = block.profile.activations[precision].at(batch)
         k = _kept_bytes(block, previous_output, precision, batch, seq)
         out = acts.output(batch, seq)
         runs_autograd = block.trainable or block.needs_input_grad
         transient = acts.forward_transient(batch, seq) if runs_autograd else 0.0
         # live at the block's end is everything kept so far plus its output; the transient sits on top
-        consider((live + k, out + transient, 0.0, "forward"))
+        # what the model's code still references unsaved (resident) is live too
+        consider((live + k, out + transient + acts.resident(batch, seq), 0.0, "forward"))
         live += k
         kept.append(k)
         outputs.append(out)
@@ -113,7 +114,7 @@ def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
         block = blocks[i]
         if not block.trainable and not block.needs_input_grad:
             break  # nothing below the boundary runs backward
-        acts = block.profile.activations[precision]
+        acts = block.profile.activations[precision].at(batch)
         # The measured backward transient already holds the gradient flowing in (it is live in the
         # window); a recompute runs the block's forward while that gradient waits.
         grad_out = outputs[i]

@@ -32,6 +32,8 @@ class Window:
     peak: int = 0
     saved_live_start: int = 0
     """Bytes of saved-for-backward storages alive when the window opened."""
+    saved_live_end: int = 0
+    """Bytes of saved-for-backward storages alive when the window closed."""
     grads_end: int = 0
     """Bytes of parameter gradients held when the window closed."""
     flops: float = 0.0
@@ -78,6 +80,8 @@ class Timeline:
         self.sync()
         window = self.windows[self.current]
         window.seconds = time.perf_counter() - self._started
+        if self.saved is not None:
+            window.saved_live_end = self.saved.live
         if self.tracker is not None:
             window.end_live, window.peak = self.tracker.live, self.tracker.peak
             window.flops = self.tracker.flops - self._flops_start

@@ -38,6 +38,7 @@ class ShapeSample(BaseModel):
     output: dict[str, float]
     forward_transient: dict[str, float]
     backward_transient: dict[str, float]
+    resident: dict[str, float]
     flops: dict[str, float]
 
 
@@ -164,6 +165,8 @@ def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], dev
         forward_transient={k: float(max(0, w.peak - w.end_live)) for k, w in fwd.items()},
         backward_transient={k: float(max(0, w.peak - w.saved_live_start - w.grads_end - full.batch_unsaved))
                             for k, w in bwd.items()},
+        resident={k: float(max(0, w.end_live - w.saved_live_end - w.output - full.batch_unsaved))
+                  for k, w in fwd.items()},
         flops={k: w.flops for k, w in fwd.items()},
     )
 

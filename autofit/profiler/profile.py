@@ -37,7 +37,7 @@ large as real training. Batch 1 is left out: models special-case it (masks), whi
 HELD_OUT_SHAPES = ((3, 96), (4, 384))
 """Shapes measured but not fitted: the Profile reports the fits' error there."""
 TIME_SHAPES = ((1, 32), (2, 64), (4, 64), (4, 128))
-QUANTITIES = ("saved", "saved_first_trainable", "output", "forward_transient", "backward_transient")
+QUANTITIES = ("saved", "saved_first_trainable", "output", "forward_transient", "backward_transient", "resident")
 VERSIONED = ("autofit", "torch", "transformers", "accelerate", "bitsandbytes", "optuna")
 
 
@@ -81,7 +81,8 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         attn_implementation=getattr(subject_model.config, "_attn_implementation", None) or "eager",
         device=(_device_of(live) if live is not None else timing_device) if timing else "meta",
         blocks=blocks, optimizer_transient_per_param=optimizer_transient(params["layer"][0]),
-        profile_shapes=[(s.batch, s.seq) for s in samples["fp32"]], fit_checks=checks, seconds=time.perf_counter() - started,
+        profile_shapes=[(s.batch, s.seq) for s in samples["fp32"]], fit_checks=checks,
+        seconds=time.perf_counter() - started,
         versions=package_versions(),
     )
 
@@ -143,7 +144,7 @@ def _memory_samples(subject: Subject, device: str) -> tuple[dict, dict]:
     samples, held_out = {}, {}
     for precision in ("fp32", "bf16"):
         samples[precision] = [measure_memory(subject, precision, (b, s), device, count_flops=precision == "fp32")
-                              for b in FIT_BATCHES for s in seqs]
+                              for b in (1, *FIT_BATCHES) for s in seqs]
         held_out[precision] = [measure_memory(subject, precision, shape, device) for shape in held_out_shapes]
     samples["fp16"], held_out["fp16"] = samples["bf16"], held_out["bf16"]
     return samples, held_out
@@ -173,12 +174,11 @@ def _block_params(subject: Subject, num_layers: int) -> dict[str, tuple[list[tor
 
 def _blocks(params: dict, samples: dict, held_out: dict, times: dict) -> tuple[list[BlockProfile], list[FitCheck]]:
     """Fit every block's quantities over the shapes, and check the fits of `saved` on the held-out shapes."""
-    shapes = [(s.batch, s.seq) for s in samples["fp32"]]
     blocks, checks = [], []
     for kind in WINDOWS:
-        activations = {p: BlockActivations(**{q: fit_shape(shapes, [getattr(x, q)[kind] for x in ss],
-                                                            envelope=q.endswith("transient"))
-                                              for q in QUANTITIES}) for p, ss in samples.items()}
+        activations = {p: _fit_activations([x for x in ss if x.batch > 1], kind)
+                       .model_copy(update={"single": _fit_activations([x for x in ss if x.batch == 1], kind)})
+                       for p, ss in samples.items()}
         time_fits = {p: TimeFit(**{d: fit_shape([(t.batch, t.seq) for t in ts], [getattr(t, d)[kind] for t in ts],
                                                 TIME_TERMS) for d in ("forward", "backward")})
                      for p, ts in times.items()}
@@ -186,12 +186,18 @@ def _blocks(params: dict, samples: dict, held_out: dict, times: dict) -> tuple[l
         blocks.append(BlockProfile(
             name=kind, kind=kind, count=count, param_numels=[t.numel() for t in tensors],
             embedding_numels=embedding_numels, param_bytes=sum(t.numel() * t.element_size() for t in tensors),
-            flops_forward=fit_shape(shapes, [s.flops[kind] for s in samples["fp32"]]),
+            flops_forward=fit_shape([(x.batch, x.seq) for x in samples["fp32"]], [x.flops[kind] for x in samples["fp32"]]),
             activations=activations, time=time_fits))
         checks += [FitCheck(batch=s.batch, seq=s.seq, precision=p, quantity=f"{kind}.saved",
-                            predicted_bytes=activations[p].saved(s.batch, s.seq), measured_bytes=s.saved[kind])
+                            predicted_bytes=activations[p].at(s.batch).saved(s.batch, s.seq), measured_bytes=s.saved[kind])
                    for p in ("fp32", "bf16") for s in held_out[p]]
     return blocks, checks
+
+
+def _fit_activations(samples: list, kind: str) -> BlockActivations:
+    shapes = [(x.batch, x.seq) for x in samples]
+    return BlockActivations(**{q: fit_shape(shapes, [getattr(x, q)[kind] for x in samples],
+                                            envelope=q.endswith("transient")) for q in QUANTITIES})
 
 
 def optimizer_transient(layer_params: list[torch.Tensor]) -> dict[str, float]:

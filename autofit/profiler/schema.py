@@ -55,6 +55,17 @@ class BlockActivations(BaseModel):
     backward_transient: ShapeFit
     """Peak bytes above (everything still saved + gradients already held) while this block's backward
     runs: incoming/outgoing activation grads and the op workspaces."""
+    resident: ShapeFit = ShapeFit()
+    """Bytes alive when this block's forward ends that no op saved and that are not its output: its input
+    and earlier hidden states the model's code still references (under autocast only their low-precision
+    copies are saved, so the fp32 originals live on as plain references)."""
+    single: BlockActivations | None = None
+    """The same fits made at micro-batch 1, which models special-case (views instead of copies, no mask):
+    used for micro-batches of one sequence."""
+
+    def at(self, batch: int) -> BlockActivations:
+        """The fits for micro-batches of `batch` sequences."""
+        return self.single if batch == 1 and self.single is not None else self
 
 
 class TimeFit(BaseModel):
