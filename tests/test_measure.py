@@ -148,6 +148,7 @@ def test_bitsandbytes_8bit_state_on_cpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_peak_uses_allocator_statistics():
     with PeakMemoryMeter("cuda") as meter:

@@ -132,6 +132,7 @@ def test_8bit_on_a_missing_device_reports_clearly():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_8bit_state_bytes_on_cuda():
     model = tiny_model("bert", **BIG).cuda()

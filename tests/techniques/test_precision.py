@@ -76,6 +76,7 @@ def test_fp16_grad_scaler_skips_overflow_step_and_keeps_fp32_master_weights():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_autocast_and_scaler():
     precision = amp.resolve(Precision.bf16, "cuda")
