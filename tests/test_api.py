@@ -35,14 +35,6 @@ BERT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hi
 WORDS = [f"w{i}" for i in range(40)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_rows(n: int, *, seed: int = 0, min_words: int = 3, max_words: int = 40) -> list[dict]:
     """{"text", "label"} rows; the label says whether w7 occurs, so a model can learn it."""
     rng = random.Random(seed)

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
@@ -43,15 +42,6 @@ def assert_one_line_error(result, code: int = 1) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     return lines[0]
-
-
-@pytest.fixture
-def one_thread():
-    """The tiny models' ops are microseconds of work: one intra-op thread avoids OpenMP spin-waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +208,7 @@ def test_profile_prints_the_block_table(monkeypatch):
 # ---- train --------------------------------------------------------------------------------------------------
 
 
-def test_train_with_a_saved_plan(files, tmp_path, one_thread):
+def test_train_with_a_saved_plan(files, tmp_path):
     plan_path = tmp_path / "plan.json"
     planned = invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", "--seq-len", "64",
                      "--batch-size", "4", "--data", files["data"], "--out", plan_path)
@@ -234,7 +224,7 @@ def test_train_with_a_saved_plan(files, tmp_path, one_thread):
     assert "measured" in result.stdout and "predicted" in result.stdout
 
 
-def test_train_with_a_budget_instead_of_a_plan(files, one_thread):
+def test_train_with_a_budget_instead_of_a_plan(files):
     result = invoke("train", "--vram", "1GB", "--model", files["model"], "--data", files["data"],
                     "--batch-size", "4", "--max-steps", "2", "--quiet")
     assert result.exit_code == 0, (result.output, result.exception)

@@ -80,13 +80,3 @@ def plan_for():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models' ops are microseconds of work: one intra-op thread avoids OpenMP spin-waiting,
-    which made these tests several times slower on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -29,14 +29,6 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _unusual_state(model):
     """Eval mode, checkpointing on, the (tied) embeddings and layer 0 frozen, a stale grad: what profiling
     must leave exactly as it found it."""
