@@ -39,7 +39,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import environment, quiet_libraries, table, write_result
+from benchmarks._common import environment, quiet_libraries, table, torch_threads, write_result
 
 VOCAB = 1000
 MAX_POS = 256
@@ -268,16 +268,10 @@ def main(quick: bool = False, archs: list[str] | None = None, knobs: list[str] |
         config["archs"] = archs
     if knobs:
         config["knobs"] = knobs
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
     started = time.perf_counter()
-    try:
+    with torch_threads(THREADS):
         result = run(config["archs"], config["knobs"], config["seqs"], config["batches"], config["steps"],
                      [k for k in config["padded_knobs"] if k in config["knobs"]])
-    finally:
-        torch.set_num_threads(threads)
     seconds = time.perf_counter() - started
     print(report(result))
     s = result["summary"]["all"]

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._common import torch_threads
 from benchmarks.padding import StepClock, hand_plan, machine_info, skewed_lengths, small_bert, token_data, write_json
 
 THREADS = 1
@@ -141,12 +142,8 @@ def run_one(kind: str, base, data, windows, plan, tmp: str) -> dict:
 
 def main(quick: bool = False, profile: bool = False) -> dict:
     warnings.filterwarnings("ignore")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
+    with torch_threads(THREADS):
         return _main(quick, profile)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(quick: bool, profile: bool) -> dict:

@@ -184,13 +184,11 @@ def run_variant(base_model, knobs, data, *, max_steps: int | None = None) -> dic
 
 
 def main(quick: bool = False) -> dict:
+    from benchmarks._common import torch_threads
+
     warnings.filterwarnings("ignore")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
+    with torch_threads(THREADS):
         return _main(quick)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(quick: bool) -> dict:

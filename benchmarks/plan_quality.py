@@ -37,8 +37,7 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
+from benchmarks._common import torch_threads
 from benchmarks.padding import StepClock, hand_plan, machine_info, small_bert, token_data, write_json
 
 THREADS = 1
@@ -145,12 +144,8 @@ class Bench:
 
 def main(quick: bool = False) -> dict:
     warnings.filterwarnings("ignore")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
+    with torch_threads(THREADS):
         return _main(quick)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(quick: bool) -> dict:
