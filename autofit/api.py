@@ -112,12 +112,15 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
 
     if plan is None and budget is None:
         raise ValueError("give a memory budget (e.g. budget='16GB') or a plan")
+    config = _config(model)
     if task is None:
-        task = plan.task if plan is not None else default_task(_config(model))
+        task = plan.task if plan is not None else default_task(config)
     if tokenizer is None and isinstance(model, str | os.PathLike):
         tokenizer = load_tokenizer(model)
-    train_data = _tokenized(data, tokenizer, task, max_length, text_column, model)
-    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column, model) if eval_data else None
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    max_length = min(max_length or limit or 512, limit or 10**9)
+    train_data = _tokenized(data, tokenizer, task, max_length, text_column)
+    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column) if eval_data else None
     if not isinstance(model, nn.Module):
         model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2)
     if plan is None:
@@ -131,12 +134,9 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
                     quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None))
 
 
-def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int | None, text_column: str | None,
-               model: ModelSpec) -> TokenizedData:
+def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_column: str | None) -> TokenizedData:
     if isinstance(data, TokenizedData):
         return data
-    limit = _max_positions(model)
-    max_length = min(max_length or limit or 512, limit or 10**9)
     return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column)
 
 
@@ -144,8 +144,3 @@ def _config(model: ModelSpec) -> PretrainedConfig:
     if isinstance(model, nn.Module):
         return model.config
     return model if isinstance(model, PretrainedConfig) else resolve_config(model)[1]
-
-
-def _max_positions(model: ModelSpec) -> int | None:
-    config = _config(model)
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
