@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs
 from autofit.plan import MemoryBreakdown
-from autofit.profiler.schema import BlockProfile, Profile
+from autofit.profiler.schema import BlockActivations, BlockProfile, Profile
 from autofit.techniques import bucketing, optimizer
 from autofit.workload import Workload
 
@@ -35,6 +35,8 @@ class _Block:
     trainable: bool
     needs_input_grad: bool
     checkpointed: bool
+    keeps_checkpoint_args: bool = False
+    """The lowest checkpointed layer: the arguments all checkpointed layers share live until its recompute."""
 
 
 def _expand(profile: Profile, knobs: Knobs) -> list[_Block]:
@@ -50,16 +52,19 @@ def _expand(profile: Profile, knobs: Knobs) -> list[_Block]:
                 trainable, ckpt = True, False
             blocks.append(_Block(block, trainable, below_trainable, ckpt and trainable))
             below_trainable = below_trainable or trainable
+    lowest = next((b for b in blocks if b.checkpointed), None)
+    if lowest is not None:
+        lowest.keeps_checkpoint_args = True
     return blocks
 
 
-def _kept_bytes(block: _Block, previous_output: float, precision: str, batch: int, seq: int) -> float:
+def _kept_bytes(block: _Block, previous_output: float, acts: BlockActivations, batch: int, seq: int) -> float:
     """Bytes this block keeps alive from its forward until its backward."""
     if not block.trainable and not block.needs_input_grad:
         return 0.0  # frozen below the boundary: autograd records nothing
-    if block.checkpointed:
-        return previous_output  # non-reentrant checkpoint keeps only the block's input
-    acts = block.profile.activations[precision].at(batch)
+    if block.checkpointed:  # non-reentrant checkpoint keeps only the block's arguments
+        shared = acts.checkpoint_args(batch, seq) if block.keeps_checkpoint_args and acts.checkpoint_args else 0.0
+        return previous_output + shared
     fit = acts.saved if block.needs_input_grad else acts.saved_first_trainable
     return fit(batch, seq)
 
@@ -83,7 +88,37 @@ def input_bytes(profile: Profile, batch: int, seq: int) -> int:
     return 2 * batch * seq * INDEX_BYTES + label_bytes
 
 
-def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
+def _held_bytes(blocks: list[_Block], precision: str, batch: int, seq: int, padded: bool) -> float:
+    """The embeddings' output the model's code keeps through the forward, when no trainable layer 0 saves it."""
+    if len(blocks) < 2 or blocks[1].profile.kind != "layer" or blocks[1].trainable or blocks[1].needs_input_grad:
+        return 0.0
+    return blocks[0].profile.activations[precision].at(batch, padded).held(batch, seq)
+
+
+def _forward_transient(block: _Block, acts: BlockActivations, batch: int, seq: int) -> float:
+    if not (block.trainable or block.needs_input_grad):
+        return 0.0
+    if block.checkpointed and acts.checkpointed_forward_transient is not None:
+        return acts.checkpointed_forward_transient(batch, seq)
+    return acts.forward_transient(batch, seq)
+
+
+def _backward_transient(block: _Block, acts: BlockActivations, grad_out: float, batch: int, seq: int) -> float:
+    """Bytes above what is kept while the block's backward runs. Measured transients already hold the gradient
+    flowing in (it is live in the window); a checkpointed block's also hold its recompute."""
+    if not block.checkpointed:
+        return acts.backward_transient(batch, seq)
+    if acts.recompute_backward_transient is not None:
+        # above a frozen boundary the recompute saves only what the weights' gradients need
+        saved = acts.saved if block.needs_input_grad else acts.saved_first_trainable
+        return saved(batch, seq) + acts.recompute_backward_transient(batch, seq)
+    # profiles without the measurement: the recompute brings back what the block saves, while the
+    # gradient flowing in waits; then the block's own backward runs
+    return acts.saved(batch, seq) + max(grad_out + acts.forward_transient(batch, seq),
+                                        acts.backward_transient(batch, seq))
+
+
+def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int, padded: bool,
                      grads_held: bool) -> tuple[float, float, float, str]:
     """Replay forward then backward. Returns (activations, temporaries, grads) at the peak, and its phase."""
     kept: list[float] = []
@@ -96,48 +131,47 @@ def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
         if sum(candidate[:3]) > sum(best[:3]):
             best = candidate
 
-    for block in blocks:
-        acts = block.profile.activations[precision].at(batch)
-        k = _kept_bytes(block, previous_output, precision, batch, seq)
+    held = _held_bytes(blocks, precision, batch, seq, padded)
+    for index, block in enumerate(blocks):
+        acts = block.profile.activations[precision].at(batch, padded)
+        k = _kept_bytes(block, previous_output, acts, batch, seq)
         out = acts.output(batch, seq)
         runs_autograd = block.trainable or block.needs_input_grad
-        transient = acts.forward_transient(batch, seq) if runs_autograd else 0.0
+        transient = _forward_transient(block, acts, batch, seq)
+        # a frozen block's input is live while it runs though nothing keeps it (layer 0's may be `held`)
+        unkept_input = 0.0 if runs_autograd else max(0.0, previous_output - (held if index == 1 else 0.0))
         # live at the block's end is everything kept so far plus its output; the transient sits on top
         # what the model's code still references unsaved (resident) is live too
-        consider((live + k, out + transient + acts.resident(batch, seq), 0.0, "forward"))
-        live += k
+        consider((live + k, out + transient + acts.resident(batch, seq) + unkept_input, 0.0, "forward"))
+        live += k + (held if index == 0 else 0.0)
         kept.append(k)
         outputs.append(out)
         previous_output = out
+    live -= held  # the model's forward has returned
     grads = 0.0
     for i in range(len(blocks) - 1, -1, -1):
         block = blocks[i]
         if not block.trainable and not block.needs_input_grad:
             break  # nothing below the boundary runs backward
-        acts = block.profile.activations[precision].at(batch)
-        # The measured backward transient already holds the gradient flowing in (it is live in the
-        # window); a recompute runs the block's forward while that gradient waits.
-        grad_out = outputs[i]
+        acts = block.profile.activations[precision].at(batch, padded)
+        # grads: those held before the block's backward; the transient holds the ones it makes (its .grad,
+        # or, accumulating, fresh gradients waiting to be added in place)
+        consider((live, _backward_transient(block, acts, outputs[i], batch, seq), grads, "backward"))
         if block.trainable and not grads_held:
             grads += block.profile.param_bytes
-        temps = acts.backward_transient(batch, seq)
-        if block.checkpointed:  # recompute the forward first: its saved tensors come back
-            recompute = acts.saved(batch, seq)
-            temps = recompute + max(grad_out + acts.forward_transient(batch, seq),
-                                    acts.backward_transient(batch, seq))
-        consider((live, temps, grads, "backward"))
         live -= kept[i]
     return best
 
 
 def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int,
-                      device: DeviceSpec) -> MemoryBreakdown:
-    """Predicted peak of one steady-state training step on micro-batches of shape (batch, seq)."""
+                      device: DeviceSpec, padded: bool = True) -> MemoryBreakdown:
+    """Predicted peak of one steady-state training step on micro-batches of shape (batch, seq), with pad
+    tokens (`padded`) or of sequences all exactly `seq` long."""
     precision = knobs.precision.value
     weights, grads, state, trainable = param_state(profile, knobs)
     grads_held = knobs.accumulation_steps > 1  # grads persist across the micro-batches of a window
     blocks = _expand(profile, knobs)
-    acts, temps, walk_grads, phase = _activation_walk(blocks, precision, batch, seq, grads_held)
+    acts, temps, walk_grads, phase = _activation_walk(blocks, precision, batch, seq, padded, grads_held)
     acts += input_bytes(profile, batch, seq)
     step_grads = grads if grads_held else walk_grads
     opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
@@ -154,7 +188,8 @@ def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int,
 
 
 def predict_peak(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec) -> MemoryBreakdown:
-    """Predicted peak over every micro-batch shape these knobs form on this workload (the worst bucket)."""
-    shapes = bucketing.worst_case_shapes(knobs, workload.lengths)
-    return max((predict_step_peak(profile, knobs, b, s, device) for b, s in shapes),
-               key=lambda m: m.peak_bytes)
+    """Predicted peak over every micro-batch shape these knobs form on this workload (the worst bucket).
+    Lengths assumed from --seq-len stand for data of at most that length, so their batches count as padded."""
+    shapes = bucketing.worst_case_batches(knobs, workload.lengths)
+    return max((predict_step_peak(profile, knobs, b, s, device, padded or not workload.from_data)
+                for b, s, padded in shapes), key=lambda m: m.peak_bytes)

@@ -6,8 +6,9 @@ from autofit.profiler.schema import BlockActivations, BlockProfile, Profile, Sha
 from autofit.workload import LengthHistogram, Workload
 
 
-def _activations(h: int) -> dict[str, BlockActivations]:
-    """Roughly BERT's: ~18 hidden-sized tensors saved per token, eager attention's scores and probs."""
+def _activations(h: int, grad_bytes: int) -> dict[str, BlockActivations]:
+    """Roughly BERT's: ~18 hidden-sized tensors saved per token, eager attention's scores and probs. The
+    backward transient holds the block's own fresh gradients, as a measured one does."""
     result = {}
     for precision, size in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
         saved = ShapeFit(per_token=18 * h * size + 4 * h, per_token_seq=24 * size)
@@ -15,7 +16,7 @@ def _activations(h: int) -> dict[str, BlockActivations]:
         result[precision] = BlockActivations(
             saved=saved, saved_first_trainable=first, output=ShapeFit(per_token=4 * h),
             forward_transient=ShapeFit(per_token=8 * h * size, per_token_seq=12 * size),
-            backward_transient=ShapeFit(per_token=12 * h * size, per_token_seq=24 * size))
+            backward_transient=ShapeFit(const=grad_bytes, per_token=12 * h * size, per_token_seq=24 * size))
     return result
 
 
@@ -26,15 +27,15 @@ def make_profile(hidden=768, layers=12, vocab=30000, device="meta", times=None) 
     blocks = [
         BlockProfile(name="embeddings", kind="embeddings", param_numels=[vocab * h, 512 * h, 2 * h, h, h],
                      embedding_numels=[vocab * h, 512 * h, 2 * h], param_bytes=4 * (vocab + 516) * h,
-                     flops_forward=ShapeFit(per_token=10 * h), activations=_activations(h),
+                     flops_forward=ShapeFit(per_token=10 * h), activations=_activations(h, 4 * (vocab + 516) * h),
                      time=times.get("embeddings", {})),
         BlockProfile(name="layer", kind="layer", count=layers, param_numels=layer_numels,
                      param_bytes=4 * sum(layer_numels), flops_forward=ShapeFit(per_token=24 * h * h,
                                                                                per_token_seq=4 * h),
-                     activations=_activations(h), time=times.get("layer", {})),
+                     activations=_activations(h, 4 * sum(layer_numels)), time=times.get("layer", {})),
         BlockProfile(name="head", kind="head", param_numels=[h * h, h, 2 * h, 2],
                      param_bytes=4 * (h * h + 3 * h + 2), flops_forward=ShapeFit(per_token=2 * h * h),
-                     activations=_activations(h), time=times.get("head", {})),
+                     activations=_activations(h, 4 * (h * h + 3 * h + 2)), time=times.get("head", {})),
     ]
     return Profile(model_id="tiny-bert", model_type="bert", task="classification", num_layers=layers,
                    hidden_size=h, vocab_size=vocab, attn_implementation="eager", device=device, blocks=blocks)

@@ -38,15 +38,34 @@ def fit_shape(shapes: Sequence[tuple[int, int]], values: Sequence[float],
               terms: Sequence[str] = TERMS, *, envelope: bool = False) -> ShapeFit:
     """The non-negative least-squares ShapeFit of `values` measured at `shapes` over `terms`.
 
-    envelope: raise the constant until the fit is at or above every measured value. Transients are the
-    maximum over a block's ops, which switches from op to op as shapes grow; a fit that never falls
-    below a measurement keeps a plan from running out of memory on that account. Only the larger half
-    of the shapes (by tokens) is fitted: that is where plans' peaks are, and small shapes carry constant
-    bookkeeping tensors that would bend the fit everywhere."""
-    if envelope:
-        tokens = sorted(b * s for b, s in shapes)
-        keep = [i for i, (b, s) in enumerate(shapes) if b * s >= tokens[len(tokens) // 2]]
-        shapes, values = [shapes[i] for i in keep], [values[i] for i in keep]
+    envelope: fit at or above every measured value. Transients are the maximum over a block's ops, which
+    switches from op to op as shapes grow, so the larger and the smaller half of the shapes (by tokens) get
+    a fit each, the smaller one as `small`; each has its constant raised until no measurement is above it
+    (a plan must not run out of memory on that account)."""
+    if not envelope:
+        return _least_squares(shapes, values, terms)
+    tokens = sorted(b * s for b, s in shapes)
+    median = tokens[len(tokens) // 2]
+    large = _lifted(*_subset(shapes, values, lambda t: t >= median), terms)
+    small_shapes, small_values = _subset(shapes, values, lambda t: t <= median)
+    if len(small_shapes) < 2:
+        return large
+    return large.model_copy(update={"small": _lifted(small_shapes, small_values, terms), "small_tokens": median})
+
+
+def _subset(shapes, values, keep) -> tuple[list, list]:
+    chosen = [i for i, (b, s) in enumerate(shapes) if keep(b * s)]
+    return [shapes[i] for i in chosen], [values[i] for i in chosen]
+
+
+def _lifted(shapes, values, terms) -> ShapeFit:
+    """The least-squares fit with its constant raised to the largest shortfall."""
+    fit = _least_squares(shapes, values, terms)
+    shortfall = max(0.0, max(v - fit(*shape) for shape, v in zip(shapes, values)))
+    return fit.model_copy(update={"const": fit.const + shortfall})
+
+
+def _least_squares(shapes, values, terms) -> ShapeFit:
     x = _features(shapes, terms)
     y = np.asarray(values, dtype=float)
     scale = np.abs(x).max(axis=0)
@@ -63,11 +82,7 @@ def fit_shape(shapes: Sequence[tuple[int, int]], values: Sequence[float],
     # Among the subsets that fit as well as the best (to rounding), the one with fewest terms.
     tolerance = min(r for r, _, _ in feasible) * 1.0001 + 1e-12 * float(np.sum(y ** 2))
     best = min((f for f in feasible if f[0] <= tolerance), key=lambda f: (f[1], f[0]))
-    fit = ShapeFit(**best[2])
-    if envelope:
-        shortfall = max(0.0, max(v - fit(*shape) for shape, v in zip(shapes, y)))
-        fit = fit.model_copy(update={"const": fit.const + shortfall})
-    return fit
+    return ShapeFit(**best[2])
 
 
 def relative_error(fit: ShapeFit, shape: tuple[int, int], measured: float) -> float:

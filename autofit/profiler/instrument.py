@@ -34,6 +34,8 @@ class Window:
     """Bytes of saved-for-backward storages alive when the window opened."""
     saved_live_end: int = 0
     """Bytes of saved-for-backward storages alive when the window closed."""
+    grads_start: int = 0
+    """Bytes of parameter gradients held when the window opened (backward windows)."""
     grads_end: int = 0
     """Bytes of parameter gradients held when the window closed."""
     flops: float = 0.0
@@ -69,6 +71,8 @@ class Timeline:
             self.tracker.reset_peak()
             window.start_live = self.tracker.live
             self._flops_start = self.tracker.flops
+            if name.startswith("bwd:"):
+                window.grads_start = grad_bytes(self.params)
         if self.saved is not None:
             window.saved_live_start = self.saved.live
         self.current = name

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from autofit.layers import ModelLayout
 from autofit.profiler.instrument import Timeline, run_step
 from autofit.profiler.tracker import LiveBytes, SavedBytes
+from autofit.techniques import checkpointing
 
 KEEP_LAYERS = 2
 WINDOWS = {"embeddings": "emb", "layer": "layer{last}", "head": "head"}
@@ -39,6 +41,10 @@ class ShapeSample(BaseModel):
     forward_transient: dict[str, float]
     backward_transient: dict[str, float]
     resident: dict[str, float]
+    held: dict[str, float]
+    checkpointed_forward_transient: dict[str, float]
+    recompute_backward_transient: dict[str, float]
+    checkpoint_args: dict[str, float]
     flops: dict[str, float]
 
 
@@ -109,6 +115,28 @@ def frozen(params: list[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+@contextmanager
+def masks_readable(readable: bool) -> Iterator[None]:
+    """Let transformers read fake attention masks (readable=True) or not (False: its default).
+
+    Transformers skips building the 4-D attention mask when it can read that the 2-D one is all ones (no
+    padding), but takes a fake tensor for tracing and then always builds it. Unreadable masks measure a batch
+    with pad tokens; readable ones a batch of equal lengths (LiveBytes answers the mask's .all() with True)."""
+    try:
+        import transformers.masking_utils as masking
+    except ImportError:  # transformers < 4.53 has no shared mask code; padding then changes nothing here
+        masking = None
+    original = getattr(masking, "is_tracing", None)
+    if not readable or original is None:
+        yield
+        return
+    masking.is_tracing = lambda tensor=None: original(None if isinstance(tensor, FakeTensor) else tensor)
+    try:
+        yield
+    finally:
+        masking.is_tracing = original
+
+
 def make_batch(config, task: str, batch: int, seq: int, device: str) -> dict[str, torch.Tensor]:
     """Synthetic inputs: random ids, an all-ones mask, labels as the task's loss expects them."""
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
@@ -129,12 +157,21 @@ def make_batch(config, task: str, batch: int, seq: int, device: str) -> dict[str
 
 
 def _memory_run(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,
-                *, count_flops: bool, below_frozen: bool) -> Timeline:
+                *, count_flops: bool, below_frozen: bool, padded: bool, checkpointed: bool = False) -> Timeline:
+    if checkpointed:  # the executor's own checkpointing, on the measured layer only
+        checkpointing.apply(subject.model, [len(subject.layers) - 1])
+        try:
+            return _memory_run(subject, precision, shape, device_type, count_flops=count_flops,
+                               below_frozen=below_frozen, padded=padded)
+        finally:
+            checkpointing.remove(subject.model)
     params = list(subject.model.parameters())
+    for p in params:  # each run starts without gradients, as a training step after zero_grad does
+        p.grad = None
     tracker = LiveBytes(count_flops=count_flops,
                         existing=[*params, *subject.model.buffers()])
     timeline = Timeline(params, tracker)
-    with tracker:
+    with tracker, masks_readable(not padded):
         timeline.saved = SavedBytes(params, timeline.phase)
         batch = make_batch(subject.model.config, subject.task, *shape, device_type)
         run_step(subject.model, subject.layers, batch, timeline, precision=precision, device_type=device_type,
@@ -144,31 +181,57 @@ def _memory_run(subject: Subject, precision: str, shape: tuple[int, int], device
 
 
 def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,
-                   count_flops: bool = False) -> ShapeSample:
-    """Two runs: a full step with everything trainable, and a forward with the embeddings frozen and the
-    last layer's output detached (layer 0 and the head then sit right above a frozen boundary)."""
-    full = _memory_run(subject, precision, shape, device_type, count_flops=count_flops, below_frozen=False)
-    with frozen(subject.embedding_params):
-        first = _memory_run(subject, precision, shape, device_type, count_flops=False, below_frozen=True)
+                   count_flops: bool = False, padded: bool = True) -> ShapeSample:
+    """Three runs: a full step with everything trainable; the same with the measured layer checkpointed; and
+    a forward with the embeddings and layer 0 frozen and the last layer's output detached (layer 1 and the
+    head then sit right above a frozen boundary).
+    `padded`: a batch with pad tokens, or one of equal lengths (see masks_readable)."""
+    full = _memory_run(subject, precision, shape, device_type, count_flops=count_flops, below_frozen=False,
+                       padded=padded)
+    recomputing = _memory_run(subject, precision, shape, device_type, count_flops=False, below_frozen=False,
+                              padded=padded, checkpointed=True)
     layer = subject.layer_window
+    two_layers = layer != "layer0"
+    with frozen(subject.embedding_params + (list(subject.layers[0].parameters()) if two_layers else [])):
+        first = _memory_run(subject, precision, shape, device_type, count_flops=False, below_frozen=True,
+                            padded=padded)
     saved = {k: float(full.saved.by_phase[f"fwd:{subject.window(k)}"]) for k in WINDOWS}
-    shared = full.saved.by_phase["fwd:layer0"] - saved["layer"] if layer != "layer0" else 0
+    shared = full.saved.by_phase["fwd:layer0"] - saved["layer"] if two_layers else 0
     saved["embeddings"] += max(0, shared)
     fwd = {k: full.windows[f"fwd:{subject.window(k)}"] for k in WINDOWS}
     bwd = {k: full.windows[f"bwd:{subject.window(k)}"] for k in WINDOWS}
+    resident = {k: float(max(0, w.end_live - w.saved_live_end - w.output - full.batch_unsaved))
+                for k, w in fwd.items()}
+    # What the first trainable layer above frozen ones finds live beyond its own resident: the embeddings'
+    # output, which no frozen layer saved but the model's code still references.
+    above = first.windows[f"fwd:{layer}"]
+    held = max(0.0, above.end_live - above.saved_live_end - above.output - first.batch_unsaved - resident["layer"])
+    ckpt_fwd, ckpt_bwd = recomputing.windows[f"fwd:{layer}"], recomputing.windows[f"bwd:{layer}"]
+    # Live at the forward's end with the layer checkpointed, against without: its saved tensors are gone,
+    # its arguments stay (the input hidden state and whatever else the model passes, such as masks).
+    ckpt_kept = recomputing.windows["fwd:head"].end_live - full.windows["fwd:head"].end_live + saved["layer"]
     return ShapeSample(
         batch=shape[0], seq=shape[1], saved=saved,
         saved_first_trainable={"embeddings": saved["embeddings"],
-                               "layer": float(first.saved.by_phase["fwd:layer0"]),
+                               "layer": float(first.saved.by_phase[f"fwd:{layer}"]),
                                "head": float(first.saved.by_phase["fwd:head"])},
         output={k: float(w.output) for k, w in fwd.items()},
         forward_transient={k: float(max(0, w.peak - w.end_live)) for k, w in fwd.items()},
-        backward_transient={k: float(max(0, w.peak - w.saved_live_start - w.grads_end - full.batch_unsaved))
+        backward_transient={k: float(max(0, w.peak - w.saved_live_start - w.grads_start - full.batch_unsaved))
                             for k, w in bwd.items()},
-        resident={k: float(max(0, w.end_live - w.saved_live_end - w.output - full.batch_unsaved))
-                  for k, w in fwd.items()},
+        resident=resident,
+        held={"embeddings": held if two_layers else 0.0, "layer": 0.0, "head": 0.0},
+        checkpointed_forward_transient=_layer_only(max(0, ckpt_fwd.peak - ckpt_fwd.end_live)),
+        recompute_backward_transient=_layer_only(max(0, ckpt_bwd.peak - ckpt_bwd.saved_live_start
+                                                     - ckpt_bwd.grads_start - recomputing.batch_unsaved
+                                                     - saved["layer"])),
+        checkpoint_args=_layer_only(max(0.0, ckpt_kept - fwd["layer"].output)),
         flops={k: w.flops for k, w in fwd.items()},
     )
+
+
+def _layer_only(value: float) -> dict[str, float]:
+    return {"embeddings": 0.0, "layer": float(value), "head": 0.0}
 
 
 def measure_time(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,

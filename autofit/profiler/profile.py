@@ -37,7 +37,8 @@ large as real training. Batch 1 is left out: models special-case it (masks), whi
 HELD_OUT_SHAPES = ((3, 96), (4, 384))
 """Shapes measured but not fitted: the Profile reports the fits' error there."""
 TIME_SHAPES = ((1, 32), (2, 64), (4, 64), (4, 128))
-QUANTITIES = ("saved", "saved_first_trainable", "output", "forward_transient", "backward_transient", "resident")
+QUANTITIES = ("saved", "saved_first_trainable", "output", "forward_transient", "backward_transient", "resident",
+              "held", "checkpointed_forward_transient", "recompute_backward_transient", "checkpoint_args")
 VERSIONED = ("autofit", "torch", "transformers", "accelerate", "bitsandbytes", "optuna")
 
 
@@ -65,7 +66,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
     subject_model = twin if twin is not None else live
     with fake if twin is not None else nullcontext(), \
             prepared(subject_model, find_layout(subject_model), task) as subject:
-        samples, held_out = _memory_samples(subject, _device_of(subject_model))
+        samples, held_out, unpadded = _memory_samples(subject, _device_of(subject_model))
         params = _block_params(subject, num_layers)
     times = {}
     if timing:
@@ -73,7 +74,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
                                                           attn_implementation=attn_implementation)
         with prepared(timed, find_layout(timed), task) as subject:
             times = {p: _time_samples(subject, p, _device_of(timed)) for p in timing}
-    blocks, checks = _blocks(params, samples, held_out, times)
+    blocks, checks = _blocks(params, samples, unpadded, held_out, times)
     return Profile(
         model_id=model_id, model_type=config.model_type, task=task, num_layers=num_layers,
         hidden_size=config.hidden_size, vocab_size=config.vocab_size,
@@ -133,21 +134,30 @@ def _fake_twin(live: nn.Module | None, config: PretrainedConfig, task: str, attn
             return type(live)._from_config(small, dtype=first.dtype, **kwargs)
 
 
-def _memory_samples(subject: Subject, device: str) -> tuple[dict, dict]:
-    """ShapeSamples at the fit and held-out shapes, per precision. fp16 and bf16 autocast cast the same ops
-    to a 2-byte type, so fp16 reuses bf16's bytes."""
+def _memory_samples(subject: Subject, device: str) -> tuple[dict, dict, dict]:
+    """ShapeSamples at the fit and held-out shapes, per precision, of padded batches; and of batches
+    without padding where the model treats those differently (skips its attention mask), else none.
+    fp16 and bf16 autocast cast the same ops to a 2-byte type, so fp16 reuses bf16's bytes."""
     limit = _max_seq(subject.model)
     held_out_shapes = [(b, s) for b, s in HELD_OUT_SHAPES if s <= limit]
     seqs = [s for s in FIT_SEQS if s <= limit]
     if len(seqs) < 3:  # a model for short sequences: fit at a quarter, half and all of them
         seqs = [max(1, limit // 4), max(1, limit // 2), limit]
-    samples, held_out = {}, {}
+    shapes = [(b, s) for b in (1, *FIT_BATCHES) for s in seqs]
+    samples, held_out, unpadded = {}, {}, {}
     for precision in ("fp32", "bf16"):
-        samples[precision] = [measure_memory(subject, precision, (b, s), device, count_flops=precision == "fp32")
-                              for b in (1, *FIT_BATCHES) for s in seqs]
+        samples[precision] = [measure_memory(subject, precision, shape, device, count_flops=precision == "fp32")
+                              for shape in shapes]
         held_out[precision] = [measure_memory(subject, precision, shape, device) for shape in held_out_shapes]
+        # One probe at the largest shape decides whether padding changes anything for this model.
+        probe = measure_memory(subject, precision, shapes[-1], device, padded=False)
+        if probe.model_dump(exclude={"flops"}) != samples[precision][-1].model_dump(exclude={"flops"}):
+            unpadded[precision] = [measure_memory(subject, precision, shape, device, padded=False)
+                                   for shape in shapes[:-1]] + [probe]
     samples["fp16"], held_out["fp16"] = samples["bf16"], held_out["bf16"]
-    return samples, held_out
+    if "bf16" in unpadded:
+        unpadded["fp16"] = unpadded["bf16"]
+    return samples, held_out, unpadded
 
 
 def _max_seq(model: nn.Module) -> int:
@@ -172,13 +182,14 @@ def _block_params(subject: Subject, num_layers: int) -> dict[str, tuple[list[tor
             for kind, ps in params.items()}
 
 
-def _blocks(params: dict, samples: dict, held_out: dict, times: dict) -> tuple[list[BlockProfile], list[FitCheck]]:
+def _blocks(params: dict, samples: dict, unpadded: dict, held_out: dict,
+            times: dict) -> tuple[list[BlockProfile], list[FitCheck]]:
     """Fit every block's quantities over the shapes, and check the fits of `saved` on the held-out shapes."""
     blocks, checks = [], []
     for kind in WINDOWS:
-        activations = {p: _fit_activations([x for x in ss if x.batch > 1], kind)
-                       .model_copy(update={"single": _fit_activations([x for x in ss if x.batch == 1], kind)})
-                       for p, ss in samples.items()}
+        activations = {p: _fit_activations(ss, kind) for p, ss in samples.items()}
+        for p, ss in unpadded.items():
+            activations[p] = activations[p].model_copy(update={"unpadded": _fit_activations(ss, kind)})
         time_fits = {p: TimeFit(**{d: fit_shape([(t.batch, t.seq) for t in ts], [getattr(t, d)[kind] for t in ts],
                                                 TIME_TERMS) for d in ("forward", "backward")})
                      for p, ts in times.items()}
@@ -195,6 +206,12 @@ def _blocks(params: dict, samples: dict, held_out: dict, times: dict) -> tuple[l
 
 
 def _fit_activations(samples: list, kind: str) -> BlockActivations:
+    """The fits at micro-batches > 1, with the batch-1 fits as `single`."""
+    return _fit_one(kind, [x for x in samples if x.batch > 1]).model_copy(
+        update={"single": _fit_one(kind, [x for x in samples if x.batch == 1])})
+
+
+def _fit_one(kind: str, samples: list) -> BlockActivations:
     shapes = [(x.batch, x.seq) for x in samples]
     return BlockActivations(**{q: fit_shape(shapes, [getattr(x, q)[kind] for x in samples],
                                             envelope=q.endswith("transient")) for q in QUANTITIES})

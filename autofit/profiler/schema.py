@@ -29,9 +29,15 @@ class ShapeFit(BaseModel):
     per_token_seq: float = 0.0
     per_seq: float = 0.0
     per_seq_sq: float = 0.0
+    small: ShapeFit | None = None
+    """The fit used instead for micro-batches of at most `small_tokens` tokens (transients: the op at the
+    peak changes as shapes grow, so one envelope over all shapes is loose at the small end)."""
+    small_tokens: int = 0
 
     def __call__(self, batch: int, seq: int) -> float:
         tokens = batch * seq
+        if self.small is not None and tokens <= self.small_tokens:
+            return self.small(batch, seq)
         value = (self.const + self.per_batch * batch + self.per_token * tokens
                  + self.per_token_seq * tokens * seq + self.per_seq * seq + self.per_seq_sq * seq * seq)
         return max(0.0, value)
@@ -59,13 +65,29 @@ class BlockActivations(BaseModel):
     """Bytes alive when this block's forward ends that no op saved and that are not its output: its input
     and earlier hidden states the model's code still references (under autocast only their low-precision
     copies are saved, so the fp32 originals live on as plain references)."""
+    held: ShapeFit = ShapeFit()
+    """Embeddings only: bytes of their output that the model's code keeps referenced until the forward
+    returns (BERT's `embedding_output`, Llama's `inputs_embeds`). Saved by layer 0 when it trains; when it
+    is frozen nothing saves them, yet they stay live through every layer's forward."""
+    checkpointed_forward_transient: ShapeFit | None = None
+    """Layers only: forward_transient when the layer is checkpointed (its forward then saves nothing)."""
+    checkpoint_args: ShapeFit | None = None
+    """Layers only: bytes of a checkpointed layer's arguments besides its input (masks, position tables)
+    that checkpointing keeps referenced until the recompute. Every layer gets the same tensors: count once."""
+    recompute_backward_transient: ShapeFit | None = None
+    """Layers only: backward_transient when the layer is checkpointed, beyond the `saved` bytes its recompute
+    brings back (the recompute's own temporaries, the gradient flowing in). None where not measured."""
     single: BlockActivations | None = None
     """The same fits made at micro-batch 1, which models special-case (views instead of copies, no mask):
     used for micro-batches of one sequence."""
+    unpadded: BlockActivations | None = None
+    """The same fits (with their own `single`) for micro-batches without pad tokens, where the model skips
+    building its attention mask; None when padding makes no difference to this model."""
 
-    def at(self, batch: int) -> BlockActivations:
-        """The fits for micro-batches of `batch` sequences."""
-        return self.single if batch == 1 and self.single is not None else self
+    def at(self, batch: int, padded: bool = True) -> BlockActivations:
+        """The fits for micro-batches of `batch` sequences, with pad tokens or without."""
+        fits = self if padded or self.unpadded is None else self.unpadded
+        return fits.single if batch == 1 and fits.single is not None else fits
 
 
 class TimeFit(BaseModel):

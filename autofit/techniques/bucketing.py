@@ -79,11 +79,17 @@ def split_buckets(hist: LengthHistogram, knobs: Knobs) -> list[Bucket]:
 
 def worst_case_shapes(knobs: Knobs, hist: LengthHistogram) -> list[tuple[int, int]]:
     """(batch, padded length) of the largest micro-batch each bucket can form; memory is the max over them."""
-    shapes = []
+    return [(batch, length) for batch, length, _ in worst_case_batches(knobs, hist)]
+
+
+def worst_case_batches(knobs: Knobs, hist: LengthHistogram) -> list[tuple[int, int, bool]]:
+    """worst_case_shapes, each with whether its batches can hold pad tokens: False only for a bucket whose
+    examples all have its padded length (models skip the attention mask for batches without padding)."""
+    batches = []
     for bucket in split_buckets(hist, knobs):
         batch = min(micro_batch_size_for(bucket.upper_length, knobs), bucket.hist.num_samples)
-        shapes.append((batch, bucket.upper_length))
-    return shapes
+        batches.append((batch, bucket.upper_length, bucket.hist.lengths != [bucket.upper_length]))
+    return batches
 
 
 def expected_padded_max(hist: LengthHistogram, batch: int, multiple: int | None) -> float:

@@ -126,3 +126,15 @@ def test_noisy_times_use_only_the_compute_terms():
 def test_shape_fit_never_predicts_below_zero():
     assert ShapeFit(const=10.0, per_seq=-1.0)(1, 100) == 0.0
     assert relative_error(ShapeFit(const=110.0), (1, 1), 100.0) == pytest.approx(0.1)
+
+
+def test_the_envelope_is_above_every_measurement_and_tight_at_the_small_end():
+    """A transient that switches ops: small shapes peak in a per-token op, large ones in the attention
+    scores. One lifted fit over the large shapes overshoots the small ones; the `small` fit does not."""
+    shapes = [(b, s) for b in (2, 8) for s in (64, 128, 256)]
+    values = [max(512.0 * b * s, 40.0 * b * s * s - 6e6) for b, s in shapes]
+    fit = fit_shape(shapes, values, envelope=True)
+    assert fit.small is not None and fit.small_tokens == 512
+    assert all(fit(*shape) >= v - 1e-6 for shape, v in zip(shapes, values))
+    assert fit(2, 64) <= 1.05 * values[0]
+    assert fit(8, 256) == pytest.approx(values[-1])

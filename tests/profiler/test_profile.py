@@ -151,6 +151,52 @@ def test_fake_tensor_bytes_match_a_real_cpu_measurement(profiled, model_type, pr
             assert predicted == pytest.approx(measured, rel=0.01, abs=64), (kind, quantity)
 
 
+@pytest.fixture(scope="module")
+def sdpa_bert():
+    """A fresh tiny BERT on SDPA attention, which skips its attention mask for batches without padding."""
+    model = tiny_model("bert", "classification", num_hidden_layers=3, max_position_embeddings=512)
+    model.set_attn_implementation("sdpa")
+    return model, profile_model(model, task="classification")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_batches_without_padding_match_the_unpadded_fits(sdpa_bert, precision):
+    """An all-ones mask lets the real model skip its 4-D attention mask; the profile's unpadded fits must
+    agree with that real measurement, including what a checkpointed layer keeps and what the model's code
+    holds of the embeddings' output."""
+    model, profile = sdpa_bert
+    shape = (3, 40)
+    with prepared(model, find_layout(model), "classification") as subject:
+        real = measure_memory(subject, precision, shape, "cpu")
+    for kind in KINDS:
+        acts = profile.block(kind).activations[precision].at(shape[0], padded=False)
+        for quantity in ("saved", "saved_first_trainable", "output", "held", "checkpoint_args"):
+            fit = getattr(acts, quantity)
+            predicted, measured = (fit(*shape) if fit else 0.0), getattr(real, quantity)[kind]
+            assert predicted == pytest.approx(measured, rel=0.01, abs=64), (kind, quantity)
+    assert real.held["embeddings"] > 0  # BertModel keeps `embedding_output` through the encoder
+
+
+def test_sdpa_models_get_a_cheaper_fit_for_batches_without_padding(sdpa_bert, profiled):
+    layer = sdpa_bert[1].block("layer").activations["fp32"]
+    assert layer.unpadded is not None
+    assert layer.at(8, padded=False).saved(8, 256) < layer.at(8).saved(8, 256)
+    assert layer.at(1, padded=False) is layer.unpadded.single
+    eager = profiled["bert"][1].block("layer").activations["fp32"]
+    # eager attention builds its mask either way: what it saves does not change
+    assert eager.at(8, padded=False).saved(8, 256) == pytest.approx(eager.at(8).saved(8, 256))
+
+
+def test_repeated_measurements_agree(profiled):
+    """Every run starts without gradients: a run after another must not see the first run's."""
+    model, _ = profiled["bert"]
+    with prepared(model, find_layout(model), "classification") as subject:
+        first = measure_memory(subject, "fp32", (2, 32), "cpu")
+        again = measure_memory(subject, "fp32", (2, 32), "cpu")
+    assert first == again
+    assert first.backward_transient["layer"] > 0
+
+
 class _PeakRss:
     """Highest resident set size of this process while the block runs, sampled every 5 ms."""
 

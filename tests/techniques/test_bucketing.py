@@ -13,6 +13,7 @@ from autofit.techniques.bucketing import (
     padded_length,
     padding_efficiency,
     sorted_eval_batches,
+    worst_case_batches,
     worst_case_shapes,
 )
 from autofit.workload import LengthHistogram
@@ -55,6 +56,15 @@ def test_worst_case_shapes_one_per_bucket():
     assert worst_case_shapes(Knobs(micro_batch_size=16), hist) == [(16, 200)]
     # Data longer than the last boundary still gets a (conservative) bucket of its own.
     assert worst_case_shapes(Knobs(micro_batch_size=4, bucket_boundaries=(16,)), hist) == [(4, 16), (4, 200)]
+
+
+def test_worst_case_batches_say_which_buckets_can_hold_pad_tokens():
+    hist = LengthHistogram.from_lengths([16] * 50 + [60] * 50 + [64] * 50)
+    knobs = Knobs(micro_batch_size=8, bucket_boundaries=(16, 64))
+    # the 16-token bucket holds one length, its padded length: no batch pads; the other mixes 60 and 64
+    assert worst_case_batches(knobs, hist) == [(8, 16, False), (8, 64, True)]
+    # a length padded up to a multiple of 8 always carries pad tokens
+    assert worst_case_batches(Knobs(micro_batch_size=8), LengthHistogram.fixed(60, 100)) == [(8, 64, True)]
 
 
 def test_expected_padded_max_matches_simulation():
