@@ -180,6 +180,19 @@ def _memory_run(subject: Subject, precision: str, shape: tuple[int, int], device
     return timeline
 
 
+def measure_saved(subject: Subject, precision: str, shape: tuple[int, int], device_type: str) -> dict[str, float]:
+    """Bytes each block kind saves for backward at one shape: one full step, no other quantity."""
+    return _saved_by_kind(subject, _memory_run(subject, precision, shape, device_type, count_flops=False,
+                                               below_frozen=False, padded=True))
+
+
+def _saved_by_kind(subject: Subject, full: Timeline) -> dict[str, float]:
+    saved = {k: float(full.saved.by_phase[f"fwd:{subject.window(k)}"]) for k in WINDOWS}
+    if subject.layer_window != "layer0":  # shared tensors that layer 0 saves are charged to the embeddings
+        saved["embeddings"] += max(0, full.saved.by_phase["fwd:layer0"] - saved["layer"])
+    return saved
+
+
 def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,
                    count_flops: bool = False, padded: bool = True) -> ShapeSample:
     """Three runs: a full step with everything trainable; the same with the measured layer checkpointed; and
@@ -195,9 +208,7 @@ def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], dev
     with frozen(subject.embedding_params + (list(subject.layers[0].parameters()) if two_layers else [])):
         first = _memory_run(subject, precision, shape, device_type, count_flops=False, below_frozen=True,
                             padded=padded)
-    saved = {k: float(full.saved.by_phase[f"fwd:{subject.window(k)}"]) for k in WINDOWS}
-    shared = full.saved.by_phase["fwd:layer0"] - saved["layer"] if two_layers else 0
-    saved["embeddings"] += max(0, shared)
+    saved = _saved_by_kind(subject, full)
     fwd = {k: full.windows[f"fwd:{subject.window(k)}"] for k in WINDOWS}
     bwd = {k: full.windows[f"bwd:{subject.window(k)}"] for k in WINDOWS}
     resident = {k: float(max(0, w.end_live - w.saved_live_end - w.output - full.batch_unsaved))

@@ -24,8 +24,8 @@ from autofit.knobs import Knobs
 from autofit.layers import find_layout
 from autofit.models import build_model, default_task, resolve_config
 from autofit.profiler.fit import TIME_TERMS, fit_shape
-from autofit.profiler.measure_blocks import (KEEP_LAYERS, WINDOWS, Subject, TimeSample, measure_memory, measure_time,
-                                             prepared)
+from autofit.profiler.measure_blocks import (KEEP_LAYERS, WINDOWS, Subject, TimeSample, measure_memory, measure_saved,
+                                             measure_time, prepared)
 from autofit.profiler.schema import BlockActivations, BlockProfile, FitCheck, Profile, TimeFit
 from autofit.profiler.tracker import LiveBytes
 from autofit.techniques import optimizer as optim
@@ -148,7 +148,7 @@ def _memory_samples(subject: Subject, device: str) -> tuple[dict, dict, dict]:
     for precision in ("fp32", "bf16"):
         samples[precision] = [measure_memory(subject, precision, shape, device, count_flops=precision == "fp32")
                               for shape in shapes]
-        held_out[precision] = [measure_memory(subject, precision, shape, device) for shape in held_out_shapes]
+        held_out[precision] = [(shape, measure_saved(subject, precision, shape, device)) for shape in held_out_shapes]
         # One probe at the largest shape decides whether padding changes anything for this model.
         probe = measure_memory(subject, precision, shapes[-1], device, padded=False)
         if probe.model_dump(exclude={"flops"}) != samples[precision][-1].model_dump(exclude={"flops"}):
@@ -199,9 +199,9 @@ def _blocks(params: dict, samples: dict, unpadded: dict, held_out: dict,
             embedding_numels=embedding_numels, param_bytes=sum(t.numel() * t.element_size() for t in tensors),
             flops_forward=fit_shape([(x.batch, x.seq) for x in samples["fp32"]], [x.flops[kind] for x in samples["fp32"]]),
             activations=activations, time=time_fits))
-        checks += [FitCheck(batch=s.batch, seq=s.seq, precision=p, quantity=f"{kind}.saved",
-                            predicted_bytes=activations[p].at(s.batch).saved(s.batch, s.seq), measured_bytes=s.saved[kind])
-                   for p in ("fp32", "bf16") for s in held_out[p]]
+        checks += [FitCheck(batch=b, seq=s, precision=p, quantity=f"{kind}.saved",
+                            predicted_bytes=activations[p].at(b).saved(b, s), measured_bytes=saved[kind])
+                   for p in ("fp32", "bf16") for (b, s), saved in held_out[p]]
     return blocks, checks
 
 
