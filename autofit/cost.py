@@ -10,7 +10,8 @@ optimizer step per effective batch. One micro-batch of shape (B, L) costs, per b
 - one more forward for each checkpointed trainable layer (the recompute in backward).
 
 Block times come from the profile's measured per-block fits when it was profiled on the target's device
-kind, else from FLOPs / (throughput x matmul efficiency x utilisation(B*L)). The optimizer step is bound
+kind (a precision it did not time is scaled from one it did by the device's throughput ratio), else from
+FLOPs / (throughput x matmul efficiency x utilisation(B*L)). The optimizer step is bound
 by memory bandwidth. The constants below are calibratable: benchmarks/ fits them to measured step times.
 """
 
@@ -87,7 +88,19 @@ def block_passes(profile: Profile, knobs: Knobs) -> list[tuple[BlockProfile, Blo
 
 def is_measured(profile: Profile, knobs: Knobs, device: DeviceSpec) -> bool:
     """Measured block times apply when they were taken on the target's device kind at this precision."""
-    return profile.device == device.kind and all(knobs.precision.value in b.time for b in profile.blocks)
+    return timing_source(profile, knobs, device) == knobs.precision.value
+
+
+def timing_source(profile: Profile, knobs: Knobs, device: DeviceSpec) -> str | None:
+    """The precision whose measured block times the estimate starts from: the knobs' own when the profile
+    timed it on the target's device kind, else another timed one (scaled by the device's throughput ratio,
+    so that measured and estimated precisions stay comparable), else None (FLOPs alone)."""
+    if profile.device != device.kind:
+        return None
+    timed = [p.value for p in Precision if all(p.value in b.time for b in profile.blocks)]
+    if knobs.precision.value in timed:
+        return knobs.precision.value
+    return timed[0] if timed else None
 
 
 def matmul_flops_per_second(device: DeviceSpec, precision: Precision, tokens: int, hidden: int) -> float:
@@ -99,28 +112,28 @@ def matmul_flops_per_second(device: DeviceSpec, precision: Precision, tokens: in
     return tflops * 1e12 * device.matmul_efficiency * max(utilisation, 1e-6)
 
 
-def _pass_seconds(block: BlockProfile, knobs: Knobs, device: DeviceSpec, measured: bool, hidden: int,
+def _pass_seconds(block: BlockProfile, knobs: Knobs, device: DeviceSpec, source: str | None, hidden: int,
                   batch: int, seq: int) -> tuple[float, float, float]:
     """(forward, full backward, weight-only backward) seconds of one copy of `block`."""
-    if measured:
-        fit = block.time[knobs.precision.value]
-        forward, backward = fit.forward(batch, seq), fit.backward(batch, seq)
+    rate = matmul_flops_per_second(device, knobs.precision, batch * seq, hidden)
+    if source is not None:
+        fit = block.time[source]
+        scale = matmul_flops_per_second(device, Precision(source), batch * seq, hidden) / rate
+        forward, backward = scale * fit.forward(batch, seq), scale * fit.backward(batch, seq)
         # The embeddings' measured backward already is weight-only (ids take no gradient).
         weights = backward if block.kind == "embeddings" else WEIGHT_GRAD_SHARE * backward
         return forward, backward, weights
-    rate = matmul_flops_per_second(device, knobs.precision, batch * seq, hidden)
     forward = block.flops_forward(batch, seq) / rate
     return forward, 2.0 * forward, forward
 
 
 def micro_batch_seconds(profile: Profile, knobs: Knobs, device: DeviceSpec, batch: int, seq: int) -> float:
     """Seconds of one forward + backward of a (batch, seq) micro-batch."""
-    measured = is_measured(profile, knobs, device)
-    launch = 0.0 if measured else LAUNCH_SECONDS_PER_PASS.get(device.kind, 1e-4)
+    source = timing_source(profile, knobs, device)
+    launch = 0.0 if source is not None else LAUNCH_SECONDS_PER_PASS.get(device.kind, 1e-4)  # measured: included
     seconds = MICRO_BATCH_SECONDS.get(device.kind, 1e-3)
     for block, passes in block_passes(profile, knobs):
-        forward, full, weights = _pass_seconds(block, knobs, device, measured, profile.hidden_size,
-                                                batch, seq)
+        forward, full, weights = _pass_seconds(block, knobs, device, source, profile.hidden_size, batch, seq)
         seconds += (passes.forward + passes.recompute) * forward
         seconds += passes.backward_full * full + passes.backward_weights * weights
         seconds += launch * passes.total

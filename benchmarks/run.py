@@ -43,21 +43,21 @@ def _accuracy(r: dict[str, Any]) -> list[Row]:
     worst_arch = max((k for k in s if k.startswith("arch=")), key=lambda k: s[k]["autofit"]["max_abs_pct"])
     return [
         (f"peak-memory prediction error, median over {h['cells']} runs (autofit)",
-         _pct(h["autofit_median_abs_error_pct"]), "≤ 5%"),
-        ("peak-memory prediction error, worst run (autofit)", _pct(h["autofit_max_abs_error_pct"]), "≤ 10%"),
+         _pct(h["autofit_median_abs_error_pct"]), "≤ 3%"),
+        ("peak-memory prediction error, worst run (autofit)", _pct(h["autofit_max_abs_error_pct"]), "≤ 8%"),
         ("  same, `accelerate estimate-memory` rule (no activations): median / worst",
          f"{_pct(h['accelerate_median_abs_error_pct'])} / {_pct(h['accelerate_max_abs_error_pct'])}", "baseline"),
         ("  same, DeepSpeed-autotuner rule (one measured activation slope): median / worst",
          f"{_pct(h['deepspeed_median_abs_error_pct'])} / {_pct(h['deepspeed_max_abs_error_pct'])}", "baseline"),
-        *([("  on padded batches (the attention mask materialised, as profiled): median / worst",
+        *([("  on padded batches: median / worst",
              f"{_pct(s['data=padded']['autofit']['median_abs_pct'])} / {_pct(s['data=padded']['autofit']['max_abs_pct'])}",
-             "≤ 5% / ≤ 10%")] if "data=padded" in s else []),
+             "≤ 3% / ≤ 8%")] if "data=padded" in s else []),
         (f"  worst architecture ({worst_arch[5:]}): median / worst",
          f"{_pct(s[worst_arch]['autofit']['median_abs_pct'])} / {_pct(s[worst_arch]['autofit']['max_abs_pct'])}",
-         "≤ 5% / ≤ 10%"),
+         "≤ 3% / ≤ 8%"),
         (f"  worst knob set ({worst_knob[6:]}): median / worst",
          f"{_pct(s[worst_knob]['autofit']['median_abs_pct'])} / {_pct(s[worst_knob]['autofit']['max_abs_pct'])}",
-         "≤ 5% / ≤ 10%"),
+         "≤ 3% / ≤ 8%"),
     ]
 
 

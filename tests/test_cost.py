@@ -5,6 +5,7 @@ from autofit.cost import (
     MICRO_BATCH_SECONDS,
     OPTIMIZER_STEP_SECONDS,
     block_passes,
+    matmul_flops_per_second,
     micro_batch_seconds,
     optimizer_step_seconds,
     predict_time,
@@ -141,6 +142,21 @@ def test_flop_estimate_when_the_device_kind_or_precision_was_not_measured():
     assert not predict_time(cpu_profile, Knobs(micro_batch_size=8, precision=Precision.bf16), workload,
                             get_device("cpu")).measured
     assert not predict_time(make_profile(device="meta"), knobs, workload, get_device("cpu")).measured
+
+
+def test_an_untimed_precision_is_scaled_from_a_timed_one():
+    """A profile timed in fp32 only: bf16 on the same device kind starts from the fp32 measurements, scaled
+    by the device's throughput ratio, not from FLOPs alone (which would not be comparable with them)."""
+    profile = make_profile(hidden=32, layers=2, vocab=100, device="cpu", times=_measured_times())
+    cpu = get_device("cpu")
+    fp32, bf16 = Knobs(micro_batch_size=8), Knobs(micro_batch_size=8, precision=Precision.bf16)
+    rate = {p: matmul_flops_per_second(cpu, p, 8 * 16, 32) for p in (Precision.fp32, Precision.bf16)}
+    ratio = rate[Precision.fp32] / rate[Precision.bf16]
+    fixed = MICRO_BATCH_SECONDS["cpu"]
+    scaled = micro_batch_seconds(profile, bf16, cpu, 8, 16) - fixed
+    assert scaled == pytest.approx(ratio * (micro_batch_seconds(profile, fp32, cpu, 8, 16) - fixed), rel=1e-9)
+    flops_only = micro_batch_seconds(profile.model_copy(update={"device": "meta"}), bf16, cpu, 8, 16)
+    assert scaled != pytest.approx(flops_only - fixed, rel=0.1)
 
 
 def test_knobs_out_of_range_raise():
