@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 from autofit.budget import parse_budget
 from autofit.data import TokenizedData, prepare_examples, text_lengths
 from autofit.devices import DEVICES, DeviceSpec, get_device
-from autofit.models import default_task, load_model, load_tokenizer, resolve_config
+from autofit.models import default_task, load_model, load_tokenizer, max_sequence_length, resolve_config
 from autofit.plan import Plan
 from autofit.profiler import Profile, profile_model
 from autofit.profiler.cache import cached_profile
@@ -117,7 +117,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
         task = plan.task if plan is not None else default_task(config)
     if tokenizer is None and isinstance(model, str | os.PathLike):
         tokenizer = load_tokenizer(model)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = max_sequence_length(config)
     max_length = min(max_length or limit or 512, limit or 10**9)
     train_data = _tokenized(data, tokenizer, task, max_length, text_column)
     eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column) if eval_data else None

@@ -183,6 +183,19 @@ def default_task(config: PretrainedConfig) -> str:
     return "causal-lm" if decoder_only else "classification"
 
 
+POSITION_OFFSET_MODELS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text")
+"""Models whose position ids start after the padding index: max_position_embeddings - pad_token_id - 1
+positions are usable (RoBERTa's 514 give 512)."""
+
+
+def max_sequence_length(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position embeddings take, or None when they set no limit."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and config.model_type in POSITION_OFFSET_MODELS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
+
+
 def _head_class(config: PretrainedConfig, task: str):
     """The auto class that builds `config`'s model with `task`'s head."""
     if task not in TASK_HEADS:

@@ -24,6 +24,7 @@ from autofit.models import (
     known_models,
     load_model,
     load_tokenizer,
+    max_sequence_length,
     minilm_path,
     resolve_config,
 )
@@ -352,3 +353,12 @@ def test_catalog_files_are_real_configs():
     for entry in entries.values():
         assert entry.config["model_type"] in CONFIG_MAPPING, entry.id
         assert not any(key.startswith("autofit") for key in entry.config), entry.id
+
+
+@pytest.mark.parametrize("model_type, overrides, usable", [
+    ("roberta", dict(max_position_embeddings=514, pad_token_id=1), 512),  # positions start after padding_idx
+    ("bert", dict(max_position_embeddings=512), 512),
+    ("gpt2", dict(n_positions=1024), 1024),
+])
+def test_max_sequence_length_knows_position_offsets(model_type, overrides, usable):
+    assert max_sequence_length(CONFIG_MAPPING[model_type](**overrides)) == usable

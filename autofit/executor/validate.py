@@ -7,6 +7,7 @@ from transformers import PreTrainedModel
 
 from autofit.data import TokenizedData
 from autofit.layers import UnmappableModelError, find_layout
+from autofit.models import max_sequence_length
 from autofit.plan import Plan
 from autofit.techniques import precision as amp
 from autofit.techniques.bucketing import padded_length
@@ -91,7 +92,7 @@ def _check_data_fits(model: PreTrainedModel, plan: Plan, data: TokenizedData, na
     if vocab is not None and top >= vocab:
         raise ExecutorInputError(f"the {name} data has token id {top} but the model's vocabulary has "
                                  f"{vocab} entries: was it tokenized with another model's tokenizer?")
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    positions = max_sequence_length(config)
     longest = max(data.lengths)
     if positions is not None and longest > positions:
         raise ExecutorInputError(f"the {name} data has a {longest}-token example but the model takes at most "

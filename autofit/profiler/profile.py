@@ -22,7 +22,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from autofit.knobs import Knobs
 from autofit.layers import find_layout
-from autofit.models import build_model, default_task, resolve_config
+from autofit.models import build_model, default_task, max_sequence_length, resolve_config
 from autofit.profiler.fit import TIME_TERMS, fit_shape
 from autofit.profiler.measure_blocks import (KEEP_LAYERS, WINDOWS, Subject, TimeSample, measure_memory, measure_saved,
                                              measure_time, prepared)
@@ -78,7 +78,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
     return Profile(
         model_id=model_id, model_type=config.model_type, task=task, num_layers=num_layers,
         hidden_size=config.hidden_size, vocab_size=config.vocab_size,
-        max_positions=getattr(config, "max_position_embeddings", None),
+        max_positions=max_sequence_length(config),
         attn_implementation=getattr(subject_model.config, "_attn_implementation", None) or "eager",
         device=(_device_of(live) if live is not None else timing_device) if timing else "meta",
         blocks=blocks, optimizer_transient_per_param=optimizer_transient(params["layer"][0]),
@@ -161,8 +161,7 @@ def _memory_samples(subject: Subject, device: str) -> tuple[dict, dict, dict]:
 
 
 def _max_seq(model: nn.Module) -> int:
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
+    return max_sequence_length(model.config) or 4096
 
 
 def _time_samples(subject: Subject, precision: str, device: str) -> list[TimeSample]:

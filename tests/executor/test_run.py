@@ -289,6 +289,10 @@ def test_data_the_model_cannot_take_is_refused(tiny, data, plan_for):
     unpadded = plan_for(short_positions, micro_batch_size=2, pad_to_multiple_of=None)
     result = run_plan(short_positions, unpadded, data(4, min_len=58, max_len=58), quiet=True, measure_memory=False)
     assert result.optimizer_steps == 2
+    # RoBERTa's position ids start after the padding index (0 here): 66 position embeddings take 65 tokens.
+    roberta = tiny("roberta", max_position_embeddings=66)
+    refuse(roberta, plan_for(roberta, micro_batch_size=2, pad_to_multiple_of=None), data(4, min_len=66, max_len=66),
+           "at most 65 positions")
     bad_ids = data(4)
     bad_ids.input_ids[0][0] = 100
     refuse(model, plan, bad_ids, "token id 100")
