@@ -134,6 +134,8 @@ class Plan(BaseModel):
             optim="adamw_bnb_8bit" if k.optimizer_bits == 8 else "adamw_torch",
             report_to=[],
         )
+        if self.device.kind == "cpu":  # a plan for the CPU trains there (bf16 there needs it said)
+            args["use_cpu"] = True
         if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:  # transformers >= 5
             args["train_sampling_strategy"] = "group_by_length" if k.bucket_boundaries else "random"
         else:  # transformers 4.x

@@ -126,6 +126,9 @@ def test_training_arguments_bf16_and_overrides(plan, tmp_path):
                                       gradient_accumulation_steps=5)
     assert args.bf16 and not args.fp16
     assert args.learning_rate == 3e-5 and args.gradient_accumulation_steps == 5
+    # a plan for the CPU says so itself
+    on_cpu = bf16.model_copy(update={"device": get_device("cpu")}).to_training_arguments(str(tmp_path))
+    assert on_cpu.use_cpu and on_cpu.bf16
 
 
 # --- Knobs ---------------------------------------------------------------------------------------------------
