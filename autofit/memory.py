@@ -118,37 +118,15 @@ def _backward_transient(block: _Block, acts: BlockActivations, grad_out: float, 
                                         acts.backward_transient(batch, seq))
 
 
+Candidate = tuple[float, float, float, str]
+"""(activations, temporaries, gradients, phase) at one moment of the step."""
+
+
 def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int, padded: bool,
-                     grads_held: bool) -> tuple[float, float, float, str]:
+                     grads_held: bool) -> Candidate:
     """Replay forward then backward. Returns (activations, temporaries, grads) at the peak, and its phase."""
-    kept: list[float] = []
-    outputs: list[float] = []
-    live = previous_output = 0.0
-    best = (0.0, 0.0, 0.0, "forward")
-
-    def consider(candidate: tuple[float, float, float, str]) -> None:
-        nonlocal best
-        if sum(candidate[:3]) > sum(best[:3]):
-            best = candidate
-
-    held = _held_bytes(blocks, precision, batch, seq, padded)
-    for index, block in enumerate(blocks):
-        acts = block.profile.activations[precision].at(batch, padded)
-        k = _kept_bytes(block, previous_output, acts, batch, seq)
-        out = acts.output(batch, seq)
-        runs_autograd = block.trainable or block.needs_input_grad
-        transient = _forward_transient(block, acts, batch, seq)
-        # a frozen block's input is live while it runs though nothing keeps it (layer 0's may be `held`)
-        unkept_input = 0.0 if runs_autograd else max(0.0, previous_output - (held if index == 1 else 0.0))
-        # live at the block's end is everything kept so far plus its output; the transient sits on top
-        # what the model's code still references unsaved (resident) is live too
-        consider((live + k, out + transient + acts.resident(batch, seq) + unkept_input, 0.0, "forward"))
-        live += k + (held if index == 0 else 0.0)
-        kept.append(k)
-        outputs.append(out)
-        previous_output = out
-    live -= held  # the model's forward has returned
-    grads = 0.0
+    kept, outputs, candidates = _forward_walk(blocks, precision, batch, seq, padded)
+    live, grads = sum(kept), 0.0
     for i in range(len(blocks) - 1, -1, -1):
         block = blocks[i]
         if not block.trainable and not block.needs_input_grad:
@@ -156,11 +134,42 @@ def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
         acts = block.profile.activations[precision].at(batch, padded)
         # grads: those held before the block's backward; the transient holds the ones it makes (its .grad,
         # or, accumulating, fresh gradients waiting to be added in place)
-        consider((live, _backward_transient(block, acts, outputs[i], batch, seq), grads, "backward"))
+        candidates.append((live, _backward_transient(block, acts, outputs[i], batch, seq), grads, "backward"))
         if block.trainable and not grads_held:
             grads += block.profile.param_bytes
         live -= kept[i]
-    return best
+    return max(candidates, key=lambda c: sum(c[:3]))
+
+
+def _forward_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
+                  padded: bool) -> tuple[list[float], list[float], list[Candidate]]:
+    """(bytes each block keeps for backward, each block's output, the forward's peak candidates)."""
+    kept: list[float] = []
+    outputs: list[float] = []
+    candidates: list[Candidate] = [(0.0, 0.0, 0.0, "forward")]
+    held = _held_bytes(blocks, precision, batch, seq, padded)
+    live = previous_output = 0.0
+    for index, block in enumerate(blocks):
+        acts = block.profile.activations[precision].at(batch, padded)
+        k = _kept_bytes(block, previous_output, acts, batch, seq)
+        # live until the model's forward returns: autocast's weight copies of a checkpointed layer
+        if block.checkpointed and acts.checkpointed_leftover is not None:
+            k_forward = k + acts.checkpointed_leftover(batch, seq)
+        else:
+            k_forward = k
+        out = acts.output(batch, seq)
+        # a frozen block's input is live while it runs though nothing keeps it (layer 0's may be `held`)
+        runs_autograd = block.trainable or block.needs_input_grad
+        unkept_input = 0.0 if runs_autograd else max(0.0, previous_output - (held if index == 1 else 0.0))
+        # at the block's end: everything kept so far, its output, what the model's code still references
+        # unsaved (resident); its transient sits on top
+        candidates.append((live + k_forward, out + _forward_transient(block, acts, batch, seq)
+                           + acts.resident(batch, seq) + unkept_input, 0.0, "forward"))
+        live += k_forward + (held if index == 0 else 0.0)
+        kept.append(k)
+        outputs.append(out)
+        previous_output = out
+    return kept, outputs, candidates
 
 
 def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int,

@@ -332,3 +332,18 @@ def test_embeddings_held_by_the_model_count_when_layer_0_is_frozen():
         a, b = predict_step_peak(profile, freeze(depth), B, S, CPU), predict_step_peak(base, freeze(depth), B, S, CPU)
         assert a.peak_phase == b.peak_phase == "forward"
         assert a.peak_bytes - b.peak_bytes == extra
+
+
+def test_autocast_weight_copies_of_checkpointed_layers_live_until_the_forward_ends():
+    """A checkpointed layer saves nothing, but autocast caches its low-precision weight copies until the
+    model's forward returns: every checkpointed layer adds them to the forward, none to the backward."""
+    leftover = 3
+    big_forward = _with_layer_fits(exact_profile(head_backward=0), kind="head",
+                                   forward_transient=ShapeFit(per_token=10**5))  # the peak in the head's forward
+    with_copies = _with_layer_fits(big_forward, checkpointed_leftover=ShapeFit(per_token=leftover))
+    knobs = Knobs(checkpoint_layers=(0, 1, 2))
+    a, b = predict_step_peak(with_copies, knobs, B, S, CPU), predict_step_peak(big_forward, knobs, B, S, CPU)
+    assert a.peak_phase == b.peak_phase == "forward"
+    assert a.peak_bytes - b.peak_bytes == 3 * leftover * T
+    huge_backward = _with_layer_fits(exact_profile(), checkpointed_leftover=ShapeFit(per_token=leftover))
+    assert predict_step_peak(huge_backward, knobs, B, S, CPU) == predict_step_peak(exact_profile(), knobs, B, S, CPU)

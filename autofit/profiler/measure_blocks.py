@@ -45,6 +45,7 @@ class ShapeSample(BaseModel):
     checkpointed_forward_transient: dict[str, float]
     recompute_backward_transient: dict[str, float]
     checkpoint_args: dict[str, float]
+    checkpointed_leftover: dict[str, float]
     flops: dict[str, float]
 
 
@@ -221,6 +222,8 @@ def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], dev
     # Live at the forward's end with the layer checkpointed, against without: its saved tensors are gone,
     # its arguments stay (the input hidden state and whatever else the model passes, such as masks).
     ckpt_kept = recomputing.windows["fwd:head"].end_live - full.windows["fwd:head"].end_live + saved["layer"]
+    # Of that, what the layer's own forward left beyond its output: autocast's cached weight copies.
+    leftover = max(0.0, ckpt_fwd.end_live - ckpt_fwd.start_live - ckpt_fwd.output)
     return ShapeSample(
         batch=shape[0], seq=shape[1], saved=saved,
         saved_first_trainable={"embeddings": saved["embeddings"],
@@ -236,7 +239,8 @@ def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], dev
         recompute_backward_transient=_layer_only(max(0, ckpt_bwd.peak - ckpt_bwd.saved_live_start
                                                      - ckpt_bwd.grads_start - recomputing.batch_unsaved
                                                      - saved["layer"])),
-        checkpoint_args=_layer_only(max(0.0, ckpt_kept - fwd["layer"].output)),
+        checkpoint_args=_layer_only(max(0.0, ckpt_kept - fwd["layer"].output - leftover)),
+        checkpointed_leftover=_layer_only(leftover),
         flops={k: w.flops for k, w in fwd.items()},
     )
 

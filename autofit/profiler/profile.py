@@ -38,7 +38,8 @@ HELD_OUT_SHAPES = ((3, 96), (4, 384))
 """Shapes measured but not fitted: the Profile reports the fits' error there."""
 TIME_SHAPES = ((1, 32), (2, 64), (4, 64), (4, 128))
 QUANTITIES = ("saved", "saved_first_trainable", "output", "forward_transient", "backward_transient", "resident",
-              "held", "checkpointed_forward_transient", "recompute_backward_transient", "checkpoint_args")
+              "held", "checkpointed_forward_transient", "recompute_backward_transient", "checkpoint_args",
+              "checkpointed_leftover")
 VERSIONED = ("autofit", "torch", "transformers", "accelerate", "bitsandbytes", "optuna")
 
 

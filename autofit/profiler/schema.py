@@ -74,6 +74,10 @@ class BlockActivations(BaseModel):
     checkpoint_args: ShapeFit | None = None
     """Layers only: bytes of a checkpointed layer's arguments besides its input (masks, position tables)
     that checkpointing keeps referenced until the recompute. Every layer gets the same tensors: count once."""
+    checkpointed_leftover: ShapeFit | None = None
+    """Layers only: bytes a checkpointed layer's forward leaves live beyond its output until the model's
+    forward returns: autocast's cached low-precision weight copies (saved for backward when not
+    checkpointed). Each checkpointed layer has its own."""
     recompute_backward_transient: ShapeFit | None = None
     """Layers only: backward_transient when the layer is checkpointed, beyond the `saved` bytes its recompute
     brings back (the recompute's own temporaries, the gradient flowing in). None where not measured."""
