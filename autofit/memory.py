@@ -3,11 +3,15 @@
 A training step is replayed block by block on paper, the way the allocator sees it:
 
   forward    every block adds what it keeps for backward (nothing when frozen below the boundary, only its
-             input when checkpointed); the running total plus the block's transient is a candidate peak.
-  backward   blocks run top-down; a checkpointed block first recomputes what it saved; each block's grads
-             appear while what it kept is freed. The candidate is the running total + the block's
-             backward transient + the gradient flowing into it.
+             arguments when checkpointed); the running total plus the block's output, transient and
+             unsaved references is a candidate peak. Until the forward returns, the model's code also
+             holds the embeddings' output and autocast caches checkpointed layers' weight copies.
+  backward   blocks run top-down; the candidate is the running total + the gradients held before the
+             block + its measured backward transient, which holds the gradient flowing in, the block's
+             own fresh gradients and, when checkpointed, its recompute.
   optimizer  weights + grads + state + the optimizer's temporaries.
+
+Batches without pad tokens use the profile's unpadded fits: models skip their attention mask then.
 
 Steady state is assumed: optimizer state exists (after step 1) and, with accumulation, gradients already
 exist during every micro-batch but the first of a window.

@@ -218,12 +218,6 @@ def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], dev
     # output, which no frozen layer saved but the model's code still references.
     above = first.windows[f"fwd:{layer}"]
     held = max(0.0, above.end_live - above.saved_live_end - above.output - first.batch_unsaved - resident["layer"])
-    ckpt_fwd, ckpt_bwd = recomputing.windows[f"fwd:{layer}"], recomputing.windows[f"bwd:{layer}"]
-    # Live at the forward's end with the layer checkpointed, against without: its saved tensors are gone,
-    # its arguments stay (the input hidden state and whatever else the model passes, such as masks).
-    ckpt_kept = recomputing.windows["fwd:head"].end_live - full.windows["fwd:head"].end_live + saved["layer"]
-    # Of that, what the layer's own forward left beyond its output: autocast's cached weight copies.
-    leftover = max(0.0, ckpt_fwd.end_live - ckpt_fwd.start_live - ckpt_fwd.output)
     return ShapeSample(
         batch=shape[0], seq=shape[1], saved=saved,
         saved_first_trainable={"embeddings": saved["embeddings"],
@@ -235,18 +229,27 @@ def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], dev
                             for k, w in bwd.items()},
         resident=resident,
         held={"embeddings": held if two_layers else 0.0, "layer": 0.0, "head": 0.0},
-        checkpointed_forward_transient=_layer_only(max(0, ckpt_fwd.peak - ckpt_fwd.end_live)),
-        recompute_backward_transient=_layer_only(max(0, ckpt_bwd.peak - ckpt_bwd.saved_live_start
-                                                     - ckpt_bwd.grads_start - recomputing.batch_unsaved
-                                                     - saved["layer"])),
-        checkpoint_args=_layer_only(max(0.0, ckpt_kept - fwd["layer"].output - leftover)),
-        checkpointed_leftover=_layer_only(leftover),
+        **_checkpointed(recomputing, full, layer, saved["layer"]),
         flops={k: w.flops for k, w in fwd.items()},
     )
 
 
-def _layer_only(value: float) -> dict[str, float]:
-    return {"embeddings": 0.0, "layer": float(value), "head": 0.0}
+def _checkpointed(recomputing: Timeline, full: Timeline, layer: str, saved: float) -> dict[str, dict[str, float]]:
+    """The checkpointed layer's quantities, from the run that checkpoints it against the one that does not."""
+    forward, backward = recomputing.windows[f"fwd:{layer}"], recomputing.windows[f"bwd:{layer}"]
+    # Live at the forward's end with the layer checkpointed, against without: its saved tensors are gone,
+    # its arguments stay (the input hidden state and whatever else the model passes, such as masks).
+    kept = recomputing.windows["fwd:head"].end_live - full.windows["fwd:head"].end_live + saved
+    # Of that, what the layer's own forward left beyond its output: autocast's cached weight copies.
+    leftover = max(0.0, forward.end_live - forward.start_live - forward.output)
+    recompute = backward.peak - backward.saved_live_start - backward.grads_start - recomputing.batch_unsaved - saved
+    quantities = {
+        "checkpointed_forward_transient": max(0, forward.peak - forward.end_live),
+        "recompute_backward_transient": max(0, recompute),
+        "checkpoint_args": max(0.0, kept - full.windows[f"fwd:{layer}"].output - leftover),
+        "checkpointed_leftover": leftover,
+    }
+    return {name: {"embeddings": 0.0, "layer": float(value), "head": 0.0} for name, value in quantities.items()}
 
 
 def measure_time(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,
