@@ -4,7 +4,7 @@
 
 A matrix of small random-weight models (bert, roberta, deberta-v2 in DeBERTa-v3 style, gpt2, llama) x knob
 sets (plain fp32, checkpointing all / some layers, partial freezing, bf16, 8-bit AdamW, accumulation, combos)
-x sequence lengths x micro-batch sizes. For every cell:
+x sequence lengths x micro-batch sizes, none of them a shape the profiler measured. For every cell:
 
   predicted   autofit.memory.predict_peak(profile, knobs, workload, cpu).allocated_bytes, the profile made once
               per model by autofit.profiler.profile_model;
@@ -81,11 +81,13 @@ KNOB_SETS: dict[str, dict[str, Any]] = {
                                      "precision": "bf16", "accumulation_steps": 2},
 }
 
-FULL = dict(archs=list(ARCHS), knobs=list(KNOB_SETS), seqs=(64, 256), batches=(2, 8), steps=4,
+FULL = dict(archs=list(ARCHS), knobs=list(KNOB_SETS), seqs=(96, 224), batches=(3, 6), steps=4,
             padded_knobs=["plain", "ckpt-some", "bf16"])
 QUICK = dict(archs=list(ARCHS), knobs=["plain", "ckpt-all", "ckpt-some", "freeze", "bf16", "8bit", "accum4",
                                        "freeze+ckpt-some+bf16+accum2"],
-             seqs=(128,), batches=(2, 8), steps=3, padded_knobs=["plain"])
+             seqs=(160,), batches=(3, 6), steps=3, padded_knobs=["plain"])
+"""Shapes the profiler never measured (it fits at batches 1, 2, 8 and lengths 64, 256, 512, or a quarter,
+half and all of a shorter model's positions): every cell checks the fits between their points."""
 """`padded_knobs` are run a second time on data whose examples are one token short of the length, so every
 batch pads to the same shape but its attention mask has zeros: models with SDPA attention then build and save
 the additive mask that an all-ones mask lets them skip."""

@@ -41,16 +41,19 @@ def fit_shape(shapes: Sequence[tuple[int, int]], values: Sequence[float],
     envelope: fit at or above every measured value. Transients are the maximum over a block's ops, which
     switches from op to op as shapes grow, so the larger and the smaller half of the shapes (by tokens) get
     a fit each, the smaller one as `small`; each has its constant raised until no measurement is above it
-    (a plan must not run out of memory on that account)."""
+    (a plan must not run out of memory on that account). The measurements are kept: within their grid
+    they bound the fit from above."""
     if not envelope:
         return _least_squares(shapes, values, terms)
     tokens = sorted(b * s for b, s in shapes)
     median = tokens[len(tokens) // 2]
     large = _lifted(*_subset(shapes, values, lambda t: t >= median), terms)
+    measured = [(b, s, float(v)) for (b, s), v in zip(shapes, values)]
     small_shapes, small_values = _subset(shapes, values, lambda t: t <= median)
     if len(small_shapes) < 2:
-        return large
-    return large.model_copy(update={"small": _lifted(small_shapes, small_values, terms), "small_tokens": median})
+        return large.model_copy(update={"measured": measured})
+    return large.model_copy(update={"small": _lifted(small_shapes, small_values, terms), "small_tokens": median,
+                                    "measured": measured})
 
 
 def _subset(shapes, values, keep) -> tuple[list, list]:

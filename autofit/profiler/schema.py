@@ -10,6 +10,7 @@ by the whole batch: DeBERTa's relative-position tables, a causal mask built once
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,14 +34,44 @@ class ShapeFit(BaseModel):
     """The fit used instead for micro-batches of at most `small_tokens` tokens (transients: the op at the
     peak changes as shapes grow, so one envelope over all shapes is loose at the small end)."""
     small_tokens: int = 0
+    measured: list[tuple[int, int, float]] = []
+    """(batch, seq, value) where an envelope was measured. Within their grid they bound the value too: see
+    `grid_bound`."""
 
     def __call__(self, batch: int, seq: int) -> float:
         tokens = batch * seq
         if self.small is not None and tokens <= self.small_tokens:
-            return self.small(batch, seq)
-        value = (self.const + self.per_batch * batch + self.per_token * tokens
-                 + self.per_token_seq * tokens * seq + self.per_seq * seq + self.per_seq_sq * seq * seq)
+            value = self.small(batch, seq)
+        else:
+            value = (self.const + self.per_batch * batch + self.per_token * tokens
+                     + self.per_token_seq * tokens * seq + self.per_seq * seq + self.per_seq_sq * seq * seq)
+        if self.measured:
+            bound = self.grid_bound(batch, seq)
+            value = value if bound is None else min(value, bound)
         return max(0.0, value)
+
+    def grid_bound(self, batch: int, seq: int) -> float | None:
+        """An upper bound from the measurements around (batch, seq), None outside their grid.
+
+        A transient is the largest of some ops' sums of monomials in B and S with non-negative coefficients,
+        so it is convex in (log B, log S) after taking its log: interpolating the logs of the four measured
+        corners bilinearly can only land above it (Jensen). A corner measured as zero leaves the largest
+        corner, the bound monotonicity gives."""
+        table = {(b, s): v for b, s, v in self.measured}
+        corners = []
+        for axis, x in ((sorted({b for b, _ in table}), batch), (sorted({s for _, s in table}), seq)):
+            if not axis[0] <= x <= axis[-1]:
+                return None
+            high = next(i for i, a in enumerate(axis) if a >= x)
+            low = high if axis[high] == x else high - 1
+            weight = 0.0 if low == high else math.log(x / axis[low]) / math.log(axis[high] / axis[low])
+            corners.append(((axis[low], 1.0 - weight), (axis[high], weight)))
+        points = [((b, s), wb * ws) for b, wb in corners[0] for s, ws in corners[1]]
+        if any(key not in table for key, _ in points):
+            return None
+        if any(table[key] <= 0 for key, _ in points):
+            return max(table[key] for key, _ in points)
+        return math.exp(sum(w * math.log(table[key]) for key, w in points))
 
 
 class BlockActivations(BaseModel):

@@ -138,3 +138,25 @@ def test_the_envelope_is_above_every_measurement_and_tight_at_the_small_end():
     assert all(fit(*shape) >= v - 1e-6 for shape, v in zip(shapes, values))
     assert fit(2, 64) <= 1.05 * values[0]
     assert fit(8, 256) == pytest.approx(values[-1])
+    # within the measured grid, the nearest measurement at or above a shape bounds it (transients grow
+    # with the shape): the measured shapes come back exactly, the ones between no higher than their bound
+    assert all(fit(*shape) == pytest.approx(v) for shape, v in zip(shapes, values))
+    assert fit(4, 100) <= values[shapes.index((8, 128))]
+    # beyond the grid only the fit speaks
+    assert fit(8, 512) > values[-1]
+
+
+def test_the_grid_bound_never_falls_below_a_max_of_monomial_sums():
+    """Between measured shapes the log-log interpolation of a transient (a max over ops of sums of
+    monomials with non-negative coefficients) stays above it, and well below the next measured corner."""
+    def transient(b, s):
+        return max(40.0 * b * s * s + 4096.0 * s, 900.0 * b * s + 3.0 * s * s)
+
+    shapes = [(b, s) for b in (1, 2, 8) for s in (64, 256, 512)]
+    fit = ShapeFit(measured=[(b, s, transient(b, s)) for b, s in shapes], const=1e12)  # the fit itself: no bound
+    for b, s in [(3, 96), (6, 200), (2, 100), (5, 64), (8, 300), (1, 65)]:
+        bound = fit.grid_bound(b, s)
+        assert transient(b, s) <= bound <= transient(8, 512)
+        assert fit(b, s) == bound
+    assert fit.grid_bound(16, 64) is None and fit.grid_bound(2, 1024) is None  # outside the grid
+    assert fit.grid_bound(4, 128) < 0.6 * transient(8, 256)  # tighter than the next measured corner
