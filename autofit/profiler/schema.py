@@ -11,6 +11,7 @@ by the whole batch: DeBERTa's relative-position tables, a causal mask built once
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,7 +35,7 @@ class ShapeFit(BaseModel):
     """The fit used instead for micro-batches of at most `small_tokens` tokens (transients: the op at the
     peak changes as shapes grow, so one envelope over all shapes is loose at the small end)."""
     small_tokens: int = 0
-    measured: list[tuple[int, int, float]] = []
+    measured: tuple[tuple[int, int, float], ...] = ()
     """(batch, seq, value) where an envelope was measured. Within their grid they bound the value too: see
     `grid_bound`."""
 
@@ -50,6 +51,13 @@ class ShapeFit(BaseModel):
             value = value if bound is None else min(value, bound)
         return max(0.0, value)
 
+    @cached_property
+    def _grid(self) -> tuple[dict[tuple[int, int], float], list[int], list[int]]:
+        """The measurements by (batch, seq), and the grid's sorted batches and lengths: built once, as the
+        search calls a fit thousands of times."""
+        table = {(b, s): v for b, s, v in self.measured}
+        return table, sorted({b for b, _ in table}), sorted({s for _, s in table})
+
     def grid_bound(self, batch: int, seq: int) -> float | None:
         """An upper bound from the measurements around (batch, seq), None outside their grid.
 
@@ -57,9 +65,9 @@ class ShapeFit(BaseModel):
         so it is convex in (log B, log S) after taking its log: interpolating the logs of the four measured
         corners bilinearly can only land above it (Jensen). A corner measured as zero leaves the largest
         corner, the bound monotonicity gives."""
-        table = {(b, s): v for b, s, v in self.measured}
+        table, batches, seqs = self._grid
         corners = []
-        for axis, x in ((sorted({b for b, _ in table}), batch), (sorted({s for _, s in table}), seq)):
+        for axis, x in ((batches, batch), (seqs, seq)):
             if not axis[0] <= x <= axis[-1]:
                 return None
             high = next(i for i, a in enumerate(axis) if a >= x)
