@@ -58,6 +58,16 @@ def git_state() -> dict[str, Any]:
         return {"git_commit": None, "git_modified": []}
 
 
+def machine_info(threads: int, module: str, quick: bool) -> dict[str, Any]:
+    """environment(), the load on the machine, and the command that reproduces the result (the real argv
+    too): what the timing benchmarks record."""
+    return {
+        **environment(), "torch_threads": threads,
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "command": f"python -m {module}" + (" --quick" if quick else ""), "argv": sys.argv,
+    }
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

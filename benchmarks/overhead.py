@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import torch_threads
-from benchmarks.padding import StepClock, hand_plan, machine_info, skewed_lengths, small_bert, token_data, write_json
+from benchmarks._common import machine_info, torch_threads, write_result
+from benchmarks.padding import StepClock, hand_plan, skewed_lengths, small_bert, token_data
 
 THREADS = 1
 LR, WEIGHT_DECAY, MAX_GRAD_NORM, PAD_MULTIPLE = 2e-5, 0.01, 1.0, 8
@@ -226,7 +226,7 @@ def _main(quick: bool, profile: bool) -> dict:
     if profile:
         payload["profile"] = _profile(base, data, windows, plan)
     payload["seconds"] = time.perf_counter() - started
-    path = write_json("overhead", payload)
+    path = write_result("overhead", payload)
     _print_table(payload, path)
     return payload
 

@@ -24,15 +24,15 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks._common import machine_info, torch_threads, write_result
 
 MAX_LEN = 256
 VOCAB = 1000
@@ -41,24 +41,6 @@ THREADS = 1
 
 
 # ---- shared with benchmarks/overhead.py and benchmarks/plan_quality.py ------------------------------
-
-def machine_info(threads: int, module: str, quick: bool) -> dict:
-    """Date, machine, versions, git state (benchmarks._common.environment), the load on the machine, and
-    the command that reproduces the result (the real argv too)."""
-    from benchmarks._common import environment
-
-    return {
-        **environment(), "torch_threads": threads,
-        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "command": f"python -m {module}" + (" --quick" if quick else ""), "argv": sys.argv,
-    }
-
-
-def write_json(name: str, payload: dict) -> Path:
-    from benchmarks._common import write_result
-
-    return write_result(name, payload)
-
 
 class StepClock:
     """Wall-clock and process-CPU time at every optimizer step of any optimizer (a global post-step hook),
@@ -184,8 +166,6 @@ def run_variant(base_model, knobs, data, *, max_steps: int | None = None) -> dic
 
 
 def main(quick: bool = False) -> dict:
-    from benchmarks._common import torch_threads
-
     warnings.filterwarnings("ignore")
     with torch_threads(THREADS):
         return _main(quick)
@@ -242,7 +222,7 @@ def _main(quick: bool) -> dict:
                   "executor": "autofit.executor.run_plan(measure_memory=False)", "device": "cpu"},
         "variants": rows, "seconds": time.perf_counter() - started,
     }
-    path = write_json("padding", payload)
+    path = write_result("padding", payload)
     _print_table(payload, path)
     return payload
 

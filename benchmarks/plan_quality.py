@@ -37,8 +37,8 @@ import time
 import warnings
 from pathlib import Path
 
-from benchmarks._common import torch_threads
-from benchmarks.padding import StepClock, hand_plan, machine_info, small_bert, token_data, write_json
+from benchmarks._common import machine_info, torch_threads, write_result
+from benchmarks.padding import StepClock, hand_plan, small_bert, token_data
 
 THREADS = 1
 SEQ, EFFECTIVE_BATCH, LAYERS, VOCAB = 128, 16, 4, 2000
@@ -277,7 +277,7 @@ def _main(quick: bool) -> dict:
         "cost_model_rank_correlation": _spearman(predicted_sps, measured),
         "seconds": time.perf_counter() - started,
     }
-    path = write_json("plan_quality", payload)
+    path = write_result("plan_quality", payload)
     _print_table(payload, path)
     return payload
 
