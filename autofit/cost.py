@@ -112,18 +112,17 @@ def matmul_flops_per_second(device: DeviceSpec, precision: Precision, tokens: in
     return tflops * 1e12 * device.matmul_efficiency * max(utilisation, 1e-6)
 
 
-def _pass_seconds(block: BlockProfile, knobs: Knobs, device: DeviceSpec, source: str | None, hidden: int,
-                  batch: int, seq: int) -> tuple[float, float, float]:
-    """(forward, full backward, weight-only backward) seconds of one copy of `block`."""
-    rate = matmul_flops_per_second(device, knobs.precision, batch * seq, hidden)
+def _pass_seconds(block: BlockProfile, knobs: Knobs, device: DeviceSpec, source: str | None, scale: float,
+                  hidden: int, batch: int, seq: int) -> tuple[float, float, float]:
+    """(forward, full backward, weight-only backward) seconds of one copy of `block`: its measured times
+    at precision `source` times `scale`, or from FLOPs when nothing was measured."""
     if source is not None:
         fit = block.time[source]
-        scale = matmul_flops_per_second(device, Precision(source), batch * seq, hidden) / rate
         forward, backward = scale * fit.forward(batch, seq), scale * fit.backward(batch, seq)
         # The embeddings' measured backward already is weight-only (ids take no gradient).
         weights = backward if block.kind == "embeddings" else WEIGHT_GRAD_SHARE * backward
         return forward, backward, weights
-    forward = block.flops_forward(batch, seq) / rate
+    forward = block.flops_forward(batch, seq) / matmul_flops_per_second(device, knobs.precision, batch * seq, hidden)
     return forward, 2.0 * forward, forward
 
 
@@ -131,9 +130,14 @@ def micro_batch_seconds(profile: Profile, knobs: Knobs, device: DeviceSpec, batc
     """Seconds of one forward + backward of a (batch, seq) micro-batch."""
     source = timing_source(profile, knobs, device)
     launch = 0.0 if source is not None else LAUNCH_SECONDS_PER_PASS.get(device.kind, 1e-4)  # measured: included
+    scale = 1.0  # a precision timed itself; another one by the device's throughput ratio
+    if source is not None and source != knobs.precision.value:
+        tokens, hidden = batch * seq, profile.hidden_size
+        scale = (matmul_flops_per_second(device, Precision(source), tokens, hidden)
+                 / matmul_flops_per_second(device, knobs.precision, tokens, hidden))
     seconds = MICRO_BATCH_SECONDS.get(device.kind, 1e-3)
     for block, passes in block_passes(profile, knobs):
-        forward, full, weights = _pass_seconds(block, knobs, device, source, profile.hidden_size, batch, seq)
+        forward, full, weights = _pass_seconds(block, knobs, device, source, scale, profile.hidden_size, batch, seq)
         seconds += (passes.forward + passes.recompute) * forward
         seconds += passes.backward_full * full + passes.backward_weights * weights
         seconds += launch * passes.total
