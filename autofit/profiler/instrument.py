@@ -36,8 +36,6 @@ class Window:
     """Bytes of saved-for-backward storages alive when the window closed."""
     grads_start: int = 0
     """Bytes of parameter gradients held when the window opened (backward windows)."""
-    grads_end: int = 0
-    """Bytes of parameter gradients held when the window closed."""
     flops: float = 0.0
     seconds: float = 0.0
     output: int = 0
@@ -89,8 +87,6 @@ class Timeline:
         if self.tracker is not None:
             window.end_live, window.peak = self.tracker.live, self.tracker.peak
             window.flops = self.tracker.flops - self._flops_start
-            if self.current.startswith("bwd:"):
-                window.grads_end = grad_bytes(self.params)
         self.current = None
 
 

@@ -77,14 +77,10 @@ def split_buckets(hist: LengthHistogram, knobs: Knobs) -> list[Bucket]:
     return buckets
 
 
-def worst_case_shapes(knobs: Knobs, hist: LengthHistogram) -> list[tuple[int, int]]:
-    """(batch, padded length) of the largest micro-batch each bucket can form; memory is the max over them."""
-    return [(batch, length) for batch, length, _ in worst_case_batches(knobs, hist)]
-
-
 def worst_case_batches(knobs: Knobs, hist: LengthHistogram) -> list[tuple[int, int, bool]]:
-    """worst_case_shapes, each with whether its batches can hold pad tokens: False only for a bucket whose
-    examples all have its padded length (models skip the attention mask for batches without padding)."""
+    """(batch, padded length, can hold pad tokens) of the largest micro-batch each bucket can form; memory
+    is the max over them. Pad tokens are ruled out only for a bucket whose examples all have its padded
+    length (models skip the attention mask for batches without padding)."""
     batches = []
     for bucket in split_buckets(hist, knobs):
         batch = min(micro_batch_size_for(bucket.upper_length, knobs), bucket.hist.num_samples)

@@ -14,7 +14,6 @@ from autofit.techniques.bucketing import (
     padding_efficiency,
     sorted_eval_batches,
     worst_case_batches,
-    worst_case_shapes,
 )
 from autofit.workload import LengthHistogram
 
@@ -47,6 +46,10 @@ def test_micro_batch_size_for_caps_by_token_budget():
     assert micro_batch_size_for(128, knobs) == 8
     assert micro_batch_size_for(4096, knobs) == 1
     assert micro_batch_size_for(4096, Knobs(micro_batch_size=4)) == 4
+
+
+def worst_case_shapes(knobs, hist):
+    return [(batch, length) for batch, length, _ in worst_case_batches(knobs, hist)]
 
 
 def test_worst_case_shapes_one_per_bucket():
