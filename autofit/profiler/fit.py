@@ -48,12 +48,11 @@ def fit_shape(shapes: Sequence[tuple[int, int]], values: Sequence[float],
     tokens = sorted(b * s for b, s in shapes)
     median = tokens[len(tokens) // 2]
     large = _lifted(*_subset(shapes, values, lambda t: t >= median), terms)
-    measured = tuple((b, s, float(v)) for (b, s), v in zip(shapes, values))
+    update = {"measured": tuple((b, s, float(v)) for (b, s), v in zip(shapes, values))}
     small_shapes, small_values = _subset(shapes, values, lambda t: t <= median)
-    if len(small_shapes) < 2:
-        return large.model_copy(update={"measured": measured})
-    return large.model_copy(update={"small": _lifted(small_shapes, small_values, terms), "small_tokens": median,
-                                    "measured": measured})
+    if len(small_shapes) >= 2:
+        update.update(small=_lifted(small_shapes, small_values, terms), small_tokens=median)
+    return large.model_copy(update=update)
 
 
 def _subset(shapes, values, keep) -> tuple[list, list]:
