@@ -3,28 +3,50 @@ wires them together."""
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 from torch import nn
 from transformers import PretrainedConfig
 
-from autofit.budget import parse_budget
-from autofit.data import TokenizedData, prepare_examples, text_lengths
+from autofit.budget import format_bytes, parse_budget
+from autofit.cost import predict_time
+from autofit.data import LABEL_COLUMNS, TokenizedData, column_names, prepare_examples, text_lengths
 from autofit.devices import DEVICES, DeviceSpec, get_device
+from autofit.memory import predict_eval_peak, predict_peak
 from autofit.models import default_task, load_model, load_tokenizer, max_sequence_length, resolve_config
 from autofit.plan import Plan
-from autofit.profiler import Profile, profile_model
+from autofit.profiler import Profile
 from autofit.profiler.cache import cached_profile
 from autofit.profiler.profile import PRECISIONS, package_versions
 from autofit.search import alternatives, search
+from autofit.search.space import PAD_MULTIPLE
+from autofit.techniques.accumulation import eval_micro_batches
+from autofit.techniques.bucketing import padded_length
 from autofit.workload import LengthHistogram, Workload
 
 ModelSpec = str | os.PathLike | PretrainedConfig | nn.Module
+DEFAULT_MAX_LENGTH = 512
+"""Tokens kept per example when the model sets no position limit and none is asked for."""
 DEFAULT_NUM_SAMPLES = 10_000
 """Examples per epoch assumed when planning without data (only the epoch time depends on it)."""
+
+
+def check_seq_len(config, seq_len, *, explicit):  # MERGE: models.check_seq_len
+    limit = max_sequence_length(config)
+    if seq_len is None:
+        return min(512, limit or 512)
+    if explicit and limit is not None and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} is longer than the model takes ({limit} positions)")
+    return min(seq_len, limit) if limit else seq_len
+
+
+def usable_length(limit, multiple):  # MERGE: models.usable_length
+    return limit if not multiple or multiple <= 1 else max(multiple, limit // multiple * multiple) if limit >= multiple else limit
 
 
 def target_device(device: str | DeviceSpec | None, *, train: bool = False) -> DeviceSpec:
@@ -53,7 +75,7 @@ def make_workload(task: str, *, seq_len: int, batch_size: int, lengths: list[int
     return Workload(task=task, lengths=hist, batch_size=batch_size, from_data=False)
 
 
-def plan(model: ModelSpec, budget: str | int = "16GB", *, seq_len: int = 512, batch_size: int = 32,
+def plan(model: ModelSpec, budget: str | int = "16GB", *, seq_len: int | None = None, batch_size: int = 32,
          data: Any = None, policy: str = "balanced", task: str | None = None,
          device: str | DeviceSpec | None = None, tokenizer: Any = None, text_column: str | None = None,
          num_samples: int | None = None, n_trials: int | None = None, storage: str | None = None,
@@ -61,14 +83,17 @@ def plan(model: ModelSpec, budget: str | int = "16GB", *, seq_len: int = 512, ba
     """The fastest plan whose predicted peak fits `budget` (e.g. "16GB"; GB = 2**30 bytes, as nvidia-smi).
 
     `data` (examples with text, or tokenized) gives the real length distribution, cut at `seq_len`;
-    without it every example is `seq_len` tokens. Raises search.NoPlanFitsError (with the smallest budget
+    without it every example is `seq_len` tokens (default: the model's limit, at most 512; a longer
+    `seq_len` than the model takes is refused). Raises search.NoPlanFitsError (with the smallest budget
     that fits) when nothing does."""
     budget_bytes = parse_budget(budget)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     spec = target_device(device)
+    config = _config(model)
+    seq_len = usable_length(check_seq_len(config, seq_len, explicit=seq_len is not None), PAD_MULTIPLE)
     if profile is None:
-        timing = PRECISIONS if spec.kind == "cpu" else ()
-        profile = profile_model(model, task=task, timing=timing) if isinstance(model, nn.Module) \
-            else cached_profile(model, task=task, timing=timing)
+        profile = cached_profile(model, task=task, timing=PRECISIONS if spec.kind == "cpu" else ())
     lengths = None
     if data is not None:
         if tokenizer is None and not isinstance(model, nn.Module | PretrainedConfig):
@@ -100,6 +125,24 @@ def plan_from_profile(profile: Profile, workload: Workload, budget_bytes: int, d
     )
 
 
+def replan_for_data(plan: Plan, profile: Profile, lengths: list[int]) -> Plan:
+    """`plan` with its workload replaced by the data it will train on, and its memory and time predicted
+    again from its knobs: what a plan file claims about its peak is not believed. Raises PlanNoLongerFitsError
+    when the knobs' peak on this data is over the plan's budget (an edited file, or longer data)."""
+    workload = make_workload(plan.task, seq_len=max(lengths), batch_size=plan.batch_size, lengths=lengths)
+    memory = predict_peak(profile, plan.knobs, workload, plan.device)
+    if memory.peak_bytes > plan.budget_bytes:
+        raise PlanNoLongerFitsError(
+            f"this plan's knobs need {format_bytes(memory.peak_bytes)} on this data (predicted again from "
+            f"them), over its {format_bytes(plan.budget_bytes)} budget: plan again for this data and budget")
+    time = predict_time(profile, plan.knobs, workload, plan.device)
+    return plan.model_copy(update=dict(workload=workload, predicted=memory, time=time))
+
+
+class PlanNoLongerFitsError(ValueError):
+    """A plan whose knobs, predicted again on the data it is given, do not fit its own budget."""
+
+
 def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan: Plan | None = None,
           tokenizer: Any = None, epochs: int = 1, max_steps: int | None = None, lr: float = 2e-5,
           batch_size: int = 32, eval_data: Any = None, policy: str = "balanced", task: str | None = None,
@@ -107,37 +150,65 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
           output_dir: str | None = None, checkpoint_every: int | None = None, resume: bool = False,
           seed: int = 0, quiet: bool = False, num_labels: int | None = None):
     """Plan (unless `plan` is given) and train `model` on `data`; returns an executor.TrainResult with the
-    plan, the measured peak next to the predicted one, and the loss/eval history."""
+    plan, the measured peak next to the predicted one, and the loss/eval history.
+
+    A given plan's peak is predicted again from its knobs on this data (its profile is cached), and a plan
+    that no longer fits its budget is refused. Everything random (a new head, the steps' order, dropout)
+    follows `seed`: the same seed, data and plan give the same losses."""
     from autofit.executor import run_plan  # the executor is the last stage: imported only to train
 
     if plan is None and budget is None:
         raise ValueError("give a memory budget (e.g. budget='16GB') or a plan")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"the learning rate must be a positive number, not {lr}")
     config = _config(model)
     if task is None:
         task = plan.task if plan is not None else default_task(config)
+    _check_task_fits_data(task, data)
     if tokenizer is None and isinstance(model, str | os.PathLike):
         tokenizer = load_tokenizer(model)
-    limit = max_sequence_length(config)
-    max_length = min(max_length or limit or 512, limit or 10**9)
+    multiple = plan.knobs.pad_to_multiple_of if plan is not None else PAD_MULTIPLE
+    limit = max_sequence_length(config) or DEFAULT_MAX_LENGTH
+    max_length = usable_length(check_seq_len(config, max_length or limit, explicit=max_length is not None),
+                               multiple)
     train_data = _tokenized(data, tokenizer, task, max_length, text_column)
-    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column) if eval_data else None
+    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column, training=False) \
+        if eval_data is not None else None
+    set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
     if not isinstance(model, nn.Module):
         model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2)
+    spec = plan.device if plan is not None else target_device(device, train=True)
+    profile = cached_profile(model, task=task, timing=PRECISIONS if spec.kind == "cpu" else ())
     if plan is None:
-        spec = target_device(device, train=True)
-        profile = profile_model(model, task=task, timing=PRECISIONS if spec.kind == "cpu" else ())
         workload = make_workload(task, seq_len=max(train_data.lengths), batch_size=batch_size,
                                  lengths=train_data.lengths)
         plan = plan_from_profile(profile, workload, parse_budget(budget), spec, policy)
+    else:
+        plan = replan_for_data(plan, profile, train_data.lengths)
+    eval_prediction = None
+    if eval_tokens is not None:
+        largest = max(b.micro_batch_size * b.upper_length for b in plan.step.buckets)
+        pieces = eval_micro_batches(eval_tokens.lengths, plan.knobs, largest)
+        shapes = sorted({(len(p), padded_length(max(eval_tokens.lengths[i] for i in p), multiple)) for p in pieces})
+        eval_prediction = predict_eval_peak(profile, plan.knobs, shapes, plan.device)
     return run_plan(model, plan, train_data, eval=eval_tokens, epochs=epochs, max_steps=max_steps, lr=lr,
                     seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
-                    quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None))
+                    quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None),
+                    eval_prediction=eval_prediction)
 
 
-def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_column: str | None) -> TokenizedData:
+def _check_task_fits_data(task: str, data: Any) -> None:
+    """A causal LM learns from text alone: labelled rows mean the plan or --task is for another model."""
+    if task == "causal-lm" and any(name in LABEL_COLUMNS for name in column_names(data)):
+        raise ValueError("the task is causal-lm, but the data has labels: a causal LM trains on text alone "
+                         "(is the plan for another task, or was it edited?)")
+
+
+def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_column: str | None,
+               training: bool = True) -> TokenizedData:
     if isinstance(data, TokenizedData):
         return data
-    return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column)
+    return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column)  # MERGE: min_classes
 
 
 def _config(model: ModelSpec) -> PretrainedConfig:

@@ -1,8 +1,8 @@
 """The time model: predicted seconds per optimizer step and per epoch of a plan on a target device. Pure.
 
-An epoch is the micro-batches the data yields under the knobs (dynamic padding or length buckets, each
-micro-batch padded to its own longest example: `techniques.bucketing.expected_micro_batches`) plus one
-optimizer step per effective batch. One micro-batch of shape (B, L) costs, per block copy:
+An epoch is the micro-batches its steps are cut into (each step's examples sorted by length and cut under
+the knobs' caps, bucket by bucket, each micro-batch padded to its own longest example:
+`techniques.accumulation.epoch_micro_batches`) plus one optimizer step per effective batch. One micro-batch of shape (B, L) costs, per block copy:
 
 - forward, always (frozen layers still run forward);
 - backward: ~2x forward for a trainable block whose input needs a gradient, ~1x for the first trainable
@@ -24,7 +24,7 @@ from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs, Precision
 from autofit.plan import TimePrediction
 from autofit.profiler.schema import BlockProfile, Profile
-from autofit.techniques.bucketing import expected_micro_batches, padding_efficiency
+from autofit.techniques.accumulation import epoch_micro_batches, steps_per_epoch
 from autofit.techniques.optimizer import state_bytes
 from autofit.workload import LengthHistogram, Workload
 
@@ -169,29 +169,32 @@ def optimizer_step_seconds(profile: Profile, knobs: Knobs, device: DeviceSpec) -
     return traffic / bandwidth + OPTIMIZER_STEP_SECONDS.get(device.kind, 2e-3)
 
 
-def epoch_micro_batches(knobs: Knobs, hist: LengthHistogram) -> tuple[tuple[tuple[int, int, float], ...], float]:
-    """(expected micro-batches of an epoch, padding efficiency); they depend only on the batching knobs, so
-    a search asks for each batching once."""
-    return _epoch_micro_batches(tuple(hist.lengths), tuple(hist.counts), knobs.micro_batch_size,
-                                knobs.tokens_per_micro_batch, knobs.bucket_boundaries, knobs.pad_to_multiple_of)
+def epoch_shapes(knobs: Knobs, workload: Workload) -> tuple[tuple[tuple[int, int, float], ...], float]:
+    """((micro-batch, expected padded length rounded, count) of an epoch, padding efficiency). They depend
+    only on the batching knobs, so a search asks for each batching once."""
+    hist = workload.lengths
+    return _epoch_shapes(tuple(hist.lengths), tuple(hist.counts), workload.batch_size, knobs.micro_batch_size,
+                         knobs.tokens_per_micro_batch, knobs.bucket_boundaries, knobs.pad_to_multiple_of)
 
 
 @lru_cache(maxsize=4096)
-def _epoch_micro_batches(lengths: tuple[int, ...], counts: tuple[int, ...], micro_batch: int, tokens: int | None,
-                         boundaries: tuple[int, ...], pad: int | None):
+def _epoch_shapes(lengths: tuple[int, ...], counts: tuple[int, ...], batch_size: int, micro_batch: int,
+                  tokens: int | None, boundaries: tuple[int, ...], pad: int | None):
     hist = LengthHistogram(lengths=list(lengths), counts=list(counts))
     knobs = Knobs(micro_batch_size=micro_batch, tokens_per_micro_batch=tokens, bucket_boundaries=boundaries,
                   pad_to_multiple_of=pad)
-    return tuple(expected_micro_batches(knobs, hist)), padding_efficiency(knobs, hist)
+    shapes = epoch_micro_batches(knobs, hist, batch_size)
+    computed = sum(b * length * count for b, length, count in shapes)
+    return tuple((b, round(length), count) for b, length, count in shapes), hist.num_tokens / computed
 
 
 def predict_time(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec) -> TimePrediction:
     """Predicted step and epoch time of training `profile`'s model with `knobs` on `workload`."""
     knobs.validate_for(profile.num_layers)
     hist = workload.lengths
-    shapes, efficiency = epoch_micro_batches(knobs, hist)
+    shapes, efficiency = epoch_shapes(knobs, workload)
     compute = sum(count * micro_batch_seconds(profile, knobs, device, batch, seq) for batch, seq, count in shapes)
-    steps = -(-hist.num_samples // knobs.effective_batch_size)
+    steps = steps_per_epoch(hist.num_samples, workload.batch_size)
     epoch = compute + steps * optimizer_step_seconds(profile, knobs, device)
     return TimePrediction(
         step_seconds=epoch / steps,

@@ -142,6 +142,18 @@ def _columns(data) -> dict[str, list]:
     return columns
 
 
+def column_names(data) -> list[str]:
+    """The column names of `data` (a datasets.Dataset, a dict of columns, or a list of dicts), without
+    reading it whole; [] for anything else (the full check happens when it is tokenized)."""
+    if hasattr(data, "column_names"):
+        return list(data.column_names)
+    if isinstance(data, Mapping):
+        return list(data)
+    if isinstance(data, Sequence) and not isinstance(data, str):
+        return list(dict.fromkeys(name for row in data[:1000] if isinstance(row, Mapping) for name in row))
+    return []
+
+
 def _text_columns(columns: dict[str, list], text_column: str | Sequence[str] | None) -> tuple[str, ...]:
     if text_column is not None:
         names = (text_column,) if isinstance(text_column, str) else tuple(text_column)

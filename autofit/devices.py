@@ -1,31 +1,38 @@
 """Target devices: what the time model needs (throughput, bf16 support) and the memory model's per-device
-overhead terms. Values are public spec-sheet figures; the overhead terms are calibrated from measurement
-(see benchmarks/) and can be overridden per plan."""
+overhead terms. Values are public spec-sheet figures; the CUDA overhead terms are defaults that no real card
+has calibrated yet (no GPU was lent to this project so far)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DeviceKind = Literal["cuda", "cpu"]
+"""The device kinds autofit plans for and trains on."""
 
 
 class DeviceSpec(BaseModel):
     """One kind of training device."""
 
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     name: str
-    kind: str = Field(description='"cuda" or "cpu"')
-    memory_bytes: int | None = None
+    kind: DeviceKind
+    memory_bytes: int | None = Field(None, ge=0)
     """Memory of the card as sold (nvidia-smi's total); None when unknown (the budget says it)."""
     supports_bf16: bool = True
-    tflops_fp32: float
+    tflops_fp32: float = Field(gt=0)
     """Dense fp32 matmul throughput (TF32 tensor cores where PyTorch uses them by default is NOT assumed)."""
-    tflops_half: float
+    tflops_half: float = Field(gt=0)
     """Dense fp16/bf16 tensor-core throughput."""
-    memory_bandwidth_gbs: float
-    context_bytes: int = 0
+    memory_bandwidth_gbs: float = Field(gt=0)
+    context_bytes: int = Field(0, ge=0)
     """Memory the runtime takes before any tensor exists (CUDA context, cuBLAS workspace); counted against
     the budget because the budget is the card's total memory."""
-    allocator_reserve_fraction: float = 0.0
+    allocator_reserve_fraction: float = Field(0.0, ge=0, lt=1)
     """Caching-allocator slack: reserved bytes above allocated bytes at the peak, as a fraction of it."""
-    matmul_efficiency: float = 0.6
+    matmul_efficiency: float = Field(0.6, gt=0, le=1)
     """Fraction of peak FLOPs a large transformer matmul reaches; small micro-batches reach less."""
 
 

@@ -7,8 +7,13 @@ Every field is one memory-saving technique's setting. Their trade-offs live in t
 from __future__ import annotations
 
 from enum import Enum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+MAX_MICRO_BATCH = 1 << 20
+"""No micro-batch holds more sequences than this (a sanity bound on plan files, far above any real one)."""
 
 
 class Precision(str, Enum):
@@ -31,7 +36,7 @@ class Knobs(BaseModel):
     """Number of bottom transformer layers frozen (requires frozen embeddings, so nothing below the
     boundary needs a gradient: those layers save no activations and run no backward)."""
 
-    checkpoint_layers: tuple[int, ...] = ()
+    checkpoint_layers: tuple[Annotated[int, Field(ge=0)], ...] = ()
     """Indices of layers whose activations are recomputed in backward (non-reentrant checkpointing).
     A checkpointed layer keeps only its input; it costs one extra forward of that layer."""
 
@@ -41,21 +46,20 @@ class Knobs(BaseModel):
     optimizer_bits: int = Field(32, description="AdamW state width: 32 or 8 (bitsandbytes)")
     """8-bit AdamW keeps ~2 B/param of state instead of 8; embeddings and tensors < 4096 elements stay 32-bit."""
 
-    micro_batch_size: int = Field(1, ge=1)
-    """Sequences per forward/backward. With `tokens_per_micro_batch` this is the cap for short buckets."""
+    micro_batch_size: int = Field(1, ge=1, le=MAX_MICRO_BATCH)
+    """Most sequences in one forward/backward. An optimizer step trains the workload's whole effective
+    batch (`Workload.batch_size` examples), cut into as many micro-batches as these caps need: gradient
+    accumulation is what follows from the caps, not a knob of its own (see techniques/accumulation.py)."""
 
     tokens_per_micro_batch: int | None = Field(None, ge=1)
-    """Token budget per micro-batch (batch x padded length). When set, a micro-batch holds
-    min(micro_batch_size, tokens_per_micro_batch // padded_length) sequences, so long buckets cannot
-    exceed the planned peak."""
+    """Token budget per micro-batch (sequences x padded length). When set, a micro-batch of a bucket holds
+    min(micro_batch_size, tokens_per_micro_batch // the bucket's padded length) sequences, so long buckets
+    take fewer sequences and cannot exceed the planned peak."""
 
-    accumulation_steps: int = Field(1, ge=1)
-    """Micro-batches per optimizer step; micro_batch_size x accumulation_steps is the effective batch."""
-
-    bucket_boundaries: tuple[int, ...] = ()
+    bucket_boundaries: tuple[Annotated[int, Field(ge=1)], ...] = ()
     """Upper length of each length bucket (sorted). Empty means plain dynamic padding, no bucketing."""
 
-    pad_to_multiple_of: int | None = 8
+    pad_to_multiple_of: int | None = Field(8, ge=1, le=4096)
     """Pad each batch's length up to a multiple of this (tensor-core friendly). None pads to the longest."""
 
     @model_validator(mode="after")
@@ -66,15 +70,9 @@ class Knobs(BaseModel):
             raise ValueError(f"optimizer_bits must be 8 or 32, not {self.optimizer_bits}")
         if list(self.checkpoint_layers) != sorted(set(self.checkpoint_layers)):
             raise ValueError("checkpoint_layers must be sorted and unique")
-        if any(i < 0 for i in self.checkpoint_layers):
-            raise ValueError("checkpoint_layers must be non-negative")
         if list(self.bucket_boundaries) != sorted(set(self.bucket_boundaries)):
             raise ValueError("bucket_boundaries must be sorted and unique")
         return self
-
-    @property
-    def effective_batch_size(self) -> int:
-        return self.micro_batch_size * self.accumulation_steps
 
     def trainable_layers(self, num_layers: int) -> range:
         return range(min(self.freeze_layers, num_layers), num_layers)

@@ -13,8 +13,8 @@ A training step is replayed block by block on paper, the way the allocator sees 
 
 Batches without pad tokens use the profile's unpadded fits: models skip their attention mask then.
 
-Steady state is assumed: optimizer state exists (after step 1) and, with accumulation, gradients already
-exist during every micro-batch but the first of a window.
+Steady state is assumed: optimizer state exists (after step 1) and, where a step has several micro-batches,
+gradients already exist during every micro-batch but its first.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs
 from autofit.plan import MemoryBreakdown
 from autofit.profiler.schema import BlockActivations, BlockProfile, Profile
-from autofit.techniques import bucketing, optimizer
+from autofit.techniques import accumulation, optimizer
 from autofit.workload import Workload
 
 INDEX_BYTES = 8  # input_ids / attention_mask / token labels are int64
@@ -176,13 +176,12 @@ def _forward_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
     return kept, outputs, candidates
 
 
-def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int,
-                      device: DeviceSpec, padded: bool = True) -> MemoryBreakdown:
-    """Predicted peak of one steady-state training step on micro-batches of shape (batch, seq), with pad
-    tokens (`padded`) or of sequences all exactly `seq` long."""
+def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int, device: DeviceSpec,
+                      padded: bool = True, grads_held: bool = False) -> MemoryBreakdown:
+    """Predicted peak of one steady-state micro-batch of shape (batch, seq), with pad tokens (`padded`) or of
+    sequences all exactly `seq` long; `grads_held` when earlier micro-batches of its step left gradients."""
     precision = knobs.precision.value
     weights, grads, state, trainable = param_state(profile, knobs)
-    grads_held = knobs.accumulation_steps > 1  # grads persist across the micro-batches of a window
     blocks = _expand(profile, knobs)
     acts, temps, walk_grads, phase = _activation_walk(blocks, precision, batch, seq, padded, grads_held)
     acts += input_bytes(profile, batch, seq)
@@ -201,8 +200,37 @@ def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int,
 
 
 def predict_peak(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec) -> MemoryBreakdown:
-    """Predicted peak over every micro-batch shape these knobs form on this workload (the worst bucket).
+    """Predicted peak over every micro-batch these knobs form on this workload: each bucket's largest, with
+    the gradients of earlier micro-batches of its step where it can follow them (the worst bucket wins).
     Lengths assumed from --seq-len stand for data of at most that length, so their batches count as padded."""
-    shapes = bucketing.worst_case_batches(knobs, workload.lengths)
-    return max((predict_step_peak(profile, knobs, b, s, device, padded or not workload.from_data)
-                for b, s, padded in shapes), key=lambda m: m.peak_bytes)
+    layout = accumulation.step_layout(knobs, workload.lengths, workload.batch_size)
+    return max((predict_step_peak(profile, knobs, b.micro_batch_size, b.upper_length, device,
+                                  b.padded or not workload.from_data, b.grads_held)
+                for b in layout.buckets), key=lambda m: m.peak_bytes)
+
+
+def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, int]],
+                      device: DeviceSpec) -> MemoryBreakdown:
+    """Predicted peak of forward-only evaluation on micro-batches of the given (batch, padded length) shapes.
+
+    No gradients exist (the last step cleared them) and nothing is saved for backward; a block's forward
+    is bounded by what it would save, its output, transient and unsaved references, on top of its input
+    and the embeddings' output the model's code keeps. Optimizer state stays."""
+    precision = knobs.precision.value
+    weights, _, state, _ = param_state(profile, knobs)
+    worst, at = 0.0, (0, 0)
+    for batch, seq in shapes:
+        inputs = input_bytes(profile, batch, seq)
+        previous = held = 0.0
+        for block in profile.blocks:
+            acts = block.activations[precision].at(batch, True)
+            live = (previous + held + acts.saved(batch, seq) + acts.output(batch, seq)
+                    + acts.forward_transient(batch, seq) + acts.resident(batch, seq))
+            if inputs + live > worst:
+                worst, at = inputs + live, (batch, seq)
+            previous = acts.output(batch, seq)
+            held = held or previous  # the embeddings' output stays referenced until the forward returns
+    allocated = weights + state + worst
+    overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
+    return MemoryBreakdown(weights=int(weights), gradients=0, optimizer_state=int(state), activations=0,
+                           temporaries=int(worst), overhead=int(overhead), peak_phase="forward", peak_shape=at)

@@ -1,4 +1,7 @@
-"""The Plan: chosen knobs, what they are predicted to cost, and where the plan came from. JSON in, JSON out."""
+"""The Plan: chosen knobs, what they are predicted to cost, and where the plan came from. JSON in, JSON out.
+
+A plan file is input like any other: every field carries its bounds, and what can be derived (the peak, the
+step layout) is derived from the rest rather than believed."""
 
 from __future__ import annotations
 
@@ -6,84 +9,119 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
 from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs, Precision
-from autofit.workload import Workload
+from autofit.techniques.accumulation import StepLayout, step_layout
+from autofit.workload import Task, Workload
 
 Phase = Literal["forward", "backward", "optimizer"]
+MIN_BUDGET_BYTES = 1 << 20
+"""A budget below 1 MiB cannot hold any model: a plan file claiming one is broken."""
+MAX_BUDGET_BYTES = 1 << 50
+"""1 PiB: no single device or machine holds more; a larger budget is a typo or an edited file."""
 
 
-class MemoryBreakdown(BaseModel):
+class PlanFileError(ValueError):
+    """A plan file that cannot be read or does not validate; the message names the field."""
+
+
+class _Checked(BaseModel):
+    """What a plan file holds: unknown fields, NaN and infinity are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class MemoryBreakdown(_Checked):
     """Predicted bytes live at the peak moment of a training step, by what holds them."""
 
-    weights: int
-    gradients: int
-    optimizer_state: int
-    activations: int
+    weights: int = Field(ge=0)
+    gradients: int = Field(ge=0)
+    optimizer_state: int = Field(ge=0)
+    activations: int = Field(ge=0)
     """Saved-for-backward tensors (and checkpointed layers' inputs) live at the peak."""
-    temporaries: int
+    temporaries: int = Field(ge=0)
     """Transient buffers at the peak: a block's forward/backward workspace, logits/loss, optimizer temps."""
-    overhead: int
+    overhead: int = Field(ge=0)
     """Device overhead: CUDA context and caching-allocator reserve (0 on CPU)."""
     peak_phase: Phase
     """Which moment of the step is the peak."""
     peak_shape: tuple[int, int] = (0, 0)
     """(micro-batch, padded length) of the micro-batch that produces the peak."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _totals_match_parts(cls, data: Any) -> Any:
+        """The JSON carries the totals for its readers; on the way in they must equal the sum of the parts."""
+        if isinstance(data, dict) and ("peak_bytes" in data or "allocated_bytes" in data):
+            data = dict(data)
+            parts = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead")
+            values = [data.get(name) for name in parts]
+            totals = {name: data.pop(name) for name in ("peak_bytes", "allocated_bytes") if name in data}
+            if all(isinstance(v, int) and v >= 0 for v in values):  # else the fields' own checks speak
+                expected = {"peak_bytes": sum(values), "allocated_bytes": sum(values) - data["overhead"]}
+                for name, value in totals.items():
+                    if value != expected[name]:
+                        raise ValueError(f"{name} is not the sum of the breakdown ({expected[name]}): "
+                                         "was the file edited?")
+        return data
+
+    @computed_field
     @property
     def peak_bytes(self) -> int:
+        """The predicted peak: every part together."""
         return (self.weights + self.gradients + self.optimizer_state + self.activations
                 + self.temporaries + self.overhead)
 
+    @computed_field
     @property
     def allocated_bytes(self) -> int:
         """Peak without the device overhead: what torch's allocator statistics report."""
         return self.peak_bytes - self.overhead
 
 
-class TimePrediction(BaseModel):
+class TimePrediction(_Checked):
     """Predicted time of one optimizer step and one epoch on the target device."""
 
-    step_seconds: float
-    epoch_seconds: float
-    samples_per_second: float
-    padding_efficiency: float = Field(1.0, description="real tokens / computed tokens")
+    step_seconds: float = Field(ge=0)
+    epoch_seconds: float = Field(ge=0)
+    samples_per_second: float = Field(ge=0)
+    padding_efficiency: float = Field(1.0, gt=0, le=1, description="real tokens / computed tokens")
     measured: bool = False
     """True when per-block times were measured on the target device kind; False when estimated from FLOPs."""
 
 
-class Alternative(BaseModel):
+class Alternative(_Checked):
     """A runner-up plan, summarised so a person can weigh it against the chosen one."""
 
     knobs: Knobs
-    peak_bytes: int
-    epoch_seconds: float
+    peak_bytes: int = Field(ge=0)
+    epoch_seconds: float = Field(ge=0)
     note: str
     """One line, e.g. "without 8-bit states: 1.2x slower, 14.1 GB"."""
 
 
-class SearchInfo(BaseModel):
-    trials: int
-    seconds: float
+class SearchInfo(_Checked):
+    trials: int = Field(ge=0)
+    seconds: float = Field(ge=0)
     space_size: int | None = None
     """Number of distinct knob combinations the policy allows (None when too large to count)."""
     storage: str | None = None
 
 
-class Plan(BaseModel):
+class Plan(_Checked):
     """A complete, reproducible answer to "how do I train this model in this budget"."""
 
     model_id: str
     model_type: str
-    num_layers: int
-    num_params: int
-    task: str
-    budget_bytes: int
+    num_layers: int = Field(ge=1)
+    num_params: int = Field(ge=1)
+    task: Task
+    budget_bytes: int = Field(ge=MIN_BUDGET_BYTES, le=MAX_BUDGET_BYTES)
     device: DeviceSpec
     policy: str
-    headroom_bytes: int
+    headroom_bytes: int = Field(ge=0)
     """Bytes the policy keeps free below the budget."""
     knobs: Knobs
     predicted: MemoryBreakdown
@@ -94,6 +132,29 @@ class Plan(BaseModel):
     profile_device: str = "cpu"
     versions: dict[str, str] = {}
     created: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        """`step` is written for readers and derived again from the knobs and workload on the way in."""
+        if isinstance(data, dict) and "step" in data:
+            data = {k: v for k, v in data.items() if k != "step"}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        if self.headroom_bytes >= self.budget_bytes:
+            raise ValueError(f"headroom_bytes {self.headroom_bytes} leaves nothing of budget_bytes {self.budget_bytes}")
+        if self.workload.task != self.task:
+            raise ValueError(f"workload.task {self.workload.task!r} differs from task {self.task!r}")
+        self.knobs.validate_for(self.num_layers)
+        return self
+
+    @computed_field
+    @property
+    def step(self) -> StepLayout:
+        """The optimizer step as it runs: `workload.batch_size` examples, each bucket's micro-batches."""
+        return step_layout(self.knobs, self.workload.lengths, self.workload.batch_size)
 
     # --- persistence -------------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -106,9 +167,23 @@ class Plan(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        return cls.model_validate(json.loads(Path(path).read_text()))
+        """Read a plan file; PlanFileError names the file and the first bad field."""
+        path = Path(path)
+        try:
+            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as error:
+            raise PlanFileError(f"cannot read plan file {path}: {error}") from None
+        except json.JSONDecodeError as error:
+            raise PlanFileError(f"{path} is not JSON ({error.msg} at line {error.lineno})") from None
+        except ValidationError as error:
+            raise PlanFileError(f"{path} is not a valid plan: {describe_validation_error(error)}") from None
 
     # --- views -------------------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """Examples per optimizer step (the effective batch)."""
+        return self.workload.batch_size
+
     @property
     def headroom_left_bytes(self) -> int:
         return self.budget_bytes - self.predicted.peak_bytes
@@ -118,15 +193,22 @@ class Plan(BaseModel):
 
         It cannot express selective checkpointing (HF checkpoints all layers or none: any checkpointed
         layer turns it on for all), freezing (set requires_grad yourself, e.g. with
-        autofit.techniques.freeze.apply), token-budget micro-batches, or our bucket boundaries
-        (group_by_length is HF's megabatch approximation of bucketing)."""
+        autofit.techniques.freeze.apply), token-budget micro-batches whose count varies by bucket, or our
+        bucket boundaries (group_by_length is HF's megabatch approximation of bucketing). HF's step is
+        per_device_train_batch_size x gradient_accumulation_steps sequences: the micro-batch cap, and
+        enough micro-batches for the effective batch (more than it when the cap does not divide it)."""
+        import torch
         from transformers import TrainingArguments
 
+        if self.device.kind == "cuda" and not torch.cuda.is_available() and not overrides.get("use_cpu"):
+            raise ValueError(f"this plan is for a CUDA device ({self.device.name}) and none is visible here: "
+                             "plan again with device='cpu', or build the arguments where the GPU is")
         k = self.knobs
+        micro = min(k.micro_batch_size, self.batch_size)
         args: dict[str, Any] = dict(
             output_dir=output_dir,
-            per_device_train_batch_size=k.micro_batch_size,
-            gradient_accumulation_steps=k.accumulation_steps,
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=-(-self.batch_size // micro),
             gradient_checkpointing=bool(k.checkpoint_layers),
             gradient_checkpointing_kwargs={"use_reentrant": False} if k.checkpoint_layers else None,
             fp16=k.precision == Precision.fp16,
@@ -142,3 +224,10 @@ class Plan(BaseModel):
             args["group_by_length"] = bool(k.bucket_boundaries)
         args.update(overrides)
         return TrainingArguments(**args)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """The first error of a pydantic validation, as "field.path: message" (what a person can fix)."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "plan"
+    return f"{where}: {first['msg']}" + (f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else "")

@@ -29,19 +29,32 @@ def describe_knobs(plan: Plan) -> list[tuple[str, str]]:
         ids = k.checkpoint_layers
         span = f"{ids[0]}-{ids[-1]}" if list(ids) == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
         ckpt = f"{len(ids)}/{n} layers ({span})"
-    batch = f"{k.micro_batch_size}"
-    if k.tokens_per_micro_batch:
-        batch += f" (max {k.tokens_per_micro_batch} tokens)"
     buckets = ", ".join(map(str, k.bucket_boundaries)) if k.bucket_boundaries else "none (dynamic padding)"
     return [
         ("freeze", frozen),
         ("gradient checkpointing", ckpt),
         ("precision", k.precision.value + (" + grad scaler" if k.precision.value == "fp16" else "")),
         ("optimizer", "AdamW 8-bit (bitsandbytes)" if k.optimizer_bits == 8 else "AdamW 32-bit"),
-        ("micro-batch", batch),
-        ("accumulation steps", f"{k.accumulation_steps} (effective batch {k.effective_batch_size})"),
+        ("step", describe_step(plan)),
         ("length buckets", buckets),
     ]
+
+
+def describe_step(plan: Plan) -> str:
+    """e.g. "effective batch 32: micro-batches of up to 32 sequences / 512 tokens, 1-16 per step by bucket"."""
+    k, layout = plan.knobs, plan.step
+    largest = max(b.micro_batch_size for b in layout.buckets)
+    caps = f"up to {largest} sequence{'s' if largest > 1 else ''}"
+    if k.tokens_per_micro_batch:
+        caps += f" / {k.tokens_per_micro_batch} tokens"
+    fewest, most = layout.micro_batches_per_step
+    if most == 1:
+        count = "1 per step (no accumulation)"
+    elif fewest == most:
+        count = f"{most} per step"
+    else:
+        count = f"{fewest}-{most} per step by bucket"
+    return f"effective batch {layout.batch_size}: micro-batches of {caps}, {count}"
 
 
 def plan_report(plan: Plan) -> Group:

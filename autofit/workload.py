@@ -5,11 +5,21 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from pydantic import BaseModel, Field, model_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Task = Literal["classification", "causal-lm", "token-classification"]
+"""What the model learns: sequence labels (classes or a regression score), next tokens, or token labels."""
+
+MAX_BATCH_SIZE = 1 << 20
+"""No effective batch holds more examples than this (a sanity bound on plan files)."""
 
 
 class LengthHistogram(BaseModel):
     """Token lengths of the training examples, as sorted unique lengths with their counts."""
+
+    model_config = ConfigDict(extra="forbid")
 
     lengths: list[int]
     counts: list[int]
@@ -57,14 +67,12 @@ class LengthHistogram(BaseModel):
 class Workload(BaseModel):
     """The training job the plan is for."""
 
-    task: str = "classification"
+    model_config = ConfigDict(extra="forbid")
+
+    task: Task = "classification"
     lengths: LengthHistogram
     """Token lengths of the examples (a single length when planning from --seq-len)."""
-    batch_size: int = Field(32, ge=1)
-    """Effective batch size in examples per optimizer step (kept by every plan)."""
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE)
+    """Effective batch size: examples per optimizer step, whatever the micro-batches (kept by every plan)."""
     from_data: bool = False
     """True when `lengths` were measured on real data, False when assumed from --seq-len."""
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return -(-self.lengths.num_samples // self.batch_size)

@@ -27,19 +27,18 @@ def epoch(knobs, profile=None, workload=FIXED, device=A100) -> float:
 
 
 def test_checkpointing_more_layers_is_slower():
-    times = [epoch(Knobs(micro_batch_size=8, accumulation_steps=4, checkpoint_layers=tuple(range(n))))
+    times = [epoch(Knobs(micro_batch_size=8, checkpoint_layers=tuple(range(n))))
              for n in (0, 4, 12)]
     assert times[0] < times[1] < times[2]
 
 
 def test_checkpointing_frozen_layers_costs_nothing():
-    base = Knobs(freeze_embeddings=True, freeze_layers=4, micro_batch_size=8, accumulation_steps=4)
+    base = Knobs(freeze_embeddings=True, freeze_layers=4, micro_batch_size=8)
     assert epoch(base.model_copy(update={"checkpoint_layers": (0, 1, 2, 3)})) == pytest.approx(epoch(base))
 
 
 def test_freezing_more_is_faster():
-    times = [epoch(Knobs(freeze_embeddings=n >= 0, freeze_layers=max(n, 0), micro_batch_size=8,
-                         accumulation_steps=4)) for n in (-1, 0, 3, 6, 12)]
+    times = [epoch(Knobs(freeze_embeddings=n >= 0, freeze_layers=max(n, 0), micro_batch_size=8)) for n in (-1, 0, 3, 6, 12)]
     assert all(a > b for a, b in zip(times, times[1:]))
 
 
@@ -58,7 +57,7 @@ def test_backward_rule_at_the_frozen_boundary():
 
 
 def test_half_precision_is_faster_on_cuda_and_bf16_falls_back_without_support():
-    fp32 = Knobs(micro_batch_size=8, accumulation_steps=4)
+    fp32 = Knobs(micro_batch_size=8)
     bf16 = fp32.model_copy(update={"precision": Precision.bf16})
     assert epoch(bf16) < 0.5 * epoch(fp32)
     t4 = get_device("t4")  # no bf16 tensor cores: bf16 runs at fp32 speed there
@@ -76,8 +75,8 @@ def test_bucketing_reduces_epoch_time_on_skewed_lengths():
 
 
 def test_tiny_micro_batches_with_accumulation_are_slower():
-    one_big = epoch(Knobs(micro_batch_size=32, accumulation_steps=1))
-    tiny = epoch(Knobs(micro_batch_size=1, accumulation_steps=32))
+    one_big = epoch(Knobs(micro_batch_size=32))
+    tiny = epoch(Knobs(micro_batch_size=1))
     assert tiny > 2 * one_big
     # Both keep the effective batch, so they take the same number of optimizer steps.
     a = predict_time(make_profile(), Knobs(micro_batch_size=32), FIXED, A100)
@@ -120,7 +119,7 @@ def _measured_times() -> dict:
 def test_measured_cpu_profile_is_used_directly():
     profile = make_profile(hidden=32, layers=2, vocab=100, device="cpu", times=_measured_times())
     cpu = get_device("cpu")
-    knobs = Knobs(micro_batch_size=4, accumulation_steps=2, checkpoint_layers=(1,))
+    knobs = Knobs(micro_batch_size=4, checkpoint_layers=(1,))
     workload = Workload(lengths=LengthHistogram.fixed(16, 64), batch_size=8)
     prediction = predict_time(profile, knobs, workload, cpu)
     assert prediction.measured

@@ -7,6 +7,7 @@ import pytest
 from autofit.devices import get_device
 from autofit.knobs import Knobs, Precision
 from autofit.memory import input_bytes, param_state, predict_peak, predict_step_peak
+from autofit.techniques.accumulation import step_layout
 from autofit.profiler.schema import BlockActivations, BlockProfile, Profile, ShapeFit
 from autofit.techniques.optimizer import BNB_BLOCK_SIZE, BNB_MIN_8BIT_SIZE, state_bytes
 from autofit.workload import LengthHistogram, Workload
@@ -124,7 +125,7 @@ def test_gradients_and_state_only_for_trainable_parameters(depth):
 def test_accumulation_holds_every_gradient_during_the_micro_batches():
     profile = exact_profile()
     single = predict_step_peak(profile, Knobs(micro_batch_size=B), B, S, CPU)
-    accumulating = predict_step_peak(profile, Knobs(micro_batch_size=B, accumulation_steps=4), B, S, CPU)
+    accumulating = predict_step_peak(profile, Knobs(micro_batch_size=B), B, S, CPU, grads_held=True)
     _, all_grads, _, _ = param_state(profile, Knobs())
     # the huge head transient pins the peak in the head's backward: a single step holds no gradients yet
     # (the head's own are part of its measured transient); with accumulation, all of them
@@ -172,8 +173,7 @@ def peak(knobs: Knobs, workload=FIXED, device=A100) -> int:
 
 
 def _knobs(precision, bits, micro, workload, **kw) -> Knobs:
-    return Knobs(precision=precision, optimizer_bits=bits, micro_batch_size=micro,
-                 accumulation_steps=workload.batch_size // micro, **kw)
+    return Knobs(precision=precision, optimizer_bits=bits, micro_batch_size=micro, **kw)
 
 
 @pytest.mark.parametrize("precision,bits,micro,workload", SETTINGS)
@@ -205,8 +205,7 @@ def test_freezing_more_never_raises_the_peak(precision, bits, micro, workload, c
 @pytest.mark.parametrize("micro", [1, 16])
 def test_8bit_state_is_smaller_than_32bit_state(depth, micro):
     frozen = max(0, depth - 1)
-    base = Knobs(freeze_embeddings=depth >= 1, freeze_layers=frozen, micro_batch_size=micro,
-                 accumulation_steps=16 // micro)
+    base = Knobs(freeze_embeddings=depth >= 1, freeze_layers=frozen, micro_batch_size=micro)
     m32 = predict_peak(PROFILE, base, FIXED, A100)
     m8 = predict_peak(PROFILE, base.model_copy(update={"optimizer_bits": 8}), FIXED, A100)
     assert m8.optimizer_state < m32.optimizer_state
@@ -246,7 +245,11 @@ def test_the_peak_is_the_worst_bucket():
     p_plain, p_bucket, p_budget = (predict_peak(PROFILE, k, workload, A100) for k in (plain, bucketed, budgeted))
     longest = workload.lengths.max_length
     assert p_plain.peak_shape == (16, -(-longest // 8) * 8)
-    assert p_bucket.peak_bytes == p_plain.peak_bytes  # the last bucket holds the longest examples
+    # the last bucket holds the longest examples; its micro-batches can follow shorter buckets' in the
+    # pooled steps, so their gradients count too
+    last = step_layout(bucketed, workload.lengths, 16).buckets[-1]
+    assert last.grads_held and p_bucket.peak_shape == p_plain.peak_shape
+    assert p_bucket.allocated_bytes - p_plain.allocated_bytes == p_bucket.gradients - p_plain.gradients > 0
     assert p_budget.peak_bytes < p_bucket.peak_bytes
     assert p_budget.peak_shape[0] * p_budget.peak_shape[1] <= 16 * 64 or p_budget.peak_shape[0] == 1
 

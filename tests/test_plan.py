@@ -1,13 +1,15 @@
 """The Plan (autofit/plan.py) and the Knobs it carries: JSON round trip, TrainingArguments, validation."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from autofit.devices import get_device
 from autofit.knobs import Knobs, Precision
-from autofit.plan import MemoryBreakdown, Plan
+from autofit.plan import MemoryBreakdown, Plan, PlanFileError
 from autofit.search import alternatives, search
 
 from _profiles import make_profile, skewed_workload
@@ -57,26 +59,68 @@ def test_the_json_holds_what_the_design_promises(plan, tmp_path):
     assert data["device"]["name"] == "a100" and data["policy"] == "quality-first"
     assert set(data["knobs"]) >= {"freeze_embeddings", "freeze_layers", "checkpoint_layers", "precision",
                                   "optimizer_bits", "micro_batch_size", "tokens_per_micro_batch",
-                                  "accumulation_steps", "bucket_boundaries"}
+                                  "bucket_boundaries"}
     assert set(data["predicted"]) >= {"weights", "gradients", "optimizer_state", "activations", "temporaries",
                                       "overhead", "peak_phase"}
+    # the headline numbers, so a script that reads the plan need not re-add the breakdown
+    assert data["predicted"]["peak_bytes"] == plan.predicted.peak_bytes
+    assert data["predicted"]["allocated_bytes"] == plan.predicted.allocated_bytes
+    # the step as it runs: the effective batch and each bucket's micro-batches per step
+    assert data["step"]["batch_size"] == plan.workload.batch_size == 16
+    assert data["step"]["steps_per_epoch"] == 19  # ceil(300 / 16)
+    assert sum(b["examples"] for b in data["step"]["buckets"]) == 300
+    assert all(b["micro_batches_per_step"] == -(-min(16, b["examples"]) // b["micro_batch_size"])
+               for b in data["step"]["buckets"])
     assert set(data["time"]) >= {"step_seconds", "epoch_seconds"}
     assert data["versions"]["autofit"] == "0.1.0"
     assert all(a["note"] for a in data["alternatives"])
 
 
-def test_a_tampered_plan_does_not_load(plan, tmp_path):
+def mutated(plan: Plan, tmp_path, change) -> Path:
     data = json.loads(plan.to_json())
-    data["knobs"].update(freeze_embeddings=False, freeze_layers=2)
+    change(data)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ValidationError, match="freeze_embeddings"):
-        Plan.load(path)
-    data = json.loads(plan.to_json())
-    data["knobs"]["learning_rate"] = 1e-3  # knobs are strict: an unknown knob is an error, not ignored
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValidationError, match="learning_rate"):
-        Plan.load(path)
+    return path
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda d: d["knobs"].update(freeze_embeddings=False, freeze_layers=2), "knobs: .*freeze_embeddings"),
+    (lambda d: d["knobs"].update(learning_rate=1e-3), "knobs.learning_rate: Extra inputs"),
+    (lambda d: d.update(budget_bytes=-5), "budget_bytes: Input should be greater than or equal to 1048576"),
+    (lambda d: d.update(budget_bytes=1), "budget_bytes"),
+    (lambda d: d.update(budget_bytes=10**27), "budget_bytes: Input should be less than or equal"),
+    (lambda d: d["device"].update(kind="tpu"), "device.kind: Input should be 'cuda' or 'cpu'"),
+    (lambda d: d["knobs"].update(bucket_boundaries=[-5, 0]), "knobs.bucket_boundaries.0"),
+    (lambda d: d["knobs"].update(pad_to_multiple_of=0), "knobs.pad_to_multiple_of"),
+    (lambda d: d["knobs"].update(pad_to_multiple_of=-8), "knobs.pad_to_multiple_of"),
+    (lambda d: d["knobs"].update(micro_batch_size=10**9), "knobs.micro_batch_size"),
+    (lambda d: d["knobs"].update(checkpoint_layers=[0, 9]), r"checkpoint_layers \[9\] out of range"),
+    (lambda d: d["time"].update(step_seconds=float("nan")), "time.step_seconds"),
+    (lambda d: d["time"].update(epoch_seconds=-1.0), "time.epoch_seconds"),
+    (lambda d: d.update(task="causal-lm"), "workload.task 'classification' differs from task 'causal-lm'"),
+    (lambda d: d.update(task="translation"), "task: Input should be"),
+    (lambda d: d["workload"].update(batch_size=0), "workload.batch_size"),
+    (lambda d: d["predicted"].update(weights=-1), "predicted.weights"),
+    (lambda d: d["predicted"].update(peak_bytes=1), "peak_bytes is not the sum of the breakdown"),
+    (lambda d: d.update(headroom_bytes=d["budget_bytes"]), "headroom_bytes"),
+    (lambda d: d.pop("knobs"), "knobs: Field required"),
+])
+def test_a_tampered_plan_does_not_load_and_the_error_names_the_field(plan, tmp_path, change, field):
+    with pytest.raises(PlanFileError, match=field) as info:
+        Plan.load(mutated(plan, tmp_path, change))
+    assert "\n" not in str(info.value) and "bad.json" in str(info.value)
+
+
+def test_unreadable_plan_files_are_one_line_errors(tmp_path):
+    for text, words in (("{", "is not JSON"), ("", "is not JSON"), ("[1, 2]", "not a valid plan")):
+        path = tmp_path / "p.json"
+        path.write_text(text)
+        with pytest.raises(PlanFileError, match=words):
+            Plan.load(path)
+    (tmp_path / "latin1.json").write_bytes(b'{"model_id": "\xe9"}')
+    with pytest.raises(PlanFileError, match="cannot read plan file"):
+        Plan.load(tmp_path / "latin1.json")
 
 
 def test_headroom_left_and_breakdown_sums(plan):
@@ -92,8 +136,8 @@ def test_headroom_left_and_breakdown_sums(plan):
 
 def test_training_arguments_map_the_knobs(plan, tmp_path):
     knobs = Knobs(freeze_embeddings=True, checkpoint_layers=(2, 3), precision=Precision.fp16, optimizer_bits=8,
-                  micro_batch_size=4, accumulation_steps=4, bucket_boundaries=(64, 512))
-    args = with_knobs(plan, **knobs.model_dump()).to_training_arguments(str(tmp_path))
+                  micro_batch_size=4, bucket_boundaries=(64, 512))
+    args = with_knobs(plan, **knobs.model_dump()).to_training_arguments(str(tmp_path), use_cpu=True)
     assert args.output_dir == str(tmp_path)
     assert args.per_device_train_batch_size == 4 and args.gradient_accumulation_steps == 4
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == plan.workload.batch_size
@@ -109,8 +153,11 @@ def test_training_arguments_map_the_knobs(plan, tmp_path):
 
 
 def test_training_arguments_for_plain_training(plan, tmp_path):
-    args = with_knobs(plan, micro_batch_size=16).to_training_arguments(str(tmp_path))
+    args = with_knobs(plan, micro_batch_size=16).to_training_arguments(str(tmp_path), use_cpu=True)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 1)
+    # a cap that does not divide the batch: HF's fixed step then holds at least the batch
+    args = with_knobs(plan, micro_batch_size=6).to_training_arguments(str(tmp_path), use_cpu=True)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (6, 3)
     assert not args.fp16 and not args.bf16 and not args.gradient_checkpointing
     assert str(args.optim.value) == "adamw_torch"
     if hasattr(args, "train_sampling_strategy"):
@@ -120,7 +167,7 @@ def test_training_arguments_for_plain_training(plan, tmp_path):
 
 
 def test_training_arguments_bf16_and_overrides(plan, tmp_path):
-    bf16 = with_knobs(plan, precision=Precision.bf16, micro_batch_size=8, accumulation_steps=2)
+    bf16 = with_knobs(plan, precision=Precision.bf16, micro_batch_size=8)
     # on a machine without a bf16 GPU, TrainingArguments wants use_cpu=True; overrides pass straight through
     args = bf16.to_training_arguments(str(tmp_path), use_cpu=True, learning_rate=3e-5,
                                       gradient_accumulation_steps=5)
@@ -129,6 +176,10 @@ def test_training_arguments_bf16_and_overrides(plan, tmp_path):
     # a plan for the CPU says so itself
     on_cpu = bf16.model_copy(update={"device": get_device("cpu")}).to_training_arguments(str(tmp_path))
     assert on_cpu.use_cpu and on_cpu.bf16
+    # a CUDA plan on a machine without one: autofit's one-line reason, not transformers' own error
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="plan is for a CUDA device .a100. and none is visible"):
+            bf16.to_training_arguments(str(tmp_path))
 
 
 # --- Knobs ---------------------------------------------------------------------------------------------------
@@ -139,10 +190,12 @@ def test_training_arguments_bf16_and_overrides(plan, tmp_path):
     (dict(optimizer_bits=16), "optimizer_bits must be 8 or 32"),
     (dict(checkpoint_layers=(3, 1)), "sorted and unique"),
     (dict(checkpoint_layers=(1, 1)), "sorted and unique"),
-    (dict(checkpoint_layers=(-1, 0)), "non-negative"),
+    (dict(checkpoint_layers=(-1, 0)), "greater than or equal to 0"),
+    (dict(bucket_boundaries=(0, 8)), "greater than or equal to 1"),
+    (dict(pad_to_multiple_of=0), "pad_to_multiple_of"),
     (dict(bucket_boundaries=(512, 64)), "sorted and unique"),
     (dict(micro_batch_size=0), "micro_batch_size"),
-    (dict(accumulation_steps=0), "accumulation_steps"),
+    (dict(accumulation_steps=2), "accumulation_steps"),  # no longer a knob: the batch and caps decide
     (dict(tokens_per_micro_batch=0), "tokens_per_micro_batch"),
     (dict(freeze_layers=-1, freeze_embeddings=True), "freeze_layers"),
     (dict(precision="fp8"), "precision"),
@@ -154,12 +207,11 @@ def test_knobs_validation_errors(kwargs, words):
 
 
 def test_knobs_are_immutable_and_hashable():
-    knobs = Knobs(micro_batch_size=4, accumulation_steps=8)
+    knobs = Knobs(micro_batch_size=4, tokens_per_micro_batch=512)
     with pytest.raises(ValidationError):
         knobs.micro_batch_size = 2
-    assert knobs == Knobs(micro_batch_size=4, accumulation_steps=8)
-    assert len({knobs, Knobs(micro_batch_size=4, accumulation_steps=8), Knobs()}) == 2
-    assert knobs.effective_batch_size == 32
+    assert knobs == Knobs(micro_batch_size=4, tokens_per_micro_batch=512)
+    assert len({knobs, Knobs(micro_batch_size=4, tokens_per_micro_batch=512), Knobs()}) == 2
 
 
 def test_knobs_against_a_model_depth():

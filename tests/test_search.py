@@ -101,7 +101,7 @@ def test_no_plan_exceeds_budget_minus_headroom(layers, policy, budget_mb):
     assert result.ranked, "a search over a small space keeps its runner-ups"
     for candidate in [result.best, *result.ranked]:
         assert candidate.peak_bytes <= result.budget_bytes - result.headroom_bytes
-        assert candidate.knobs.effective_batch_size == WORKLOAD.batch_size
+        assert candidate.knobs.micro_batch_size <= WORKLOAD.batch_size
         candidate.knobs.validate_for(layers)
     # ranked: the best first, then by score outside the tie window
     scores = [c.score for c in result.ranked]
@@ -157,7 +157,7 @@ def test_no_plan_fits_a_tiny_budget_and_the_smallest_budget_does(policy):
     # and the study finds a plan there
     result = search(profile, workload, A100, error.smallest_budget_bytes, policy, **MODELS)
     assert result.best.peak_bytes <= result.budget_bytes - result.headroom_bytes
-    assert result.best.knobs.effective_batch_size == 4
+    assert result.best.knobs.micro_batch_size <= 4
 
 
 def test_bf16_only_policy_on_a_card_without_bf16_is_a_policy_error():
@@ -174,18 +174,17 @@ def test_bf16_only_policy_on_a_card_without_bf16_is_a_policy_error():
 
 @pytest.mark.parametrize("batch,cap,expected", [
     (32, None, [1, 2, 4, 8, 16, 32]),
-    (24, None, [1, 2, 4, 8, 24]),
+    (24, None, [1, 2, 4, 8, 16, 24]),
     (24, 8, [1, 2, 4, 8]),
-    (24, 16, [1, 2, 4, 8]),
-    (7, None, [1, 7]),
+    (24, 16, [1, 2, 4, 8, 16]),
+    (7, None, [1, 2, 4, 7]),
     (1, None, [1]),
     (6, 1, [1]),
-    (12, 12, [1, 2, 4, 12]),
+    (12, 12, [1, 2, 4, 8, 12]),
 ])
 def test_micro_batch_sizes(batch, cap, expected):
-    sizes = micro_batch_sizes(batch, cap)
-    assert sizes == expected
-    assert all(batch % s == 0 for s in sizes)
+    """Caps need not divide the batch: a step trains the whole batch either way, its last piece smaller."""
+    assert micro_batch_sizes(batch, cap) == expected
 
 
 @pytest.mark.parametrize("policy", ["balanced", "quality-first", "fastest", "minimal-memory"])
@@ -198,7 +197,7 @@ def test_every_candidate_keeps_the_effective_batch(policy, batch):
     assert len(knobs) == len(set(knobs)) == space.size
     max_frozen = pol.freeze.max_frozen_layers(4)
     for k in knobs:
-        assert k.micro_batch_size * k.accumulation_steps == batch
+        assert 1 <= k.micro_batch_size <= batch  # a cap: every step still trains the whole batch
         assert k.freeze_layers <= max_frozen
         assert k.optimizer_bits in pol.optimizer_bits and k.precision in pol.precisions
         assert set(k.checkpoint_layers) <= set(k.trainable_layers(4))  # checkpoints only trainable layers
@@ -213,8 +212,8 @@ def test_search_keeps_a_non_power_of_two_effective_batch():
     workload = skewed_workload(n=300, batch_size=12)
     result = search(PROFILES[4], workload, A100, 700 * MB, "quality-first", **MODELS)
     for c in [result.best, *result.ranked]:
-        assert c.knobs.effective_batch_size == 12
-        assert c.knobs.micro_batch_size in (1, 2, 4, 12)
+        assert c.knobs.micro_batch_size in (1, 2, 4, 8, 12)  # 8 does not divide 12: steps of 8 + 4
+    assert result.best.memory.peak_bytes <= 700 * MB
 
 
 def test_policy_caps_the_micro_batch_and_freezing():
@@ -222,7 +221,6 @@ def test_policy_caps_the_micro_batch_and_freezing():
     knobs = list(enumerate_space(policy, 8, WORKLOAD))
     assert {k.micro_batch_size for k in knobs} == {1, 2, 4}
     assert max(k.freeze_layers for k in knobs) == 2  # max_fraction 0.25 of 8 layers
-    assert {k.accumulation_steps for k in knobs} == {16, 8, 4}
 
 
 def test_a_fixed_length_workload_has_no_buckets():
@@ -257,7 +255,7 @@ def test_rank_prefers_the_least_risky_of_tied_plans_and_drops_what_does_not_fit(
 
 def test_evaluator_scores_time_with_the_risk_price_and_memory_by_peak():
     evaluate = Evaluator(PROFILES[4], WORKLOAD, A100, **MODELS)
-    knobs = Knobs(freeze_embeddings=True, precision=Precision.fp16, micro_batch_size=4, accumulation_steps=4)
+    knobs = Knobs(freeze_embeddings=True, precision=Precision.fp16, micro_batch_size=4)
     balanced = load_policy("balanced")
     c = evaluate(knobs, balanced)
     assert c.risk == pytest.approx(balanced.risk(knobs, 4)) and c.risk > 0
@@ -268,12 +266,12 @@ def test_evaluator_scores_time_with_the_risk_price_and_memory_by_peak():
 
 def test_describe_knobs():
     k = Knobs(freeze_embeddings=True, freeze_layers=2, checkpoint_layers=(2, 3, 4, 5), precision=Precision.bf16,
-              optimizer_bits=8, micro_batch_size=2, accumulation_steps=8, bucket_boundaries=(64, 512),
+              optimizer_bits=8, micro_batch_size=2, bucket_boundaries=(64, 512),
               tokens_per_micro_batch=512)
     assert describe_knobs(k, 6) == ("freeze embeddings + 2 layers, checkpoint all, bf16, 8-bit AdamW, "
-                                    "micro-batch 2 x 8 steps, 2 length buckets, 512-token budget")
+                                    "micro-batches of up to 2, 2 length buckets, 512-token budget")
     assert describe_knobs(Knobs(checkpoint_layers=(0,), micro_batch_size=16), 6) == (
-        "no freezing, checkpoint 1 layers, fp32, 32-bit AdamW, micro-batch 16, dynamic padding")
+        "no freezing, checkpoint 1 layers, fp32, 32-bit AdamW, micro-batches of up to 16, dynamic padding")
 
 
 @pytest.mark.parametrize("layers,budget_mb", [(4, 800), (6, 660)])
@@ -291,7 +289,7 @@ def test_alternatives_differ_from_the_plan_and_from_each_other(layers, budget_mb
         assert format_bytes(a.peak_bytes) in a.note
         assert any(w in a.note for w in ("slower", "faster", "same speed"))
         diff = {k for k, v in a.knobs.model_dump().items() if v != result.best.knobs.model_dump()[k]}
-        assert diff - {"micro_batch_size", "accumulation_steps"}, "more than the micro-batch differs"
+        assert diff - {"micro_batch_size"}, "more than the micro-batch differs"
         changed.add(frozenset(diff))
     assert len(changed) == len(alts)
     assert alternatives(result, k=1) == alts[:1]

@@ -18,10 +18,11 @@ from pydantic import BaseModel
 from safetensors.torch import load_model, save_model
 
 from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord
-from autofit.knobs import Knobs
 from autofit.plan import Plan
 
 PREFIX = "checkpoint-"
+TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"
+"""A checkpoint being written, and one being replaced by a save of the same step."""
 FILES = ("model.safetensors", "optimizer.pt", "scaler.pt", "rng.pt", "trainer_state.json", "plan.json")
 
 
@@ -30,14 +31,18 @@ class CheckpointError(ValueError):
 
 
 class TrainerState(BaseModel):
-    """Counters and records of a run: everything but tensors."""
+    """Counters and records of a run: everything but tensors. Saved with every checkpoint."""
 
     step: int = 0
     """Optimizer steps completed."""
-    sampler: dict[str, int] = {}
-    """BucketBatchSampler.state_dict(consumed=...): seed, epoch and micro-batches consumed in the epoch."""
-    batch_knobs: Knobs
-    """The knobs the sampler was built with: they define every epoch's windows, whatever fallbacks do."""
+    epoch: int = 0
+    """The epoch being trained (0-based)."""
+    position: int = 0
+    """Steps of `epoch` already trained: a resumed run continues with the next one."""
+    data_fingerprint: str = ""
+    """`fingerprint(training data)`: a resume on other data is refused."""
+    run_fingerprint: dict[str, str] = {}
+    """What must not change across a resume (the plan's knobs and batch, seed, lr, ...), each as text."""
     history: list[StepRecord] = []
     eval: list[EvalRecord] = []
     fallbacks: list[FallbackRecord] = []
@@ -53,7 +58,7 @@ def save_checkpoint(output_dir: str | Path, *, model: torch.nn.Module, optimizer
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{PREFIX}{state.step:08d}"
-    tmp = output_dir / f".tmp-{final.name}-{os.getpid()}"
+    tmp = output_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))  # tied weights are stored once
@@ -63,7 +68,7 @@ def save_checkpoint(output_dir: str | Path, *, model: torch.nn.Module, optimizer
     (tmp / "trainer_state.json").write_text(state.model_dump_json(indent=1))
     plan.save(tmp / "plan.json")
     if final.exists():  # the same step saved again (e.g. at the end, after evaluation)
-        old = output_dir / f".old-{final.name}-{os.getpid()}"
+        old = output_dir / f"{OLD_PREFIX}{final.name}-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
@@ -74,13 +79,46 @@ def save_checkpoint(output_dir: str | Path, *, model: torch.nn.Module, optimizer
     return final
 
 
+def prepare_output_dir(output_dir: str | Path) -> list[str]:
+    """Make sure checkpoints can be written to `output_dir` before any training, and tidy what a killed save
+    left: half-written `.tmp-*` folders go; a `.old-*` folder whose replacement never landed comes back.
+    Returns what it did, one line each. Raises CheckpointError with a one-line reason."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointError(f"--output-dir {output_dir} is a file, not a directory")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f"{TMP_PREFIX}write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise CheckpointError(f"cannot write checkpoints to {output_dir}: {error.strerror or error}") from None
+    done = []
+    for path in sorted(output_dir.iterdir()):
+        if path.name.startswith(TMP_PREFIX) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}, left by an interrupted save")
+        elif path.name.startswith(OLD_PREFIX) and path.is_dir():
+            name = path.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
+            if _complete(output_dir / name):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.rename(output_dir / name)
+                done.append(f"restored {name}, whose replacement an interrupted save never finished")
+    return done
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and all((path / f).exists() for f in FILES)
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in `output_dir`, oldest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and p.name[len(PREFIX):].isdigit() and all((p / f).exists() for f in FILES)]
+    found = [p for p in output_dir.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and _complete(p)]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -92,7 +130,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def load_plan_and_state(path: str | Path) -> tuple[Plan, TrainerState]:
     """The plan in force and the counters of checkpoint `path` (before the model is set up)."""
     path = Path(path)
-    if not all((path / f).exists() for f in FILES):
+    if not _complete(path):
         raise CheckpointError(f"{path} is not a complete autofit checkpoint")
     return Plan.load(path / "plan.json"), TrainerState.model_validate_json((path / "trainer_state.json").read_text())
 

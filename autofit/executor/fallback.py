@@ -1,9 +1,10 @@
-"""Out-of-memory fallback: when a window of micro-batches runs out of memory, pick smaller knobs and go on.
+"""Out-of-memory fallback: when a step's micro-batches run out of memory, pick smaller knobs and go on.
 
-The default ladder is pure: halve the micro-batch and double accumulation (the effective batch stays: the
-executor re-splits the same examples into smaller micro-batches), then checkpoint every trainable layer,
-then give up. Only knobs that change how a window is cut and recomputed may change mid-run; freezing,
-precision and optimizer bits would need a new optimizer, so a fallback that changes them is refused.
+The default ladder is pure: halve the micro-batch cap and the token budget (the effective batch stays: the
+executor cuts the same step's examples into more, smaller micro-batches), then checkpoint every trainable
+layer, then give up. Only knobs that change how a step is cut and recomputed may change mid-run; freezing,
+precision and optimizer bits would need a new optimizer, and bucket boundaries decide which examples form a
+step, so a fallback that changes them is refused.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import torch
 from autofit.knobs import Knobs
 from autofit.plan import Plan
 
-CHANGEABLE = ("micro_batch_size", "tokens_per_micro_batch", "accumulation_steps", "checkpoint_layers",
-              "pad_to_multiple_of")
+CHANGEABLE = ("micro_batch_size", "tokens_per_micro_batch", "checkpoint_layers")
 
 
 class FallbackError(ValueError):
@@ -42,14 +42,13 @@ def free_memory(device: torch.device) -> None:
 
 
 def default_fallback(plan: Plan) -> Plan | None:
-    """The next smaller plan, or None when nothing is left: halve the micro-batch (ceil) and double
-    accumulation; at micro-batch 1, checkpoint every trainable layer. The prediction is not redone."""
+    """The next smaller plan, or None when nothing is left: halve the micro-batch cap and the token budget
+    (ceil); at micro-batch 1, checkpoint every trainable layer. The prediction is not redone."""
     k = plan.knobs
-    if k.micro_batch_size > 1:
+    largest = max(b.micro_batch_size for b in plan.step.buckets)
+    if largest > 1:
         tokens = -(-k.tokens_per_micro_batch // 2) if k.tokens_per_micro_batch else None
-        knobs = k.model_copy(update=dict(micro_batch_size=-(-k.micro_batch_size // 2),
-                                         tokens_per_micro_batch=tokens,
-                                         accumulation_steps=k.accumulation_steps * 2))
+        knobs = k.model_copy(update=dict(micro_batch_size=-(-largest // 2), tokens_per_micro_batch=tokens))
     else:
         all_trainable = tuple(k.trainable_layers(plan.num_layers))
         if k.checkpoint_layers == all_trainable:
@@ -67,7 +66,7 @@ def check_changeable(old: Knobs, new: Knobs) -> None:
 
 
 def describe_change(old: Knobs, new: Knobs) -> str:
-    """One line naming what changed, e.g. "micro_batch_size 16 -> 8, accumulation_steps 2 -> 4"."""
+    """One line naming what changed, e.g. "micro_batch_size 16 -> 8, tokens_per_micro_batch 512 -> 256"."""
     changes = [f"{name} {getattr(old, name)} -> {getattr(new, name)}" for name in Knobs.model_fields
                if getattr(old, name) != getattr(new, name)]
     return ", ".join(changes) or "no change"

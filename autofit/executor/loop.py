@@ -1,4 +1,4 @@
-"""The training step — one window of micro-batches, then one optimizer step — and evaluation.
+"""The training step — the micro-batches of one step's examples, then one optimizer step — and evaluation.
 
 Everything here was decided up front (techniques applied, batches cut); these functions make no
 decisions. The forward is exactly what the profiler measured: `loss = model(**batch).loss` under
@@ -37,14 +37,14 @@ class StepContext:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
-def accumulate(ctx: StepContext, window: list[Batch]) -> torch.Tensor:
-    """Forward and backward of each micro-batch of an accumulation window; returns the window's mean loss.
+def accumulate(ctx: StepContext, step: list[Batch]) -> torch.Tensor:
+    """Forward and backward of each micro-batch of one optimizer step; returns the step's mean loss.
 
-    Each micro-batch's mean loss is weighted by its share of the window's units (samples or label
-    tokens), so the summed gradients are those of the window's mean, even for uneven micro-batches."""
-    total = sum(count_units(batch, ctx.task) for batch in window)
-    window_loss = torch.zeros((), device=ctx.device)
-    for batch in window:
+    Each micro-batch's mean loss is weighted by its share of the step's units (samples or label tokens),
+    so the summed gradients are those of the whole step's mean, even for uneven micro-batches."""
+    total = sum(count_units(batch, ctx.task) for batch in step)
+    step_loss = torch.zeros((), device=ctx.device)
+    for batch in step:
         units = count_units(batch, ctx.task)
         if units == 0:
             continue  # no label token in this micro-batch: its mean loss would be NaN
@@ -53,15 +53,24 @@ def accumulate(ctx: StepContext, window: list[Batch]) -> torch.Tensor:
             loss = ctx.model(**batch).loss
         loss = loss * loss_scale(units, total)
         ctx.scaler.scale(loss).backward()
-        window_loss += loss.detach()
-    return window_loss
+        step_loss += loss.detach()
+    return step_loss
+
+
+class NonFiniteGradientError(ArithmeticError):
+    """Gradients with inf/NaN outside fp16 (where the GradScaler skips such steps): the run diverged."""
 
 
 def optimizer_step(ctx: StepContext) -> bool:
-    """Unscale and clip the gradients, step, clear them. False when fp16 overflow skipped the update."""
+    """Unscale and clip the gradients, step, clear them. False when fp16 overflow skipped the update.
+
+    Outside fp16, non-finite gradients raise NonFiniteGradientError before the weights change."""
     if ctx.max_grad_norm is not None:
         ctx.scaler.unscale_(ctx.optimizer)
-        torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.max_grad_norm)
+        if ctx.precision is not Precision.fp16 and not torch.isfinite(norm):
+            ctx.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradientError(f"the gradient norm is {float(norm)}")
     scale = ctx.scaler.get_scale()
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()

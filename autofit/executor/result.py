@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from autofit.budget import format_bytes
 from autofit.knobs import Knobs
-from autofit.plan import Plan
+from autofit.plan import MemoryBreakdown, Plan
 
 
 class StepRecord(BaseModel):
@@ -15,11 +16,14 @@ class StepRecord(BaseModel):
     """1-based count of optimizer steps taken so far in the run."""
     epoch: int
     loss: float
-    """Mean loss over the window's units (samples, or label tokens for token-level tasks)."""
+    """Mean loss over the step's units (samples, or label tokens for token-level tasks)."""
     lr: float
     tokens_per_second: float
-    """Real (non-pad) tokens of the window per second of its wall time."""
+    """Real (non-pad) tokens of the step per second of its wall time."""
     samples: int
+    """Examples the step trained: the plan's effective batch, except maybe an epoch's last step."""
+    micro_batches: int = 1
+    """Forward/backward passes the step's examples were cut into."""
     seconds: float
     skipped: bool = False
     """True when fp16's GradScaler found inf/NaN gradients and skipped the update."""
@@ -40,11 +44,11 @@ class FallbackRecord(BaseModel):
     """An out-of-memory error and the knobs the run continued with."""
 
     step: int
-    """Optimizer steps completed when the error struck (the window after them was re-run)."""
+    """Optimizer steps completed when the error struck (the step after them was re-run)."""
     error: str
     knobs: Knobs
     summary: str
-    """One line, e.g. "micro-batch 16 -> 8, accumulation 2 -> 4"."""
+    """One line, e.g. "micro_batch_size 16 -> 8, tokens_per_micro_batch 512 -> 256"."""
 
 
 class TrainResult(BaseModel):
@@ -53,13 +57,19 @@ class TrainResult(BaseModel):
     plan: Plan
     """The plan in force at the end (differs from the input plan after an out-of-memory fallback)."""
     measured_peak_bytes: int | None
-    """Peak allocated bytes of the steady-state training steps (after the first optimizer step):
+    """Peak allocated bytes of the steady-state run (after the first optimizer step, evaluation included):
     CUDA allocator statistics, or the CPU live-tensor tracker. None when not measured."""
     measured_reserved_bytes: int | None = None
     """CUDA only: the caching allocator's reserved peak."""
     predicted_peak_bytes: int
-    """The plan's predicted peak including device overhead; compare `predicted_allocated_bytes` on CUDA."""
+    """The predicted peak including device overhead (the larger of training's and evaluation's); compare
+    `predicted_allocated_bytes` with the measured peak."""
     predicted_allocated_bytes: int
+    budget_bytes: int
+    """The plan's memory budget."""
+    memory_warning: str | None = None
+    """Set when the measured peak went over the budget, or over the prediction by more than the plan's
+    headroom: a plan that does not hold is a bug in the memory model, and the run says so."""
     history: list[StepRecord]
     eval: list[EvalRecord] = []
     tokens_per_second: float
@@ -75,3 +85,19 @@ class TrainResult(BaseModel):
     @property
     def final_loss(self) -> float | None:
         return self.history[-1].loss if self.history else None
+
+
+def memory_warning(measured: int | None, reserved: int | None, predicted: MemoryBreakdown, plan: Plan) -> str | None:
+    """One line when a measured peak broke the plan's promise: over the budget (on CUDA the reserved peak
+    plus the context counts), or above the predicted allocation by more than the headroom; else None."""
+    if measured is None:
+        return None
+    used = (reserved or measured) + plan.device.context_bytes if plan.device.kind == "cuda" else measured
+    if used > plan.budget_bytes:
+        return (f"the run used {format_bytes(used)}, over its {format_bytes(plan.budget_bytes)} budget "
+                f"(predicted {format_bytes(predicted.peak_bytes)}): the plan did not hold; please report it")
+    if measured > predicted.allocated_bytes + plan.headroom_bytes:
+        return (f"the measured peak {format_bytes(measured)} is above the predicted "
+                f"{format_bytes(predicted.allocated_bytes)} by more than the plan's "
+                f"{format_bytes(plan.headroom_bytes)} headroom: the memory model missed something")
+    return None

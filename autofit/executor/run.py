@@ -1,24 +1,26 @@
-"""run_plan: train a model with a Plan — apply the techniques once, run the windows, measure, checkpoint.
+"""run_plan: train a model with a Plan — apply the techniques once, run the steps, measure, checkpoint.
 
-accelerate picks the device and supplies the GradScaler where it makes one (CUDA fp16). The model is
-*not* passed through `accelerator.prepare`: under mixed precision that wraps forward in autocast plus
-`convert_outputs_to_fp32`, an fp32 copy of the logits the memory model does not expect, and
-`unwrap_model(keep_fp32_wrapper=False)` then unwraps past transformers' own forward decorators. We
-autocast `loss = model(**batch).loss` ourselves instead, as the profiler measured it. accelerate leaves
-fp16 on the CPU without autocast or scaler; our autocast and `precision.grad_scaler` cover it. The
-windows of each epoch come from the sampler of the plan the run started with, so an out-of-memory
-fallback re-splits the same examples into smaller micro-batches: every optimizer step sees the
-effective batch it would have seen.
+A step is `plan.batch_size` examples drawn by the StepSampler, cut into micro-batches under the plan's caps
+(techniques/accumulation.cut_step); the loss is normalised over the whole step, so every optimizer step
+trains exactly the effective batch the plan promises. An out-of-memory fallback cuts the same step's
+examples into smaller micro-batches: the step stays the same.
+
+accelerate picks the device and supplies the GradScaler where it makes one (CUDA fp16). The model is *not*
+passed through `accelerator.prepare`: under mixed precision that wraps forward in autocast plus
+`convert_outputs_to_fp32`, an fp32 copy of the logits the memory model does not expect. We autocast
+`loss = model(**batch).loss` ourselves instead, as the profiler measured it. accelerate leaves fp16 on the
+CPU without autocast or scaler; our autocast and `precision.grad_scaler` cover it.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from itertools import accumulate as running_sum
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
@@ -26,20 +28,22 @@ from transformers import PreTrainedModel
 
 from autofit.data import TokenizedData
 from autofit.executor import checkpoint as ckpt
-from autofit.executor.fallback import (FallbackError, TrainingOutOfMemoryError, check_changeable, default_fallback,
+from autofit.executor.fallback import (TrainingOutOfMemoryError, check_changeable, default_fallback,
                                        describe_change, free_memory, is_out_of_memory)
-from autofit.executor.loop import StepContext, accumulate, evaluate, optimizer_step
+from autofit.executor.interrupt import GracefulInterrupt, TrainingDivergedError, TrainingInterruptedError
+from autofit.executor.loop import NonFiniteGradientError, StepContext, accumulate, evaluate, optimizer_step
 from autofit.executor.progress import TrainingProgress
-from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord, TrainResult
+from autofit.executor.resume import data_fingerprint, resume_point, run_fingerprint
+from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord, TrainResult, memory_warning
 from autofit.executor.validate import ExecutorInputError, check_inputs, run_device
+from autofit.knobs import Precision
 from autofit.measure import PeakMemoryMeter
-from autofit.plan import Plan
+from autofit.plan import MemoryBreakdown, Plan
 from autofit.techniques import checkpointing, freeze
 from autofit.techniques import optimizer as optim
 from autofit.techniques import precision as amp
-from autofit.techniques.bucketing import BucketBatchSampler, BucketingError, padded_length, micro_batch_size_for
-from autofit.techniques.bucketing import sorted_eval_batches
-from autofit.techniques.accumulation import windows as window_sizes
+from autofit.techniques.accumulation import cut_step, eval_micro_batches
+from autofit.techniques.bucketing import StepSampler, upper_lengths
 from autofit.techniques.padding import PaddingCollator
 
 
@@ -48,42 +52,43 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
              max_grad_norm: float | None = 1.0, seed: int = 0, output_dir: str | None = None,
              checkpoint_every: int | None = None, resume: bool = False, measure_memory: bool = True,
              quiet: bool = False, fallback: Callable[[Plan], Plan | None] | None = None,
-             pad_token_id: int | None = None) -> TrainResult:
-    """Train `model` on `train` with `plan`'s knobs for `epochs` (or `max_steps` optimizer steps).
+             pad_token_id: int | None = None, drop_last: bool = False,
+             eval_prediction: MemoryBreakdown | None = None) -> TrainResult:
+    """Train `model` on `train` with `plan` for `epochs` (or `max_steps` optimizer steps).
 
-    Bad input raises ExecutorInputError before anything changes. Out of memory in forward/backward
-    moves to `fallback(plan)` (default: halve the micro-batch, then checkpoint all layers) and re-runs
-    the window. With `output_dir`, checkpoints every `checkpoint_every` steps and at the end; `resume`
-    continues from the newest one. The model comes back trained, with its requires_grad flags and
-    forward restored."""
+    Bad input raises ExecutorInputError before anything changes. Out of memory moves to `fallback(plan)`
+    (default: halve the micro-batch, then checkpoint all layers) and re-runs the step. With `output_dir`,
+    checkpoints every `checkpoint_every` steps and at the end; `resume` continues from the newest one when
+    there is one (a checkpoint of other data, plan or settings is refused). A loss or gradient that turns
+    inf/NaN outside fp16 stops the run (TrainingDivergedError); Ctrl-C finishes the step, saves and raises
+    TrainingInterruptedError. `eval_prediction` is the predicted peak of evaluation, compared with what
+    evaluation measures. The model comes back trained, its requires_grad flags and forward restored."""
     check_inputs(model, plan, train, eval, epochs=epochs, max_steps=max_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, resume=resume)
-    saved = _resume_point(plan, output_dir) if resume else None
-    run = _Run(model, plan, train, eval, saved=saved, epochs=epochs, max_steps=max_steps, seed=seed,
-               output_dir=output_dir, checkpoint_every=checkpoint_every,
+    notes = ckpt.prepare_output_dir(output_dir) if output_dir is not None else []
+    data_print = data_fingerprint(train)
+    run_print = run_fingerprint(plan, seed=seed, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                                drop_last=drop_last)
+    saved = resume_point(output_dir, data_print, run_print) if resume else None
+    if resume and saved is None:
+        notes.append(f"no checkpoint in {output_dir} yet: starting from the first step")
+    state = saved[2] if saved else ckpt.TrainerState(data_fingerprint=data_print, run_fingerprint=run_print)
+    run = _Run(model, saved[1] if saved else plan, train, eval, state=state, epochs=epochs, max_steps=max_steps,
+               seed=seed, drop_last=drop_last, output_dir=output_dir, checkpoint_every=checkpoint_every,
                fallback=fallback or default_fallback)
     try:
-        run.setup(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, pad_token_id=pad_token_id)
+        run.build(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, pad_token_id=pad_token_id,
+                  resume_from=saved[0] if saved else None)
         meter = PeakMemoryMeter(run.ctx.device, track=[model, run.ctx.optimizer]) if measure_memory else None
-        total = epochs * len(run.epoch_windows(0))
-        total = total if max_steps is None else min(total, max_steps)
-        with meter or nullcontext(), TrainingProgress(total, quiet=quiet, completed=run.state.step) as bar:
-            run.train(meter, bar)
+        total = epochs * len(run.sampler) if max_steps is None else min(epochs * len(run.sampler), max_steps)
+        with meter or nullcontext(), TrainingProgress(total, quiet=quiet, completed=state.step) as bar, \
+                GracefulInterrupt() as interrupt:
+            for line in notes:
+                bar.note(line)
+            run.train(meter, bar, interrupt)
     finally:
         run.restore_model()
-    return run.result(meter)
-
-
-def _resume_point(plan: Plan, output_dir: str) -> tuple[Path, Plan, ckpt.TrainerState]:
-    path = ckpt.latest_checkpoint(output_dir)
-    if path is None:
-        raise ExecutorInputError(f"resume asked for, but {output_dir} holds no complete checkpoint")
-    saved_plan, state = ckpt.load_plan_and_state(path)
-    identity = ("model_type", "num_layers", "num_params", "task")
-    if any(getattr(saved_plan, name) != getattr(plan, name) for name in identity):
-        raise ExecutorInputError(f"the checkpoint in {path} is for {saved_plan.model_id} "
-                                 f"({saved_plan.task}), not for this plan's {plan.model_id} ({plan.task})")
-    return path, saved_plan, state
+    return run.result(meter, input_plan=plan, eval_prediction=eval_prediction)
 
 
 def make_accelerator(mixed_precision: str, *, cpu: bool) -> Accelerator:
@@ -98,72 +103,33 @@ def make_accelerator(mixed_precision: str, *, cpu: bool) -> Accelerator:
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
-def split_window(window: list[list[int]], lengths: list[int], knobs) -> list[list[int]]:
-    """Cut each batch of a window into micro-batches the knobs allow (identity for the sampler's own
-    knobs; after a fallback, the same examples in smaller pieces)."""
-    pieces = []
-    for batch in window:
-        longest = padded_length(max(lengths[i] for i in batch), knobs.pad_to_multiple_of)
-        size = micro_batch_size_for(longest, knobs)
-        pieces.extend(batch[start:start + size] for start in range(0, len(batch), size))
-    return pieces
-
-
-class _SteadyPeak:
-    """Peak memory of the steady-state training steps: the call's first optimizer step (before it no
-    optimizer state exists) and evaluation are left out, as the memory model assumes."""
-
-    def __init__(self, meter: PeakMemoryMeter | None) -> None:
-        self.meter, self.steps = meter, 0
-        self.first: tuple[int, int] | None = None
-        self.steady = (0, 0)
-
-    def _read(self) -> tuple[int, int]:
-        return self.meter.peak_bytes, self.meter.peak_reserved_bytes
-
-    def after_step(self) -> None:
-        self.steps += 1
-        if self.meter is not None and self.steps == 1:
-            self.first = self._read()
-            self.meter.reset_peak()
-
-    def bank(self) -> None:
-        """Keep the peak so far (call before evaluation)."""
-        if self.meter is not None and self.steps >= 1:
-            self.steady = tuple(map(max, self.steady, self._read()))
-
-    def restart(self) -> None:
-        """Forget what happened since `bank` (call after evaluation)."""
-        if self.meter is not None:
-            self.meter.reset_peak()
-
-    def result(self) -> tuple[int | None, int | None]:
-        if self.meter is None or self.steps == 0:
-            return None, None
-        if self.steps == 1:
-            return self.first
-        self.bank()
-        return self.steady
-
-
 class _Run:
-    """The state of one run_plan call: techniques applied once in `setup`, then windows until done."""
+    """One run_plan call: the techniques applied once in `build`, then steps until done. Everything a
+    resume needs lives in `state` (checkpointed); the rest is rebuilt from the plan."""
 
     def __init__(self, model: PreTrainedModel, plan: Plan, train: TokenizedData, eval: TokenizedData | None, *,
-                 saved, epochs: int, max_steps: int | None, seed: int, output_dir: str | None,
-                 checkpoint_every: int | None, fallback: Callable[[Plan], Plan | None]) -> None:
-        self.model, self.input_plan, self.train_data, self.eval_data = model, plan, train, eval
-        self.resume_path, self.plan, self.state = saved or (None, plan, ckpt.TrainerState(batch_knobs=plan.knobs))
+                 state: ckpt.TrainerState, epochs: int, max_steps: int | None, seed: int, drop_last: bool,
+                 output_dir: str | None, checkpoint_every: int | None,
+                 fallback: Callable[[Plan], Plan | None]) -> None:
+        self.model, self.plan, self.train_data, self.eval_data, self.state = model, plan, train, eval, state
         self.epochs, self.max_steps, self.seed = epochs, max_steps, seed
         self.output_dir, self.checkpoint_every, self.fallback = output_dir, checkpoint_every, fallback
         self.lengths = train.lengths
+        self.sampler = StepSampler(self.lengths, plan.knobs, plan.batch_size, seed=seed, drop_last=drop_last)
+        self.uppers = upper_lengths(self.lengths, plan.knobs)
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
         self.was_training = model.training
         self.started = time.perf_counter()
         self.last_checkpoint: Path | None = None
+        self.ctx: StepContext | None = None
+        self.collator: PaddingCollator | None = None
+        self.meter: PeakMemoryMeter | None = None
+        self.bar: TrainingProgress | None = None
+        self.peak = _SteadyPeak(None)
 
-    def setup(self, *, lr: float, weight_decay: float, max_grad_norm: float | None,
-              pad_token_id: int | None) -> None:
+    def build(self, *, lr: float, weight_decay: float, max_grad_norm: float | None, pad_token_id: int | None,
+              resume_from: Path | None) -> None:
+        """Apply freezing and checkpointing, build the optimizer, scaler and collator, restore a checkpoint."""
         knobs, device_type = self.plan.knobs, run_device(self.plan).type
         precision = amp.resolve(knobs.precision, device_type)  # bf16 on an old card runs as fp16
         accelerator = make_accelerator(amp.accelerate_mixed_precision(precision), cpu=device_type == "cpu")
@@ -182,129 +148,129 @@ class _Run:
         if pad_token_id is None:
             pad_token_id = getattr(self.model.config, "pad_token_id", None) or 0
         self.collator = PaddingCollator(pad_token_id, knobs.pad_to_multiple_of, task=self.plan.task)
-        self.sampler = BucketBatchSampler(self.lengths, self.state.batch_knobs, seed=self.seed)
-        try:
-            self.sampler.load_state_dict(self.state.sampler or self.sampler.state_dict())
-        except BucketingError as error:
-            raise ExecutorInputError(f"the checkpoint does not fit this data or seed: {error}") from None
-        self.state.sampler = self.sampler.state_dict()
         set_seed(self.seed)
-        if self.resume_path is not None:
-            ckpt.load_tensors(self.resume_path, model=self.model, optimizer=optimizer, scaler=scaler)
+        if resume_from is not None:
+            ckpt.load_tensors(resume_from, model=self.model, optimizer=optimizer, scaler=scaler)
 
     # ---- the loop ----------------------------------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        return self.state.sampler["epoch"]
+    def train(self, meter: PeakMemoryMeter | None, bar: TrainingProgress, interrupt: GracefulInterrupt) -> None:
+        """Every step of every epoch, top to bottom; evaluation at each epoch's end."""
+        self.meter, self.bar, self.peak = meter, bar, _SteadyPeak(meter)
+        s = self.state
+        while s.epoch < self.epochs and not self.finished:
+            steps = self.sampler.epoch_steps(s.epoch)
+            while s.position < len(steps) and not self.finished:
+                self.train_step(steps[s.position])
+                s.position += 1
+                self.after_step(interrupt)
+            if s.position < len(steps):
+                break  # max_steps reached inside the epoch
+            self.end_epoch()
+        if self.output_dir is not None:
+            self.save()
 
     @property
     def finished(self) -> bool:
         return self.max_steps is not None and self.state.step >= self.max_steps
 
-    def epoch_windows(self, epoch: int) -> list[list[list[int]]]:
-        """The epoch's batches (by the knobs the run started with) grouped into accumulation windows."""
-        batches = self.sampler.epoch_batches(epoch)
-        windows, start = [], 0
-        for size in window_sizes(len(batches), self.state.batch_knobs.accumulation_steps):
-            windows.append(batches[start:start + size])
-            start += size
-        return windows
+    def train_step(self, step: list[int]) -> None:
+        """One optimizer step over the examples `step`."""
+        started = time.perf_counter()
+        batches, loss = self.forward_backward(step)
+        loss_value = float(loss)  # float() waits for the device
+        if not math.isfinite(loss_value) and self.ctx.precision is not Precision.fp16:
+            self.ctx.optimizer.zero_grad(set_to_none=True)
+            raise self.diverged(f"the loss is {loss_value}")
+        try:
+            applied = optimizer_step(self.ctx)
+        except NonFiniteGradientError as error:
+            raise self.diverged(str(error)) from None
+        if not weights_finite(self.ctx.trainable):
+            raise self.diverged("the update made the weights inf or NaN", updated=True)
+        seconds = time.perf_counter() - started
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        s = self.state
+        s.step += 1
+        s.real_tokens += real
+        s.computed_tokens += sum(b["input_ids"].numel() for b in batches)
+        s.samples += len(step)
+        s.train_seconds += seconds
+        s.history.append(StepRecord(step=s.step, epoch=s.epoch, loss=loss_value,
+                                    lr=self.ctx.optimizer.param_groups[0]["lr"],
+                                    tokens_per_second=real / max(seconds, 1e-9), samples=len(step),
+                                    micro_batches=len(batches), seconds=seconds, skipped=not applied))
 
-    def train(self, meter: PeakMemoryMeter | None, bar: TrainingProgress) -> None:
-        self.meter, self.peak, self.bar = meter, _SteadyPeak(meter), bar
-        while self.epoch < self.epochs and not self.finished:
-            windows = self.epoch_windows(self.epoch)
-            for window, end in zip(windows, running_sum(map(len, windows))):
-                if end <= self.state.sampler["position"]:
-                    continue  # trained before the run was resumed
-                if self.finished:
-                    break
-                self.train_window(window)
-                self.state.sampler = self.sampler.state_dict(consumed=end)
-                self.after_step()
-            if self.state.sampler["position"] < len(self.sampler):
-                break  # stopped by max_steps inside the epoch
-            self.end_epoch()
-        if self.output_dir is not None:
-            self.save()
-
-    def train_window(self, window: list[list[int]]) -> None:
-        """One optimizer step over `window`; out of memory falls back and re-runs the same examples."""
-        start = time.perf_counter()
+    def forward_backward(self, step: list[int]):
+        """(the step's micro-batches, its loss); out of memory falls back and cuts the same examples again."""
         while True:
-            pieces = split_window(window, self.lengths, self.plan.knobs)
+            pieces = cut_step(step, self.lengths, self.plan.knobs, self.uppers)
             batches = [self.collator([self.train_data.example(i) for i in piece]) for piece in pieces]
             try:
-                loss = accumulate(self.ctx, batches)
-                break
+                return batches, accumulate(self.ctx, batches)
             except Exception as error:  # only out-of-memory is handled; the traceback dies with the block
                 if not is_out_of_memory(error):
                     raise
                 message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
             del batches
             self.fall_back(message)
-        applied = optimizer_step(self.ctx)
-        loss_value, seconds = float(loss), time.perf_counter() - start  # float() waits for the device
-        real = sum(int(b["attention_mask"].sum()) for b in batches)
-        samples = sum(len(b["input_ids"]) for b in batches)
-        s = self.state
-        s.step += 1
-        s.real_tokens += real
-        s.computed_tokens += sum(b["input_ids"].numel() for b in batches)
-        s.samples += samples
-        s.train_seconds += seconds
-        s.history.append(StepRecord(step=s.step, epoch=self.epoch, loss=loss_value,
-                                    lr=self.ctx.optimizer.param_groups[0]["lr"],
-                                    tokens_per_second=real / max(seconds, 1e-9), samples=samples,
-                                    seconds=seconds, skipped=not applied))
 
-    def after_step(self) -> None:
+    def after_step(self, interrupt: GracefulInterrupt) -> None:
         self.peak.after_step()
         record = self.state.history[-1]
         self.bar.update(record.step, loss=record.loss, tokens_per_second=record.tokens_per_second,
                         peak_bytes=self.meter.peak_bytes if self.meter else None)
+        if interrupt.requested:
+            where = f"; the checkpoint is {self.save()}, run again with resume to continue" \
+                if self.output_dir is not None else " (no output_dir: nothing was saved)"
+            raise TrainingInterruptedError(f"interrupted after step {self.state.step}{where}")
         if self.checkpoint_every and self.state.step % self.checkpoint_every == 0:
             self.save()
 
     def end_epoch(self) -> None:
-        if self.eval_data is not None and all(r.epoch != self.epoch for r in self.state.eval):
-            self.peak.bank()
+        s = self.state
+        if self.eval_data is not None and all(r.epoch != s.epoch for r in s.eval):
             loss, accuracy, samples = evaluate(self.ctx, self.eval_batches())
-            self.peak.restart()
-            self.state.eval.append(EvalRecord(epoch=self.epoch, step=self.state.step, loss=loss,
-                                              accuracy=accuracy, samples=samples))
-        self.sampler.set_epoch(self.epoch + 1)
-        self.state.sampler = self.sampler.state_dict()
+            s.eval.append(EvalRecord(epoch=s.epoch, step=s.step, loss=loss, accuracy=accuracy, samples=samples))
+        s.epoch, s.position = s.epoch + 1, 0
 
     def eval_batches(self):
+        """Evaluation micro-batches under the plan's caps, none larger than a training micro-batch."""
+        largest = max(b.micro_batch_size * b.upper_length for b in self.plan.step.buckets)
         data = self.eval_data
-        for indices in sorted_eval_batches(data.lengths, self.plan.knobs.micro_batch_size):
+        for indices in eval_micro_batches(data.lengths, self.plan.knobs, largest):
             yield self.collator([data.example(i) for i in indices])
 
     def fall_back(self, message: str) -> None:
-        """Drop the partial window (weights change only at steps) and move to the fallback's knobs."""
+        """Drop the partial step (weights change only at steps) and move to the fallback's knobs."""
         self.ctx.optimizer.zero_grad(set_to_none=True)
         free_memory(self.ctx.device)
         old = self.plan.knobs
         new = self.fallback(self.plan)
         if new is None or new.knobs == old:
             raise TrainingOutOfMemoryError(
-                f"out of memory after {self.state.step} steps with micro-batch {old.micro_batch_size} and "
-                f"{len(old.checkpoint_layers)} checkpointed layers, and no smaller plan is left: freeze more "
+                f"out of memory after {self.state.step} steps with micro-batches of up to {old.micro_batch_size} "
+                f"and {len(old.checkpoint_layers)} checkpointed layers, and no smaller plan is left: freeze more "
                 f"layers, use 8-bit optimizer states, shorten max_length or raise the budget ({message})")
         check_changeable(old, new.knobs)
         checkpointing.apply(self.model, new.knobs.checkpoint_layers)
-        self.collator.pad_to_multiple_of = new.knobs.pad_to_multiple_of
         summary = describe_change(old, new.knobs)
         self.state.fallbacks.append(FallbackRecord(step=self.state.step, error=message, knobs=new.knobs,
                                                    summary=summary))
         self.bar.note(f"out of memory at step {self.state.step + 1}: {summary}")
         self.plan = new
 
+    def diverged(self, what: str, updated: bool = False) -> TrainingDivergedError:
+        """The error that stops a run whose loss, gradients or weights turned inf/NaN; nothing is saved after."""
+        kept = f"; the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+        stop = "stopped" if updated else "stopped before updating the weights"
+        return TrainingDivergedError(f"training diverged at step {self.state.step + 1}: {what} (is the learning "
+                                     f"rate too high?); {stop}{kept}")
+
     # ---- ends ----------------------------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self) -> Path:
         self.last_checkpoint = ckpt.save_checkpoint(self.output_dir, model=self.model, optimizer=self.ctx.optimizer,
                                                     scaler=self.ctx.scaler, plan=self.plan, state=self.state)
+        return self.last_checkpoint
 
     def restore_model(self) -> None:
         """Give the caller its model back: own forward on every layer, its requires_grad flags, its mode."""
@@ -313,18 +279,54 @@ class _Run:
             param.requires_grad_(flag)
         self.model.train(self.was_training)
 
-    def result(self, meter: PeakMemoryMeter | None) -> TrainResult:
+    def result(self, meter: PeakMemoryMeter | None, *, input_plan: Plan,
+               eval_prediction: MemoryBreakdown | None) -> TrainResult:
         s = self.state
         measured, reserved = self.peak.result()
+        predictions = [input_plan.predicted] + ([eval_prediction] if eval_prediction and s.eval else [])
+        predicted = max(predictions, key=lambda m: m.peak_bytes)
         return TrainResult(
             plan=self.plan, measured_peak_bytes=measured,
             measured_reserved_bytes=reserved if meter is not None and meter.is_cuda else None,
-            predicted_peak_bytes=self.input_plan.predicted.peak_bytes,
-            predicted_allocated_bytes=self.input_plan.predicted.allocated_bytes,
+            predicted_peak_bytes=predicted.peak_bytes, predicted_allocated_bytes=predicted.allocated_bytes,
+            budget_bytes=input_plan.budget_bytes,
+            memory_warning=memory_warning(measured, reserved if meter is not None and meter.is_cuda else None,
+                                          predicted, input_plan),
             history=s.history, eval=s.eval,
             tokens_per_second=s.real_tokens / max(s.train_seconds, 1e-9),
             samples_per_second=s.samples / max(s.train_seconds, 1e-9),
             padding_efficiency=s.real_tokens / max(s.computed_tokens, 1),
-            fallbacks=s.fallbacks, optimizer_steps=s.step, epochs_completed=min(self.epoch, self.epochs),
+            fallbacks=s.fallbacks, optimizer_steps=s.step, epochs_completed=min(s.epoch, self.epochs),
             seconds=time.perf_counter() - self.started,
             output_dir=str(self.last_checkpoint) if self.last_checkpoint else None)
+
+
+def weights_finite(params: list) -> bool:
+    """Whether every trainable weight is finite: one fused norm per tensor and a single device sync."""
+    if not params:
+        return True
+    return bool(torch.stack(torch._foreach_norm([p.detach() for p in params])).isfinite().all())
+
+
+class _SteadyPeak:
+    """Peak memory of the steady-state run: everything after the call's first optimizer step (before it no
+    optimizer state exists, which the memory model assumes), evaluation included."""
+
+    def __init__(self, meter: PeakMemoryMeter | None) -> None:
+        self.meter, self.steps = meter, 0
+        self.first: tuple[int, int] | None = None
+
+    def _read(self) -> tuple[int, int]:
+        return self.meter.peak_bytes, self.meter.peak_reserved_bytes
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.meter is not None and self.steps == 1:
+            self.first = self._read()
+            self.meter.reset_peak()
+
+    def result(self) -> tuple[int | None, int | None]:
+        if self.meter is None or self.steps == 0:
+            return None, None
+        now = self._read()  # since the first step, evaluation included
+        return tuple(map(max, self.first, now)) if self.steps == 1 else now

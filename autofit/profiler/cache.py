@@ -1,11 +1,11 @@
-"""An on-disk cache of Profiles of models named by id, path or config, so a second `autofit plan` of the same
-model skips the profiling. Live nn.Modules are never cached (their weights' dtype, device or code may
-differ from their config).
+"""An on-disk cache of Profiles, so a second `autofit plan` or `autofit train` of the same model skips the
+profiling (tens of seconds on a CPU target, where block times are measured for real).
 
 The key covers everything a Profile depends on: the model's config, the task, the attention
 implementation, the timed precisions, the torch/transformers versions and the profiler's own source, so a
-changed profiler never reads an old profile. AUTOFIT_CACHE=0 switches the cache off; AUTOFIT_CACHE=DIR
-moves it (default ~/.cache/autofit/profiles).
+changed profiler never reads an old profile. A live nn.Module is keyed by its config too, plus its class,
+its weights' dtype and the device it sits on (they change what is measured). AUTOFIT_CACHE=0 switches the
+cache off; AUTOFIT_CACHE=DIR moves it (default ~/.cache/autofit/profiles).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from pydantic import ValidationError
+from torch import nn
 from transformers import PretrainedConfig
 
 from autofit.models import resolve_config
@@ -31,24 +32,34 @@ def cache_dir() -> Path | None:
     return Path(setting) if setting else Path.home() / ".cache" / "autofit" / "profiles"
 
 
-def cache_key(config: PretrainedConfig, task: str | None, timing: tuple[str, ...], attn: str | None) -> str:
+def cache_key(config: PretrainedConfig, task: str | None, timing: tuple[str, ...], attn: str | None,
+              module: str = "") -> str:
     digest = hashlib.sha256()
     for part in (config.to_json_string(use_diff=False), str(task), ",".join(timing), str(attn),
-                 str(sorted(package_versions().items()))):
+                 str(sorted(package_versions().items())), module):
         digest.update(part.encode())
     for source in _SOURCES:
         digest.update(source.read_bytes())
     return digest.hexdigest()[:24]
 
 
-def cached_profile(spec: str | os.PathLike | PretrainedConfig, *, task: str | None = None,
+def cached_profile(spec: str | os.PathLike | PretrainedConfig | nn.Module, *, task: str | None = None,
                    timing: tuple[str, ...] = (), attn_implementation: str | None = None) -> Profile:
     """profile_model(spec, ...) read from the cache when it was made before, else made and stored."""
     folder = cache_dir()
     if folder is None:
         return profile_model(spec, task=task, timing=timing, attn_implementation=attn_implementation)
-    model_id, config = (spec.name_or_path, spec) if isinstance(spec, PretrainedConfig) else resolve_config(spec)
-    path = folder / f"{cache_key(config, task, timing, attn_implementation)}.json"
+    module = ""
+    if isinstance(spec, nn.Module):
+        first = next(spec.parameters())
+        config = spec.config
+        attn = getattr(config, "_attn_implementation", None)
+        module = f"{type(spec).__qualname__} {first.dtype} {first.device.type} {attn}"
+    elif isinstance(spec, PretrainedConfig):
+        config = spec
+    else:
+        config = resolve_config(spec)[1]
+    path = folder / f"{cache_key(config, task, timing, attn_implementation, module)}.json"
     if path.is_file():
         try:
             return Profile.model_validate_json(path.read_text())

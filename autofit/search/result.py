@@ -112,8 +112,7 @@ def _checkpoint_words(k: Knobs, num_layers: int) -> str:
 
 
 def _batch_words(k: Knobs) -> str:
-    words = f"micro-batch {k.micro_batch_size}"
-    return words + (f" x {k.accumulation_steps} steps" if k.accumulation_steps > 1 else "")
+    return f"micro-batches of up to {k.micro_batch_size}"
 
 
 def _padding_words(k: Knobs) -> str:

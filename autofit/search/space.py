@@ -5,8 +5,8 @@ Parameters (each a categorical choice; the names are what optuna-dashboard shows
 - `freeze_depth`: 0 = nothing frozen, 1 = embeddings, 1 + k = embeddings and the bottom k layers;
 - `checkpoint`: how many trainable layers are checkpointed, lowest first (clipped to the trainable count);
 - `precision`, `optimizer_bits`;
-- `micro_batch`: the powers of two that divide the effective batch, and the effective batch itself, so
-  accumulation = batch / micro-batch keeps the effective batch exactly;
+- `micro_batch`: the most sequences per micro-batch, powers of two up to the effective batch and the batch
+  itself; a step always trains the whole effective batch, in as many micro-batches as the caps need;
 - `buckets`: number of length buckets (0 = plain dynamic padding); boundaries are equal-count quantiles;
 - `token_budget`: cap each bucketed micro-batch at micro-batch x (shortest bucket's length) tokens, so long
   buckets take fewer sequences (never less than one of the longest). The memory model checks every bucket.
@@ -36,8 +36,10 @@ ORDINAL = ("freeze_depth", "checkpoint")
 
 
 def micro_batch_sizes(batch_size: int, cap: int | None = None) -> list[int]:
-    """Powers of two dividing `batch_size`, plus `batch_size` itself; none above `cap` (1 always stays)."""
-    sizes = {2**i for i in range(batch_size.bit_length()) if batch_size % 2**i == 0} | {batch_size}
+    """Powers of two below `batch_size`, plus `batch_size` itself; none above `cap` (1 always stays). A size
+    that does not divide the batch is fine: a step still trains the whole batch, its last micro-batch
+    is smaller."""
+    sizes = {2**i for i in range(batch_size.bit_length()) if 2**i <= batch_size} | {batch_size}
     return sorted(s for s in sizes if cap is None or s <= cap or s == 1)
 
 
@@ -125,7 +127,6 @@ class SearchSpace:
             optimizer_bits=bits,
             micro_batch_size=micro_batch,
             tokens_per_micro_batch=tokens,
-            accumulation_steps=self.workload.batch_size // micro_batch,
             bucket_boundaries=boundaries,
             pad_to_multiple_of=PAD_MULTIPLE,
         )

@@ -1,19 +1,17 @@
 """Uniform dynamic padding: batch examples of similar length together (length buckets).
 
-Trade-off: saves the compute and activation memory spent on pad tokens (a batch pads only to its bucket's
-longest example, and a token budget lets short buckets take more sequences); costs batch randomness
-(batches are drawn within a bucket), which a per-epoch shuffle of buckets and batch order keeps small.
+Trade-off: saves the compute and activation memory spent on pad tokens (a step's micro-batches pad only to
+their bucket's lengths, and a token budget lets short buckets take more sequences per micro-batch); costs
+step randomness (a step's examples are drawn within a bucket), which a per-epoch shuffle of every bucket
+and of the step order keeps small. How a step is cut into micro-batches lives in accumulation.py.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-
-from torch.utils.data import Sampler
 
 from autofit.knobs import Knobs
 from autofit.workload import LengthHistogram
@@ -44,13 +42,6 @@ def bucket_index(length: int, boundaries: tuple[int, ...]) -> int:
     return bisect_left(boundaries, length)
 
 
-def micro_batch_size_for(length: int, knobs: Knobs) -> int:
-    """Sequences in a micro-batch padded to `length`: micro_batch_size, capped by the token budget (>= 1)."""
-    if knobs.tokens_per_micro_batch is None:
-        return knobs.micro_batch_size
-    return max(1, min(knobs.micro_batch_size, knobs.tokens_per_micro_batch // max(1, length)))
-
-
 @dataclass(frozen=True)
 class Bucket:
     """The examples of one length bucket, as a histogram, and the padded length its batches never exceed."""
@@ -77,122 +68,80 @@ def split_buckets(hist: LengthHistogram, knobs: Knobs) -> list[Bucket]:
     return buckets
 
 
-def worst_case_batches(knobs: Knobs, hist: LengthHistogram) -> list[tuple[int, int, bool]]:
-    """(batch, padded length, can hold pad tokens) of the largest micro-batch each bucket can form; memory
-    is the max over them. Pad tokens are ruled out only for a bucket whose examples all have its padded
-    length (models skip the attention mask for batches without padding)."""
-    batches = []
-    for bucket in split_buckets(hist, knobs):
-        batch = min(micro_batch_size_for(bucket.upper_length, knobs), bucket.hist.num_samples)
-        batches.append((batch, bucket.upper_length, bucket.hist.lengths != [bucket.upper_length]))
-    return batches
+def upper_lengths(lengths: Sequence[int], knobs: Knobs) -> dict[int, int]:
+    """Bucket index -> padded length of that bucket's longest example in `lengths` (what `split_buckets`
+    calls each bucket's upper length, keyed as `bucket_index` numbers them)."""
+    uppers: dict[int, int] = {}
+    for length in lengths:
+        index = bucket_index(length, knobs.bucket_boundaries)
+        uppers[index] = max(uppers.get(index, 0), padded_length(length, knobs.pad_to_multiple_of))
+    return uppers
 
 
-def expected_padded_max(hist: LengthHistogram, batch: int, multiple: int | None) -> float:
-    """E[padded length of the longest of `batch` examples drawn without replacement from `hist`]."""
-    n = hist.num_samples
-    batch = min(batch, n)
-    expected, below, prev_cdf = 0.0, 0, 0.0
-    for length, count in zip(hist.lengths, hist.counts):
-        below += count
-        # P(all `batch` draws are among the `below` shortest) = C(below, batch) / C(n, batch).
-        cdf = 0.0 if below < batch else math.exp(_log_choose(below, batch) - _log_choose(n, batch))
-        expected += padded_length(length, multiple) * (cdf - prev_cdf)
-        prev_cdf = cdf
-    return expected
+# ---- apply side: the sampler that draws each step's examples ----------------------------------------------
 
 
-def _log_choose(n: int, k: int) -> float:
-    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+class StepSampler:
+    """Train-safe steps of exactly `batch_size` examples, drawn to keep padding low.
 
+    Each epoch shuffles every bucket and cuts it into full steps; the examples left over in each bucket
+    are pooled in bucket order (so a pooled step spans neighbouring lengths) and cut into steps too. The
+    steps are shuffled; the one short step of the epoch, if any, comes last (`drop_last` drops it). Without
+    boundaries the whole data is one bucket: plain random steps. Reproducible: an epoch's steps depend only
+    on (seed, epoch, lengths, boundaries); `state_dict` records the position inside the epoch, so a resumed
+    run continues with exactly the remaining steps."""
 
-def expected_micro_batches(knobs: Knobs, hist: LengthHistogram) -> list[tuple[int, int, float]]:
-    """(batch, expected padded length, micro-batches of that kind per epoch): the time model's input.
-
-    Each bucket yields full batches plus one partial batch of the remainder; a random batch pads to the
-    expected padded maximum of its lengths (the bucket's, or the whole data's without bucketing). The
-    expected length is rounded to the nearest integer; `padding_efficiency` uses the exact value."""
-    return [(b, round(length), count) for b, length, count in _expected_batches(knobs, hist)]
-
-
-def _expected_batches(knobs: Knobs, hist: LengthHistogram) -> list[tuple[int, float, float]]:
-    batches = []
-    for bucket in split_buckets(hist, knobs):
-        size = micro_batch_size_for(bucket.upper_length, knobs)
-        full, rest = divmod(bucket.hist.num_samples, size)
-        for batch, count in ((size, full), (rest, 1)):
-            if batch and count:
-                length = expected_padded_max(bucket.hist, batch, knobs.pad_to_multiple_of)
-                batches.append((batch, length, float(count)))
-    return batches
-
-
-def padding_efficiency(knobs: Knobs, hist: LengthHistogram) -> float:
-    """Real tokens / computed (padded) tokens, expected over an epoch of random batches."""
-    computed = sum(batch * length * count for batch, length, count in _expected_batches(knobs, hist))
-    return hist.num_tokens / computed
-
-
-# ---- apply side: the batch sampler the executor's DataLoader uses ---------------------------------------
-
-
-class BucketBatchSampler(Sampler[list[int]]):
-    """Train-safe bucketed batches: each epoch shuffles within buckets and the order of all batches.
-
-    A bucket's batch size is `micro_batch_size_for(its padded longest length)`, so the token budget
-    holds for every batch. Without boundaries it yields plain random batches over the whole data.
-    Reproducible: the order depends only on (seed, epoch); `state_dict` records the position inside
-    the epoch so a resumed run continues with exactly the remaining batches."""
-
-    def __init__(self, lengths: Sequence[int], knobs: Knobs, *, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False):
+    def __init__(self, lengths: Sequence[int], knobs: Knobs, batch_size: int, *, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = False):
         if not lengths:
-            raise BucketingError("cannot batch an empty dataset")
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+            raise BucketingError("cannot draw steps from an empty dataset")
+        if batch_size < 1:
+            raise BucketingError(f"batch_size must be >= 1, not {batch_size}")
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.num_examples = len(lengths)
         self.epoch, self.position = 0, 0
-        buckets = split_buckets(LengthHistogram.from_lengths(lengths), knobs)
-        upper = {bucket_index(b.hist.max_length, knobs.bucket_boundaries): b.upper_length for b in buckets}
         members: dict[int, list[int]] = {}
         for i, length in enumerate(lengths):
             members.setdefault(bucket_index(length, knobs.bucket_boundaries), []).append(i)
-        # (indices, batch size) per bucket, in bucket order.
-        self.buckets = [(members[k], micro_batch_size_for(upper[k], knobs)) for k in sorted(members)]
+        self.buckets = [members[k] for k in sorted(members)]
 
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch `epoch` from its first batch (the DataLoader convention for reshuffling)."""
+        """Start epoch `epoch` from its first step (the DataLoader convention for reshuffling)."""
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """All batches of `epoch`, in order; a pure function of (seed, epoch, lengths, knobs)."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        batches = []
-        for indices, size in self.buckets:
+    def epoch_steps(self, epoch: int) -> list[list[int]]:
+        """All steps of `epoch`, in order; a pure function of (seed, epoch, lengths, boundaries)."""
+        rng = random.Random(f"autofit-steps-{self.seed}-{epoch}")  # str seeds hash stably across runs
+        size, steps, leftover = self.batch_size, [], []
+        for indices in self.buckets:
             order = list(indices)
             if self.shuffle:
                 rng.shuffle(order)
-            for start in range(0, len(order), size):
-                batch = order[start:start + size]
-                if len(batch) == size or not self.drop_last:
-                    batches.append(batch)
+            full = len(order) - len(order) % size
+            steps += [order[start:start + size] for start in range(0, full, size)]
+            leftover += order[full:]
+        steps += [leftover[start:start + size] for start in range(0, len(leftover), size)]
+        short = steps.pop() if steps and len(steps[-1]) < size else None
         if self.shuffle:
-            rng.shuffle(batches)
-        return batches
+            rng.shuffle(steps)
+        if short is not None and not self.drop_last:
+            steps.append(short)
+        return steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self.epoch_batches(self.epoch)
-        while self.position < len(batches):
+        steps = self.epoch_steps(self.epoch)
+        while self.position < len(steps):
             self.position += 1
-            yield batches[self.position - 1]
-        self.position = 0  # a finished epoch restarts from its first batch unless set_epoch moves on
+            yield steps[self.position - 1]
+        self.position = 0  # a finished epoch restarts from its first step unless set_epoch moves on
 
     def __len__(self) -> int:
-        count = (len(ix) // size if self.drop_last else -(-len(ix) // size) for ix, size in self.buckets)
-        return sum(count)
+        full, rest = divmod(self.num_examples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
 
     def state_dict(self, consumed: int | None = None) -> dict[str, int]:
-        """Where the run is. With DataLoader workers the sampler runs ahead of the training loop: pass
-        `consumed`, the batches the loop actually trained on this epoch."""
+        """Where the run is: `consumed`, the steps the loop actually trained this epoch (default: drawn)."""
         position = self.position if consumed is None else consumed
         return {"seed": self.seed, "epoch": self.epoch, "position": position}
 
@@ -202,11 +151,3 @@ class BucketBatchSampler(Sampler[list[int]]):
         if not 0 <= state["position"] <= len(self):
             raise BucketingError(f"sampler position {state['position']} outside 0..{len(self)}")
         self.epoch, self.position = state["epoch"], state["position"]
-
-
-def sorted_eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Evaluation batches of examples sorted by length, so each batch pads almost nothing."""
-    if batch_size < 1:
-        raise BucketingError(f"batch_size must be >= 1, not {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]

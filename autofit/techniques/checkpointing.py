@@ -79,16 +79,24 @@ def apply(model: nn.Module, layer_indices: Sequence[int]) -> None:
     bad = [i for i in wanted if not 0 <= i < layout.num_layers]
     if bad:
         raise CheckpointingError(f"cannot checkpoint layers {bad}: the model has {layout.num_layers} layers")
-    if getattr(model, "is_gradient_checkpointing", False):
+    if _hf_checkpointing_on(model):
         # HF's own all-layer checkpointing would nest inside ours and checkpoint every layer anyway.
         warnings.warn("disabling the model's built-in gradient checkpointing; autofit checkpoints "
                       f"layers {wanted} only", stacklevel=2)
-        model.gradient_checkpointing_disable()
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
     remove(model)
     for i in wanted:
         layer = layout.layers[i]
         previous = layer.__dict__.get("forward")  # e.g. a hook-installed forward (accelerate) stays inside
         layer.forward = partial(_checkpointed_forward, layer, previous)
+
+
+def _hf_checkpointing_on(model: nn.Module) -> bool:
+    """Whether transformers' own checkpointing is on; transformers 5 renamed the property (the old name warns)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def checkpointed_indices(model: nn.Module) -> list[int]:

@@ -47,7 +47,8 @@ def token_data(n: int = 24, *, task: str = "classification", min_len: int = 4, m
     return TokenizedData(task=task, input_ids=ids, labels=[int(7 in row) for row in ids], num_labels=2)
 
 
-def make_plan(model, task: str = "classification", data: TokenizedData | None = None, **knobs) -> Plan:
+def make_plan(model, task: str = "classification", data: TokenizedData | None = None, batch_size: int = 8,
+              **knobs) -> Plan:
     """A Plan for `model` with the given knobs and a made-up prediction (the executor only compares it)."""
     layers = model.config.num_hidden_layers
     lengths = data.lengths if data is not None else [16]
@@ -60,7 +61,7 @@ def make_plan(model, task: str = "classification", data: TokenizedData | None = 
                                   temporaries=100, overhead=0, peak_phase="backward"),
         time=TimePrediction(step_seconds=0.01, epoch_seconds=0.1, samples_per_second=100.0),
         workload=Workload(task=task, lengths=LengthHistogram.from_lengths(lengths),
-                          batch_size=k.effective_batch_size, from_data=data is not None),
+                          batch_size=batch_size, from_data=data is not None),
     )
 
 

@@ -52,7 +52,7 @@ def train(tiny, data, plan_for, *, fault=None, n=16, epochs=2, model_type="bert"
 
 @pytest.mark.parametrize("error", oom_errors(), ids=["OutOfMemoryError", "RuntimeError", "cpu-alloc"])
 def test_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tiny, data, plan_for, error):
-    knobs = dict(micro_batch_size=4, accumulation_steps=2)  # 16 examples: 2 windows of 2 x 4 per epoch
+    knobs = dict(batch_size=8, micro_batch_size=4)  # 16 examples: 2 steps of 2 x 4 per epoch
     ref_model, _, ref, _ = train(tiny, data, plan_for, **knobs)
     # Call 4 is the second micro-batch of step 2: the first one has already run its backward.
     model, plan, result, faulty = train(tiny, data, plan_for, fault=dict(error=error, at_call=4, max_ok=2), **knobs)
@@ -61,9 +61,9 @@ def test_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tiny, data, pl
     fallback, = result.fallbacks
     assert fallback.step == 1  # one step had finished
     assert error.args[0].splitlines()[0] in fallback.error and type(error).__name__ in fallback.error
-    assert fallback.knobs.micro_batch_size == 2 and fallback.knobs.accumulation_steps == 4
-    assert fallback.knobs.effective_batch_size == plan.knobs.effective_batch_size
-    assert "micro_batch_size 4 -> 2" in fallback.summary and "accumulation_steps 2 -> 4" in fallback.summary
+    assert fallback.knobs.micro_batch_size == 2
+    assert result.plan.batch_size == plan.batch_size == 8
+    assert fallback.summary == "micro_batch_size 4 -> 2"
     assert result.plan.knobs == fallback.knobs and result.plan != plan
     assert result.predicted_peak_bytes == plan.predicted.peak_bytes  # the input plan's prediction
 
@@ -71,8 +71,9 @@ def test_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tiny, data, pl
     assert result.optimizer_steps == ref.optimizer_steps == 4
     assert [r.step for r in result.history] == [1, 2, 3, 4]
     assert [r.samples for r in result.history] == [r.samples for r in ref.history] == [8] * 4
+    assert [r.micro_batches for r in result.history] == [2, 4, 4, 4]
     assert faulty.sizes[:3] == [4, 4, 4] and set(faulty.sizes[3:]) == {2}
-    assert len(faulty.sizes) == 3 + 4 * 3  # the failed window is re-run whole, in 4 micro-batches
+    assert len(faulty.sizes) == 3 + 4 * 3  # the failed step is re-run whole, in 4 micro-batches
     assert result.history[0].loss == ref.history[0].loss  # the step before the fault is untouched
     # The same examples, re-split: the same gradients up to rounding (a leftover gradient of the failed
     # micro-batch, or other examples, would move the weights far more).
@@ -83,7 +84,7 @@ def test_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tiny, data, pl
 
 
 def test_oom_at_micro_batch_one_checkpoints_the_trainable_layers(tiny, data, plan_for):
-    knobs = dict(micro_batch_size=1, accumulation_steps=4, freeze_embeddings=True, freeze_layers=1)
+    knobs = dict(batch_size=4, micro_batch_size=1, freeze_embeddings=True, freeze_layers=1)
     ref_model, _, ref, _ = train(tiny, data, plan_for, n=8, **knobs)
     model = tiny()
     # Out of memory while no layer is checkpointed, from the 6th forward on.
@@ -96,7 +97,7 @@ def test_oom_at_micro_batch_one_checkpoints_the_trainable_layers(tiny, data, pla
     assert faulty.fired == [6]
     fallback, = result.fallbacks
     assert fallback.step == 1 and fallback.knobs.checkpoint_layers == (1,)  # only the trainable layer
-    assert fallback.knobs.micro_batch_size == 1 and fallback.knobs.accumulation_steps == 4
+    assert fallback.knobs.micro_batch_size == 1
     assert result.optimizer_steps == ref.optimizer_steps == 4
     assert [r.samples for r in result.history] == [4] * 4
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
@@ -121,11 +122,10 @@ def test_oom_with_nothing_smaller_left_is_one_clear_error(tiny, data, plan_for):
     message = str(info.value)
     assert "\n" not in message
     assert "no smaller plan is left" in message and "after 0 steps" in message
-    assert "micro-batch 1 and 2 checkpointed layers" in message
+    assert "micro-batches of up to 1 and 2 checkpointed layers" in message
     assert "OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB" in message
-    # The ladder: micro-batch 2 -> 1 (accumulation 1 -> 2), then checkpoint every layer, then give up.
-    assert [(k.micro_batch_size, k.accumulation_steps, k.checkpoint_layers) for k in seen] == [
-        (2, 1, ()), (1, 2, ()), (1, 2, (0, 1))]
+    # The ladder: micro-batch 2 -> 1, then checkpoint every layer, then give up.
+    assert [(k.micro_batch_size, k.checkpoint_layers) for k in seen] == [(2, ()), (1, ()), (1, (0, 1))]
     # The model comes back as it was given.
     assert [p.requires_grad for p in model.parameters()] == flags
     assert checkpointing.checkpointed_indices(model) == []
@@ -135,7 +135,7 @@ def test_a_fallback_that_returns_the_same_knobs_gives_up(tiny, data, plan_for):
     model, train_data = tiny(), data(8)
     plan = plan_for(model, data=train_data, micro_batch_size=4)
     FaultyForward(model, RuntimeError("CUDA out of memory"), times=99)
-    with pytest.raises(TrainingOutOfMemoryError, match="micro-batch 4 and 0 checkpointed"):
+    with pytest.raises(TrainingOutOfMemoryError, match="micro-batches of up to 4 and 0 checkpointed"):
         run_plan(model, plan, train_data, quiet=True, measure_memory=False, fallback=lambda p: p)
     with pytest.raises(TrainingOutOfMemoryError, match="no smaller plan"):
         run_plan(model, plan, train_data, quiet=True, measure_memory=False, fallback=lambda p: None)

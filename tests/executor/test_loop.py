@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from autofit.executor.loop import StepContext, accumulate, evaluate, optimizer_step
-from autofit.knobs import Precision
+from autofit.executor.loop import NonFiniteGradientError, StepContext, accumulate, evaluate, optimizer_step
+from autofit.knobs import Knobs, Precision
+from autofit.techniques.accumulation import cut_step
+from autofit.techniques.bucketing import upper_lengths
 from autofit.techniques.padding import PaddingCollator
 
 
@@ -19,7 +22,7 @@ def grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def window_grads(tiny_model, token_data, task: str, pieces: list[list[int]]):
+def step_grads(tiny_model, token_data, task: str, pieces: list[list[int]]):
     model = tiny_model("gpt2" if task == "causal-lm" else "bert", task)
     data = token_data(6, task=task, seed=3)
     collate = PaddingCollator(0, 8, task=task)
@@ -29,12 +32,38 @@ def window_grads(tiny_model, token_data, task: str, pieces: list[list[int]]):
 
 def test_uneven_micro_batches_give_the_full_batch_gradient(tiny, data):
     for task in ("classification", "causal-lm"):
-        full_loss, full = window_grads(tiny, data, task, [[0, 1, 2, 3, 4, 5]])
-        split_loss, split = window_grads(tiny, data, task, [[0, 1, 2, 3, 4], [5]])  # the usual 1/steps scaling is wrong here
+        full_loss, full = step_grads(tiny, data, task, [[0, 1, 2, 3, 4, 5]])
+        split_loss, split = step_grads(tiny, data, task, [[0, 1, 2, 3, 4], [5]])  # the usual 1/steps scaling is wrong here
         assert abs(full_loss - split_loss) < 1e-5
         assert full.keys() == split.keys()
         for name in full:
             torch.testing.assert_close(split[name], full[name], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type, task", [("bert", "classification"), ("gpt2", "causal-lm"),
+                                             ("roberta", "classification")])
+def test_a_bucketed_token_budgeted_step_has_the_big_batch_gradient(tiny, data, model_type, task):
+    """16 examples of mixed lengths, cut as the executor cuts a step (by bucket, under a token budget: 1 to 4
+    sequences a micro-batch), accumulate to the gradient of the same 16 in one padded batch."""
+    train = data(16, task=task, min_len=3, max_len=40, seed=5)
+    knobs = Knobs(micro_batch_size=4, tokens_per_micro_batch=64, bucket_boundaries=(8, 16, 32))
+    pieces = cut_step(range(16), train.lengths, knobs, upper_lengths(train.lengths, knobs))
+    assert len({len(p) for p in pieces}) > 1 and len(pieces) > 4  # uneven micro-batches, several buckets
+    collate = PaddingCollator(0, 8, task=task)
+    results = []
+    for cut in ([list(range(16))], pieces):
+        model = tiny(model_type, task)
+        loss = accumulate(context(model, task), [collate([train.example(i) for i in p]) for p in cut])
+        results.append((float(loss), grads(model)))
+    (big_loss, big), (step_loss, step) = results
+    assert step_loss == pytest.approx(big_loss, rel=1e-5)
+    assert step.keys() == big.keys()
+    flat_big = torch.cat([big[name].flatten() for name in big])
+    flat_step = torch.cat([step[name].flatten() for name in big])
+    assert float((flat_step - flat_big).norm() / flat_big.norm()) < 1e-5  # the gradient, as one vector
+    scale = float(flat_big.abs().max())
+    for name in big:  # and every tensor, up to rounding of the largest entries (key biases' are ~0 exactly)
+        torch.testing.assert_close(step[name], big[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 def test_optimizer_step_updates_and_clears_grads(tiny, data):
@@ -57,6 +86,18 @@ def test_fp16_overflow_skips_the_update(tiny, data):
         p.grad.fill_(float("inf"))
     before = [p.detach().clone() for p in model.parameters()]
     assert not optimizer_step(ctx)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_non_finite_gradients_outside_fp16_raise_before_the_update(tiny, data):
+    model = tiny()
+    ctx = context(model, max_grad_norm=1.0)
+    data, collate = data(4), PaddingCollator(0, 8)
+    accumulate(ctx, [collate([data.example(i) for i in range(4)])])
+    next(model.parameters()).grad.fill_(float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteGradientError, match="gradient norm is nan"):
+        optimizer_step(ctx)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 

@@ -4,18 +4,20 @@ run ends (fp32 on the CPU: bit-identical weights and losses), and a bad resume i
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from autofit.executor import ExecutorInputError, latest_checkpoint, run_plan
+from autofit.executor import ExecutorInputError, TrainingInterruptedError, latest_checkpoint, run_plan
 from autofit.executor import checkpoint as ckpt
 from autofit.executor.checkpoint import FILES, list_checkpoints
 from autofit.knobs import Precision
 
 LR = 3e-3
-N, EPOCHS = 12, 2  # micro-batch 2, accumulation 2: 6 micro-batches, 3 steps per epoch, 6 steps in all
+N, EPOCHS = 12, 2  # steps of 4 examples in micro-batches of 2: 3 steps per epoch, 6 steps in all
 
 
 class Killed(Exception):
@@ -26,7 +28,7 @@ def setup(tiny, data, plan_for, *, seed=0, precision=Precision.fp32):
     # Dropout on: a resumed run must also restore the random generators to match.
     model = tiny(seed=seed, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     train = data(N)
-    plan = plan_for(model, data=train, micro_batch_size=2, accumulation_steps=2, precision=precision)
+    plan = plan_for(model, data=train, batch_size=4, micro_batch_size=2, precision=precision)
     return model, plan, train
 
 
@@ -110,7 +112,7 @@ def test_fp16_resume_restores_the_grad_scaler(tiny, data, plan_for, tmp_path):
 
 def test_resume_keeps_the_fallback_plan(tiny, data, plan_for, tmp_path):
     """OOM in step 2 halves the micro-batch; the checkpoint carries that plan, so the resumed run goes on
-    with it (and the examples of each step stay those of the original windows)."""
+    with it (and the examples of each step stay those of the original steps)."""
 
     def with_oom(model):
         forward, calls = model.forward, []
@@ -131,7 +133,7 @@ def test_resume_keeps_the_fallback_plan(tiny, data, plan_for, tmp_path):
     model, plan, train = setup(tiny, data, plan_for)
     run(with_oom(model), plan, train, max_steps=3, output_dir=str(tmp_path))
     saved = json.loads((latest_checkpoint(tmp_path) / "plan.json").read_text())
-    assert saved["knobs"]["micro_batch_size"] == 1 and saved["knobs"]["accumulation_steps"] == 4
+    assert saved["knobs"]["micro_batch_size"] == 1
 
     resumed_model, plan, train = setup(tiny, data, plan_for, seed=1)
     sizes = []
@@ -173,34 +175,81 @@ def test_resuming_a_finished_run_trains_nothing_more(tiny, data, plan_for, tmp_p
         assert torch.equal(p, q)
 
 
-def test_resume_without_a_checkpoint_is_refused(tiny, data, plan_for, tmp_path):
+def test_resume_without_a_checkpoint_starts_fresh(tiny, data, plan_for, tmp_path):
+    """Resume-if-present, as the HF Trainer's and Lightning's users expect: a first run with resume works."""
+    ref_model, plan, train = setup(tiny, data, plan_for)
+    ref = run(ref_model, plan, train)
     model, plan, train = setup(tiny, data, plan_for)
+    result = run(model, plan, train, output_dir=str(tmp_path / "new"), resume=True)
+    assert_same_run(model, result, ref_model, ref)
+    # A checkpoint missing a file (killed mid-save) does not count either.
+    (latest_checkpoint(tmp_path / "new") / "optimizer.pt").unlink()
+    again, plan, train = setup(tiny, data, plan_for)
+    assert_same_run(again, run(again, plan, train, output_dir=str(tmp_path / "new"), resume=True), ref_model, ref)
+
+
+def test_a_killed_save_is_cleaned_up_at_the_next_start(tiny, data, plan_for, tmp_path):
+    model, plan, train = setup(tiny, data, plan_for)
+    run(model, plan, train, max_steps=2, output_dir=str(tmp_path))
+    half = tmp_path / ".tmp-checkpoint-00000003-999"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 1000)
+    # killed between moving a same-step checkpoint aside and putting its replacement in place
+    (tmp_path / "checkpoint-00000002").rename(tmp_path / ".old-checkpoint-00000002-999")
+    assert latest_checkpoint(tmp_path) is None
+    resumed, plan, train = setup(tiny, data, plan_for, seed=1)
+    result = run(resumed, plan, train, output_dir=str(tmp_path), resume=True)
+    assert result.history[0].step == 1 and len(result.history) == 6  # it went on from step 2's checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000006"]
+
+
+def test_output_dir_that_is_a_file_is_refused_before_training(tiny, data, plan_for, tmp_path):
+    model, plan, train = setup(tiny, data, plan_for)
+    path = tmp_path / "a-file"
+    path.write_text("x")
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ExecutorInputError, match="holds no complete checkpoint") as info:
-        run(model, plan, train, output_dir=str(tmp_path / "nothing-here"), resume=True)
-    assert "\n" not in str(info.value)
-    # A checkpoint missing a file (killed mid-save) does not count.
-    run(model, plan, train, max_steps=1, output_dir=str(tmp_path))
-    (latest_checkpoint(tmp_path) / "optimizer.pt").unlink()
-    with pytest.raises(ExecutorInputError, match="holds no complete checkpoint"):
-        run(model, plan, train, output_dir=str(tmp_path), resume=True)
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the max_steps=1 run trained
+    with pytest.raises(ckpt.CheckpointError, match="is a file, not a directory"):
+        run(model, plan, train, output_dir=str(path))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
-def test_resume_from_another_models_checkpoint_is_refused(tiny, data, plan_for, tmp_path):
+@pytest.mark.parametrize("change, match", [
+    (dict(data_seed=1), "trained on other data"),
+    (dict(micro_batch_size=4), r"knobs.micro_batch_size 2 -> 4"),
+    (dict(seed=5), "seed 0 -> 5"),
+    (dict(lr=1e-4), r"lr 0.003 -> 0.0001"),
+    (dict(batch_size=6), "batch_size 4 -> 6"),
+])
+def test_resume_with_other_data_plan_or_settings_is_refused(tiny, data, plan_for, tmp_path, change, match):
     model, plan, train = setup(tiny, data, plan_for)
     run(model, plan, train, max_steps=1, output_dir=str(tmp_path))
-    lm = tiny("gpt2", "causal-lm")
-    lm_data = data(N, task="causal-lm")
-    with pytest.raises(ExecutorInputError, match="checkpoint in .* is for tiny-bert"):
-        run_plan(lm, plan_for(lm, "causal-lm", lm_data), lm_data, output_dir=str(tmp_path), resume=True, quiet=True)
-
-
-def test_resume_with_another_seed_is_refused(tiny, data, plan_for, tmp_path):
-    model, plan, train = setup(tiny, data, plan_for)
-    run(model, plan, train, max_steps=1, output_dir=str(tmp_path))
-    other, plan, train = setup(tiny, data, plan_for)
+    other = tiny(seed=1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    train = data(N, seed=change.get("data_seed", 0))
+    plan = plan_for(other, data=train, batch_size=change.get("batch_size", 4),
+                    micro_batch_size=change.get("micro_batch_size", 2))
     before = [p.detach().clone() for p in other.parameters()]
-    with pytest.raises(ExecutorInputError, match="does not fit this data or seed"):
-        run(other, plan, train, output_dir=str(tmp_path), resume=True, seed=5)
+    kwargs = {k: v for k, v in change.items() if k in ("seed", "lr")}
+    with pytest.raises(ExecutorInputError, match=match) as info:
+        run(other, plan, train, output_dir=str(tmp_path), resume=True, **kwargs)
+    assert "\n" not in str(info.value)
     assert all(torch.equal(a, p) for a, p in zip(before, other.parameters()))
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tiny, data, plan_for, tmp_path):
+    ref_model, plan, train = setup(tiny, data, plan_for)
+    ref = run(ref_model, plan, train)
+    model, plan, train = setup(tiny, data, plan_for)
+    forward, calls = model.forward, []
+
+    def ctrl_c_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the first of step 2's two micro-batches
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(*args, **kwargs)
+
+    model.forward = ctrl_c_in_step_2
+    with pytest.raises(TrainingInterruptedError, match="interrupted after step 2; the checkpoint is .*checkpoint-00000002"):
+        run(model, plan, train, output_dir=str(tmp_path))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    resumed, plan, train = setup(tiny, data, plan_for, seed=1)
+    assert_same_run(resumed, run(resumed, plan, train, output_dir=str(tmp_path), resume=True), ref_model, ref)

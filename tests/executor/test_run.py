@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autofit.data import TokenizedData
-from autofit.executor import ExecutorInputError, run_plan
+from autofit.executor import ExecutorInputError, TrainingDivergedError, run_plan
 from autofit.knobs import Precision
 from autofit.layers import find_layout
 from autofit.techniques import checkpointing
@@ -40,16 +40,16 @@ def mean(values) -> float:
 @pytest.mark.parametrize("model_type, task", [("bert", "classification"), ("gpt2", "causal-lm")])
 def test_loss_goes_down_and_result_is_sane(tiny, data, plan_for, model_type, task):
     model, train = tiny(model_type, task), data(24, task=task)
-    plan = plan_for(model, task, train, micro_batch_size=4, accumulation_steps=2)
+    plan = plan_for(model, task, train, batch_size=8, micro_batch_size=4)
     before = snapshot(model)
     result = run_plan(model, plan, train, eval=train, epochs=5, lr=LR, quiet=True)
 
-    steps_per_epoch = math.ceil(24 / 8)  # 6 micro-batches of 4, two per window
+    steps_per_epoch = math.ceil(24 / 8)  # steps of 8 examples, each cut into 2 micro-batches of 4
     assert result.optimizer_steps == 5 * steps_per_epoch == len(result.history)
     assert [r.step for r in result.history] == list(range(1, 16))
     assert [r.epoch for r in result.history] == [e for e in range(5) for _ in range(steps_per_epoch)]
     assert result.epochs_completed == 5
-    assert all(r.samples == 8 for r in result.history)
+    assert all(r.samples == 8 and r.micro_batches == 2 for r in result.history)
     assert sum(r.samples for r in result.history) == 5 * 24
     assert not any(r.skipped for r in result.history)
     assert all(math.isfinite(r.loss) and r.loss > 0 for r in result.history)
@@ -75,6 +75,9 @@ def test_loss_goes_down_and_result_is_sane(tiny, data, plan_for, model_type, tas
     assert result.measured_peak_bytes is not None and result.measured_peak_bytes > weight_bytes
     assert result.measured_reserved_bytes is None  # CUDA only
     assert result.predicted_peak_bytes == plan.predicted.peak_bytes
+    assert result.budget_bytes == plan.budget_bytes
+    # make_plan's prediction is made up (a few KB): the run says the measured peak broke it
+    assert "above the predicted" in result.memory_warning
     assert result.plan == plan and result.fallbacks == []
     assert result.output_dir is None
     assert result.final_loss == result.history[-1].loss
@@ -91,29 +94,43 @@ def test_padding_efficiency_is_one_without_padding(tiny, data, plan_for):
 
 def test_max_steps_bounds_the_run(tiny, data, plan_for):
     model, train = tiny(), data(24)
-    plan = plan_for(model, data=train, micro_batch_size=4, accumulation_steps=2)  # 3 steps per epoch
+    plan = plan_for(model, data=train, batch_size=8, micro_batch_size=4)  # 3 steps per epoch
     result = run_plan(model, plan, train, epochs=5, max_steps=4, lr=LR, quiet=True)
     assert result.optimizer_steps == 4 == len(result.history)
     assert [r.epoch for r in result.history] == [0, 0, 0, 1]
     assert result.epochs_completed == 1
 
 
-# (20, 4, 3): windows of 3 + 2 micro-batches; (9, 2, 4): 4 + 1; (5, 2, 4): one window of 3;
-# (21, 4, 2): full windows, one of them holding the short micro-batch.
-@pytest.mark.parametrize("n, micro, accumulation", [(20, 4, 3), (9, 2, 4), (5, 2, 4), (21, 4, 2)])
-def test_partial_last_window_steps_too(tiny, data, plan_for, n, micro, accumulation):
+# (n, batch, micro-batch cap): caps that divide the batch or not, above it, a batch larger than the data.
+@pytest.mark.parametrize("n, batch, micro", [(20, 8, 4), (9, 4, 3), (5, 8, 2), (21, 6, 16)])
+def test_every_step_trains_the_batch_only_the_last_is_short(tiny, data, plan_for, n, batch, micro):
     model, train = tiny(), data(n)
-    plan = plan_for(model, data=train, micro_batch_size=micro, accumulation_steps=accumulation)
+    plan = plan_for(model, data=train, batch_size=batch, micro_batch_size=micro)
     result = run_plan(model, plan, train, epochs=2, quiet=True, measure_memory=False)
-    effective = micro * accumulation
-    per_epoch = math.ceil(n / effective)
+    per_epoch = math.ceil(n / batch)
     assert result.optimizer_steps == 2 * per_epoch
     for epoch in range(2):
-        samples = sorted(r.samples for r in result.history if r.epoch == epoch)
-        assert sum(samples) == n  # every example exactly once per epoch
-        assert samples[-1] <= effective
-        # Short: at most the last window and the one holding the short micro-batch (the batches are shuffled).
-        assert samples.count(effective) >= per_epoch - 2
+        samples = [r.samples for r in result.history if r.epoch == epoch]
+        assert samples == [batch] * (n // batch) + ([n % batch] if n % batch else [])
+        assert all(r.micro_batches == math.ceil(r.samples / min(micro, batch)) for r in result.history)
+
+
+def test_bucketed_token_budget_steps_on_skewed_data_train_the_batch(tiny, data, plan_for):
+    """The issue's setup in small: a token budget leaves one long sequence per micro-batch, yet every step
+    trains the asked batch; a long bucket's step simply has more micro-batches."""
+    model = tiny()
+    train = data(150, min_len=3, max_len=60)
+    rng = __import__("random").Random(0)
+    train.input_ids[:] = [row[:max(3, int(rng.expovariate(1 / 12)))] for row in train.input_ids]  # long tail
+    plan = plan_for(model, data=train, batch_size=16, micro_batch_size=16, tokens_per_micro_batch=64,
+                    bucket_boundaries=(8, 16, 32, 64))
+    result = run_plan(model, plan, train, epochs=2, quiet=True, measure_memory=False)
+    for epoch in range(2):
+        samples = [r.samples for r in result.history if r.epoch == epoch]
+        assert samples == [16] * 9 + [6]
+    counts = {r.micro_batches for r in result.history}
+    assert min(counts) <= 2 and max(counts) >= 8  # few micro-batches for short buckets, many for long ones
+    assert result.padding_efficiency > 0.6
 
 
 # ---- 2./3. freezing and checkpointed layers -----------------------------------------------------------------
@@ -123,7 +140,7 @@ def test_frozen_weights_stay_bit_identical_and_flags_come_back(tiny, data, plan_
     model, train = tiny(), data(16)
     model.classifier.bias.requires_grad_(False)  # the caller's own choice must survive the run
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    plan = plan_for(model, data=train, micro_batch_size=4, freeze_embeddings=True, freeze_layers=1)
+    plan = plan_for(model, data=train, batch_size=4, micro_batch_size=4, freeze_embeddings=True, freeze_layers=1)
     before = snapshot(model)
     result = run_plan(model, plan, train, epochs=2, lr=LR, quiet=True)
     assert result.optimizer_steps == 8
@@ -166,8 +183,8 @@ def test_checkpointed_layers_above_the_frozen_boundary_train(tiny, data, plan_fo
     runs = {}
     for layers in ((), checkpoint_layers):
         model = tiny(model_type, task)
-        plan = plan_for(model, task, train, micro_batch_size=4, freeze_embeddings=True, freeze_layers=1,
-                        checkpoint_layers=layers)
+        plan = plan_for(model, task, train, batch_size=4, micro_batch_size=4, freeze_embeddings=True,
+                        freeze_layers=1, checkpoint_layers=layers)
         layout = find_layout(model)
         # Hooks on a sub-module of each layer run again when the layer's forward is recomputed.
         counts = count_forwards([next(iter(layer.children())) for layer in layout.layers])
@@ -197,7 +214,7 @@ def test_8bit_adamw_trains_and_keeps_embedding_state_32bit(tiny, data, plan_for,
     # Tensors under 4096 elements stay 32-bit in bitsandbytes: make the embeddings (200 x 32, 128 x 32)
     # and the feed-forward matrices (32 x 128) big enough that 8-bit state would apply to them.
     model, train = tiny(vocab_size=200, max_position_embeddings=128, intermediate_size=128), data(16)
-    plan = plan_for(model, data=train, micro_batch_size=4, optimizer_bits=8)
+    plan = plan_for(model, data=train, batch_size=4, micro_batch_size=4, optimizer_bits=8)
     built = []
     real_build = optim.build_optimizer
     monkeypatch.setattr(optim, "build_optimizer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
@@ -226,7 +243,7 @@ def test_8bit_adamw_trains_and_keeps_embedding_state_32bit(tiny, data, plan_for,
 @pytest.mark.parametrize("model_type, task", [("bert", "classification"), ("gpt2", "causal-lm")])
 def test_mixed_precision_runs_on_cpu_without_nan(tiny, data, plan_for, precision, model_type, task):
     model, train = tiny(model_type, task), data(16, task=task)
-    plan = plan_for(model, task, train, micro_batch_size=4, precision=precision)
+    plan = plan_for(model, task, train, batch_size=4, micro_batch_size=4, precision=precision)
     before = snapshot(model)
     result = run_plan(model, plan, train, epochs=2, lr=LR, quiet=True)
     assert result.optimizer_steps == 8
@@ -286,7 +303,7 @@ def test_data_the_model_cannot_take_is_refused(tiny, data, plan_for):
     message = refuse(short_positions, plan_for(short_positions, micro_batch_size=2), data(4, min_len=58, max_len=58),
                      "padded to a multiple of 8 that is 64 tokens, but the model takes at most 60 positions")
     assert "max_length <= 56" in message
-    unpadded = plan_for(short_positions, micro_batch_size=2, pad_to_multiple_of=None)
+    unpadded = plan_for(short_positions, batch_size=2, micro_batch_size=2, pad_to_multiple_of=None)
     result = run_plan(short_positions, unpadded, data(4, min_len=58, max_len=58), quiet=True, measure_memory=False)
     assert result.optimizer_steps == 2
     # RoBERTa's position ids start after the padding index (0 here): 66 position embeddings take 65 tokens.
@@ -307,8 +324,10 @@ def test_data_the_model_cannot_take_is_refused(tiny, data, plan_for):
     (dict(freeze_embeddings=True, freeze_layers=3), "freeze_layers=3"),
 ])
 def test_knobs_the_model_cannot_take_are_refused(tiny, data, plan_for, knobs, match):
+    """A plan (a file, say) whose knobs do not fit its own model does not even load."""
     model, train = tiny(), data(8)
-    refuse(model, plan_for(model, data=train, **knobs), train, match)
+    with pytest.raises(ValueError, match=match):
+        plan_for(model, data=train, **knobs)
 
 
 def test_other_bad_arguments_are_refused(tiny, data, plan_for, tmp_path):
@@ -323,3 +342,52 @@ def test_other_bad_arguments_are_refused(tiny, data, plan_for, tmp_path):
     for p in [*model.bert.pooler.parameters(), *model.classifier.parameters()]:
         p.requires_grad_(False)
     refuse(model, everything, train, "nothing to optimize")
+
+
+# ---- the run says when something went wrong --------------------------------------------------------------
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, data, plan_for, tmp_path):
+    model, train = tiny(), data(16)
+    plan = plan_for(model, data=train, batch_size=4, micro_batch_size=4)
+    forward, calls = model.forward, []
+
+    def nan_from_call_3(*args, **kwargs):
+        calls.append(1)
+        output = forward(*args, **kwargs)
+        if len(calls) >= 3:
+            output.loss = output.loss * float("nan")
+        return output
+
+    model.forward = nan_from_call_3
+    with pytest.raises(TrainingDivergedError, match="diverged at step 3: the loss is nan") as info:
+        run_plan(model, plan, train, lr=LR, output_dir=str(tmp_path), checkpoint_every=1, quiet=True,
+                 measure_memory=False)
+    assert "\n" not in str(info.value) and "checkpoint-00000002" in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-00000002"]  # nothing saved after it
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the nan step never updated them
+
+
+def test_a_learning_rate_that_blows_up_the_weights_stops_at_once(tiny, data, plan_for, tmp_path):
+    model, train = tiny(), data(16)
+    plan = plan_for(model, data=train, batch_size=4, micro_batch_size=4)
+    with pytest.raises(TrainingDivergedError, match="diverged at step 1: the update made the weights inf"):
+        run_plan(model, plan, train, lr=1e308, output_dir=str(tmp_path), checkpoint_every=1, quiet=True,
+                 measure_memory=False)
+    assert list(tmp_path.iterdir()) == []  # no checkpoint of inf weights
+
+
+def test_fp16_overflow_is_not_divergence(tiny, data, plan_for):
+    model, train = tiny(), data(16)
+    plan = plan_for(model, data=train, batch_size=4, micro_batch_size=4, precision=Precision.fp16)
+    result = run_plan(model, plan, train, lr=LR, quiet=True, measure_memory=False)
+    assert result.optimizer_steps == 4  # the scaler's first skipped steps do not stop anything
+
+
+def test_a_run_over_its_budget_says_so(tiny, data, plan_for):
+    model, train = tiny(hidden_size=64, intermediate_size=256), data(16)
+    plan = plan_for(model, data=train, batch_size=4, micro_batch_size=4)
+    plan = plan.model_copy(update=dict(budget_bytes=1 << 20))  # weights + AdamW alone take more
+    result = run_plan(model, plan, train, quiet=True)
+    assert result.measured_peak_bytes > result.budget_bytes == 1 << 20
+    assert "over its 1.0 MB budget" in result.memory_warning and "\n" not in result.memory_warning

@@ -3,17 +3,14 @@ import random
 import pytest
 
 from autofit.knobs import Knobs
+from autofit.techniques.accumulation import cut_step
 from autofit.techniques.bucketing import (
-    BucketBatchSampler,
     BucketingError,
+    StepSampler,
+    bucket_index,
     choose_boundaries,
-    expected_micro_batches,
-    expected_padded_max,
-    micro_batch_size_for,
     padded_length,
-    padding_efficiency,
-    sorted_eval_batches,
-    worst_case_batches,
+    upper_lengths,
 )
 from autofit.workload import LengthHistogram
 
@@ -40,87 +37,45 @@ def test_choose_boundaries_are_quantiles_and_end_at_padded_max():
         choose_boundaries(hist, 0)
 
 
-def test_micro_batch_size_for_caps_by_token_budget():
-    knobs = Knobs(micro_batch_size=32, tokens_per_micro_batch=1024)
-    assert micro_batch_size_for(16, knobs) == 32
-    assert micro_batch_size_for(128, knobs) == 8
-    assert micro_batch_size_for(4096, knobs) == 1
-    assert micro_batch_size_for(4096, Knobs(micro_batch_size=4)) == 4
+def test_upper_lengths_per_bucket():
+    knobs = Knobs(bucket_boundaries=(16, 64))
+    assert upper_lengths([3, 15, 20, 64, 70], knobs) == {0: 16, 1: 64, 2: 72}
+    assert upper_lengths([3, 15], Knobs(pad_to_multiple_of=None)) == {0: 15}
 
 
-def worst_case_shapes(knobs, hist):
-    return [(batch, length) for batch, length, _ in worst_case_batches(knobs, hist)]
-
-
-def test_worst_case_shapes_one_per_bucket():
-    hist = LengthHistogram.from_lengths([10] * 100 + [60] * 100 + [200] * 3)
-    knobs = Knobs(micro_batch_size=16, tokens_per_micro_batch=1024, bucket_boundaries=(16, 64, 256))
-    assert worst_case_shapes(knobs, hist) == [(16, 16), (16, 64), (3, 200)]
-    assert worst_case_shapes(Knobs(micro_batch_size=16), hist) == [(16, 200)]
-    # Data longer than the last boundary still gets a (conservative) bucket of its own.
-    assert worst_case_shapes(Knobs(micro_batch_size=4, bucket_boundaries=(16,)), hist) == [(4, 16), (4, 200)]
-
-
-def test_worst_case_batches_say_which_buckets_can_hold_pad_tokens():
-    hist = LengthHistogram.from_lengths([16] * 50 + [60] * 50 + [64] * 50)
-    knobs = Knobs(micro_batch_size=8, bucket_boundaries=(16, 64))
-    # the 16-token bucket holds one length, its padded length: no batch pads; the other mixes 60 and 64
-    assert worst_case_batches(knobs, hist) == [(8, 16, False), (8, 64, True)]
-    # a length padded up to a multiple of 8 always carries pad tokens
-    assert worst_case_batches(Knobs(micro_batch_size=8), LengthHistogram.fixed(60, 100)) == [(8, 64, True)]
-
-
-def test_expected_padded_max_matches_simulation():
-    hist = LengthHistogram.from_lengths(skewed_lengths(500))
-    rng, lengths = random.Random(1), [n for n, c in zip(hist.lengths, hist.counts) for _ in range(c)]
-    simulated = sum(padded_length(max(rng.sample(lengths, 8)), 8) for _ in range(20000)) / 20000
-    assert expected_padded_max(hist, 8, 8) == pytest.approx(simulated, rel=0.02)
-    assert expected_padded_max(LengthHistogram.fixed(100, 10), 4, 8) == pytest.approx(104)
-    assert expected_padded_max(hist, hist.num_samples, None) == pytest.approx(hist.max_length)
-
-
-def test_expected_micro_batches_cover_every_example():
-    hist = LengthHistogram.from_lengths(skewed_lengths())
-    knobs = Knobs(micro_batch_size=32, tokens_per_micro_batch=2048, bucket_boundaries=choose_boundaries(hist, 4))
-    batches = expected_micro_batches(knobs, hist)
-    assert sum(b * n for b, _, n in batches) == hist.num_samples
-    assert all(b * length <= 2048 * 1.01 for b, length, _ in batches)
-
-
-def test_padding_efficiency_bucketing_beats_random():
-    hist = LengthHistogram.from_lengths(skewed_lengths())
-    plain = Knobs(micro_batch_size=32)
-    bucketed = Knobs(micro_batch_size=32, bucket_boundaries=choose_boundaries(hist, 8))
-    assert padding_efficiency(plain, hist) < 0.5 < padding_efficiency(bucketed, hist) <= 1.0
-    assert padding_efficiency(Knobs(micro_batch_size=8, pad_to_multiple_of=None),
-                              LengthHistogram.fixed(64, 100)) == pytest.approx(1.0)
-
-
-def sampler_for(lengths, **kw):
+def sampler_for(lengths, batch_size=32, **kw):
     knobs = Knobs(micro_batch_size=32, tokens_per_micro_batch=2048,
                   bucket_boundaries=choose_boundaries(LengthHistogram.from_lengths(lengths), 6))
-    return BucketBatchSampler(lengths, knobs, **kw)
+    return StepSampler(lengths, knobs, batch_size, **kw)
 
 
-def test_every_example_exactly_once_and_token_budget_holds():
-    lengths = skewed_lengths()
+def test_every_step_holds_the_batch_and_every_example_comes_once():
+    lengths = skewed_lengths()  # 2000 examples: 62 full steps of 32 and a short one of 16
     sampler = sampler_for(lengths)
-    batches = list(sampler)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    assert len(batches) == len(sampler)
-    assert max(len(b) * padded_length(max(lengths[i] for i in b), 8) for b in batches) <= 2048
-    no_buckets = BucketBatchSampler(lengths, Knobs(micro_batch_size=7))
-    plain = list(no_buckets)
-    assert sorted(i for b in plain for i in b) == list(range(len(lengths)))
-    assert [len(b) for b in plain].count(7) == len(lengths) // 7
+    steps = list(sampler)
+    assert sorted(i for step in steps for i in step) == list(range(len(lengths)))
+    assert [len(step) for step in steps] == [32] * 62 + [16]  # only the epoch's last step is short
+    assert len(steps) == len(sampler) == 63
+    plain = list(StepSampler(lengths, Knobs(micro_batch_size=7), 24))
+    assert [len(step) for step in plain] == [24] * 83 + [8]
 
 
-def test_drop_last_drops_partial_batches():
+def test_steps_stay_within_a_bucket_where_they_can():
+    lengths = skewed_lengths()
+    knobs = Knobs(bucket_boundaries=choose_boundaries(LengthHistogram.from_lengths(lengths), 6))
+    steps = StepSampler(lengths, knobs, 32).epoch_steps(0)
+    spans = [len({bucket_index(lengths[i], knobs.bucket_boundaries) for i in step}) for step in steps]
+    # each bucket's leftovers are pooled in bucket order: only those few steps span two or more buckets
+    assert sum(span > 1 for span in spans) <= len(knobs.bucket_boundaries) - 1
+    assert spans.count(1) >= len(steps) - len(knobs.bucket_boundaries)
+
+
+def test_drop_last_drops_the_short_step():
     lengths = [10] * 10 + [100] * 5
     knobs = Knobs(micro_batch_size=4, bucket_boundaries=(16, 128))
-    batches = list(BucketBatchSampler(lengths, knobs, drop_last=True))
-    assert all(len(b) == 4 for b in batches) and len(batches) == 3
-    assert len(BucketBatchSampler(lengths, knobs, drop_last=True)) == 3
+    sampler = StepSampler(lengths, knobs, 4, drop_last=True)
+    steps = list(sampler)
+    assert [len(s) for s in steps] == [4, 4, 4] and len(sampler) == 3
 
 
 def test_epochs_differ_and_seed_reproduces():
@@ -134,11 +89,11 @@ def test_epochs_differ_and_seed_reproduces():
     assert list(sampler_for(lengths, shuffle=False)) == list(sampler_for(lengths, shuffle=False, seed=9))
 
 
-def test_resume_from_state_gives_the_remaining_batches():
+def test_resume_from_state_gives_the_remaining_steps():
     lengths = skewed_lengths()
     sampler = sampler_for(lengths, seed=5)
     sampler.set_epoch(2)
-    full = sampler.epoch_batches(2)
+    full = sampler.epoch_steps(2)
     it = iter(sampler)
     seen = [next(it) for _ in range(7)]
     state = sampler.state_dict()
@@ -147,23 +102,19 @@ def test_resume_from_state_gives_the_remaining_batches():
     resumed.load_state_dict(state)
     assert list(resumed) == full[7:]
     resumed.set_epoch(3)
-    assert list(resumed) == sampler.epoch_batches(3)
+    assert list(resumed) == sampler.epoch_steps(3)
     with pytest.raises(BucketingError):
         sampler_for(lengths, seed=6).load_state_dict(state)
 
 
-def test_sampler_padding_efficiency_beats_random_batching():
+def test_bucketed_steps_pad_less_than_random_steps():
     lengths = skewed_lengths()
+    knobs = Knobs(micro_batch_size=8, bucket_boundaries=choose_boundaries(LengthHistogram.from_lengths(lengths), 6))
 
-    def efficiency(batches):
-        computed = sum(len(b) * padded_length(max(lengths[i] for i in b), 8) for b in batches)
-        return sum(lengths) / computed
+    def efficiency(sampler_knobs):
+        uppers = upper_lengths(lengths, sampler_knobs)
+        steps = StepSampler(lengths, sampler_knobs, 32).epoch_steps(0)
+        pieces = [p for step in steps for p in cut_step(step, lengths, sampler_knobs, uppers)]
+        return sum(lengths) / sum(len(p) * padded_length(max(lengths[i] for i in p), 8) for p in pieces)
 
-    random_batches = list(BucketBatchSampler(lengths, Knobs(micro_batch_size=32)))
-    bucketed = list(sampler_for(lengths))
-    assert efficiency(bucketed) > 1.5 * efficiency(random_batches)
-
-
-def test_sorted_eval_batches():
-    lengths = [5, 1, 9, 3, 7]
-    assert sorted_eval_batches(lengths, 2) == [[1, 3], [0, 4], [2]]
+    assert efficiency(knobs) > 1.3 * efficiency(Knobs(micro_batch_size=8))

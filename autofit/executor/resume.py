@@ -1,0 +1,54 @@
+"""What a resumed run must match: the same data, the same plan and the same run settings.
+
+A checkpoint records fingerprints of what it was trained with. A resume that changes any of them would
+continue a different run while printing the new one's numbers, so it is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from autofit.data import TokenizedData
+from autofit.executor import checkpoint as ckpt
+from autofit.executor.validate import ExecutorInputError
+from autofit.plan import Plan
+
+RUN_SETTINGS = ("seed", "lr", "weight_decay", "max_grad_norm", "drop_last")
+"""Run options that shape every step (the step order, the update): they must not change on resume."""
+
+
+def data_fingerprint(data: TokenizedData) -> str:
+    """A digest of the examples (ids, token types, labels) and their order: same digest, same data."""
+    digest = hashlib.sha256()
+    for field in ("input_ids", "token_type_ids", "labels"):
+        digest.update(f"{field}={getattr(data, field)!r};".encode())
+    return f"{len(data)} examples, sha256 {digest.hexdigest()[:16]}"
+
+
+def run_fingerprint(plan: Plan, **settings: object) -> dict[str, str]:
+    """What defines the run's steps, as text: the model, the effective batch, every knob, the settings."""
+    found = {"model": f"{plan.model_type} {plan.num_params:,} parameters, {plan.num_layers} layers",
+             "task": plan.task, "batch_size": str(plan.batch_size), "device": plan.device.kind}
+    found.update({f"knobs.{name}": repr(value) for name, value in plan.knobs.model_dump(mode="json").items()})
+    found.update({name: repr(settings[name]) for name in RUN_SETTINGS if name in settings})
+    return found
+
+
+def resume_point(output_dir: str, data: str, run: dict[str, str]) -> tuple[Path, Plan, ckpt.TrainerState] | None:
+    """The newest checkpoint in `output_dir` with the plan in force and the counters, or None when there is
+    none yet (the run starts fresh). Raises ExecutorInputError when it was trained with other data, another
+    plan or other settings."""
+    path = ckpt.latest_checkpoint(output_dir)
+    if path is None:
+        return None
+    plan, state = ckpt.load_plan_and_state(path)
+    if state.data_fingerprint != data:
+        raise ExecutorInputError(f"cannot resume from {path}: it was trained on other data "
+                                 f"({state.data_fingerprint or 'unknown'}; this data: {data})")
+    changed = [f"{name} {state.run_fingerprint.get(name, '(unset)')} -> {value}" for name, value in run.items()
+               if state.run_fingerprint.get(name) != value]
+    if changed:
+        raise ExecutorInputError(f"cannot resume from {path}: it was trained with another plan or settings "
+                                 f"({'; '.join(changed)})")
+    return path, plan, state
