@@ -10,6 +10,7 @@ counted (`num_truncated`); with `truncation=False` they are an error instead.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -71,8 +72,7 @@ def load_data_file(path: str | Path):
     if path.is_dir():
         rows = _load_saved_dataset(path)
     elif path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     elif path.suffix.lower() in (".jsonl", ".json"):
         rows = _load_json(path)
     else:
@@ -83,8 +83,21 @@ def load_data_file(path: str | Path):
     return rows
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark dropped, as spreadsheets write one); decoded whole
+    so that an error can give the byte offset in the file."""
+    data = path.read_bytes()
+    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}); "
+                        "save the file as UTF-8") from None
+
+
 def _load_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if text.lstrip().startswith("["):  # one JSON array
         try:
             rows = json.loads(text)

@@ -74,6 +74,26 @@ def test_file_errors_are_one_line_data_errors(tmp_path, name, content, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["latin1.csv", "latin1.jsonl", "latin1.json"])
+def test_a_file_that_is_not_utf8_is_named_with_the_offset(tmp_path, name):
+    path = tmp_path / name
+    text = '[{"text": "caf\u00e9", "label": 0}]' if name.endswith(".json") else \
+        "text,label\ncaf\u00e9,0\n" if name.endswith(".csv") else '{"text": "caf\u00e9", "label": 0}\n'
+    path.write_bytes(text.encode("latin-1"))
+    offset = text.index("\u00e9")
+    with pytest.raises(DataError) as info:
+        load_data_file(path)
+    assert str(info.value) == f"{path}: not UTF-8 text (byte 0xe9 at offset {offset}); save the file as UTF-8"
+
+
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("text,label\ncaf\u00e9,0\n".encode("utf-8-sig"))
+    assert load_data_file(tmp_path / "bom.csv") == [{"text": "caf\u00e9", "label": "0"}]
+    (tmp_path / "bad.csv").write_bytes(b"\xef\xbb\xbftext\n\xff\n")
+    with pytest.raises(DataError, match="byte 0xff at offset 8"):  # offsets count the mark
+        load_data_file(tmp_path / "bad.csv")
+
+
 def test_a_plain_directory_is_not_a_dataset(tmp_path):
     pytest.importorskip("datasets")
     with pytest.raises(DataError, match="not one saved by datasets.save_to_disk"):
