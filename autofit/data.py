@@ -10,6 +10,7 @@ counted (`num_truncated`); with `truncation=False` they are an error instead.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,16 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from autofit.labels import DataError, class_labels
+
 TEXT_PAIRS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
               ("question1", "question2"))
 TEXT_COLUMNS = ("text", "sentence", "content")
 LABEL_COLUMNS = ("label", "labels")
 TOKEN_LEVEL_TASKS = ("causal-lm", "token-classification")
 _BATCH = 1000  # texts per fast-tokenizer call: batched calls run in parallel in Rust
-
-
-class DataError(ValueError):
-    """Data that cannot be read or trained on, with a one-line reason."""
 
 
 class TokenizedData(BaseModel):
@@ -40,6 +39,9 @@ class TokenizedData(BaseModel):
     num_labels: int | None = None
     label_names: list[str] | None = None
     """Original label of each class id, when the data's labels were strings."""
+    label_note: str | None = None
+    """One sentence on the task the labels asked for and why, e.g. "3 classes from integer labels 0-2" or
+    "labels are floats (0.0, 1.0): regression with 1 output and MSE loss; ..."; None without class labels."""
     num_truncated: int = 0
 
     def __len__(self) -> int:
@@ -71,8 +73,7 @@ def load_data_file(path: str | Path):
     if path.is_dir():
         rows = _load_saved_dataset(path)
     elif path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     elif path.suffix.lower() in (".jsonl", ".json"):
         rows = _load_json(path)
     else:
@@ -83,8 +84,21 @@ def load_data_file(path: str | Path):
     return rows
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark dropped, as spreadsheets write one); decoded whole
+    so that an error can give the byte offset in the file."""
+    data = path.read_bytes()
+    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}); "
+                        "save the file as UTF-8") from None
+
+
 def _load_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if text.lstrip().startswith("["):  # one JSON array
         try:
             rows = json.loads(text)
@@ -187,41 +201,23 @@ def _label_column(columns: dict[str, list], label_column: str | None, task: str)
     return found
 
 
-def _class_labels(values: list) -> dict[str, Any]:
-    """labels, num_labels and label_names (for string classes) of sequence-level labels."""
-    missing = next((i for i, v in enumerate(values) if v is None or v == ""), None)
-    if missing is not None:
-        raise DataError(f"example {missing} has no label")
-    if all(isinstance(v, str) for v in values):
-        if all(v.strip().lstrip("-").isdigit() for v in values):  # CSV numbers arrive as strings
-            values = [int(v) for v in values]
-        else:
-            names = sorted(set(values))
-            ids = {name: i for i, name in enumerate(names)}
-            return dict(labels=[ids[v] for v in values], num_labels=len(names), label_names=names)
-    if all(isinstance(v, bool | int) for v in values):
-        ints = [int(v) for v in values]
-        if min(ints) < 0:
-            raise DataError(f"class labels must be >= 0, found {min(ints)}")
-        return dict(labels=ints, num_labels=max(ints) + 1)
-    if all(isinstance(v, int | float) for v in values):
-        return dict(labels=[float(v) for v in values], num_labels=1)  # regression: HF heads with num_labels=1 use MSE
-    raise DataError(f"labels must be all strings, all integers or all numbers, found {type(values[0]).__name__}")
-
-
 # ---- tokenizing -------------------------------------------------------------------------------------------
 
 
 def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
                      text_column: str | Sequence[str] | None = None, label_column: str | None = None,
-                     truncation: bool = True) -> TokenizedData:
+                     truncation: bool = True, min_classes: int = 2,
+                     label_names: Sequence[str] | None = None) -> TokenizedData:
     """Tokenize `data` for `task` ("classification", "causal-lm", "token-classification").
 
     Sequences longer than `max_length` (the smaller of the user's limit and the model's positions) are
-    truncated and counted in `num_truncated`; with `truncation=False` they raise DataError instead."""
+    truncated and counted in `num_truncated`; with `truncation=False` they raise DataError instead.
+    Class labels must hold at least `min_classes` classes: 2 for training data; evaluation data may pass 1,
+    and the training data's `label_names` so that its string labels get the same class ids."""
+    label_rules = dict(min_classes=min_classes, label_names=label_names)
     columns = _columns(data)
     if "input_ids" in columns:
-        return _from_token_ids(columns, task, max_length, label_column, truncation)
+        return _from_token_ids(columns, task, max_length, label_column, truncation, label_rules)
     if task == "token-classification":
         raise DataError("token-classification needs pre-tokenized examples with input_ids and token labels")
     if tokenizer is None:
@@ -232,7 +228,7 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
     fields = dict(task=task, input_ids=ids, token_type_ids=types, num_truncated=truncated)
     label = _label_column(columns, label_column, task)
     if task not in TOKEN_LEVEL_TASKS:
-        fields.update(_class_labels(columns[label]))
+        fields.update(class_labels(columns[label], **label_rules))
     return TokenizedData.model_construct(**fields)  # built and checked here: skip re-validating every id
 
 
@@ -290,7 +286,7 @@ def _batched(tokenizer, texts: list[list[str]], max_length: int | None):
 
 
 def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None, label_column: str | None,
-                    truncation: bool) -> TokenizedData:
+                    truncation: bool, label_rules: dict[str, Any]) -> TokenizedData:
     """Examples that already hold input_ids (and maybe token_type_ids and labels)."""
     ids = [list(map(int, row)) for row in columns["input_ids"]]
     empty = next((i for i, row in enumerate(ids) if not row), None)
@@ -311,5 +307,5 @@ def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None,
         if label is not None:
             fields["labels"] = [cut(map(int, row)) for row in columns[label]]
     else:
-        fields.update(_class_labels(columns[label]))
+        fields.update(class_labels(columns[label], **label_rules))
     return TokenizedData.model_construct(**fields)

@@ -158,8 +158,12 @@ def _resolve(spec: str | os.PathLike) -> tuple[str, PretrainedConfig, Path | str
     entry = _catalog().get(spec.lower())
     if entry is not None:
         return entry.id, _config_from_dict(entry.id, entry.config), None
+    raise _not_found(spec)
+
+
+def _not_found(spec: str) -> ModelNotFoundError:
     where = f"directory {spec!r} has no config.json" if Path(spec).is_dir() else f"unknown model {spec!r}"
-    raise ModelNotFoundError(
+    return ModelNotFoundError(
         f"{where}: not a local model directory, not in the local Hugging Face cache, and not in autofit's "
         f"catalog; known models: {', '.join(known_models())}"
     )
@@ -194,6 +198,51 @@ def max_sequence_length(config: PretrainedConfig) -> int | None:
     if limit is not None and config.model_type in POSITION_OFFSET_MODELS:
         limit -= (getattr(config, "pad_token_id", None) or 0) + 1
     return limit
+
+
+DEFAULT_SEQ_LEN = 512
+"""The length planned for when the user gives none (cut to the model's positions)."""
+
+
+class SeqLenError(ValueError):
+    """A sequence length the model cannot take: longer than its positions, or below 1."""
+
+
+def usable_length(limit: int, multiple: int | None) -> int:
+    """The longest length whose padding up to a multiple of `multiple` stays within `limit` positions:
+    `limit` rounded down to a multiple (unchanged when `multiple` is None or 1; 0 when it exceeds `limit`).
+    XLM-R's 518 positions padded to multiples of 8 take 512 tokens: 518 would pad to 520."""
+    if limit < 1 or (multiple is not None and multiple < 1):
+        raise ValueError(f"usable_length needs limit >= 1 and multiple >= 1, got {limit} and {multiple}")
+    return limit if not multiple else limit // multiple * multiple
+
+
+def check_seq_len(config: PretrainedConfig, seq_len: int | None, *, explicit: bool, multiple: int | None = None,
+                  flag: str = "--seq-len") -> int:
+    """The sequence length to plan for on `config`'s model.
+
+    None: DEFAULT_SEQ_LEN, cut to the model's usable positions. A length the user chose (`explicit`) that
+    is longer than the model takes is a SeqLenError naming the limit; a default one is cut to the limit.
+    With `multiple` (the padding multiple), the limit is `usable_length(positions, multiple)`. `flag` names
+    the value in errors ("--seq-len" for the CLI, "seq_len" for the API)."""
+    positions = max_sequence_length(config)
+    limit = None if positions is None else usable_length(positions, multiple)
+    if seq_len is not None and seq_len < 1:
+        raise SeqLenError(f"{flag} must be at least 1, got {seq_len}")
+    if limit is not None and limit < 1:
+        raise SeqLenError(f"{_name(config)} has {positions} positions, fewer than one padding multiple ({multiple})")
+    if seq_len is None:
+        seq_len, explicit = DEFAULT_SEQ_LEN, False
+    if limit is None or seq_len <= limit:
+        return seq_len
+    if not explicit:
+        return limit
+    padded = f"; {limit} when padded to a multiple of {multiple}" if limit != positions else ""
+    raise SeqLenError(f"{flag} {seq_len} is longer than {_name(config)} takes ({positions} positions{padded})")
+
+
+def _name(config: PretrainedConfig) -> str:
+    return getattr(config, "name_or_path", "") or config.model_type
 
 
 def _head_class(config: PretrainedConfig, task: str):
@@ -251,9 +300,11 @@ def load_model(spec: str | os.PathLike, task: str = "classification", num_labels
 
 @_hub_offline()
 def load_tokenizer(spec: str | os.PathLike) -> PreTrainedTokenizerFast | None:
-    """The (fast) tokenizer from a local directory or the HF cache; None when none is on this machine."""
+    """The (fast) tokenizer from a local model or tokenizer directory or the HF cache; None when none is on
+    this machine. A directory with neither config.json nor tokenizer files is a ModelNotFoundError, as
+    resolve_config says: its cause is a wrong --model, not a missing tokenizer."""
     spec = os.fspath(spec)
-    source: Path | str = _local_dir(spec) or spec
+    source = _tokenizer_source(spec)
     # Without vocabulary files AutoTokenizer would build an empty tokenizer from config.json alone.
     if not _has_file(source, TOKENIZER_FILES):
         return None
@@ -261,3 +312,19 @@ def load_tokenizer(spec: str | os.PathLike) -> PreTrainedTokenizerFast | None:
         return AutoTokenizer.from_pretrained(source, local_files_only=True, use_fast=True)
     except (OSError, ValueError, ImportError):  # unreadable files, or a slow-only tokenizer lacking its deps
         return None
+
+
+def _tokenizer_source(spec: str) -> Path | str:
+    """The model or tokenizer directory `spec` names, else `spec` itself (a hub id for the cache)."""
+    local = _local_dir(spec)
+    if local is not None:
+        return local
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return spec
+    if _has_file(path, TOKENIZER_FILES):
+        return path.resolve()  # a tokenizer saved on its own: no config.json, but its vocabulary
+    # Neither a model nor a tokenizer: unless `spec` is also a cached or catalog id (an empty folder named
+    # "gpt2" in the working directory), say what resolve_config says rather than "no tokenizer".
+    _resolve(spec)
+    return spec

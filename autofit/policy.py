@@ -20,13 +20,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from autofit.budget import parse_budget
+from autofit.budget import MAX_BUDGET_BYTES, parse_size
 from autofit.knobs import Knobs, Precision
 
 
 POLICY_DIR = Path(__file__).parent / "policies"
-"""Shipped policies (a plain folder next to this module, like the catalog: `importlib.resources` cannot
-open it while `autofit` has no `__init__.py`, a namespace package under an editable install)."""
+"""Shipped policies: a plain folder next to this module, read by path like the catalog."""
 
 
 class PolicyError(ValueError):
@@ -34,7 +33,9 @@ class PolicyError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: YAML reads `.inf`/`.nan` as floats and `ge=0` lets inf through; an infinite
+    # risk_price gives inf and nan objectives (inf x a risk of 0 is nan), and the search's pick is arbitrary.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class FreezeRule(_Strict):
@@ -81,13 +82,13 @@ class Headroom(_Strict):
     """Memory kept free below the budget: the larger of `fraction` x budget and `bytes`."""
 
     fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    bytes: int = Field(0, ge=0)
+    bytes: int = Field(0, ge=0, le=MAX_BUDGET_BYTES)
 
     @field_validator("bytes", mode="before")
     @classmethod
     def _parse_bytes(cls, value: object) -> object:
         if isinstance(value, str) and value.strip() not in ("0", ""):
-            return parse_budget(value)
+            return parse_size(value, what="headroom")  # no 1 MB floor: a small headroom is fine
         return value
 
     def for_budget(self, budget_bytes: int) -> int:

@@ -120,9 +120,9 @@ def test_plan_from_data_uses_the_real_lengths(bert, profile, tok):
 
 def test_no_plan_fits_names_a_budget_that_does(bert, profile):
     with pytest.raises(autofit.NoPlanFitsError) as caught:
-        autofit.plan(bert, "64KB", seq_len=128, batch_size=16, device="cpu", profile=profile)
+        autofit.plan(bert, "1MB", seq_len=128, batch_size=16, device="cpu", profile=profile)
     error = caught.value
-    assert error.budget_bytes == 64 * 1024 < error.smallest_budget_bytes
+    assert error.budget_bytes == 2**20 < error.smallest_budget_bytes
     assert "smallest budget" in str(error)
     plan = autofit.plan(bert, error.smallest_budget_bytes, seq_len=128, batch_size=16, device="cpu",
                         profile=profile)

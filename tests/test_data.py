@@ -74,6 +74,26 @@ def test_file_errors_are_one_line_data_errors(tmp_path, name, content, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["latin1.csv", "latin1.jsonl", "latin1.json"])
+def test_a_file_that_is_not_utf8_is_named_with_the_offset(tmp_path, name):
+    path = tmp_path / name
+    text = '[{"text": "caf\u00e9", "label": 0}]' if name.endswith(".json") else \
+        "text,label\ncaf\u00e9,0\n" if name.endswith(".csv") else '{"text": "caf\u00e9", "label": 0}\n'
+    path.write_bytes(text.encode("latin-1"))
+    offset = text.index("\u00e9")
+    with pytest.raises(DataError) as info:
+        load_data_file(path)
+    assert str(info.value) == f"{path}: not UTF-8 text (byte 0xe9 at offset {offset}); save the file as UTF-8"
+
+
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("text,label\ncaf\u00e9,0\n".encode("utf-8-sig"))
+    assert load_data_file(tmp_path / "bom.csv") == [{"text": "caf\u00e9", "label": "0"}]
+    (tmp_path / "bad.csv").write_bytes(b"\xef\xbb\xbftext\n\xff\n")
+    with pytest.raises(DataError, match="byte 0xff at offset 8"):  # offsets count the mark
+        load_data_file(tmp_path / "bad.csv")
+
+
 def test_a_plain_directory_is_not_a_dataset(tmp_path):
     pytest.importorskip("datasets")
     with pytest.raises(DataError, match="not one saved by datasets.save_to_disk"):
@@ -136,7 +156,7 @@ def test_long_texts_are_truncated_and_counted(word_tok, bert_tok):
     out = prepare_examples(data, word_tok, task="classification", max_length=10)
     assert out.lengths == [10, 4, 10] and out.num_truncated == 2
     pairs = [{"text": sentence(30), "text_pair": sentence(30), "label": 0}]
-    assert prepare_examples(pairs, bert_tok, task="classification", max_length=20).lengths == [20]
+    assert prepare_examples(pairs, bert_tok, task="classification", max_length=20, min_classes=1).lengths == [20]
     with pytest.raises(DataError, match="2 examples are longer than max_length=10 tokens \\(the longest has 30\\)"):
         prepare_examples(data, word_tok, task="classification", max_length=10, truncation=False)
 
@@ -166,10 +186,96 @@ def test_bad_input_is_a_one_line_data_error(word_tok, data, kwargs, message):
 
 
 def test_single_string_column_is_taken_as_the_text(word_tok):
-    out = prepare_examples([{"review": "the cat", "label": 1}], word_tok, task="classification", max_length=8)
-    assert out.lengths == [2]
+    data = [{"review": "the cat", "label": 1}, {"review": "a dog ran", "label": 0}]
+    out = prepare_examples(data, word_tok, task="classification", max_length=8)
+    assert out.lengths == [2, 3]
 
 
 def test_text_needs_a_tokenizer():
     with pytest.raises(DataError, match="needs a tokenizer"):
         prepare_examples([{"text": "a", "label": 0}], None, task="classification", max_length=8)
+
+
+# ---- labels -----------------------------------------------------------------------------------------------
+
+
+def rows(labels) -> list[dict]:
+    return [{"input_ids": [5, 6, 7], "label": label} for label in labels]
+
+
+def test_a_single_class_training_set_is_refused():
+    with pytest.raises(DataError) as info:
+        prepare_examples(rows([0] * 300), task="classification", max_length=8)
+    assert str(info.value) == "all 300 examples have label 0: classification needs at least two classes"
+    with pytest.raises(DataError, match="all 2 examples have label 'pos': classification needs at least two"):
+        prepare_examples(rows(["pos", "pos"]), task="classification", max_length=8)
+
+
+def test_evaluation_data_may_hold_one_class_and_still_gets_a_classification_head():
+    out = prepare_examples(rows([0, 0, 0]), task="classification", max_length=8, min_classes=1)
+    assert out.labels == [0, 0, 0] and out.num_labels == 2  # num_labels=1 would be a regression head
+    assert out.label_note == "2 classes (ids 0-1) from integer labels 0"
+    one = prepare_examples(rows([1]), task="classification", max_length=8, min_classes=1)
+    assert one.num_labels == 2 and one.labels == [1]
+
+
+def test_evaluation_strings_take_the_training_class_ids():
+    train = prepare_examples(rows(["neg", "pos", "neg"]), task="classification", max_length=8)
+    assert train.label_names == ["neg", "pos"] and train.label_note == "2 classes from string labels (neg, pos)"
+    held_out = prepare_examples(rows(["pos", "pos"]), task="classification", max_length=8, min_classes=1,
+                                label_names=train.label_names)
+    assert held_out.labels == [1, 1] and held_out.num_labels == 2 and held_out.label_names == ["neg", "pos"]
+    with pytest.raises(DataError, match=r"example 1 has label 'meh', which is not one of the training data's "
+                                        r"classes \(neg, pos\)"):
+        prepare_examples(rows(["pos", "meh"]), task="classification", max_length=8, label_names=["neg", "pos"])
+
+
+@pytest.mark.parametrize("labels, num_labels, note", [
+    ([0, 1, 2, 1], 3, "3 classes from integer labels 0-2"),
+    (["1", "0"], 2, "2 classes from integer labels 0-1"),
+    ([True, False], 2, "2 classes from integer labels 0-1"),
+    ([0, 3], 4, "4 classes (ids 0-3) from integer labels 0, 3"),
+    (["b", "a", "c"], 3, "3 classes from string labels (a, b, c)"),
+    ([f"c{i:02}" for i in range(10)], 10,
+     "10 classes from string labels (c00, c01, c02, c03, c04, c05, ... (10 in all))"),
+])
+def test_the_inferred_classes_are_explained(labels, num_labels, note):
+    out = prepare_examples(rows(labels), task="classification", max_length=8)
+    assert out.num_labels == num_labels and out.label_note == note
+
+
+def test_float_labels_are_regression_and_say_so():
+    out = prepare_examples(rows([0.0, 1.0, 2.0, 1.0]), task="classification", max_length=8)
+    assert out.num_labels == 1 and out.labels == [0.0, 1.0, 2.0, 1.0]
+    assert out.label_note == ("labels are floats (0.0, 1.0, 2.0): regression with 1 output and MSE loss; "
+                              "write them as integers for 3-class classification")
+    scores = prepare_examples(rows([0.25, 3, 0.5]), task="classification", max_length=8)
+    assert scores.labels == [0.25, 3.0, 0.5]
+    assert scores.label_note == "labels are floats (0.25, 0.5, 3): regression with 1 output and MSE loss"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_regression_labels_are_refused(bad):
+    with pytest.raises(DataError, match=f"example 1 has label {bad}: regression labels must be finite numbers"):
+        prepare_examples(rows([0.5, bad]), task="classification", max_length=8)
+
+
+@pytest.mark.parametrize("labels", [[0, 10**6], [0, 1, 1000], ["0", "5000"]])
+def test_absurd_class_ids_are_refused_before_building_a_model(labels):
+    largest = int(labels[-1])
+    with pytest.raises(DataError) as info:
+        prepare_examples(rows(labels), task="classification", max_length=8)
+    message = str(info.value)
+    assert message.startswith(f"the largest label is {largest} but there are only {len(labels)} distinct labels")
+    assert f"renumber the classes 0..{len(labels) - 1}" in message and "\n" not in message
+
+
+def test_sparse_class_ids_within_reason_are_taken():
+    assert prepare_examples(rows([0, 999]), task="classification", max_length=8).num_labels == 1000
+    many = list(range(0, 2000, 10))  # 200 distinct ids up to 1990: at most 10 ids per label
+    assert prepare_examples(rows(many), task="classification", max_length=8).num_labels == 1991
+
+
+def test_token_level_tasks_have_no_label_note():
+    out = prepare_examples({"input_ids": [[1, 2, 3]]}, task="causal-lm", max_length=8)
+    assert out.label_note is None

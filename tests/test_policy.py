@@ -122,6 +122,34 @@ def test_wrong_values_are_named(tmp_path, text, field):
     assert f": {field}: " in error_of(write(tmp_path, text))
 
 
+@pytest.mark.parametrize("text,field", [
+    ("risk_price: .inf\n", "risk_price"),
+    ("risk_price: .nan\n", "risk_price"),
+    ("tie_tolerance: .nan\n", "tie_tolerance"),
+    ("headroom:\n  fraction: .nan\n", "headroom.fraction"),
+    ("headroom:\n  bytes: .inf\n", "headroom.bytes"),
+    ("risk_weights:\n  fp16: .inf\n", "risk_weights.fp16"),
+    ("risk_weights:\n  frozen_layers: .nan\n", "risk_weights.frozen_layers"),
+    ("freeze:\n  embeddings: true\n  max_fraction: .nan\n", "freeze.max_fraction"),
+    ("fallback:\n  freeze:\n    embeddings: true\n    max_fraction: .nan\n", "fallback.freeze.max_fraction"),
+])
+def test_infinite_and_nan_numbers_are_named(tmp_path, text, field):
+    assert f": {field}: " in error_of(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("headroom:\n  bytes: 2048TB\n", "headroom '2048TB' is larger than 1 PB"),
+    ("headroom:\n  bytes: 1e30\n", "headroom '1e30' is larger than 1 PB"),
+    ("headroom:\n  bytes: 1267650600228229401496703205376\n", "less than or equal to 1125899906842624"),
+])
+def test_headroom_bytes_are_capped_like_budgets(tmp_path, text, message):
+    assert message in error_of(write(tmp_path, text))
+
+
+def test_a_small_headroom_is_allowed():
+    assert Headroom(bytes="64KB").bytes == 64 * 2**10  # budgets have a 1 MB floor; headroom does not
+
+
 def test_freezing_layers_needs_frozen_embeddings(tmp_path):
     assert "needs embeddings" in error_of(write(tmp_path, "freeze:\n  max_layers: 2\n"))
 

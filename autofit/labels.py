@@ -1,0 +1,109 @@
+"""Sequence-level labels: read what the data's labels ask for (classification or regression), check it,
+and say in one sentence what was inferred and why (`label_note`), since the choice changes the model's head.
+
+- Strings are class names, numbered in sorted order (digit strings, as CSV gives numbers, are integers).
+- Integers are class ids 0..K-1: K = largest + 1, and at least 2, because HF builds a 1-output REGRESSION
+  head for num_labels=1. Ids far above the number of distinct labels are refused: label 10**6 would build a
+  million-output head before anything else could complain.
+- Floats (or a mix of floats and integers) are regression targets: 1 output, MSE loss.
+
+DataError lives here, beside the label checks, and `autofit.data` re-exports it: data imports labels, so
+labels cannot import data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+MIN_MAX_CLASS_ID = 1000
+"""Integer labels up to this many classes are taken as they come; above it, only when the classes are
+not too sparse (at most 10 ids per distinct label)."""
+
+
+class DataError(ValueError):
+    """Data that cannot be read or trained on, with a one-line reason."""
+
+
+def class_labels(values: list, *, min_classes: int = 2, label_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """labels, num_labels, label_names (string classes) and label_note of sequence-level labels.
+
+    `min_classes`: fewest distinct classes the data must hold (training: 2; evaluation data may hold 1).
+    `label_names`: the training data's class names, so that string labels of evaluation data get the same ids."""
+    missing = next((i for i, v in enumerate(values) if v is None or v == ""), None)
+    if missing is not None:
+        raise DataError(f"example {missing} has no label")
+    if all(isinstance(v, str) for v in values):
+        if not all(v.strip().lstrip("-").isdigit() for v in values):
+            return _string_classes(values, min_classes, label_names)
+        values = [int(v) for v in values]  # CSV numbers arrive as strings
+    if all(isinstance(v, bool | int) for v in values):
+        return _integer_classes([int(v) for v in values], min_classes)
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return _regression(values)
+    raise DataError(f"labels must be all strings, all integers or all numbers, found {type(values[0]).__name__}")
+
+
+def _string_classes(values: list[str], min_classes: int, label_names: Sequence[str] | None) -> dict[str, Any]:
+    _check_enough_classes(values, min_classes)
+    names = list(label_names) if label_names is not None else sorted(set(values))
+    ids = {name: i for i, name in enumerate(names)}
+    unknown = next((i for i, v in enumerate(values) if v not in ids), None)
+    if unknown is not None:
+        raise DataError(f"example {unknown} has label {values[unknown]!r}, which is not one of the training "
+                        f"data's classes ({_preview(names)})")
+    num_labels = max(len(names), 2)  # one name (evaluation data) still means a classification head
+    return dict(labels=[ids[v] for v in values], num_labels=num_labels, label_names=names,
+                label_note=f"{num_labels} classes from string labels ({_preview(names)})")
+
+
+def _integer_classes(ids: list[int], min_classes: int) -> dict[str, Any]:
+    if min(ids) < 0:
+        raise DataError(f"class labels must be >= 0, found {min(ids)}")
+    _check_enough_classes(ids, min_classes)
+    distinct = sorted(set(ids))
+    largest = distinct[-1]
+    if largest + 1 > max(MIN_MAX_CLASS_ID, 10 * len(distinct)):
+        raise DataError(f"the largest label is {largest} but there are only {len(distinct)} distinct labels: "
+                        f"integer labels are class ids 0..K-1, so this would build a {largest + 1}-class head; "
+                        f"renumber the classes 0..{len(distinct) - 1}")
+    num_labels = max(largest + 1, 2)
+    if distinct == list(range(num_labels)):
+        note = f"{num_labels} classes from integer labels 0-{largest}"
+    else:
+        note = f"{num_labels} classes (ids 0-{num_labels - 1}) from integer labels {_preview(distinct)}"
+    return dict(labels=ids, num_labels=num_labels, label_note=note)
+
+
+def _regression(values: list[int | float]) -> dict[str, Any]:
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise DataError(f"example {bad} has label {values[bad]!r}: regression labels must be finite numbers")
+    distinct = sorted(set(values))
+    note = f"labels are floats ({_preview(distinct)}): regression with 1 output and MSE loss"
+    if all(float(v).is_integer() and v >= 0 for v in distinct) and len(distinct) >= 2:
+        note += f"; write them as integers for {int(distinct[-1]) + 1}-class classification"
+    # HF heads with num_labels=1 compute MSE against float labels.
+    return dict(labels=[float(v) for v in values], num_labels=1, label_note=note)
+
+
+def _check_enough_classes(values: list, min_classes: int) -> None:
+    distinct = set(values)
+    if len(distinct) >= min_classes:
+        return
+    if len(distinct) == 1:
+        who = f"all {len(values)} examples have" if len(values) > 1 else "the one example has"
+        raise DataError(f"{who} label {values[0]!r}: classification needs at least {_count(min_classes)} classes")
+    raise DataError(f"the labels hold {len(distinct)} classes ({_preview(sorted(distinct))}): classification "
+                    f"here needs at least {min_classes}")
+
+
+def _count(n: int) -> str:
+    return {2: "two", 3: "three"}.get(n, str(n))
+
+
+def _preview(values: Sequence, limit: int = 6) -> str:
+    """"a, b, c" for a few values; the first few and the total for many."""
+    shown = ", ".join(str(v) if str(v).isprintable() else repr(v) for v in values[:limit])
+    return shown if len(values) <= limit else f"{shown}, ... ({len(values)} in all)"
