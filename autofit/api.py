@@ -18,7 +18,8 @@ from autofit.cost import predict_time
 from autofit.data import LABEL_COLUMNS, TokenizedData, column_names, prepare_examples, text_lengths
 from autofit.devices import DEVICES, DeviceSpec, get_device
 from autofit.memory import predict_eval_peak, predict_peak
-from autofit.models import default_task, load_model, load_tokenizer, max_sequence_length, resolve_config
+from autofit.models import (check_seq_len, default_task, load_model, load_tokenizer, max_sequence_length,
+                            resolve_config)
 from autofit.plan import Plan
 from autofit.profiler import Profile
 from autofit.profiler.cache import cached_profile
@@ -34,19 +35,6 @@ DEFAULT_MAX_LENGTH = 512
 """Tokens kept per example when the model sets no position limit and none is asked for."""
 DEFAULT_NUM_SAMPLES = 10_000
 """Examples per epoch assumed when planning without data (only the epoch time depends on it)."""
-
-
-def check_seq_len(config, seq_len, *, explicit):  # MERGE: models.check_seq_len
-    limit = max_sequence_length(config)
-    if seq_len is None:
-        return min(512, limit or 512)
-    if explicit and limit is not None and seq_len > limit:
-        raise ValueError(f"--seq-len {seq_len} is longer than the model takes ({limit} positions)")
-    return min(seq_len, limit) if limit else seq_len
-
-
-def usable_length(limit, multiple):  # MERGE: models.usable_length
-    return limit if not multiple or multiple <= 1 else max(multiple, limit // multiple * multiple) if limit >= multiple else limit
 
 
 def target_device(device: str | DeviceSpec | None, *, train: bool = False) -> DeviceSpec:
@@ -91,7 +79,7 @@ def plan(model: ModelSpec, budget: str | int = "16GB", *, seq_len: int | None = 
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     spec = target_device(device)
     config = _config(model)
-    seq_len = usable_length(check_seq_len(config, seq_len, explicit=seq_len is not None), PAD_MULTIPLE)
+    seq_len = check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=PAD_MULTIPLE, flag="seq_len")
     if profile is None:
         profile = cached_profile(model, task=task, timing=PRECISIONS if spec.kind == "cpu" else ())
     lengths = None
@@ -168,11 +156,11 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
     if tokenizer is None and isinstance(model, str | os.PathLike):
         tokenizer = load_tokenizer(model)
     multiple = plan.knobs.pad_to_multiple_of if plan is not None else PAD_MULTIPLE
-    limit = max_sequence_length(config) or DEFAULT_MAX_LENGTH
-    max_length = usable_length(check_seq_len(config, max_length or limit, explicit=max_length is not None),
-                               multiple)
+    # default: all the positions the model takes, less what padding to `multiple` would push past them
+    asked = max_length or max_sequence_length(config) or DEFAULT_MAX_LENGTH
+    max_length = check_seq_len(config, asked, explicit=max_length is not None, multiple=multiple, flag="max_length")
     train_data = _tokenized(data, tokenizer, task, max_length, text_column)
-    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column, training=False) \
+    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column, train=train_data) \
         if eval_data is not None else None
     set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
     if not isinstance(model, nn.Module):
@@ -205,10 +193,15 @@ def _check_task_fits_data(task: str, data: Any) -> None:
 
 
 def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_column: str | None,
-               training: bool = True) -> TokenizedData:
+               train: TokenizedData | None = None) -> TokenizedData:
+    """Tokenized training data, or (given `train`) evaluation data: that may hold a single class, and its
+    string labels take the training data's class ids."""
     if isinstance(data, TokenizedData):
         return data
-    return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column)  # MERGE: min_classes
+    if train is None:
+        return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column)
+    return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column,
+                            min_classes=1, label_names=train.label_names)
 
 
 def _config(model: ModelSpec) -> PretrainedConfig:

@@ -82,22 +82,49 @@ def friendly_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         from autofit.search import NoPlanFitsError
 
+        from autofit.executor import TrainingInterruptedError
+
         try:
-            return command(*args, **kwargs)
+            with _notes_to_stderr():
+                return command(*args, **kwargs)
         except NoPlanFitsError as error:
             err.print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort):
             raise
+        except (TrainingInterruptedError, KeyboardInterrupt) as error:
+            err.print("[yellow]stopped:[/] " + _escape(str(error) or "interrupted"), soft_wrap=True, highlight=False)
+            raise typer.Exit(130) from None
         except Exception as error:  # noqa: BLE001 - the contract is one line, never a traceback
             if os.environ.get("AUTOFIT_DEBUG"):
                 raise
             text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            if not isinstance(error, ValueError | OSError | KeyError):
+            if not isinstance(error, ValueError | OSError | KeyError | ArithmeticError):
                 text = f"{type(error).__name__}: {text}"
             err.print("[red]error:[/] " + _escape(text), soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
     return wrapper
+
+
+@contextmanager
+def _notes_to_stderr():
+    """What autofit's logger says at INFO (a fallback, an inferred task, a resumed run) goes to stderr as
+    `note:` lines, without touching the caller's logging setup."""
+    import logging
+
+    class _Notes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            err.print("[dim]note:[/] " + _escape(record.getMessage()), soft_wrap=True, highlight=False)
+
+    logger, handler = logging.getLogger("autofit"), _Notes(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _escape(text: str) -> str:
@@ -117,7 +144,8 @@ def _load_data(path: Optional[Path]):
 def plan(
     model: str = typer.Option(..., "--model", "-m", help="HF model id (resolved offline), local directory."),
     vram: str = typer.Option(..., "--vram", help=VRAM_HELP),
-    seq_len: int = typer.Option(512, "--seq-len", min=1, help="Sequence length (cap, with --data)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Sequence length (a cap, with --data); "
+                                          "default: the model's limit, at most 512."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Effective batch size, kept by every plan."),
     data: Optional[Path] = typer.Option(None, "--data", help="CSV, JSON lines or saved dataset: real lengths."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory for --data."),
@@ -170,18 +198,20 @@ def train(
     text_column: Optional[str] = typer.Option(None, "--text-column"),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Checkpoints go here."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --output-dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --output-dir "
+                                                        "if there is one (else start from the first step)."),
     epochs: int = typer.Option(1, "--epochs", min=1),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1),
     lr: float = typer.Option(2e-5, "--lr"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Effective batch size (with --vram)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1),
     policy: str = typer.Option("balanced", "--policy"),
+    seed: int = typer.Option(0, "--seed", help="Seeds the new head's weights, the step order and dropout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train with a plan (or plan first with --vram), measuring the real peak memory."""
     import autofit
-    from autofit.models import load_tokenizer
+    from autofit.models import load_tokenizer, resolve_config
 
     if (plan_path is None) == (vram is None):
         raise ValueError("give exactly one of --plan and --vram")
@@ -189,14 +219,17 @@ def train(
     model_spec = model or (saved.model_id if saved else None)
     if model_spec is None:
         raise ValueError("--vram needs --model")
+    resolve_config(model_spec)  # a model that is not there is the error, not its missing tokenizer
     tok = load_tokenizer(tokenizer or model_spec)
     if tok is None:
         raise ValueError(f"no tokenizer for {tokenizer or model_spec!r} on this machine: pass --tokenizer")
     result = autofit.train(model_spec, _load_data(data), budget=vram, plan=saved, tokenizer=tok, epochs=epochs,
                            max_steps=max_steps, lr=lr, batch_size=batch_size, eval_data=_load_data(eval_data),
                            policy=policy, max_length=max_length, text_column=text_column, output_dir=output_dir,
-                           checkpoint_every=checkpoint_every, resume=resume, quiet=quiet)
+                           checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, seed=seed)
     out.print(_train_summary(result))
+    if result.memory_warning:
+        err.print("[red]warning:[/] " + _escape(result.memory_warning), soft_wrap=True, highlight=False)
 
 
 def _train_summary(result) -> str:
@@ -204,9 +237,14 @@ def _train_summary(result) -> str:
 
     lines = [f"{result.optimizer_steps} optimizer steps, final loss {result.final_loss:.4f}"
              if result.final_loss is not None else f"{result.optimizer_steps} optimizer steps"]
+    if result.history:
+        samples = [r.samples for r in result.history]
+        lines.append(f"every step trained {max(samples)} examples" + (
+            f" (the last of an epoch {min(samples)})" if min(samples) < max(samples) else ""))
     if result.measured_peak_bytes is not None:
         lines.append(f"peak memory {format_bytes(result.measured_peak_bytes)} measured, "
-                     f"{format_bytes(result.predicted_allocated_bytes)} predicted")
+                     f"{format_bytes(result.predicted_allocated_bytes)} predicted, "
+                     f"budget {format_bytes(result.budget_bytes)}")
     lines.append(f"{result.tokens_per_second:,.0f} tokens/s, padding efficiency {result.padding_efficiency:.0%}")
     lines += [f"eval epoch {e.epoch}: loss {e.loss:.4f}" + (f", accuracy {e.accuracy:.1%}" if e.accuracy is not None
                                                           else "") for e in result.eval]
@@ -249,10 +287,7 @@ def _read_plan(path: Path):
 
     if not path.is_file():
         raise ValueError(f"plan file not found: {path}")
-    try:
-        return Plan.load(path)
-    except (json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"{path} is not a plan saved by autofit ({str(error).splitlines()[0]})") from None
+    return Plan.load(path)  # PlanFileError names the file and the first bad field
 
 
 def main() -> None:  # pragma: no cover - console-script entry

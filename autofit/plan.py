@@ -11,16 +11,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
+from autofit.budget import MAX_BUDGET_BYTES, MIN_BUDGET_BYTES
 from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs, Precision
 from autofit.techniques.accumulation import StepLayout, step_layout
 from autofit.workload import Task, Workload
 
 Phase = Literal["forward", "backward", "optimizer"]
-MIN_BUDGET_BYTES = 1 << 20
-"""A budget below 1 MiB cannot hold any model: a plan file claiming one is broken."""
-MAX_BUDGET_BYTES = 1 << 50
-"""1 PiB: no single device or machine holds more; a larger budget is a typo or an edited file."""
 
 
 class PlanFileError(ValueError):
