@@ -25,7 +25,8 @@ class ModelLayout:
     layers_path: str
     """Dotted name of `layers` inside the model."""
     embedding_modules: list[nn.Module]
-    """Modules that turn ids into the first hidden state (token, position, type embeddings and their norm)."""
+    """Modules that turn ids into the first hidden state (token, position, type embeddings and their norm),
+    and modules outside the layers that carry it to layer 0 (ELECTRA's `embeddings_project`)."""
     embedding_params: list[nn.Parameter]
     """Parameters of the embedding modules, deduplicated (a tied LM head shares the token embedding)."""
     head_params: list[nn.Parameter]
@@ -79,7 +80,36 @@ def _find_embedding_modules(model: nn.Module, layers: nn.ModuleList) -> list[nn.
                 if name == "rel_embeddings" and isinstance(getattr(parent, "LayerNorm", None), nn.LayerNorm):
                     modules.append(parent.LayerNorm)  # DeBERTa normalises that table before the layers use it
                     grouped.add(id(parent.LayerNorm))
+    for module in _embedding_glue(model, layers, grouped):
+        modules.append(module)
+        grouped |= {id(x) for x in module.modules()}
     return modules
+
+
+def _embedding_glue(model: nn.Module, layers: nn.ModuleList, taken: set[int]) -> list[nn.Module]:
+    """Parameterised modules outside the layers that carry the embeddings up to layer 0.
+
+    ELECTRA's `embeddings_project` and ALBERT's `embedding_hidden_mapping_in` map the embedding width to the
+    hidden size after the embeddings module, before the first layer. Counted as head, they stayed trainable
+    under frozen embeddings, and every frozen layer then recorded its graph for their gradient. Found by
+    name: a module whose own name says embedding ("embed"), that does not contain the layers or the modules
+    already taken, and that is not the output embedding (GPT-NeoX's `embed_out` is its LM head)."""
+    get = getattr(model, "get_output_embeddings", None)
+    output = get() if callable(get) else None
+    output_params = {id(p) for p in output.parameters()} if output is not None else set()
+    skip = taken | {id(m) for m in layers.modules()}
+    found: list[nn.Module] = []
+    for name, module in model.named_modules():  # parents come before their children
+        if "embed" not in name.split(".")[-1].lower() or module is output:
+            continue
+        inside = {id(x) for x in module.modules()}
+        if inside & skip:
+            continue  # taken already, inside a module taken, or a parent of the layers or the embeddings
+        params = list(module.parameters())
+        if params and not any(id(p) in output_params for p in params):
+            found.append(module)
+            skip |= inside
+    return found
 
 
 def find_layout(model: nn.Module) -> ModelLayout:
