@@ -3,6 +3,7 @@ wires them together."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from datetime import datetime, timezone
@@ -30,6 +31,7 @@ from autofit.techniques.accumulation import eval_micro_batches
 from autofit.techniques.bucketing import padded_length
 from autofit.workload import LengthHistogram, Workload
 
+log = logging.getLogger("autofit")
 ModelSpec = str | os.PathLike | PretrainedConfig | nn.Module
 DEFAULT_MAX_LENGTH = 512
 """Tokens kept per example when the model sets no position limit and none is asked for."""
@@ -144,11 +146,14 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
     that no longer fits its budget is refused. Everything random (a new head, the steps' order, dropout)
     follows `seed`: the same seed, data and plan give the same losses."""
     from autofit.executor import run_plan  # the executor is the last stage: imported only to train
+    from autofit.executor.checkpoint import prepare_output_dir
 
     if plan is None and budget is None:
         raise ValueError("give a memory budget (e.g. budget='16GB') or a plan")
     if not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"the learning rate must be a positive number, not {lr}")
+    if output_dir is not None:
+        prepare_output_dir(output_dir)  # a bad --output-dir fails now, not after profiling and training
     config = _config(model)
     if task is None:
         task = plan.task if plan is not None else default_task(config)
@@ -160,6 +165,8 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
     asked = max_length or max_sequence_length(config) or DEFAULT_MAX_LENGTH
     max_length = check_seq_len(config, asked, explicit=max_length is not None, multiple=multiple, flag="max_length")
     train_data = _tokenized(data, tokenizer, task, max_length, text_column)
+    for note in _data_notes(train_data, max_length):
+        log.info(note)
     eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column, train=train_data) \
         if eval_data is not None else None
     set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
@@ -183,6 +190,15 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
                     seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
                     quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None),
                     eval_prediction=eval_prediction)
+
+
+def _data_notes(data: TokenizedData, max_length: int) -> list[str]:
+    """What was inferred or changed about the data, one line each (the task, truncation)."""
+    notes = [data.label_note] if data.label_note else []
+    if data.num_truncated:
+        notes.append(f"{data.num_truncated} of {len(data)} examples were longer than {max_length} tokens "
+                     "and were truncated")
+    return notes
 
 
 def _check_task_fits_data(task: str, data: Any) -> None:

@@ -45,15 +45,18 @@ class _Commands(TyperGroup):
 @contextmanager
 def _transformers_errors_only():
     """transformers' advisory warnings (e.g. GPT-2's "`loss_type=None` ... unrecognized" on the profiler's
-    first loss) would land on stderr next to our one-line error."""
+    first loss) and progress bars would land on stderr next to our one-line error."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would precede a one-line error too
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextmanager

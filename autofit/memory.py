@@ -152,10 +152,12 @@ def _forward_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
     outputs: list[float] = []
     candidates: list[Candidate] = [(0.0, 0.0, 0.0, "forward")]
     held = _held_bytes(blocks, precision, batch, seq, padded)
-    live = previous_output = 0.0
+    live = previous_output = shared = 0.0
     for index, block in enumerate(blocks):
         acts = block.profile.activations[precision].at(batch, padded)
         k = _kept_bytes(block, previous_output, acts, batch, seq)
+        if block.keeps_checkpoint_args and acts.checkpoint_args is not None:
+            shared = acts.checkpoint_args(batch, seq)
         # live until the model's forward returns: autocast's weight copies of a checkpointed layer
         if block.checkpointed and acts.checkpointed_leftover is not None:
             k_forward = k + acts.checkpointed_leftover(batch, seq)
@@ -166,9 +168,11 @@ def _forward_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
         runs_autograd = block.trainable or block.needs_input_grad
         unkept_input = 0.0 if runs_autograd else max(0.0, previous_output - (held if index == 1 else 0.0))
         # at the block's end: everything kept so far, its output, what the model's code still references
-        # unsaved (resident); its transient sits on top
+        # unsaved (resident); its transient sits on top. The arguments checkpointing keeps (masks) are
+        # what the model's code references anyway until its forward returns: counted once.
+        resident = max(0.0, acts.resident(batch, seq) - shared)
         candidates.append((live + k_forward, out + _forward_transient(block, acts, batch, seq)
-                           + acts.resident(batch, seq) + unkept_input, 0.0, "forward"))
+                           + resident + unkept_input, 0.0, "forward"))
         live += k_forward + (held if index == 0 else 0.0)
         kept.append(k)
         outputs.append(out)

@@ -295,7 +295,10 @@ def load_model(spec: str | os.PathLike, task: str = "classification", num_labels
         )
         return build_model(config, task, num_labels=num_labels)
     config = _prepare_config(config, task, num_labels)
-    return head.from_pretrained(weights, config=config, local_files_only=True, dtype=torch.float32)
+    # A classifier checkpoint fine-tuned for other labels: its head is replaced by a new one of the right
+    # size (randomly initialised, as for any new head); the rest of the weights load as usual.
+    return head.from_pretrained(weights, config=config, local_files_only=True, dtype=torch.float32,
+                                ignore_mismatched_sizes=True)
 
 
 @_hub_offline()

@@ -92,7 +92,7 @@ def test_plan_fits_the_budget_keeps_the_batch_and_round_trips(bert, profile, tmp
 
     assert plan.budget_bytes == budget and plan.headroom_bytes > 0
     assert plan.predicted.peak_bytes <= plan.budget_bytes - plan.headroom_bytes
-    assert plan.knobs.effective_batch_size == 16
+    assert plan.batch_size == 16 and plan.step.batch_size == 16
     assert plan.knobs != Knobs(micro_batch_size=16)
     assert plan.num_params == sum(p.numel() for p in bert.parameters()) and plan.num_layers == 3
     assert plan.workload.from_data is False and plan.workload.lengths == LengthHistogram.fixed(128, 10_000)
@@ -113,7 +113,7 @@ def test_plan_from_data_uses_the_real_lengths(bert, profile, tok):
     assert plan.workload.lengths == LengthHistogram.from_lengths(lengths)
     assert plan.workload.lengths.max_length == 48 > min(lengths)  # cut at seq_len, and really varied
     assert plan.workload.lengths.num_samples == 60
-    assert plan.knobs.effective_batch_size == 8
+    assert plan.batch_size == 8
     # Special tokens count: a 3-word text is 5 tokens.
     assert len(tok("w1 w2 w3")["input_ids"]) == 5
 
@@ -127,7 +127,7 @@ def test_no_plan_fits_names_a_budget_that_does(bert, profile):
     plan = autofit.plan(bert, error.smallest_budget_bytes, seq_len=128, batch_size=16, device="cpu",
                         profile=profile)
     assert plan.predicted.peak_bytes <= plan.budget_bytes - plan.headroom_bytes
-    assert plan.knobs.effective_batch_size == 16
+    assert plan.batch_size == 16 and plan.step.batch_size == 16
 
 
 def test_make_workload_and_target_device():
@@ -169,7 +169,8 @@ def test_train_learns_within_the_predicted_peak(tok):
     assert len(result.eval) == 2
     assert result.eval[-1].loss < before - 0.02  # trained: the same examples' loss went down
     assert result.eval[-1].loss == pytest.approx(_mean_loss(model, rows, tok), rel=1e-3)  # on the model we hold
-    assert result.plan.workload.from_data and result.plan.knobs.effective_batch_size == 8
+    assert result.plan.workload.from_data and result.plan.batch_size == 8
+    assert [r.samples for r in result.history] == [8] * len(losses)
     assert result.plan.device.kind == "cpu"
     print("measured", result.measured_peak_bytes, "predicted", result.predicted_allocated_bytes)
     assert 0 < result.measured_peak_bytes <= result.predicted_allocated_bytes * 1.10
@@ -188,7 +189,7 @@ CASES = {
     "freeze emb+1": dict(freeze_embeddings=True, freeze_layers=1),
     "8-bit adam": dict(optimizer_bits=8),
     "bf16": dict(precision="bf16"),
-    "micro 2 x 4": dict(micro_batch_size=2, accumulation_steps=4),
+    "micro 2 x 4": dict(micro_batch_size=2),  # steps of 8: four micro-batches of 2
 }
 TOLERANCE = 0.10
 

@@ -35,10 +35,11 @@ def invoke(*args: str):
 
 
 def assert_one_line_error(result, code: int = 1) -> str:
-    """Exit `code` through typer.Exit (not an escaped exception), one 'error:' line on stderr, no traceback."""
+    """Exit `code` through typer.Exit (not an escaped exception), one 'error:' line on stderr, no traceback
+    (`note:` lines about the data may come before it: they are not part of the error)."""
     assert result.exit_code == code, (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("note: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     return lines[0]
@@ -78,7 +79,7 @@ def test_plan_json_is_a_valid_plan():
     assert plan.model_id == "bert-base-uncased" and plan.model_type == "bert" and plan.num_layers == 12
     assert plan.budget_bytes == 16 * 2**30
     assert plan.predicted.peak_bytes <= plan.budget_bytes - plan.headroom_bytes
-    assert plan.knobs.effective_batch_size == 32 and plan.workload.lengths.max_length == 512
+    assert plan.batch_size == 32 and plan.workload.lengths.max_length == 512
     assert json.loads(result.stdout)["knobs"]["micro_batch_size"] == plan.knobs.micro_batch_size
 
 
@@ -90,13 +91,13 @@ def test_plan_out_writes_a_file_that_explain_prints(tmp_path):
     assert f"saved to {path}" in result.stdout.replace("\n", "")
     assert "bert-base-uncased" in result.stdout and "predicted peak" in result.stdout
     plan = Plan.load(path)
-    assert plan.budget_bytes == 8 * 2**30 and plan.knobs.effective_batch_size == 16
+    assert plan.budget_bytes == 8 * 2**30 and plan.batch_size == 16
     assert plan.workload.lengths.max_length == 128
 
     shown = invoke("explain", path)
     assert shown.exit_code == 0, shown.output
     assert "bert-base-uncased" in shown.stdout and "predicted peak" in shown.stdout
-    assert f"effective batch {plan.knobs.effective_batch_size}" in shown.stdout
+    assert f"effective batch {plan.batch_size}" in shown.stdout
     assert "8.0 GB" in shown.stdout
 
 
@@ -153,10 +154,11 @@ def test_bad_plan_files_are_one_line_and_exit_1(tmp_path):
     assert "not found" in assert_one_line_error(invoke("explain", tmp_path / "missing.json"))
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    assert "not a plan" in assert_one_line_error(invoke("explain", broken))
+    assert "is not JSON" in assert_one_line_error(invoke("explain", broken))
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"model_id": "x", "knobs": {}}))
-    assert "not a plan" in assert_one_line_error(invoke("explain", other))
+    assert "other.json is not a valid plan: model_type: Field required (+" in assert_one_line_error(
+        invoke("explain", other))
     assert_one_line_error(invoke("train", "--plan", broken, "--data", broken))
 
 
@@ -214,7 +216,7 @@ def test_train_with_a_saved_plan(files, tmp_path):
                      "--batch-size", "4", "--data", files["data"], "--out", plan_path)
     assert planned.exit_code == 0, planned.output
     plan = Plan.load(plan_path)
-    assert plan.workload.from_data and plan.knobs.effective_batch_size == 4
+    assert plan.workload.from_data and plan.batch_size == 4
     assert Path(plan.model_id) == files["model"].resolve()
 
     result = invoke("train", "--plan", plan_path, "--data", files["data"], "--model", files["model"],
@@ -231,3 +233,50 @@ def test_train_with_a_budget_instead_of_a_plan(files):
     assert "2 optimizer steps, final loss" in result.stdout
     peak = re.search(r"peak memory ([0-9.]+ [KMG]?B) measured, ([0-9.]+ [KMG]?B) predicted", result.stdout)
     assert peak, result.stdout
+
+
+# ---- trust: what train promises and refuses -----------------------------------------------------------------
+
+
+def test_train_says_what_each_step_trained_and_the_inferred_task(files, tmp_path):
+    result = invoke("train", "--vram", "1GB", "--model", files["model"], "--data", files["data"],
+                    "--batch-size", "5", "--quiet")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "every step trained 5 examples (the last of an epoch 4)" in result.stdout  # 24 = 4 x 5 + 4
+    assert "note: 2 classes from integer labels 0-1" in result.stderr
+    assert "warning:" not in result.stderr
+
+
+def test_seq_len_beyond_the_models_positions_is_refused():
+    line = assert_one_line_error(invoke("plan", "--model", "bert-base-uncased", "--vram", "16GB",
+                                        "--seq-len", "4096"))
+    assert "4096" in line and "512 positions" in line
+    assert invoke("plan", "--model", "bert-base-uncased", "--vram", "16GB", "--json").exit_code == 0
+
+
+def test_output_dir_that_is_a_file_fails_before_training(files, tmp_path):
+    path = tmp_path / "out"
+    path.write_text("not a directory")
+    line = assert_one_line_error(invoke("train", "--vram", "1GB", "--model", files["model"], "--data",
+                                        files["data"], "--output-dir", path, "--quiet"))
+    assert "is a file, not a directory" in line
+
+
+def test_resume_on_a_first_run_starts_and_a_resume_on_other_data_is_refused(files, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--vram", "1GB", "--model", files["model"], "--batch-size", "4", "--quiet",
+            "--output-dir", out, "--resume"]
+    first = invoke(*args, "--data", files["data"], "--max-steps", "2")
+    assert first.exit_code == 0, (first.output, first.exception)
+    assert "no checkpoint in" in first.stderr and "starting from the first step" in first.stderr
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(line + "\n" for line in files["data"].read_text().splitlines()[:12]))
+    line = assert_one_line_error(invoke(*args, "--data", other))
+    assert "trained on other data" in line
+
+
+def test_an_empty_model_directory_is_named_as_such(files, tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = assert_one_line_error(invoke("train", "--vram", "1GB", "--model", tmp_path / "empty", "--data",
+                                        files["data"]))
+    assert "has no config.json" in line

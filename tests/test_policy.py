@@ -242,7 +242,7 @@ def test_risk_ordering():
     assert risk() < risk(optimizer_bits=8)
     assert risk() < risk(bucket_boundaries=(64, 128))
     # checkpointing, accumulation and token budgets change no numbers: no risk
-    assert risk(checkpoint_layers=tuple(range(12)), micro_batch_size=2, accumulation_steps=16) == 0.0
+    assert risk(checkpoint_layers=tuple(range(12)), micro_batch_size=2, tokens_per_micro_batch=256) == 0.0
     # risks add up
     both = risk(precision=Precision.fp16, optimizer_bits=8)
     assert both == pytest.approx(risk(precision=Precision.fp16) + risk(optimizer_bits=8))

@@ -29,11 +29,6 @@ class TrainingProgress:
         if self._progress is not None:
             self._progress.__exit__(*exc)
 
-    def note(self, text: str) -> None:
-        """A line above the bar (e.g. an out-of-memory fallback)."""
-        if self._progress is not None:
-            self._progress.console.print(text)
-
     def update(self, step: int, *, loss: float, tokens_per_second: float, peak_bytes: int | None) -> None:
         if self._progress is None:
             return

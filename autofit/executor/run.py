@@ -14,6 +14,7 @@ CPU without autocast or scaler; our autocast and `precision.grad_scaler` cover i
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from autofit.techniques import precision as amp
 from autofit.techniques.accumulation import cut_step, eval_micro_batches
 from autofit.techniques.bucketing import StepSampler, upper_lengths
 from autofit.techniques.padding import PaddingCollator
+
+log = logging.getLogger("autofit")
 
 
 def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: TokenizedData | None = None,
@@ -84,7 +87,7 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
         with meter or nullcontext(), TrainingProgress(total, quiet=quiet, completed=state.step) as bar, \
                 GracefulInterrupt() as interrupt:
             for line in notes:
-                bar.note(line)
+                log.info(line)
             run.train(meter, bar, interrupt)
     finally:
         run.restore_model()
@@ -256,7 +259,7 @@ class _Run:
         summary = describe_change(old, new.knobs)
         self.state.fallbacks.append(FallbackRecord(step=self.state.step, error=message, knobs=new.knobs,
                                                    summary=summary))
-        self.bar.note(f"out of memory at step {self.state.step + 1}: {summary}")
+        log.warning(f"out of memory at step {self.state.step + 1}: {summary}")
         self.plan = new
 
     def diverged(self, what: str, updated: bool = False) -> TrainingDivergedError:

@@ -1,0 +1,137 @@
+"""What a user sees, end to end: a plan the search chose on skewed-length data, trained for a full epoch, keeps
+its promises (the batch, the peak, the budget); the same seed gives the same run; what a plan file claims is
+checked against its knobs; padding never passes a model's positions; no library noise."""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+
+import pytest
+import torch
+from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+import autofit
+from autofit.api import PlanNoLongerFitsError
+from autofit.profiler import cache
+
+from test_api import BERT, WORDS, make_tokenizer, tiny_model
+
+
+def skewed_rows(n: int, *, seed: int = 0, longest: int = 120) -> list[dict]:
+    """Real-text-shaped lengths: most rows short, a long tail up to `longest` words; three classes."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(min(longest, 2 + int(rng.expovariate(1 / 14))))]
+        rows.append({"text": " ".join(words), "label": ("w7" in words) + ("w9" in words)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def unconstrained_peak(model, rows, tok) -> int:
+    free = autofit.plan(model, "64GB", data=rows, tokenizer=tok, batch_size=16, device="cpu", policy="fastest")
+    return free.predicted.peak_bytes
+
+
+def test_a_searched_plan_on_skewed_data_keeps_every_promise(tok):
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows = skewed_rows(300)
+    budget = int(0.6 * unconstrained_peak(model, rows, tok))
+    plan = autofit.plan(model, budget, data=rows, tokenizer=tok, batch_size=16, device="cpu")
+    assert plan.predicted.peak_bytes <= budget - plan.headroom_bytes
+    assert plan.step.micro_batches_per_step[1] > 1  # the tight budget made steps accumulate
+
+    result = autofit.train(model, rows, plan=plan, tokenizer=tok, epochs=1, quiet=True)
+    samples = [r.samples for r in result.history]
+    assert samples == [16] * (300 // 16) + [300 % 16]  # every step the asked batch; only the last short
+    assert result.optimizer_steps == plan.step.steps_per_epoch == math.ceil(300 / 16)
+    measured, predicted = result.measured_peak_bytes, result.predicted_allocated_bytes
+    print(f"budget {budget:,} predicted {predicted:,} measured {measured:,} ({measured / predicted - 1:+.1%})")
+    assert measured <= budget
+    assert abs(measured - predicted) <= 0.05 * predicted
+    assert result.memory_warning is None
+
+
+def test_evaluation_stays_within_the_plan_and_counts_in_the_measured_peak(tok):
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows, held_out = skewed_rows(200, seed=1), skewed_rows(120, seed=2)
+    budget = int(0.6 * unconstrained_peak(model, rows, tok))
+    result = autofit.train(model, rows, budget=budget, tokenizer=tok, batch_size=16, epochs=1, quiet=True,
+                           eval_data=held_out, device="cpu")
+    assert len(result.eval) == 1 and result.eval[0].samples == 120
+    assert result.measured_peak_bytes <= budget and result.memory_warning is None
+
+
+def test_the_same_seed_gives_bit_identical_losses(tok, tmp_path):
+    """The model is given as a directory: its 3-class head is new, so its weights must follow the seed too."""
+    tiny_model("bert", "classification", **BERT).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = skewed_rows(64, seed=3)
+    runs = [autofit.train(str(tmp_path / "model"), rows, budget="1GB", batch_size=8, max_steps=4, seed=7,
+                          quiet=True, device="cpu") for _ in range(2)]
+    assert [r.loss for r in runs[0].history] == [r.loss for r in runs[1].history]
+    other = autofit.train(str(tmp_path / "model"), rows, budget="1GB", batch_size=8, max_steps=4, seed=8,
+                          quiet=True, device="cpu")
+    assert [r.loss for r in other.history] != [r.loss for r in runs[0].history]
+
+
+def test_a_plan_whose_knobs_no_longer_fit_its_budget_is_refused(tok):
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows = skewed_rows(100)
+    plan = autofit.plan(model, "8MB", data=rows, tokenizer=tok, batch_size=16, device="cpu")
+    edited = plan.model_copy(update={"knobs": plan.knobs.model_copy(update={"micro_batch_size": 4096})})
+    edited = edited.model_copy(update={"workload": edited.workload.model_copy(update={"batch_size": 4096})})
+    with pytest.raises(PlanNoLongerFitsError, match="over its 8.0 MB budget") as info:
+        autofit.train(model, rows * 41, plan=edited, tokenizer=tok, quiet=True)
+    assert "\n" not in str(info.value)
+
+
+def test_a_plan_edited_to_causal_lm_does_not_train_a_classifier_as_a_language_model(tok):
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows = skewed_rows(40)
+    plan = autofit.plan(model, "1GB", data=rows, tokenizer=tok, batch_size=8, device="cpu")
+    lm = plan.model_copy(update={"task": "causal-lm",
+                                 "workload": plan.workload.model_copy(update={"task": "causal-lm"})})
+    with pytest.raises(ValueError, match="the task is causal-lm, but the data has labels"):
+        autofit.train(model, rows, plan=lm, tokenizer=tok, quiet=True)
+
+
+@pytest.mark.parametrize("positions, usable", [(520, 512), (131, 128), (70, 64)])
+def test_padding_never_passes_a_models_positions(tok, positions, usable):
+    """XLM-R counts positions after its pad id: 520 position embeddings take 518 tokens, and 518 pads to 520
+    at a multiple of 8. autofit keeps examples at what padding keeps within the limit."""
+    config = XLMRobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=positions, pad_token_id=1)
+    model = XLMRobertaForSequenceClassification(config)
+    rows = [{"text": " ".join(WORDS * 20), "label": i % 2} for i in range(8)]
+    result = autofit.train(model, rows, budget="1GB", tokenizer=tok, batch_size=4, max_steps=1, quiet=True,
+                           device="cpu")
+    assert result.optimizer_steps == 1
+    assert result.plan.workload.lengths.max_length == usable
+
+
+def test_a_second_train_of_the_same_model_reuses_the_profile(tok, monkeypatch):
+    calls = []
+    real = cache.profile_model
+    monkeypatch.setattr(cache, "profile_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = skewed_rows(32)
+    for _ in range(2):
+        model = tiny_model("bert", "classification", num_labels=7, seed=11, **BERT)  # a config no other test uses
+        autofit.train(model, rows, budget="1GB", tokenizer=tok, batch_size=8, max_steps=1, quiet=True, device="cpu")
+    assert len(calls) == 1
+
+
+def test_a_normal_run_prints_no_library_warnings(tok):
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows = skewed_rows(24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = autofit.plan(model, "1GB", data=rows, tokenizer=tok, batch_size=8, device="cpu")
+        autofit.train(model, rows, plan=plan, tokenizer=tok, max_steps=1, quiet=True)
+    assert torch.is_grad_enabled()
