@@ -536,7 +536,7 @@ def run_case_api(ctx: Context, case: Case, worker: ApiWorker) -> dict[str, Any] 
                      message=result["message"].strip().splitlines()[0][:300] if result["message"].strip() else "",
                      message_lines=len(result["message"].strip().splitlines()))
         if outcome == "unclean_error":
-            entry["traceback_tail"] = result.get("traceback", "")[-1500:]
+            entry["traceback_tail"] = result.get("traceback", "")[-600:]
             entry["noise"] = _signature(f"{result['type']}: {entry['message']}")
     if result.get("warnings"):
         entry["warnings"] = result["warnings"][:3]
