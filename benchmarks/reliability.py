@@ -1,9 +1,10 @@
 """Reliability: hundreds of bad inputs through the `autofit` CLI and the Python API, and killed-and-resumed runs.
 
-    python -m benchmarks.reliability --quick     # ~65 cases + 2 crash-resume trials: about 5 minutes on 2 cores
-    python -m benchmarks.reliability             # ~800 cases (~320 through the CLI) + 5 trials: about 20 minutes
-    python -m benchmarks.reliability --match plan/knobs --no-resume      # a subset, by name
-    python -m benchmarks.reliability --only budget,policy --cli "autofit"  # the installed script instead
+    python -m benchmarks.reliability --quick     # 40 cases + 2 crash-resume trials: ~4 minutes on 2 cores
+    python -m benchmarks.reliability             # ~800 cases (~250 through the CLI) + 5 trials: ~15-25 minutes
+    python -m benchmarks.reliability --match 'plan/knobs' --resume-trials 0    # a subset (a regex on names)
+    python -m benchmarks.reliability --only plan --no-cli                      # every plan mutation, API only: ~1 min
+    python -m benchmarks.reliability --only budget,policy --cli autofit        # another launcher (installed script)
 
 The contract (README): the CLI exits 0 on success, 2 when no plan fits (naming the smallest budget that
 does), and 1 with a one-line reason for any other bad input, never a traceback. The Python API
@@ -27,8 +28,10 @@ also under a timeout). Outcomes:
     n/a             the input has no Python-API form (a usage error, a file the API never reads)
 
 Failures are every traceback, unclean_error, crash, hang, wrong_success and wrong_refusal. Clean errors of
-an internal-looking type ("error: TypeError: ...", an API exception that is not a ValueError) are counted
-apart: legal by the letter of the contract, yet usually a bug that happened to be caught.
+an internal-looking type ("error: TypeError: ...", an API exception that is neither a ValueError nor an
+OSError) are listed apart: legal by the letter of the contract, yet usually a bug that happened to be caught.
+A CLI process costs ~5 s of CPU (importing torch and transformers), so the full run's time depends on what
+else the machine runs; the API calls take milliseconds to a second each.
 
 The crash-resume section trains the tiny model with a checkpoint every step, kills it with SIGKILL at
 random moments (at a random step; while a checkpoint is being written, i.e. while a `.tmp-checkpoint-*`
@@ -47,7 +50,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import os
 import random
 import re
@@ -70,11 +72,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import environment, table, write_result  # noqa: E402
-from benchmarks._reliability_cases import (EITHER, NO_FIT, OK, REFUSE, WARN, Case, all_cases,  # noqa: E402
+from benchmarks._reliability_cases import (EITHER, NO_FIT, OK, WARN, Case, all_cases,  # noqa: E402
                                            build_models, valid_plan_argv)
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CLI = (sys.executable, "-c", "from autofit.cli import main; main()")
+# argv[0] set to "autofit", so usage messages read as they do from the installed script.
+DEFAULT_CLI = (sys.executable, "-c", "import sys; sys.argv[0] = 'autofit'; from autofit.cli import main; main()")
 FAILURES = ("traceback", "unclean_error", "crash", "hang", "wrong_success", "wrong_refusal")
 OUTCOMES = ("ok", "clean_error", *FAILURES, "setup_failed", "n/a")
 PLACEHOLDER = re.compile(r"\{(model3|model|data64|data|val|plan|tmp|root)\}")
@@ -89,9 +92,11 @@ class Settings:
     jobs: int = 2
     timeout: float = 120.0
     api: bool = True
+    cli_runs: bool = True
     resume_trials: int | None = None
     memory_limit_gb: float = 8.0
     keep: bool = False
+    verbose: bool = False
     only: list[str] | None = None
     match: str | None = None
 
@@ -309,7 +314,8 @@ def _api_job(job: dict[str, Any]) -> dict[str, Any]:
     }
     if error is not None:
         message = str(error)
-        result.update(type=type(error).__name__, value_error=isinstance(error, ValueError), message=message[:4000],
+        result.update(type=type(error).__name__, value_error=isinstance(error, ValueError),
+                      user_error=isinstance(error, (ValueError, OSError)), message=message[:4000],
                       traceback="".join(traceback.format_exception(error))[-3000:])
     elif value is not None:
         for attr in ("final_loss", "optimizer_steps"):
@@ -532,7 +538,7 @@ def run_case_api(ctx: Context, case: Case, worker: ApiWorker) -> dict[str, Any] 
     outcome, note = classify_api(case.expect, result)
     entry = {"outcome": outcome, "note": note, "seconds": result.get("seconds")}
     if result["status"] == "raised":
-        entry.update(type=result["type"], value_error=result["value_error"],
+        entry.update(type=result["type"], value_error=result["value_error"], user_error=result["user_error"],
                      message=result["message"].strip().splitlines()[0][:300] if result["message"].strip() else "",
                      message_lines=len(result["message"].strip().splitlines()))
         if outcome == "unclean_error":
@@ -553,7 +559,7 @@ def run_cases(ctx: Context, cases: list[Case]) -> dict[str, dict[str, Any]]:
     jobs: list[tuple[Case, str]] = []
     # Setup-heavy cases first: the longest jobs start early, the short ones fill in at the end.
     for case in sorted(cases, key=lambda c: -len(c.setup)):
-        if case.argv is not None and case.cli:
+        if case.argv is not None and case.cli and ctx.settings.cli_runs:
             jobs.append((case, "cli"))
         if ctx.settings.api and api_call_for(case) is not None:
             jobs.append((case, "api"))
@@ -561,6 +567,7 @@ def run_cases(ctx: Context, cases: list[Case]) -> dict[str, dict[str, Any]]:
     lock = threading.Lock()
     queue = list(reversed(jobs))
     done = [0]
+    tally: collections.Counter = collections.Counter()
     started = time.perf_counter()
 
     def work(index: int) -> None:
@@ -579,10 +586,13 @@ def run_cases(ctx: Context, cases: list[Case]) -> dict[str, dict[str, Any]]:
                     if entry is not None:
                         results[case.name][channel] = entry
                     done[0] += 1
-                    if entry is not None and entry["outcome"] in FAILURES + ("setup_failed",):
+                    if ctx.settings.verbose and entry is not None and entry["outcome"] in FAILURES + ("setup_failed",):
                         print(f"  {entry['outcome']:<14} {channel:<3} {case.name}", flush=True)
+                    if entry is not None:
+                        tally[entry["outcome"]] += 1
                     if done[0] % 25 == 0 or done[0] == len(jobs):
-                        print(f"[{done[0]}/{len(jobs)}] {time.perf_counter() - started:.0f} s", flush=True)
+                        print(f"[{done[0]}/{len(jobs)}] {time.perf_counter() - started:.0f} s  "
+                              + ", ".join(f"{o} {n}" for o, n in sorted(tally.items())), flush=True)
         finally:
             worker.stop()
 
@@ -703,7 +713,8 @@ def crash_resume(ctx: Context, trials: int, kills: int, seed: int = 0) -> dict[s
             events.append({"mode": "finish", "resumed": step > 0, "exit_code": last["exit_code"],
                            "result": "finished" if last["exit_code"] == 0 else
                            ("hang" if last["timed_out"] else "failed"), "error": error_of(last["stderr"])})
-        entry: dict[str, Any] = {"trial": index, "events": events, "kills": sum(e["result"] == "killed" for e in events),
+        entry: dict[str, Any] = {"trial": index, "events": events,
+                                 "kills": sum(e["result"] == "killed" for e in events),
                                  "kills_mid_save": sum(bool(e.get("mid_save")) for e in events),
                                  "temporary_folders_left": sorted(_checkpoints(out)[1])}
         if events[-1]["result"] != "finished":
@@ -795,11 +806,15 @@ def summarize(cases: list[Case], results: dict[str, dict[str, Any]]) -> dict[str
     internal = [{"case": c.name, "channel": ch, "first_line": (e.get("stderr_head") or [""])[0] if ch == "cli"
                  else f"{e.get('type')}: {e.get('message', '')}"}
                 for c in cases for ch, e in results[c.name].items()
-                if e["outcome"] == "clean_error" and (e.get("internal_error") or (ch == "api" and not e.get("value_error")))]
+                if e["outcome"] == "clean_error"
+                and (e.get("internal_error") or (ch == "api" and not e.get("user_error")))]
     return {"counts": {ch: dict(v) for ch, v in counts.items()},
             "by_family": {ch: {f: dict(v) for f, v in fams.items()} for ch, fams in by_family.items()},
             "failures": failures, "internal_errors": internal,
-            "unclean_causes": [{"channel": ch, "cause": cause, "count": n}
+            "unclean_causes": [{"channel": ch, "cause": cause, "count": n,
+                                "examples": [f["case"] for f in failures
+                                             if f["outcome"] == "unclean_error" and f["channel"] == ch
+                                             and results[f["case"]][ch].get("noise") == cause][:3]}
                                for (ch, _, cause), n in causes.most_common()]}
 
 
@@ -817,16 +832,21 @@ def _print_report(cases: list[Case], summary: dict[str, Any], resume: dict[str, 
                                                                       for o in shown)])
     lines += [table(["family", "cases", *shown], rows), ""]
     if summary["failures"]:
-        lines += ["## Failures", ""]
+        lines += ["## Failures", "",
+                  "Every traceback, hang, crash, wrong success and wrong refusal, and the CLI's unclean errors; the "
+                  "API's unclean errors are grouped by cause below (each one is in the JSON).", ""]
         order = {o: i for i, o in enumerate(FAILURES + ("setup_failed",))}
-        for f in sorted(summary["failures"], key=lambda f: (order[f["outcome"]], f["channel"], f["case"])):
+        listed = [f for f in summary["failures"] if not (f["outcome"] == "unclean_error" and f["channel"] == "api")]
+        for f in sorted(listed, key=lambda f: (order[f["outcome"]], f["channel"], f["case"])):
             lines.append(f"- {f['outcome']:<13} {f['channel']:<3} {f['case']}  [{f['expect']}]  "
                          f"{(f['detail'] or f['note'])[:200]}")
         lines.append("")
     if summary["unclean_causes"]:
-        lines += ["## Unclean errors by cause (the first line that is not the error)", "",
-                  table(["channel", "count", "cause"], [[c["channel"], c["count"], c["cause"]]
-                                                        for c in summary["unclean_causes"]]), ""]
+        lines += ["## Unclean errors by cause", "",
+                  "CLI: the first stderr line that is not the error line. API: the exception and its first line.",
+                  "", table(["channel", "count", "cause", "e.g."],
+                            [[c["channel"], c["count"], c["cause"], ", ".join(c["examples"])]
+                             for c in summary["unclean_causes"]]), ""]
     if summary["internal_errors"]:
         lines += [f"## Clean errors of an internal-looking type ({len(summary['internal_errors'])})", ""]
         lines += [f"- {e['channel']:<3} {e['case']}  {e['first_line'][:140]}" for e in summary["internal_errors"][:40]]
@@ -895,7 +915,7 @@ def main(quick: bool = True, settings: Settings | None = None) -> dict[str, Any]
                              f"\n{made['stderr'][-3000:]}")
         valid_plan = json.loads(Path(ctx.paths["plan"]).read_text())
         cases = _select(all_cases(valid_plan, has_cuda=_has_cuda()), settings)
-        n_cli = sum(1 for c in cases if c.argv is not None and c.cli)
+        n_cli = sum(1 for c in cases if c.argv is not None and c.cli) if settings.cli_runs else 0
         n_api = sum(1 for c in cases if api_call_for(c) is not None) if settings.api else 0
         print(f"{len(cases)} cases ({n_cli} through the CLI, {n_api} through the API); timeout "
               f"{settings.timeout:.0f} s, {settings.jobs} at a time", flush=True)
@@ -923,7 +943,8 @@ def main(quick: bool = True, settings: Settings | None = None) -> dict[str, Any]
         "benchmark": "reliability", "mode": "quick" if settings.quick else "full", **environment(),
         "seconds": round(time.perf_counter() - started, 1), "cases_seconds": round(cases_seconds, 1),
         "settings": {"cli": list(settings.cli), "jobs": settings.jobs, "timeout_s": settings.timeout,
-                     "api": settings.api, "memory_limit_gb": settings.memory_limit_gb, "only": settings.only,
+                     "api": settings.api, "cli_runs": settings.cli_runs,
+                     "memory_limit_gb": settings.memory_limit_gb, "only": settings.only,
                      "match": settings.match, "subprocess_env": {"OMP_NUM_THREADS": "1", "AUTOFIT_CACHE": "<temp>"}},
         "headline": headline, "families": family_sizes, **summary, "resume": resume,
         "cases": [{"name": c.name, "family": c.family, "expect": c.expect, "note": c.note,
@@ -947,17 +968,20 @@ def _parse(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--jobs", type=int, default=2, help="processes at a time (at most 2)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a case counts as a hang")
     parser.add_argument("--no-api", action="store_true", help="the CLI only")
+    parser.add_argument("--no-cli", action="store_true", help="the Python API only (fast)")
     parser.add_argument("--resume-trials", type=int, help="crash-resume trials (default 5, --quick 2; 0: none)")
     parser.add_argument("--memory-limit-gb", type=float, default=8.0, help="address-space limit per process")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (printed at the start)")
+    parser.add_argument("--verbose", action="store_true", help="print each failure as it happens")
     parser.add_argument("--api-worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.api_worker is not None:
         api_worker(args.api_worker)
         raise SystemExit(0)
     return Settings(quick=args.quick, cli=tuple(shlex.split(args.cli)) if args.cli else DEFAULT_CLI, jobs=args.jobs,
-                    timeout=args.timeout, api=not args.no_api, resume_trials=args.resume_trials,
-                    memory_limit_gb=args.memory_limit_gb, keep=args.keep,
+                    timeout=args.timeout, api=not args.no_api, cli_runs=not args.no_cli,
+                    resume_trials=args.resume_trials,
+                    memory_limit_gb=args.memory_limit_gb, keep=args.keep, verbose=args.verbose,
                     only=args.only.split(",") if args.only else None, match=args.match)
 
 
