@@ -13,6 +13,16 @@ from autofit.profiler import Profile, profile_model
 from autofit.search import NoPlanFitsError
 
 __version__ = "0.1.0"
-__all__ = ["plan", "train", "Plan", "Knobs", "Precision", "MemoryBreakdown", "TimePrediction", "Profile",
-           "profile_model", "Policy", "load_policy", "NoPlanFitsError", "BudgetError", "parse_budget",
+"""The one place the version is written: pyproject.toml reads it from here."""
+__all__ = ["plan", "train", "Plan", "Knobs", "Precision", "MemoryBreakdown", "TimePrediction", "TrainResult",
+           "Profile", "profile_model", "Policy", "load_policy", "NoPlanFitsError", "BudgetError", "parse_budget",
            "format_bytes"]
+
+
+def __getattr__(name: str):
+    """TrainResult comes from the executor, the last stage: imported when first asked for, not with autofit."""
+    if name == "TrainResult":
+        from autofit.executor.result import TrainResult
+
+        return TrainResult
+    raise AttributeError(f"module 'autofit' has no attribute {name!r}")

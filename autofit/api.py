@@ -19,7 +19,7 @@ from autofit.cost import predict_time
 from autofit.data import LABEL_COLUMNS, TokenizedData, column_names, prepare_examples, text_lengths
 from autofit.devices import DEVICES, DeviceSpec, get_device
 from autofit.memory import predict_eval_peak, predict_peak
-from autofit.models import (check_seq_len, default_task, load_model, load_tokenizer, max_sequence_length,
+from autofit.models import (check_config, check_seq_len, default_task, load_model, load_tokenizer, max_sequence_length,
                             resolve_config)
 from autofit.plan import Plan
 from autofit.profiler import Profile
@@ -194,7 +194,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
 
 def _data_notes(data: TokenizedData, max_length: int) -> list[str]:
     """What was inferred or changed about the data, one line each (the task, truncation)."""
-    notes = [data.label_note] if data.label_note else []
+    notes = [note for note in (data.text_note, data.label_note) if note]
     if data.num_truncated:
         notes.append(f"{data.num_truncated} of {len(data)} examples were longer than {max_length} tokens "
                      "and were truncated")
@@ -222,5 +222,5 @@ def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_colum
 
 def _config(model: ModelSpec) -> PretrainedConfig:
     if isinstance(model, nn.Module):
-        return model.config
-    return model if isinstance(model, PretrainedConfig) else resolve_config(model)[1]
+        return check_config(model.config)
+    return check_config(model) if isinstance(model, PretrainedConfig) else resolve_config(model)[1]

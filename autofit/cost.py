@@ -12,7 +12,8 @@ the knobs' caps, bucket by bucket, each micro-batch padded to its own longest ex
 Block times come from the profile's measured per-block fits when it was profiled on the target's device
 kind (a precision it did not time is scaled from one it did by the device's throughput ratio), else from
 FLOPs / (throughput x matmul efficiency x utilisation(B*L)). The optimizer step is bound
-by memory bandwidth. The constants below are calibratable: benchmarks/ fits them to measured step times.
+by memory bandwidth. The constants below are estimates for FLOP-based (GPU) predictions; no real card has
+calibrated them yet (no GPU was lent to this project so far).
 """
 
 from __future__ import annotations

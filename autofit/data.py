@@ -18,13 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from autofit.workload import TOKEN_LEVEL_TASKS
+
 from autofit.labels import DataError, class_labels
 
 TEXT_PAIRS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
               ("question1", "question2"))
 TEXT_COLUMNS = ("text", "sentence", "content")
 LABEL_COLUMNS = ("label", "labels")
-TOKEN_LEVEL_TASKS = ("causal-lm", "token-classification")
 _BATCH = 1000  # texts per fast-tokenizer call: batched calls run in parallel in Rust
 
 
@@ -42,6 +43,8 @@ class TokenizedData(BaseModel):
     label_note: str | None = None
     """One sentence on the task the labels asked for and why, e.g. "3 classes from integer labels 0-2" or
     "labels are floats (0.0, 1.0): regression with 1 output and MSE loss; ..."; None without class labels."""
+    text_note: str | None = None
+    """Which column(s) held the text, when autofit had to infer it from a column of another name."""
     num_truncated: int = 0
 
     def __len__(self) -> int:
@@ -226,6 +229,9 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
     texts = [_texts(columns, name) for name in names]
     ids, types, truncated = _encode(tokenizer, texts, max_length, truncation)
     fields = dict(task=task, input_ids=ids, token_type_ids=types, num_truncated=truncated)
+    known = {name for pair in TEXT_PAIRS for name in pair} | set(TEXT_COLUMNS)
+    if text_column is None and not set(names) & known:
+        fields["text_note"] = f"the text is column {names[0]!r}, the only column of strings (name it with --text-column)"
     label = _label_column(columns, label_column, task)
     if task not in TOKEN_LEVEL_TASKS:
         fields.update(class_labels(columns[label], **label_rules))

@@ -150,15 +150,28 @@ def _resolve(spec: str | os.PathLike) -> tuple[str, PretrainedConfig, Path | str
     local = _local_dir(spec)
     if local is not None:
         model_id = MINILM_ID if spec.lower() == MINILM_ID.lower() else str(local)
-        config = AutoConfig.from_pretrained(local, local_files_only=True)
+        config = check_config(AutoConfig.from_pretrained(local, local_files_only=True))
         return model_id, config, local if _has_file(local, WEIGHT_FILES) else None
     cached = _cached_config(spec)
     if cached is not None:
-        return spec, cached, spec if _has_file(spec, WEIGHT_FILES) else None
+        return spec, check_config(cached), spec if _has_file(spec, WEIGHT_FILES) else None
     entry = _catalog().get(spec.lower())
     if entry is not None:
         return entry.id, _config_from_dict(entry.id, entry.config), None
     raise _not_found(spec)
+
+
+MAX_LAYERS = 1024
+"""No transformer has more layers (the deepest public ones have ~120); a config claiming more is broken, and
+planning it would search a space that large."""
+
+
+def check_config(config: PretrainedConfig) -> PretrainedConfig:
+    """`config`, or a ValueError naming what no real transformer has (a depth beyond MAX_LAYERS)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and not 1 <= layers <= MAX_LAYERS:
+        raise ValueError(f"the config says {layers} layers: autofit plans transformers of 1 to {MAX_LAYERS} layers")
+    return config
 
 
 def _not_found(spec: str) -> ModelNotFoundError:

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Task = Literal["classification", "causal-lm", "token-classification"]
 """What the model learns: sequence labels (classes or a regression score), next tokens, or token labels."""
 
+TOKEN_LEVEL_TASKS: tuple[Task, ...] = ("token-classification", "causal-lm")
+"""Tasks whose loss is a mean over label tokens, not over examples."""
+
 MAX_BATCH_SIZE = 1 << 20
 """No effective batch holds more examples than this (a sanity bound on plan files)."""
 

@@ -522,7 +522,7 @@ KIND_RULES: dict[str, dict[str, str]] = {
     "rate": {"zero": EITHER, "huge": EITHER},
     "fraction": {"zero": EITHER, "huge": REFUSE},
     "micro_batch": {"zero": REFUSE, "huge": REFUSE},
-    "accumulation": {"zero": REFUSE, "huge": REFUSE},
+    "pred_total": {"off_by_one": REFUSE},  # the JSON's totals must be the sum of the breakdown
     "token_budget": {"zero": REFUSE, "huge": EITHER},
     "pad_multiple": {"zero": REFUSE, "huge": REFUSE, "minus_eight": REFUSE},
     "freeze_layers": {"zero": EITHER, "huge": REFUSE},
@@ -563,7 +563,7 @@ FIELD_KINDS: dict[str, str] = {
     "knobs.freeze_embeddings": "bool", "knobs.freeze_layers": "freeze_layers",
     "knobs.checkpoint_layers": "checkpoint_layers", "knobs.precision": "precision",
     "knobs.optimizer_bits": "optimizer_bits", "knobs.micro_batch_size": "micro_batch",
-    "knobs.tokens_per_micro_batch": "token_budget", "knobs.accumulation_steps": "accumulation",
+    "knobs.tokens_per_micro_batch": "token_budget", "predicted.peak_bytes": "pred_total", "predicted.allocated_bytes": "pred_total",
     "knobs.bucket_boundaries": "bucket_boundaries", "knobs.pad_to_multiple_of": "pad_multiple",
     "predicted.weights": "pred_bytes", "predicted.gradients": "pred_bytes", "predicted.optimizer_state": "pred_bytes",
     "predicted.activations": "pred_bytes", "predicted.temporaries": "pred_bytes", "predicted.overhead": "pred_bytes",
@@ -592,6 +592,11 @@ CLI_REPORT_CASES = {"plan/time.step_seconds=nan", "plan/time.padding_efficiency=
 # Mutations one schema check answers for every field alike: the API tries them all, the CLI none.
 API_ONLY_MUTATIONS = {"type", "null", "missing", "nan", "inf", "fractional", "int-2", "empty", "strings", "float",
                       "duplicate"}
+
+
+DERIVED = "step"
+"""The plan's step layout: written for readers, derived again from the knobs and workload on load, so any
+change to it is ignored (accepting it is right, refusing it is fine too)."""
 
 
 def _in_force(path: str) -> bool:
@@ -642,6 +647,9 @@ def _mutations(path: str, value: Any, has_cuda: bool = False) -> list[tuple[str,
     in_alternative = path.startswith("alternatives.0")
     optional = path in OPTIONAL or value is None
     out: list[tuple[str, Any, str]] = []
+    if path == DERIVED or path.startswith(DERIVED + "."):
+        return [("type", "abc", EITHER), ("negative", -1, EITHER), ("null", None, EITHER),
+                ("missing", MISSING, EITHER)]
     if isinstance(value, dict):
         out += [("extra", {**value, "unexpected_field": 1}, WARN if _in_force(path) else EITHER),
                 ("type", [1, 2], REFUSE),
@@ -674,7 +682,7 @@ def _mutations(path: str, value: Any, has_cuda: bool = False) -> list[tuple[str,
     for name, expect in rules.items():
         if in_alternative and expect == REFUSE and name in ("huge", "off_by_one", "one"):
             expect = EITHER  # a runner-up's knobs are a report, not what runs
-        if in_alternative and name == "zero" and kind in ("micro_batch", "accumulation", "token_budget",
+        if in_alternative and name == "zero" and kind in ("micro_batch", "token_budget",
                                                           "pad_multiple", "optimizer_bits"):
             expect = REFUSE  # invalid knobs wherever they are
         out.append((name, special[name], expect))

@@ -15,7 +15,8 @@ timeout) and, where the input can be expressed in Python, through the API (in a 
 also under a timeout). Outcomes:
 
     ok              accepted, and the case allows it (controls; odd-but-legal input; accepted with a warning)
-    clean_error     CLI: exit 1 or 2, stderr is exactly one line starting with "error:", no traceback
+    clean_error     CLI: exit 1 or 2, stderr is exactly one line starting with "error:" (besides "note:" lines,
+                    which say what was inferred about the data), no traceback
                     API: an exception whose message is one non-empty line
     unclean_error   CLI: exit 1 or 2 without a traceback, but stderr is not that one line (warnings, progress
                     bars, a wrapped message, or exit 2 without naming the smallest budget)
@@ -82,7 +83,7 @@ FAILURES = ("traceback", "unclean_error", "crash", "hang", "wrong_success", "wro
 OUTCOMES = ("ok", "clean_error", *FAILURES, "setup_failed", "n/a")
 PLACEHOLDER = re.compile(r"\{(model3|model|data64|data|val|plan|tmp|root)\}")
 INTERNAL_CLI = re.compile(r"^error: [A-Z]\w*(Error|Exception|Exit|Interrupt)\b")
-WARNING_LINE = re.compile(r"^\s*(warning|warn)\b", re.IGNORECASE)
+WARNING_LINE = re.compile(r"^\s*(warning|warn|note)\b", re.IGNORECASE)  # a note says what was inferred
 
 
 @dataclass
@@ -417,11 +418,11 @@ def classify_cli(expect: str, run: dict[str, Any]) -> tuple[str, str]:
         return "hang", f"no answer in {run['seconds']:.0f} s"
     if "Traceback (most recent call last)" in stderr or "Traceback (most recent call last)" in stdout:
         return "traceback", ""
-    lines = _lines(stderr)
+    lines = [line for line in _lines(stderr) if not line.startswith("note:")]  # notes are not the error
     if code == 0:
         if expect in (OK, EITHER):
             return "ok", ""
-        if expect == WARN and any(WARNING_LINE.match(line) for line in lines + _lines(stdout)):
+        if expect == WARN and any(WARNING_LINE.match(line) for line in _lines(stderr) + _lines(stdout)):
             return "ok", "accepted with a warning"
         return "wrong_success", "accepted without a warning" if expect == WARN else "exit 0"
     if code in (1, 2):
@@ -508,7 +509,7 @@ def run_case_cli(ctx: Context, case: Case) -> dict[str, Any]:
         return {"outcome": "setup_failed", "note": failed}
     run = run_cli(ctx, [ctx.fill(a, tmp) for a in case.argv], ctx.settings.timeout)
     outcome, note = classify_cli(case.expect, run)
-    lines = _lines(run["stderr"])
+    lines = [line for line in _lines(run["stderr"]) if not line.startswith("note:")]
     entry = {"outcome": outcome, "note": note, "exit_code": run["exit_code"], "seconds": run["seconds"],
              "stderr_lines": len(lines), "stderr_head": [line[:300] for line in lines[:4]],
              "stderr_tail": [line[:300] for line in lines[-2:]] if len(lines) > 4 else [],

@@ -279,3 +279,14 @@ def test_sparse_class_ids_within_reason_are_taken():
 def test_token_level_tasks_have_no_label_note():
     out = prepare_examples({"input_ids": [[1, 2, 3]]}, task="causal-lm", max_length=8)
     assert out.label_note is None
+
+
+def test_a_text_column_of_another_name_is_used_and_said():
+    from test_api import make_tokenizer
+
+    data = prepare_examples([{"body": "w1 w2", "label": 0}, {"body": "w3", "label": 1}], make_tokenizer(),
+                            task="classification", max_length=16)
+    assert data.text_note == "the text is column 'body', the only column of strings (name it with --text-column)"
+    named = prepare_examples([{"text": "w1 w2", "label": 0}, {"text": "w3", "label": 1}], make_tokenizer(),
+                             task="classification", max_length=16)
+    assert named.text_note is None

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from autofit.knobs import Precision
 from autofit.profiler.tracker import LiveBytes, SavedBytes
+from autofit.techniques.precision import autocast_dtype
 
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -169,7 +170,7 @@ def windows_on(layers: nn.ModuleList, timeline: Timeline, detach_last: bool = Fa
 def run_step(model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], timeline: Timeline,
              *, precision: str, device_type: str, backward: bool = True, detach_last: bool = False) -> None:
     """One forward and backward as a training loop runs them (`loss = model(**batch).loss`), windowed."""
-    dtype = AUTOCAST_DTYPES[precision]
+    dtype = autocast_dtype(Precision(precision))
     autocast = torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
     saved_hooks = timeline.saved.hooks() if timeline.saved is not None else nullcontext()
     with windows_on(layers, timeline, detach_last):

@@ -18,16 +18,13 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from autofit.layers import ModelLayout
+from autofit.models import UnsupportedTaskError
 from autofit.profiler.instrument import Timeline, run_step
 from autofit.profiler.tracker import LiveBytes, SavedBytes
 from autofit.techniques import checkpointing
 
 KEEP_LAYERS = 2
 WINDOWS = {"embeddings": "emb", "layer": "layer{last}", "head": "head"}
-
-
-class UnsupportedTaskError(ValueError):
-    """The profiler knows how to build synthetic labels only for classification and causal-lm."""
 
 
 class ShapeSample(BaseModel):

@@ -25,13 +25,11 @@ from pydantic import BaseModel, Field
 
 from autofit.knobs import Knobs
 from autofit.techniques.bucketing import bucket_index, padded_length, split_buckets
-from autofit.workload import LengthHistogram
+from autofit.workload import TOKEN_LEVEL_TASKS, LengthHistogram
 
 IGNORE_INDEX = -100
 """Label value excluded from token-level losses (transformers' and torch's cross-entropy default)."""
 
-TOKEN_LEVEL_TASKS = ("token-classification", "causal-lm")
-"""Tasks whose loss is a mean over label tokens, not over samples."""
 
 
 class AccumulationError(ValueError):

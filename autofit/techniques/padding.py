@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from autofit.techniques.accumulation import IGNORE_INDEX, TOKEN_LEVEL_TASKS
+from autofit.techniques.accumulation import IGNORE_INDEX
+from autofit.workload import TOKEN_LEVEL_TASKS
 from autofit.techniques.bucketing import padded_length
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
