@@ -1,16 +1,22 @@
 """Executor overhead: autofit's `run_plan` vs a minimal hand-written PyTorch loop vs `transformers.Trainer`.
 
-All three train the same model (one init, deep-copied), on the same micro-batches in the same order (the
-batches autofit's sampler draws for seed 0, so the hand loop and the Trainer see exactly them), with the
-same settings: fp32, no checkpointing, no freezing, dynamic padding to a multiple of 8, micro-batch 8 x 2
-accumulation steps, AdamW (foreach, lr 2e-5, weight decay 0.01 on matrices only), constant learning
-rate, gradient clipping at 1.0, no evaluation, no saving, memory measurement off.
+All three train the same model (one init, deep-copied), on the same optimizer steps made of the same
+micro-batches in the same order, with the same settings: fp32, no checkpointing, no freezing, dynamic
+padding to a multiple of 8, steps of 16 examples (the plan's effective batch) cut into micro-batches of
+at most 8 (so 2 per step), AdamW (foreach, lr 2e-5, weight decay 0.01 on matrices only), constant
+learning rate, gradient clipping at 1.0, no evaluation, no saving, memory measurement off. The steps are
+the ones autofit's executor trains for seed 0: `StepSampler(lengths, knobs, 16, seed=0).epoch_steps(0)`,
+each cut by `accumulation.cut_step` (its examples sorted by length, then cut under the micro-batch cap);
+the hand loop and the Trainer are given exactly those micro-batches.
 
 - hand     the loop a person writes: collate, forward, scale, backward; clip, step, zero_grad
 - autofit  `run_plan(model, plan, data, measure_memory=False, quiet=True)`
-- trainer  `Trainer(args=plan.to_training_arguments(use_cpu=True, ...))` with a sequential sampler over
-           the same example order, a padding collator and AdamW(foreach=True) via
-           `optimizer_cls_and_kwargs` (its own `adamw_torch` would take torch's CPU default, foreach off)
+- trainer  `Trainer(args=plan.to_training_arguments(use_cpu=True, ...))` (per-device batch = the
+           micro-batch cap 8, gradient accumulation ceil(16 / 8) = 2) with a sequential sampler over the
+           steps' micro-batches laid end to end (every micro-batch holds exactly 8 examples, checked, so
+           the Trainer's consecutive batches of 8 are the same micro-batches), a padding collator and
+           AdamW(foreach=True) via `optimizer_cls_and_kwargs` (its own `adamw_torch` would take torch's
+           CPU default, foreach off)
 
 Two numbers per run, each on the wall clock and on this process's CPU time (the steadier clock on a
 shared machine, and the headline): end-to-end real tokens per second (setup included), and the
@@ -22,7 +28,9 @@ model's hand-loop time to give the throughput ratio that overhead implies (the r
 
 The three run interleaved, the order rotated each round (hand, autofit, trainer; autofit, trainer,
 hand; ...) so none always follows the same one; ratios are per round, then the median. A sanity check
-compares the hand loop's and autofit's trained weights (identical up to float rounding).
+compares the hand loop's trained weights with autofit's (identical up to float rounding) and the
+Trainer's (these differ by its own dropout draws: with dropout off they agree to ~1e-8, so it trains the
+same steps).
 
     python -m benchmarks.overhead [--quick] [--profile]
 """
@@ -44,11 +52,12 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import machine_info, torch_threads, write_result
-from benchmarks.padding import StepClock, hand_plan, skewed_lengths, small_bert, token_data
+from benchmarks.padding import StepClock, epoch_pieces, hand_plan, skewed_lengths, small_bert, token_data
 
 THREADS = 1
 LR, WEIGHT_DECAY, MAX_GRAD_NORM, PAD_MULTIPLE = 2e-5, 0.01, 1.0, 8
-MICRO_BATCH, ACCUMULATION = 8, 2
+BATCH, MICRO_BATCH = 16, 8
+"""Examples per optimizer step (the plan's effective batch) and the micro-batch cap: 2 micro-batches a step."""
 KINDS = ("hand", "autofit", "trainer")
 
 
@@ -71,12 +80,16 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def order(data, knobs) -> list[list[list[int]]]:
-    """The epoch's accumulation windows of example indices, exactly as autofit's executor draws them."""
-    from autofit.techniques.bucketing import BucketBatchSampler
-
-    batches = BucketBatchSampler(data.lengths, knobs, seed=0).epoch_batches(0)
-    return [batches[i:i + knobs.accumulation_steps] for i in range(0, len(batches), knobs.accumulation_steps)]
+def check_trainer_alignment(windows: list[list[list[int]]], micro_batch: int, batch_size: int) -> None:
+    """The Trainer batches the flattened example order `micro_batch` at a time, ceil(batch / micro) batches
+    a step: it trains the same micro-batches and steps only when every step is full and every micro-batch
+    holds exactly `micro_batch` examples. Raise ValueError otherwise (a benchmark setup error)."""
+    per_step = -(-batch_size // micro_batch)
+    for number, window in enumerate(windows):
+        sizes = [len(batch) for batch in window]
+        if sum(sizes) != batch_size or len(window) != per_step or any(size != micro_batch for size in sizes):
+            raise ValueError(f"step {number} has micro-batches of {sizes}: the Trainer would batch it otherwise "
+                             f"(need {per_step} of {micro_batch} in every step)")
 
 
 def hand_loop(model, data, windows) -> None:
@@ -115,6 +128,10 @@ def make_trainer(model, data, windows, plan, output_dir: str):
         learning_rate=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="constant",
         warmup_steps=0, num_train_epochs=1, seed=0, train_sampling_strategy="sequential",
         remove_unused_columns=False)
+    shape = (args.per_device_train_batch_size, args.gradient_accumulation_steps)
+    if shape != (len(windows[0][0]), len(windows[0])):
+        raise ValueError(f"to_training_arguments gives micro-batches x accumulation {shape}, the executor's steps "
+                         f"{len(windows[0][0])} x {len(windows[0])}: the Trainer would train other steps")
     return Trainer(model=model, args=args, train_dataset=flat, data_collator=collate,
                    optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": LR, "foreach": True}))
 
@@ -146,24 +163,31 @@ def main(quick: bool = False, profile: bool = False) -> dict:
         return _main(quick, profile)
 
 
-def _main(quick: bool, profile: bool) -> dict:
+def _main(quick: bool, profile: bool, *, n: int | None = None, rounds: int | None = None,
+          micro_rounds: int = 6) -> dict:
+    """`n`, `rounds` and `micro_rounds` override the mode's sizes (smoke tests)."""
     from autofit.knobs import Knobs
 
-    n, rounds = (160, 3) if quick else (768, 6)
-    micro_rounds = 6  # cheap: the 1-layer model's runs take milliseconds of compute
+    n = n or (160 if quick else 768)
+    rounds = rounds or (3 if quick else 6)
+    # micro_rounds: cheap, the 1-layer model's runs take milliseconds of compute
     lengths = skewed_lengths(n, hi=256)
     data = token_data(lengths)
     base = small_bert()
-    knobs = Knobs(micro_batch_size=MICRO_BATCH, accumulation_steps=ACCUMULATION, pad_to_multiple_of=PAD_MULTIPLE)
-    plan = hand_plan(base, knobs, data)
-    windows = order(data, knobs)
+    knobs = Knobs(micro_batch_size=MICRO_BATCH, pad_to_multiple_of=PAD_MULTIPLE)
+    plan = hand_plan(base, knobs, data, batch_size=BATCH)
+    windows = epoch_pieces(lengths, knobs, BATCH)  # the executor's steps for seed 0
+    check_trainer_alignment(windows, MICRO_BATCH, BATCH)
     real_tokens = sum(lengths)
     started = time.perf_counter()
     micro = small_bert(layers=1, hidden=16)  # compute ~0: what is left is each loop's own overhead
     with tempfile.TemporaryDirectory() as tmp:
         runs = _rounds(base, data, windows, plan, rounds, tmp)
-        micro_runs = _rounds(micro, data, windows, hand_plan(micro, knobs, data), micro_rounds, tmp)
-    same = _max_weight_difference(runs["hand"][0].pop("_model"), runs["autofit"][0].pop("_model"))
+        micro_plan = hand_plan(micro, knobs, data, batch_size=BATCH)
+        micro_runs = _rounds(micro, data, windows, micro_plan, micro_rounds, tmp)
+    hand_model = runs["hand"][0].pop("_model")
+    same = _max_weight_difference(hand_model, runs["autofit"][0].pop("_model"))
+    same_trainer = _max_weight_difference(hand_model, runs["trainer"][0].pop("_model"))
     for rs in micro_runs.values():
         rs[0].pop("_model", None)
 
@@ -207,8 +231,10 @@ def _main(quick: bool, profile: bool) -> dict:
     payload = {
         "benchmark": "overhead", "quick": quick, **machine_info(THREADS, "benchmarks.overhead", quick),
         "setup": {"model": "BertForSequenceClassification hidden 128, 2 layers, vocab 1000, sdpa, fp32, dropout 0.1",
-                  "examples": n, "real_tokens": real_tokens, "micro_batch": MICRO_BATCH,
-                  "accumulation_steps": ACCUMULATION, "optimizer_steps": len(windows), "rounds": rounds,
+                  "examples": n, "real_tokens": real_tokens, "batch_size": BATCH,
+                  "micro_batch": MICRO_BATCH, "micro_batches_per_step": len(windows[0]),
+                  "steps": "StepSampler(seed 0) steps, each sorted by length and cut by accumulation.cut_step",
+                  "optimizer_steps": len(windows), "rounds": rounds,
                   "overhead_model": "BertForSequenceClassification hidden 16, 1 layer", "overhead_rounds": micro_rounds,
                   "optimizer": "AdamW foreach, lr 2e-5 constant, wd 0.01 (matrices)", "max_grad_norm": MAX_GRAD_NORM,
                   "padding": "dynamic, multiple of 8", "device": "cpu"},
@@ -222,6 +248,7 @@ def _main(quick: bool, profile: bool) -> dict:
         "trainer_vs_hand_implied_by_overhead": overhead["trainer"]["implied_ratio_vs_hand_end_to_end"],
         "autofit_within_3_percent": overhead["autofit"]["implied_ratio_vs_hand_end_to_end"] >= 0.97,
         "max_weight_difference_hand_vs_autofit": same,
+        "max_weight_difference_hand_vs_trainer": same_trainer,
     }
     if profile:
         payload["profile"] = _profile(base, data, windows, plan)
@@ -240,7 +267,7 @@ def _rounds(base, data, windows, plan, rounds: int, tmp: str) -> dict[str, list[
         for kind in KINDS[round_ % 3:] + KINDS[:round_ % 3]:  # rotated: each loop takes each slot
             r = run_one(kind, base, data, windows, plan, tmp)
             runs[kind].append({k: v for k, v in r.items() if k != "model"})
-            if kind in ("hand", "autofit") and len(runs[kind]) == 1:
+            if len(runs[kind]) == 1:
                 runs[kind][0]["_model"] = r["model"]
     return runs
 
@@ -269,8 +296,8 @@ def _profile(base, data, windows, plan) -> dict:
 def _print_table(payload: dict, path: Path) -> None:
     s = payload["setup"]
     print(f"overhead benchmark: {s['examples']} examples ({s['real_tokens']:,} real tokens), micro-batch "
-          f"{s['micro_batch']} x {s['accumulation_steps']}, {s['optimizer_steps']} optimizer steps; medians of "
-          f"{s['rounds']} interleaved rounds")
+          f"{s['micro_batch']} x {s['micro_batches_per_step']} per step of {s['batch_size']}, {s['optimizer_steps']} "
+          f"optimizer steps; medians of {s['rounds']} interleaved rounds")
     print(f"{'':<9}{'--- end to end, setup included ---':^40}  {'--- steady-state step ---':^36}")
     print(f"{'loop':<9}{'tok/s':>9}{'vs hand':>9}{'tok/cpu-s':>11}{'vs hand':>9}  "
           f"{'wall s':>9}{'vs hand':>9}{'cpu s':>9}{'vs hand':>9}")
@@ -285,7 +312,9 @@ def _print_table(payload: dict, path: Path) -> None:
               f"{o['extra_cpu_seconds_per_run'] * 1000:+.1f} ms CPU per run, {o['extra_cpu_ms_per_step']:+.2f} ms per "
               f"step -> implied throughput ratio {o['implied_ratio_vs_hand_end_to_end']:.3f} end to end, "
               f"{o['implied_ratio_vs_hand_steady_state']:.3f} steady state")
-    print(f"hand vs autofit trained weights: max |diff| {payload['max_weight_difference_hand_vs_autofit']:.2e}")
+    print(f"trained weights, max |diff| from the hand loop's: autofit "
+          f"{payload['max_weight_difference_hand_vs_autofit']:.2e}, trainer "
+          f"{payload['max_weight_difference_hand_vs_trainer']:.2e} (its own dropout draws)")
     print(f"autofit within 3% of the hand loop (by its measured overhead): {payload['autofit_within_3_percent']}")
     print(f"took {payload['seconds']:.0f} s; wrote {path}")
 

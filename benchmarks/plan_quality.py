@@ -4,8 +4,9 @@ A small BERT (hidden 128, 4 layers, vocab 2000, 128-token sequences, effective b
 each memory budget, from tight to loose:
 
 1. the grid: every configuration of micro-batch x checkpointing (none / half / all layers) x precision
-   (fp32 / bf16) x AdamW state (32 / 8 bit), no freezing, accumulation keeping the effective batch 16,
-   whose PREDICTED peak (`autofit.memory.predict_peak`) fits the budget;
+   (fp32 / bf16) x AdamW state (32 / 8 bit), no freezing, every optimizer step training the effective
+   batch of 16 examples cut into micro-batches of the grid's size (16 / micro-batch of them), whose
+   PREDICTED peak (`autofit.memory.predict_peak`) fits the budget;
 2. autofit's choice: `plan_from_profile(profile, workload, budget, cpu, policy)` for the policies
    "balanced" and "fastest" (both may freeze layers, which the grid never does: reported as such),
    "quality-first" (may freeze the embeddings), and "balanced" with freezing turned off
@@ -15,10 +16,12 @@ Every grid configuration and every chosen plan is then MEASURED with `run_plan` 
 a few optimizer steps after a warm-up step, at the same effective batch, timed on this process's CPU
 clock with one torch thread, which other jobs on a shared machine disturb far less than the wall clock;
 wall-clock figures are in the JSON too), and the chosen plans' peaks are measured with the executor's
-live-tensor meter. Reported per budget and policy: chosen / best-measured
-grid throughput (target >= 0.95), whether the measured peak exceeded the budget, and the speed-up over
-the safe default (checkpoint all layers, micro-batch 1, accumulate 16). Budgets come from the grid's
-predicted peaks, so each one admits a different part of the grid.
+live-tensor meter. Reported per budget and policy: chosen / best-measured grid throughput (target >=
+0.95), whether the measured peak exceeded the budget, and the speed-up over the safe default (checkpoint
+all layers, micro-batch 1: 16 micro-batches per step). Budgets come from the grid's predicted peaks, so
+each one admits a different part of the grid. Knobs are labelled like "mb4 (x4/step) ckpt2 bf16 8bit":
+the micro-batch cap, the micro-batches a step of 16 is cut into, checkpointed layers, precision, AdamW
+state width (then freezing, token budget and buckets, when a chosen plan has them).
 
 The profile is timed in fp32, bf16 and fp16 (what `autofit.plan` does on the CPU). The benchmark also
 plans from the same profile with the fp16 timings removed (a profile made with timing=("fp32", "bf16"))
@@ -63,19 +66,25 @@ def grid(quick: bool):
     checkpoint = {"none": (), "all": tuple(range(LAYERS))} if quick else \
         {"none": (), "half": tuple(range(LAYERS // 2)), "all": tuple(range(LAYERS))}
     for mb, ck, prec, bits in itertools.product(micro, checkpoint.values(), ("fp32", "bf16"), (32, 8)):
-        yield Knobs(micro_batch_size=mb, accumulation_steps=EFFECTIVE_BATCH // mb, checkpoint_layers=ck,
-                    precision=Precision(prec), optimizer_bits=bits, pad_to_multiple_of=8)
-
-
-SAFE_DEFAULT = dict(micro_batch_size=1, accumulation_steps=EFFECTIVE_BATCH, checkpoint_layers=tuple(range(LAYERS)),
+        yield Knobs(micro_batch_size=mb, checkpoint_layers=ck, precision=Precision(prec), optimizer_bits=bits,
                     pad_to_multiple_of=8)
 
 
-def describe(k) -> str:
+SAFE_DEFAULT = dict(micro_batch_size=1, checkpoint_layers=tuple(range(LAYERS)), pad_to_multiple_of=8)
+
+
+def describe(k, hist, batch_size: int = EFFECTIVE_BATCH) -> str:
+    """A grid point's label, e.g. "mb4 (x4/step) ckpt2 bf16 8bit": the micro-batch cap, the micro-batches
+    a full step of `batch_size` examples of lengths `hist` is cut into (a range when buckets differ),
+    checkpointed layers, precision, AdamW state width, then freezing, token budget and buckets if any."""
+    from autofit.techniques.accumulation import step_layout
+
+    low, high = step_layout(k, hist, batch_size).micro_batches_per_step
+    per_step = f"x{low}" if low == high else f"x{low}-{high}"
     frozen = ("" if not k.freeze_embeddings else f" freeze emb+{k.freeze_layers}")
     tokens = f" tok{k.tokens_per_micro_batch}" if k.tokens_per_micro_batch else ""
     buckets = f" buckets{len(k.bucket_boundaries)}" if k.bucket_boundaries else ""
-    return (f"mb{k.micro_batch_size}x{k.accumulation_steps} ckpt{len(k.checkpoint_layers)} {k.precision.value} "
+    return (f"mb{k.micro_batch_size} ({per_step}/step) ckpt{len(k.checkpoint_layers)} {k.precision.value} "
             f"{k.optimizer_bits}bit{frozen}{tokens}{buckets}")
 
 
@@ -106,8 +115,8 @@ class Bench:
     """Measured step times of knobs: optimizer step to optimizer step, on this process's CPU time (the
     steadier clock on a shared machine; one torch thread, so it is the step's own work) and wall time."""
 
-    def __init__(self, base, data, steps: int):
-        self.base, self.data, self.steps = base, data, steps
+    def __init__(self, base, data, steps: int, batch_size: int = EFFECTIVE_BATCH):
+        self.base, self.data, self.steps, self.batch_size = base, data, steps, batch_size
         self.step_seconds: dict[str, list[float]] = {}
         self.wall_seconds: dict[str, list[float]] = {}
 
@@ -117,28 +126,28 @@ class Bench:
 
         model = copy.deepcopy(self.base)
         with StepClock() as clock:
-            run_plan(model, hand_plan(model, knobs, self.data), self.data, epochs=1, max_steps=1 + self.steps,
-                     measure_memory=False, quiet=True)
+            run_plan(model, hand_plan(model, knobs, self.data, batch_size=self.batch_size), self.data, epochs=1,
+                     max_steps=1 + self.steps, measure_memory=False, quiet=True)
         self.step_seconds.setdefault(key(knobs), []).extend(clock.steady("cpu"))
         self.wall_seconds.setdefault(key(knobs), []).extend(clock.steady("wall"))
 
     def samples_per_second(self, knobs) -> float:
         """Effective batch / median timed step in CPU seconds (all rounds pooled)."""
-        return EFFECTIVE_BATCH / statistics.median(self.step_seconds[key(knobs)])
+        return self.batch_size / statistics.median(self.step_seconds[key(knobs)])
 
     def wall_samples_per_second(self, knobs) -> float:
-        return EFFECTIVE_BATCH / statistics.median(self.wall_seconds[key(knobs)])
+        return self.batch_size / statistics.median(self.wall_seconds[key(knobs)])
 
     def best_samples_per_second(self, knobs) -> float:
         """Effective batch / fastest timed step (CPU seconds)."""
-        return EFFECTIVE_BATCH / min(self.step_seconds[key(knobs)])
+        return self.batch_size / min(self.step_seconds[key(knobs)])
 
     def peak(self, knobs) -> int:
         from autofit.executor import run_plan
 
         model = copy.deepcopy(self.base)
-        result = run_plan(model, hand_plan(model, knobs, self.data), self.data, epochs=1, max_steps=3,
-                          measure_memory=True, quiet=True)
+        result = run_plan(model, hand_plan(model, knobs, self.data, batch_size=self.batch_size), self.data,
+                          epochs=1, max_steps=3, measure_memory=True, quiet=True)
         return result.measured_peak_bytes
 
 
@@ -148,7 +157,10 @@ def main(quick: bool = False) -> dict:
         return _main(quick)
 
 
-def _main(quick: bool) -> dict:
+def _main(quick: bool, *, rounds: int | None = None, steps: int | None = None, grid_limit: int | None = None,
+          policies: tuple[str, ...] | None = None) -> dict:
+    """The keyword arguments shrink the mode's sizes (smoke tests): rounds, timed steps per run, the first
+    `grid_limit` grid points, the policies planned for."""
     from autofit.api import make_workload, plan_from_profile, target_device
     from autofit.cost import predict_time
     from autofit.knobs import Knobs
@@ -158,11 +170,13 @@ def _main(quick: bool) -> dict:
     from autofit.search import NoPlanFitsError, exhaustive_best
 
     started = time.perf_counter()
-    rounds, steps = (2, 2) if quick else (3, 3)
+    rounds, steps = rounds or (2 if quick else 3), steps or (2 if quick else 3)
+    policies = policies or POLICIES
     base = small_bert(layers=LAYERS, vocab=VOCAB, max_len=SEQ)
     data = token_data([SEQ] * (EFFECTIVE_BATCH * (1 + steps)), vocab=VOCAB)
     device = target_device("cpu")
     workload = make_workload("classification", seq_len=SEQ, batch_size=EFFECTIVE_BATCH, lengths=data.lengths)
+    hist = workload.lengths
     t = time.perf_counter()
     profile = profile_model(base, task="classification", timing=PRECISIONS)
     profile_seconds = time.perf_counter() - t
@@ -170,15 +184,15 @@ def _main(quick: bool) -> dict:
 
     full_grid = list(grid(quick=False))
     budgets = choose_budgets([predict_peak(profile, k, workload, device).peak_bytes for k in full_grid], quick)
-    configs = list(grid(quick))
+    configs = list(grid(quick))[:grid_limit]
     safe = Knobs(**SAFE_DEFAULT)
     predicted = {key(k): (predict_peak(profile, k, workload, device), predict_time(profile, k, workload, device))
-                 for k in configs}
+                 for k in [*configs, safe]}
 
     # autofit's choices
     t = time.perf_counter()
     chosen: dict[tuple[int, str], object] = {}
-    for budget, policy in itertools.product(budgets, POLICIES):
+    for budget, policy in itertools.product(budgets, policies):
         try:
             chosen[budget, policy] = plan_from_profile(profile, workload, budget, device, policy_named(policy))
         except NoPlanFitsError as error:
@@ -203,7 +217,7 @@ def _main(quick: bool) -> dict:
     peaks = {key(p.knobs): bench.peak(p.knobs) for p in chosen.values() if not isinstance(p, Exception)}
     safe_sps = bench.samples_per_second(safe)
 
-    grid_rows = [{"knobs": describe(k), "predicted_peak_mib": predicted[key(k)][0].peak_bytes / MIB,
+    grid_rows = [{"knobs": describe(k, hist), "predicted_peak_mib": predicted[key(k)][0].peak_bytes / MIB,
                   "predicted_samples_per_second": predicted[key(k)][1].samples_per_second,
                   "measured_samples_per_second": bench.samples_per_second(k),
                   "measured_best_step_samples_per_second": bench.best_samples_per_second(k),
@@ -216,13 +230,13 @@ def _main(quick: bool) -> dict:
         by_prediction = max(fits, key=lambda k: predicted[key(k)][1].samples_per_second) if fits else None
         row = {"budget_bytes": budget, "budget_mib": budget / MIB, "grid_feasible": len(fits),
                "grid_size": grid_total, "safe_default_fits": predicted[key(safe)][0].peak_bytes <= budget,
-               "grid_best": describe(best) if best else None,
+               "grid_best": describe(best, hist) if best else None,
                "grid_best_samples_per_second": bench.samples_per_second(best) if best else None,
-               "grid_predicted_best": describe(by_prediction) if by_prediction else None,
+               "grid_predicted_best": describe(by_prediction, hist) if by_prediction else None,
                "grid_predicted_best_ratio": (bench.samples_per_second(by_prediction) / bench.samples_per_second(best))
                if best else None,
                "policies": {}}
-        for policy in POLICIES:
+        for policy in policies:
             plan = chosen[budget, policy]
             if isinstance(plan, Exception):
                 row["policies"][policy] = {"error": str(plan)}
@@ -234,7 +248,7 @@ def _main(quick: bool) -> dict:
             measured_peak = peaks[key(plan.knobs)]
             reference = exhaustive_best(profile, workload, device, budget, policy_named(policy))
             row["policies"][policy] = {
-                "knobs": describe(plan.knobs), "freezes": plan.knobs.freeze_embeddings or plan.knobs.freeze_layers > 0,
+                "knobs": describe(plan.knobs, hist), "freezes": plan.knobs.freeze_embeddings or plan.knobs.freeze_layers > 0,
                 "frozen_layers": plan.knobs.freeze_layers, "predicted_peak_mib": plan.predicted.peak_bytes / MIB,
                 "measured_peak_mib": measured_peak / MIB, "peak_exceeds_budget": measured_peak > budget,
                 "predicted_samples_per_second": plan.time.samples_per_second,
@@ -247,13 +261,13 @@ def _main(quick: bool) -> dict:
                 / max(bench.best_samples_per_second(k) for k in fits) if fits else None,
                 # the search against brute force over the policy's whole space, both by PREDICTED time:
                 # 1.0 means Optuna found the cost model's optimum, so any shortfall is the cost model's
-                "exhaustive_predicted_best": describe(reference.knobs) if reference else None,
+                "exhaustive_predicted_best": describe(reference.knobs, hist) if reference else None,
                 "search_vs_exhaustive_predicted": (reference.epoch_seconds / plan.time.epoch_seconds)
                 if reference else None,
             }
         p = no_fp16_plans[budget]
         row["balanced_from_profile_without_fp16_timing"] = {
-            "knobs": describe(p.knobs), "predicted_samples_per_second": p.time.samples_per_second,
+            "knobs": describe(p.knobs, hist), "predicted_samples_per_second": p.time.samples_per_second,
             "same_knobs_predicted_with_fp16_timed": predict_time(profile, p.knobs, workload, device).samples_per_second,
             "estimated_from_flops": not p.time.measured}
         budget_rows.append(row)
@@ -269,8 +283,8 @@ def _main(quick: bool) -> dict:
                   "timed_steps_per_run": steps,
                   "throughput": "effective batch / median step in process CPU seconds (one torch thread; "
                                 "wall time in the *_wall_* fields), steps after a warm-up step, rounds pooled",
-                  "safe_default": describe(safe), "safe_default_samples_per_second": safe_sps},
-        "summary": _summary(budget_rows),
+                  "safe_default": describe(safe, hist), "safe_default_samples_per_second": safe_sps},
+        "summary": _summary(budget_rows, policies),
         "budgets": budget_rows,
         "grid": grid_rows,
         "grid_points_fitting_no_budget_not_measured": grid_total - len(configs),
@@ -282,10 +296,10 @@ def _main(quick: bool) -> dict:
     return payload
 
 
-def _summary(budget_rows: list[dict]) -> dict:
+def _summary(budget_rows: list[dict], policies: tuple[str, ...] = POLICIES) -> dict:
     """Per policy: chosen / grid-best measured throughput and speed-up over the safe default, by budget."""
     out = {}
-    for policy in POLICIES:
+    for policy in policies:
         rows = [(r["budget_mib"], r["policies"][policy]) for r in budget_rows]
         ok = [(b, p) for b, p in rows if "error" not in p]
         out[policy] = {
@@ -318,16 +332,18 @@ def _spearman(a: list[float], b: list[float]) -> float:
 
 def _print_table(payload: dict, path: Path) -> None:
     s = payload["setup"]
+    W = 40  # width of a knobs label
     print(f"plan quality: {s['model']}, seq {s['seq_len']}, effective batch {s['effective_batch']}; "
           f"safe default {s['safe_default']} = {s['safe_default_samples_per_second']:.1f} samples/s")
-    print(f"{'budget':>9} {'grid':>6}  {'grid best (measured)':<34}{'s/s':>6}   {'policy':<18}"
-          f"{'chosen':<34}{'s/s':>6}{'/best':>7}{'vs safe':>8}{'peak/budget':>12}")
+    print(f"{'budget':>9} {'grid':>6}  {'grid best (measured)':<{W}}{'s/s':>6}   {'policy':<18}"
+          f"{'chosen':<{W}}{'s/s':>6}{'/best':>7}{'/best_h':>8}{'vs safe':>8}"
+          f"{'peak/budget':>12}{'search':>8}")
     for row in payload["budgets"]:
         first = True
         for policy, r in row["policies"].items():
             head = (f"{row['budget_mib']:>6.2f}MiB {row['grid_feasible']:>3}/{row['grid_size']:<3} "
-                    f"{row['grid_best'] or '-':<34}{row['grid_best_samples_per_second'] or 0:>6.1f}") if first \
-                else " " * 56
+                    f"{row['grid_best'] or '-':<{W}}{row['grid_best_samples_per_second'] or 0:>6.1f}") if first \
+                else " " * (24 + W)
             first = False
             if "error" in r:
                 print(f"{head}   {policy:<18}{r['error'][:60]}")
@@ -335,17 +351,18 @@ def _print_table(payload: dict, path: Path) -> None:
             ratio = f"{r['ratio_vs_grid_best']:.2f}" if r["ratio_vs_grid_best"] is not None else "-"
             ratio_h = f"{r['ratio_vs_grid_best_within_headroom']:.2f}" \
                 if r["ratio_vs_grid_best_within_headroom"] is not None else "-"
-            print(f"{head}   {policy:<18}{r['knobs']:<34}{r['measured_samples_per_second']:>6.1f}{ratio:>7}{ratio_h:>8}"
+            print(f"{head}   {policy:<18}{r['knobs']:<{W}}{r['measured_samples_per_second']:>6.1f}{ratio:>7}{ratio_h:>8}"
                   f"{r['speedup_vs_safe_default']:>7.2f}x{r['measured_peak_mib'] / row['budget_mib']:>12.2f}"
                   f"{r['search_vs_exhaustive_predicted'] or 0:>8.2f}")
         nf = row["balanced_from_profile_without_fp16_timing"]
-        print(f"{'':>56}   (profile without fp16 timing -> balanced picks {nf['knobs']}: predicted "
+        print(f"{'':>{24 + W}}   (profile without fp16 timing -> balanced picks {nf['knobs']}: predicted "
               f"{nf['predicted_samples_per_second']:.0f} s/s, {nf['same_knobs_predicted_with_fp16_timed']:.0f} "
               f"with fp16 timed)")
-        print(f"{'':>56}   grid best by prediction: {row['grid_predicted_best']} "
-              f"({row['grid_predicted_best_ratio']:.2f} of measured best)")
+        if row["grid_predicted_best"] is not None:
+            print(f"{'':>{24 + W}}   grid best by prediction: {row['grid_predicted_best']} "
+                  f"({row['grid_predicted_best_ratio']:.2f} of measured best)")
     for policy, r in payload["summary"].items():
-        ratios = ", ".join(f"{v:.2f}" for v in r["ratio_vs_grid_best"].values())
+        ratios = ", ".join(f"{v:.2f}" if v is not None else "-" for v in r["ratio_vs_grid_best"].values())
         ratios += " (within headroom: " + ", ".join(
             f"{v:.2f}" if v is not None else "-" for v in r["ratio_vs_grid_best_within_headroom"].values()) + ")"
         speedups = ", ".join(f"{v:.2f}x" for v in r["speedup_vs_safe_default"].values())

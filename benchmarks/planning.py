@@ -55,11 +55,21 @@ def _one(model: str, cache: str) -> dict[str, Any]:
             "space_size": plan.search.space_size, "policy": plan.policy,
             "predicted_peak_gib": round(plan.predicted.peak_bytes / 2**30, 2),
             "knobs": k.model_dump(mode="json"),
-            "knobs_summary": (f"mb {k.micro_batch_size}x{k.accumulation_steps}, {k.precision.value}, "
-                              f"{k.optimizer_bits}-bit, ckpt {len(k.checkpoint_layers)}/{plan.num_layers}, "
-                              f"freeze {'emb+' if k.freeze_embeddings else ''}{k.freeze_layers}"),
+            "micro_batches_per_step": list(plan.step.micro_batches_per_step),
+            "knobs_summary": knobs_summary(plan),
         })
     return row
+
+
+def knobs_summary(plan) -> str:
+    """e.g. "mb 4 (x8/step of 32), bf16, 8-bit, ckpt 6/12, freeze emb+2": the micro-batch cap and the
+    micro-batches a full step of the plan's batch is cut into (a range when its buckets differ)."""
+    k = plan.knobs
+    low, high = plan.step.micro_batches_per_step
+    per_step = f"x{low}" if low == high else f"x{low}-{high}"
+    return (f"mb {k.micro_batch_size} ({per_step}/step of {plan.batch_size}), {k.precision.value}, "
+            f"{k.optimizer_bits}-bit, ckpt {len(k.checkpoint_layers)}/{plan.num_layers}, "
+            f"freeze {'emb+' if k.freeze_embeddings else ''}{k.freeze_layers}")
 
 
 def measure(model: str, repeats: int) -> dict[str, Any]:

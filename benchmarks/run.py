@@ -7,7 +7,8 @@
 Each module in MODULES that exists exposes `main(quick: bool) -> dict` and writes its own JSON to
 benchmarks/results/. This script runs them in sequence, one failure not stopping the others, pulls a few
 headline metrics out of each result, writes benchmarks/results/summary.json and prints a markdown table
-(metric | value | target).
+(metric | value | target). A module not written yet (convergence, accuracy_e2e) is listed as missing and
+skipped; one without a summary extractor here shows its result's `headline` dict, if it has one.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ if __package__ in (None, ""):
 
 from benchmarks._common import environment, table, write_result
 
-MODULES = ("accuracy", "planning", "padding", "overhead", "plan_quality")
+MODULES = ("accuracy", "planning", "padding", "overhead", "plan_quality", "reliability", "convergence",
+           "accuracy_e2e")
 
 Row = tuple[str, str, str]  # metric, value, target
 
@@ -78,13 +80,25 @@ def _planning(r: dict[str, Any]) -> list[Row]:
 
 
 def _padding(r: dict[str, Any]) -> list[Row]:
-    v = r["variants"]
-    best = max((k for k in v if k != "fixed"), key=lambda k: v[k]["throughput_ratio_vs_fixed"])
-    return [
-        ("padding efficiency: fixed-length / dynamic / best bucketing",
-         " / ".join(f"{v[k]['padding_efficiency']:.2f}" for k in ("fixed", "dynamic", best) if k in v), "higher"),
-        (f"throughput vs fixed-length padding ({best})", f"{v[best]['throughput_ratio_vs_fixed']:.2f}x", "> 1x"),
-    ]
+    """The headline table (steps of 16, a micro-batch each unless the token budget cuts it), then the one
+    whose steps of 64 are sorted and cut into micro-batches (absent from results made before it existed)."""
+    rows: list[Row] = []
+    for key in ("variants", "cut_variants"):
+        v = r.get(key)
+        if not v:
+            continue
+        best = max((k for k in v if k != "fixed"), key=lambda k: v[k]["throughput_ratio_vs_fixed"])
+        first = next(iter(v.values()))
+        if key == "variants":
+            label = "padding efficiency: fixed-length / dynamic / best bucketing"
+            speed = f"throughput vs fixed-length padding ({best})"
+        else:
+            cut = f"  steps of {first['batch_size']} cut into micro-batches of ≤ {first['knobs']['micro_batch_size']}"
+            label, speed = f"{cut}: padding efficiency, same", f"{cut}: throughput vs fixed-length ({best})"
+        rows += [(label, " / ".join(f"{v[k]['padding_efficiency']:.2f}" for k in ("fixed", "dynamic", best) if k in v),
+                  "higher"),
+                 (speed, f"{v[best]['throughput_ratio_vs_fixed']:.2f}x", "> 1x")]
+    return rows
 
 
 def _overhead(r: dict[str, Any]) -> list[Row]:
@@ -96,11 +110,12 @@ def _overhead(r: dict[str, Any]) -> list[Row]:
 
 def _plan_quality(r: dict[str, Any]) -> list[Row]:
     summary = r["summary"]
-    policies = [p for p, s in summary.items() if s["ratio_vs_grid_best"]]
+    policies = [p for p, s in summary.items() if any(v is not None for v in s["ratio_vs_grid_best"].values())]
     names = "/".join(policies)
     rows: list[Row] = [
         (f"plan throughput / best point of the measured grid, worst budget ({names})",
-         " / ".join(f"{min(summary[p]['ratio_vs_grid_best'].values()):.2f}" for p in policies), "≥ 0.95"),
+         " / ".join(f"{min(v for v in summary[p]['ratio_vs_grid_best'].values() if v is not None):.2f}"
+                    for p in policies), "≥ 0.95"),
         (f"speed-up over the safe default, median over budgets ({names})",
          " / ".join(f"{statistics.median(summary[p]['speedup_vs_safe_default'].values()):.2f}x" for p in policies),
          "> 1x"),
@@ -113,9 +128,34 @@ def _plan_quality(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _reliability(r: dict[str, Any]) -> list[Row]:
+    h = r["headline"]
+    rows: list[Row] = []
+    for channel in ("cli", "api"):
+        rows.append((f"reliability ({h['cases']} cases) through the {channel.upper()}: ok / clean error / unclean "
+                     "error / wrong success / traceback / crash / hang",
+                     " / ".join(str(h.get(f"{channel}_{o}", 0)) for o in ("ok", "clean_error", "unclean_error",
+                                                                        "wrong_success", "traceback", "crash", "hang")),
+                     "no traceback, crash, hang"))
+    if h.get("resume_bit_identical"):
+        rows.append(("crash-resume runs bit-identical to an uninterrupted run", h["resume_bit_identical"], "all"))
+    return rows
+
+
+def _headline(name: str) -> Callable[[dict[str, Any]], list[Row]]:
+    """A module without its own extractor: each entry of its result's `headline` dict, as it is."""
+    def extract(r: dict[str, Any]) -> list[Row]:
+        headline = r.get("headline")
+        if not isinstance(headline, dict) or not headline:
+            return [(f"{name}: see benchmarks/results/{name}*.json", "—", "—")]
+        return [(f"{name}: {key.replace('_', ' ')}", f"{value:.3g}" if isinstance(value, float) else str(value), "—")
+                for key, value in headline.items()]
+    return extract
+
+
 EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "accuracy": _accuracy, "planning": _planning, "padding": _padding, "overhead": _overhead,
-    "plan_quality": _plan_quality,
+    "plan_quality": _plan_quality, "reliability": _reliability,
 }
 
 
@@ -130,6 +170,8 @@ def main(quick: bool = True, only: list[str] | None = None) -> dict[str, Any]:
     for name in only or MODULES:
         if not _available(name):
             modules[name] = {"status": "missing"}
+            rows.append((f"{name}", "not run: no module benchmarks/" + name + ".py", "—"))
+            print(f"\n=== benchmarks.{name}: missing, skipped ===", flush=True)
             continue
         print(f"\n=== benchmarks.{name} ({'quick' if quick else 'full'}) ===", flush=True)
         t = time.perf_counter()
@@ -143,7 +185,7 @@ def main(quick: bool = True, only: list[str] | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {"status": status, "seconds": round(seconds, 1)}
         if result is not None:
             try:
-                metrics = EXTRACTORS[name](result)
+                metrics = EXTRACTORS.get(name, _headline(name))(result)
             except Exception as error:  # a module changed its result format: say so, keep going
                 metrics = [(f"{name}: see benchmarks/results/{name}*.json", "—",
                             f"(summary unavailable: {type(error).__name__} {error})")]
@@ -156,6 +198,8 @@ def main(quick: bool = True, only: list[str] | None = None) -> dict[str, Any]:
     rows.append((f"time for `python -m benchmarks.run{' --quick' if quick else ''}`", f"{total / 60:.1f} min",
                  "≤ 10 min" if quick else "—"))
     markdown = table(["metric", "value", "target"], [list(r) for r in rows])
+    print("\nseconds per module: " + ", ".join(f"{name} {entry['seconds']:.0f}" for name, entry in modules.items()
+                                               if "seconds" in entry), flush=True)
     env = environment()
     summary = {"benchmark": "summary", "mode": "quick" if quick else "full", **env, "seconds": round(total, 1),
                "modules": modules, "markdown": markdown}
