@@ -138,9 +138,9 @@ def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> 
     _, task, _ = accuracy.ARCHS[arch]
     profile = profile_model(accuracy.build_model(arch), task=task)
     knobs = accuracy.make_knobs(knob_set, profile.num_layers, micro)
+    batch = accuracy.step_batch(knob_set, micro)  # examples per optimizer step
     device = get_device("cpu")
-    workload = make_workload(task, seq_len=seq, batch_size=knobs.effective_batch_size,
-                             lengths=[seq] * (knobs.effective_batch_size * steps))
+    workload = make_workload(task, seq_len=seq, batch_size=batch, lengths=[seq] * (batch * steps))
     memory = predict_peak(profile, knobs, workload, device)
     plan = plan_from_profile(profile, workload, 1 << 30, device)
     plan = plan.model_copy(update={"knobs": knobs, "predicted": memory, "workload": workload})
@@ -158,12 +158,12 @@ def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> 
 
     original_accumulate = executor_run.accumulate
 
-    def accumulate(ctx, window):
+    def accumulate(ctx, step):
         ctx.optimizer.register_step_pre_hook(lambda *a: setattr(WHERE, "phase", "optimizer")) \
             if not getattr(ctx.optimizer, "_diag", False) else None
         ctx.optimizer._diag = True
         WHERE.phase = "forward"
-        return original_accumulate(ctx, window)
+        return original_accumulate(ctx, step)
 
     def model_pre(mod, args, kwargs):
         WHERE.phase = "forward"
@@ -173,7 +173,7 @@ def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> 
     executor_run.PeakMemoryMeter = RecordingMeter
     executor_run.accumulate = accumulate
     try:
-        data = accuracy.make_data(task, seq, knobs.effective_batch_size * steps)
+        data = accuracy.make_data(task, seq, batch * steps)
         result = executor_run.run_plan(model, plan, data, max_steps=steps, quiet=True)
     finally:
         torch.Tensor.backward = original_backward
@@ -195,7 +195,7 @@ def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> 
         by_category[category] += size
         tensors.append((size, category, op, shape, dtype))
     tensors.sort(reverse=True)
-    return {"arch": arch, "knobs": knob_set, "seq": seq, "micro_batch": micro,
+    return {"arch": arch, "knobs": knob_set, "seq": seq, "micro_batch": micro, "step_batch": batch,
             "measured": result.measured_peak_bytes, "snapshot_total": sum(by_category.values()),
             "snapshot_phase": counter.snapshot_phase, "predicted": memory.model_dump(mode="json"),
             "predicted_allocated": memory.allocated_bytes, "by_category": dict(by_category), "largest": tensors[:25]}
@@ -203,7 +203,7 @@ def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> 
 
 def show(d: dict[str, Any]) -> None:
     p = d["predicted"]
-    print(f"{d['arch']} {d['knobs']} S={d['seq']} mb={d['micro_batch']}: measured {d['measured'] / MiB:.3f} MiB "
+    print(f"{d['arch']} {d['knobs']} S={d['seq']} mb={d['micro_batch']} step={d['step_batch']}: measured {d['measured'] / MiB:.3f} MiB "
           f"(snapshot {d['snapshot_total'] / MiB:.3f} at {d['snapshot_phase']}), predicted "
           f"{d['predicted_allocated'] / MiB:.3f} MiB at {p['peak_phase']}")
     print("  predicted: " + ", ".join(f"{k} {p[k] / MiB:.3f}" for k in
@@ -303,8 +303,8 @@ def decompose(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for real in (False, True):
             if (arch, shape, real) not in oracles:
                 oracles[(arch, shape, real)] = oracle_profile(profile, model, shape, real=real)
-        workload = make_workload(profile.task, seq_len=cell["seq"], batch_size=knobs.effective_batch_size,
-                                 lengths=[cell["seq"]] * knobs.effective_batch_size)
+        batch = accuracy.step_batch(cell["knobs"], cell["micro_batch"])
+        workload = make_workload(profile.task, seq_len=cell["seq"], batch_size=batch, lengths=[cell["seq"]] * batch)
         fitted = predict_peak(profile, knobs, workload, device)
         fake = predict_peak(oracles[(arch, shape, False)], knobs, workload, device)
         real = predict_peak(oracles[(arch, shape, True)], knobs, workload, device)
