@@ -274,8 +274,8 @@ def report(result: dict[str, Any]) -> str:
                      f"{c['predicted_bytes'] / 2**20:.2f}", f"{c['measured_bytes'] / 2**20:.2f}", _pct(c["error"]),
                      "OVER" if c["over_budget"] else "no", "yes" if c["memory_warning"] else "no",
                      c["wrong_sample_steps"]])
-    cells = table(["family", "budget", "of unconstrained", "budget MiB", "knobs", "predicted MiB", "measured MiB", "error",
-                   "over budget", "warning", "wrong steps"], rows)
+    cells = table(["family", "budget", "of unconstrained", "budget MiB", "knobs", "predicted MiB", "measured MiB",
+                   "error", "over budget", "warning", "wrong steps"], rows)
     s = result["summary"]
     lines = [f"{s['trained']} of {s['cells']} cells trained ({s['no_plan']} without a plan that fits)",
              f"|error| median {s['median_abs_error_pct']}%, worst {s['max_abs_error_pct']}%, mean signed "
