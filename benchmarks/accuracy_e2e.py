@@ -9,14 +9,17 @@ a small random-weight model and ~300 generated examples with skewed lengths (mos
 model's 256 positions), then for each budget:
 
   budget      between the smallest budget any plan of the balanced policy fits (`lo`, from the NoPlanFitsError
-              of a 1 MiB plan) and the unconstrained peak (`hi`, autofit.plan(model, "64GB", policy="fastest")'s
-              prediction on the same data and batch), at a point p of the way on a log scale:
-              lo x (hi / lo)^p. p = 0 is the tightest budget there is: the search must turn every knob it needs.
-              (`--fractions` uses fractions of `hi` instead; on these CPU plans the balanced search then picks
-              token-budget micro-batches far below every such budget, so the memory-saving knobs go untested.);
-  plan        autofit.plan(model, budget, data=..., batch_size=16, device="cpu") (the balanced policy): the
-              search picks every knob (freezing, checkpointing, precision, 8-bit AdamW, micro-batch and token
-              caps, length buckets);
+              of a 1 MiB plan) and the naive peak (`hi`: what training these examples in steps of 16 as they
+              are - fp32, nothing frozen or checkpointed, one micro-batch per step - is predicted to need), at a
+              point p of the way on a log scale: lo x (hi / lo)^p. p = 0 is the tightest budget that fits: the
+              search must turn every knob it needs. Both ends are memory predictions, so the budgets do not
+              depend on the CPU timings the search uses. (The fastest policy's unconstrained peak,
+              `--reference fastest`, moves with those timings from run to run - gpt2's from 78 to 152 MiB - and
+              at half of it the balanced search picked the same token-budget plan for 7 families, at 23-58%
+              of the budget: no checkpointing, precision or 8-bit state tested.);
+  plan        autofit.plan(model, budget, data=..., batch_size=16, device="cpu", task=...), balanced policy:
+              the search picks every knob (freezing, checkpointing, precision, 8-bit AdamW, micro-batch and
+              token caps, length buckets);
   training    autofit.train(fresh model, data, plan=plan, eval_data=...) for one full epoch, evaluation at its
               end included;
   predicted   TrainResult.predicted_allocated_bytes (the larger of training's and evaluation's prediction);
@@ -84,14 +87,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         max_position_embeddings=MAX_POS, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)),
 }
 
-FULL = dict(families=list(FAMILIES), points=(0.0, 0.25, 0.5), fractions=())
-QUICK = dict(families=["electra", "deberta-v2", "gpt2", "qwen2"], points=(0.0, 0.5), fractions=())
-"""`points`: budgets lo x (hi / lo)^p between the smallest budget that fits and the unconstrained peak (log
-scale); `fractions`: budgets f x hi."""
+FULL = dict(families=list(FAMILIES), points=(0.0, 0.1, 0.25, 0.5), fractions=())
+QUICK = dict(families=["electra", "deberta-v2", "qwen2"], points=(0.0, 0.1, 0.5), fractions=())
+"""`points`: budgets lo x (hi / lo)^p between the smallest budget that fits and the naive peak (log scale);
+`fractions`: budgets f x hi."""
 THREADS = 1
 """Intra-op threads while training (see benchmarks/accuracy.py): memory does not depend on it."""
-REFERENCE_BUDGET = "64GB"
-REFERENCE_POLICY = "fastest"
+REFERENCES = ("naive", "fastest")
+"""What `hi` is: the naive plan's predicted peak, or that of autofit.plan(model, "64GB", policy="fastest")."""
 
 
 # ---- pure helpers ------------------------------------------------------------------------------------------
@@ -194,31 +197,61 @@ def make_data(task: str, lengths: list[int], seed: int = 0):
                          num_labels=NUM_LABELS)
 
 
-def run_family(family: str, points: tuple[float, ...], fractions: tuple[float, ...] = (),
+def datasets(family: str):
+    """(training data, evaluation data) of `family`: skewed lengths, fixed seeds."""
+    _, task, _ = FAMILIES[family]
+    return (make_data(task, skewed_lengths(EXAMPLES, seed=1), seed=1),
+            make_data(task, skewed_lengths(EVAL_EXAMPLES, seed=2), seed=2))
+
+
+def budget_range(model, task: str, train, reference: str = "naive") -> tuple[int, int, str]:
+    """(lo, hi, the knobs hi is for): the smallest budget the balanced search fits on `train`, and the naive
+    plan's predicted peak (or the fastest policy's unconstrained one). `task` is passed to autofit.plan as
+    autofit.train passes it to the profile cache, so both find the same profile."""
+    import autofit
+    from autofit.api import make_workload
+    from autofit.devices import get_device
+    from autofit.knobs import Knobs
+    from autofit.memory import predict_peak
+    from autofit.profiler.cache import cached_profile
+    from autofit.profiler.profile import PRECISIONS
+    from autofit.search import NoPlanFitsError
+
+    if reference == "fastest":
+        plan = autofit.plan(model, "64GB", data=train, batch_size=BATCH, device="cpu", task=task, policy="fastest")
+        hi, knobs = plan.predicted.peak_bytes, knobs_summary(plan.knobs, plan.num_layers)
+    else:
+        profile = cached_profile(model, task=task, timing=PRECISIONS)
+        workload = make_workload(task, seq_len=MAX_POS, batch_size=BATCH, lengths=train.lengths)
+        naive = Knobs(micro_batch_size=BATCH)
+        hi, knobs = predict_peak(profile, naive, workload, get_device("cpu")).peak_bytes, "naive " + \
+            knobs_summary(naive, profile.num_layers)
+    try:
+        autofit.plan(model, 2**20, data=train, batch_size=BATCH, device="cpu", task=task)
+        lo = 2**20
+    except NoPlanFitsError as error:
+        lo = error.smallest_budget_bytes
+    return lo, hi, knobs
+
+
+def run_family(family: str, points: tuple[float, ...], fractions: tuple[float, ...] = (), reference: str = "naive",
                log=print) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     import autofit
     from autofit.search import NoPlanFitsError
 
     _, task, _ = FAMILIES[family]
-    train = make_data(task, skewed_lengths(EXAMPLES, seed=1), seed=1)
-    evaluation = make_data(task, skewed_lengths(EVAL_EXAMPLES, seed=2), seed=2)
+    train, evaluation = datasets(family)
     model = build_model(family)
     started = time.perf_counter()
-    reference = autofit.plan(model, REFERENCE_BUDGET, data=train, batch_size=BATCH, device="cpu",
-                             policy=REFERENCE_POLICY)
-    hi = reference.predicted.peak_bytes
-    try:
-        autofit.plan(model, 2**20, data=train, batch_size=BATCH, device="cpu")
-        lo = 2**20
-    except NoPlanFitsError as error:
-        lo = error.smallest_budget_bytes
-    info = {"task": task, "params": sum(p.numel() for p in model.parameters()), "num_layers": reference.num_layers,
+    lo, hi, hi_knobs = budget_range(model, task, train, reference)
+    info = {"task": task, "params": sum(p.numel() for p in model.parameters()),
+            "num_layers": model.config.num_hidden_layers,
             "lengths": {"min": min(train.lengths), "median": statistics.median(train.lengths),
                         "max": max(train.lengths), "mean": round(statistics.fmean(train.lengths), 1)},
-            "reference_peak_bytes": hi, "reference_knobs": knobs_summary(reference.knobs, reference.num_layers),
-            "smallest_budget_bytes": lo, "reference_seconds": round(time.perf_counter() - started, 1)}
-    log(f"# {family}: {info['params']:,} params, {reference.num_layers} layers; unconstrained ({REFERENCE_POLICY}) "
-        f"{hi / 2**20:.2f} MiB with {info['reference_knobs']}; smallest budget that fits {lo / 2**20:.2f} MiB")
+            "reference": reference, "reference_peak_bytes": hi, "reference_knobs": hi_knobs,
+            "smallest_budget_bytes": lo, "range_seconds": round(time.perf_counter() - started, 1)}
+    log(f"# {family}: {info['params']:,} params, {info['num_layers']} layers; smallest budget that fits "
+        f"{lo / 2**20:.2f} MiB, {reference} peak {hi / 2**20:.2f} MiB ({hi_knobs})")
     budgets = [(f"p{p:g}", p, budget_at(p, lo, hi)) for p in points] + [(f"f{f:g}", None, int(f * hi))
                                                                          for f in fractions]
     cells = []
@@ -228,7 +261,7 @@ def run_family(family: str, points: tuple[float, ...], fractions: tuple[float, .
                                 "fraction": fraction, "budget_bytes": budget, "measured_bytes": None}
         t = time.perf_counter()
         try:
-            plan = autofit.plan(build_model(family), budget, data=train, batch_size=BATCH, device="cpu")
+            plan = autofit.plan(build_model(family), budget, data=train, batch_size=BATCH, device="cpu", task=task)
         except NoPlanFitsError as error:
             cell.update(no_plan=str(error), smallest_budget_bytes=error.smallest_budget_bytes)
             cells.append(cell)
@@ -274,7 +307,7 @@ def report(result: dict[str, Any]) -> str:
                      f"{c['predicted_bytes'] / 2**20:.2f}", f"{c['measured_bytes'] / 2**20:.2f}", _pct(c["error"]),
                      "OVER" if c["over_budget"] else "no", "yes" if c["memory_warning"] else "no",
                      c["wrong_sample_steps"]])
-    cells = table(["family", "budget", "of unconstrained", "budget MiB", "knobs", "predicted MiB", "measured MiB",
+    cells = table(["family", "budget", "of naive", "budget MiB", "knobs", "predicted MiB", "measured MiB",
                    "error", "over budget", "warning", "wrong steps"], rows)
     s = result["summary"]
     lines = [f"{s['trained']} of {s['cells']} cells trained ({s['no_plan']} without a plan that fits)",
@@ -287,7 +320,7 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(quick: bool = False, families: list[str] | None = None, points: list[float] | None = None,
-         fractions: list[float] | None = None) -> dict[str, Any]:
+         fractions: list[float] | None = None, reference: str = "naive") -> dict[str, Any]:
     quiet_libraries()
     config = dict(QUICK if quick else FULL)
     if families:
@@ -300,7 +333,7 @@ def main(quick: bool = False, families: list[str] | None = None, points: list[fl
     models, cells = {}, []
     with torch_threads(THREADS):
         for family in config["families"]:
-            models[family], family_cells = run_family(family, config["points"], config["fractions"])
+            models[family], family_cells = run_family(family, config["points"], config["fractions"], reference)
             cells += family_cells
     seconds = time.perf_counter() - started
     result = {"models": models, "cells": cells, "summary": summarize(cells)}
@@ -311,9 +344,12 @@ def main(quick: bool = False, families: list[str] | None = None, points: list[fl
                   "fractions": list(config["fractions"]), "batch_size": BATCH,
                   "examples": EXAMPLES, "eval_examples": EVAL_EXAMPLES, "vocab": VOCAB, "max_positions": MAX_POS,
                   "lengths": f"8 + expovariate(1/{MEAN_EXTRA_LENGTH}) capped at {MAX_POS}, the last one at the cap",
-                  "budgets": f"points p: lo x (hi / lo)^p; fractions f: f x hi. hi = the predicted peak of "
-                             f"autofit.plan(model, {REFERENCE_BUDGET!r}, policy={REFERENCE_POLICY!r}) on the same "
-                             "data; lo = the smallest budget the balanced policy fits (NoPlanFitsError at 1 MiB)",
+                  "budgets": "points p: lo x (hi / lo)^p; fractions f: f x hi. lo = the smallest budget the "
+                             "balanced policy fits (NoPlanFitsError at 1 MiB); hi = " + (
+                                 "the predicted peak of Knobs(micro_batch_size=16) (fp32, nothing frozen or "
+                                 "checkpointed, no buckets)" if reference == "naive" else
+                                 "the predicted peak of autofit.plan(model, '64GB', policy='fastest')"),
+                  "reference": reference,
                   "plan": "autofit.plan(model, budget, data=..., batch_size=16, device='cpu'), balanced policy",
                   "train": "autofit.train(fresh model, data, plan=plan, eval_data=..., epochs=1)",
                   "measured": "TrainResult.measured_peak_bytes (autofit/measure.py), after the first optimizer "
@@ -322,7 +358,7 @@ def main(quick: bool = False, families: list[str] | None = None, points: list[fl
                   "family_configs": {f: FAMILIES[f] for f in config["families"]}, "device": "cpu"},
         "seconds": round(seconds, 1), **result, "headline": result["summary"],
     }
-    subset = families or points is not None or fractions is not None
+    subset = families or points is not None or fractions is not None or reference != "naive"
     name = "accuracy_e2e_subset" if subset else "accuracy_e2e_quick" if quick else "accuracy_e2e"
     path = write_result(name, payload)
     print(f"\n{len(cells)} cells in {seconds:.0f}s; wrote {path}")
@@ -331,12 +367,14 @@ def main(quick: bool = False, families: list[str] | None = None, points: list[fl
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 families x 2 budgets")
+    parser.add_argument("--quick", action="store_true", help="3 families x 3 budgets")
     parser.add_argument("--families", help=f"comma-separated subset of {','.join(FAMILIES)}")
     parser.add_argument("--points", help="comma-separated log-scale points between the smallest budget that "
-                                         "fits (0) and the unconstrained peak (1); '' for none")
-    parser.add_argument("--fractions", help="comma-separated budgets as fractions of the unconstrained peak")
+                                         "fits (0) and the reference peak (1); '' for none")
+    parser.add_argument("--fractions", help="comma-separated budgets as fractions of the reference peak")
+    parser.add_argument("--reference", choices=REFERENCES, default="naive",
+                        help="the reference peak: the naive plan's (default) or the fastest policy's at 64GB")
     args = parser.parse_args()
     numbers = lambda text: None if text is None else [float(x) for x in text.split(",") if x]  # noqa: E731
     main(args.quick, args.families.split(",") if args.families else None, numbers(args.points),
-         numbers(args.fractions))
+         numbers(args.fractions), args.reference)

@@ -231,29 +231,20 @@ def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> 
 
 def diagnose_e2e(family: str, point: float) -> dict[str, Any]:
     """One cell of benchmarks/accuracy_e2e.py: the plan the balanced search finds at budget point `point`
-    (between the smallest budget that fits, 0, and the unconstrained peak, 1), trained for its full epoch
+    (between the smallest budget that fits, 0, and the naive peak, 1), trained for its full epoch
     with evaluation. Shows the training prediction of each bucket's largest micro-batch too."""
     import autofit
     from autofit.memory import predict_step_peak
     from autofit.profiler.cache import cached_profile
     from autofit.profiler.profile import PRECISIONS
-    from autofit.search import NoPlanFitsError
 
     _, task, _ = accuracy_e2e.FAMILIES[family]
-    train = accuracy_e2e.make_data(task, accuracy_e2e.skewed_lengths(accuracy_e2e.EXAMPLES, seed=1), seed=1)
-    evaluation = accuracy_e2e.make_data(task, accuracy_e2e.skewed_lengths(accuracy_e2e.EVAL_EXAMPLES, seed=2),
-                                        seed=2)
+    train, evaluation = accuracy_e2e.datasets(family)
     model = accuracy_e2e.build_model(family)
     batch = accuracy_e2e.BATCH
-    hi = autofit.plan(model, accuracy_e2e.REFERENCE_BUDGET, data=train, batch_size=batch, device="cpu",
-                      policy=accuracy_e2e.REFERENCE_POLICY).predicted.peak_bytes
-    try:
-        autofit.plan(model, 2**20, data=train, batch_size=batch, device="cpu")
-        lo = 2**20
-    except NoPlanFitsError as error:
-        lo = error.smallest_budget_bytes
+    lo, hi, _ = accuracy_e2e.budget_range(model, task, train)
     budget = accuracy_e2e.budget_at(point, lo, hi)
-    plan = autofit.plan(model, budget, data=train, batch_size=batch, device="cpu")
+    plan = autofit.plan(model, budget, data=train, batch_size=batch, device="cpu", task=task)
     profile = cached_profile(model, task=task, timing=PRECISIONS)
     buckets = [(b.micro_batch_size, b.upper_length, b.padded, b.grads_held,
                 predict_step_peak(profile, plan.knobs, b.micro_batch_size, b.upper_length, plan.device, b.padded,
@@ -404,7 +395,7 @@ if __name__ == "__main__":
                         help="profile with the tracker fix (parameters' storages not counted as new allocations)")
     parser.add_argument("--e2e", nargs=2, metavar=("FAMILY", "POINT"),
                         help="a cell of benchmarks/accuracy_e2e.py instead: the family and the budget point "
-                             "(0 = the smallest budget that fits, 1 = the unconstrained peak)")
+                             "(0 = the smallest budget that fits, 1 = the naive plan's peak)")
     parser.add_argument("--decompose", metavar="RESULTS_JSON",
                         help="split every cell's error of an accuracy result into fit / fake-tensor / memory-model parts")
     args = parser.parse_args()
