@@ -3,11 +3,12 @@
     python -m benchmarks.diagnose deberta-v2 freeze --seq 128 --micro-batch 8
     python -m benchmarks.diagnose --e2e qwen2 0.5        # a cell of benchmarks/accuracy_e2e.py
 
-Runs one cell of benchmarks/accuracy.py (or of benchmarks/accuracy_e2e.py, with --e2e) through autofit.executor.run_plan with the executor's meter replaced by
-one that also remembers, for every live storage, where it was made: the phase (forward / backward / optimizer),
-the innermost module running (embeddings, layer i, head), the op, its shape and dtype. At the steady-state peak
-it prints the live bytes by category — weights, grads, optimizer state, the batch, and activations by the block
-that made them — against predict_peak's terms, and the biggest tensors.
+Runs one cell of benchmarks/accuracy.py (or of benchmarks/accuracy_e2e.py, with --e2e) through
+autofit.executor.run_plan with the executor's meter replaced by one that also remembers, for every live storage,
+where it was made: the phase (forward / backward / optimizer / eval), the innermost module running (embeddings,
+layer i, head), the op, its shape and dtype. At the steady-state peak it prints the micro-batch running (shape,
+with or without pad tokens), the live bytes by category — weights, grads, optimizer state, the batch, and
+activations by the block that made them — against predict_peak's terms, and the biggest tensors.
 """
 
 from __future__ import annotations
