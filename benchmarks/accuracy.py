@@ -10,7 +10,9 @@ x sequence lengths x micro-batch sizes, none of them a shape the profiler measur
               per model by autofit.profiler.profile_model;
   measured    TrainResult.measured_peak_bytes of autofit.executor.run_plan training a fresh copy of the model for
               a few optimizer steps on data of exactly the cell's length (the steady-state peak: the first step,
-              before optimizer state exists, is left out). autofit/measure.py counts live tensor storages with
+              before optimizer state exists, is left out). A step trains the workload's batch_size examples:
+              the cell's micro-batch, times the knob set's micro-batches per step ("accum4": 4), so the
+              micro-batch caps cut every step into exactly that many micro-batches (checked on every step). autofit/measure.py counts live tensor storages with
               a TorchDispatchMode and shares no code with the prediction.
   accelerate  the `accelerate estimate-memory` rule: weights + grads + AdamW state of the trainable parameters,
               no activations at all;
@@ -67,7 +69,8 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
         max_position_embeddings=MAX_POS, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
 }
 
-# name: (knob overrides; "ALL"/"SOME" checkpoint every / every other layer), accumulation steps
+# name: knob overrides; "ALL"/"SOME" checkpoint every / every other layer; "micro_batches": micro-batches per
+# optimizer step (gradient accumulation), so a step trains micro_batches x the cell's micro-batch examples
 KNOB_SETS: dict[str, dict[str, Any]] = {
     "plain": {},
     "ckpt-all": {"checkpoint_layers": "ALL"},
@@ -75,10 +78,10 @@ KNOB_SETS: dict[str, dict[str, Any]] = {
     "freeze": {"freeze_embeddings": True, "freeze_layers": 1},
     "bf16": {"precision": "bf16"},
     "8bit": {"optimizer_bits": 8},
-    "accum4": {"accumulation_steps": 4},
+    "accum4": {"micro_batches": 4},
     "bf16+ckpt+8bit": {"precision": "bf16", "checkpoint_layers": "ALL", "optimizer_bits": 8},
     "freeze+ckpt-some+bf16+accum2": {"freeze_embeddings": True, "freeze_layers": 1, "checkpoint_layers": "SOME",
-                                     "precision": "bf16", "accumulation_steps": 2},
+                                     "precision": "bf16", "micro_batches": 2},
 }
 
 FULL = dict(archs=list(ARCHS), knobs=list(KNOB_SETS), seqs=(96, 224), batches=(3, 6), steps=4,
@@ -109,10 +112,22 @@ def build_model(arch: str):
     return head.from_config(config).float()
 
 
+def micro_batches(name: str) -> int:
+    """Micro-batches per optimizer step of knob set `name` (1 without gradient accumulation)."""
+    return KNOB_SETS[name].get("micro_batches", 1)
+
+
+def step_batch(name: str, micro_batch: int) -> int:
+    """Examples per optimizer step (the workload's batch_size) of knob set `name` at `micro_batch`: a step of
+    exactly that many same-length examples is cut into `micro_batches(name)` micro-batches of `micro_batch`."""
+    return micro_batch * micro_batches(name)
+
+
 def make_knobs(name: str, num_layers: int, micro_batch: int):
     from autofit.knobs import Knobs
 
     spec = dict(KNOB_SETS[name])
+    spec.pop("micro_batches", None)  # not a knob: it follows from the step's batch and the micro-batch cap
     ckpt = spec.pop("checkpoint_layers", None)
     if ckpt == "ALL":
         spec["checkpoint_layers"] = tuple(range(num_layers))
@@ -183,20 +198,24 @@ def run(archs: list[str], knob_names: list[str], seqs: tuple[int, ...], batches:
         log(f"# {arch}: {models[arch]['params']:,} params, {num_layers} layers, "
             f"{profile.attn_implementation} attention, profiled in {profile_seconds:.1f}s")
 
-        def measure(knobs, seq, padded=False):
+        def measure(knobs, batch, seq, padded=False):
+            """(prediction, measured peak, seconds) of `steps` optimizer steps of `batch` examples each."""
             nonlocal base_plan
             length = seq - 1 if padded else seq  # padded: every row ends in one pad token (pad_to_multiple_of 8)
-            workload = make_workload(task, seq_len=seq, batch_size=knobs.effective_batch_size,
-                                     lengths=[length] * (knobs.effective_batch_size * steps))
+            workload = make_workload(task, seq_len=seq, batch_size=batch, lengths=[length] * (batch * steps))
             memory = predict_peak(profile, knobs, workload, device)
             if base_plan is None:
                 base_plan = plan_from_profile(profile, workload, 1 << 30, device)
             plan = base_plan.model_copy(update={"knobs": knobs, "predicted": memory, "workload": workload})
-            data = make_data(task, length, knobs.effective_batch_size * steps)
+            data = make_data(task, length, batch * steps)
             t = time.perf_counter()
             result = run_plan(build_model(arch), plan, data, max_steps=steps, quiet=True)
             if result.fallbacks:
                 raise RuntimeError(f"{arch} {knobs}: the run fell back ({result.fallbacks[0].summary})")
+            expected = -(-batch // knobs.micro_batch_size)
+            if any((r.samples, r.micro_batches) != (batch, expected) for r in result.history):
+                raise RuntimeError(f"{arch} {knobs}: steps of {batch} examples should run as {expected} "
+                                   f"micro-batches, got {[(r.samples, r.micro_batches) for r in result.history]}")
             return memory, result.measured_peak_bytes, time.perf_counter() - t
 
         todo = [(name, False) for name in knob_names] + [(name, True) for name in padded_knobs]
@@ -206,18 +225,19 @@ def run(archs: list[str], knob_names: list[str], seqs: tuple[int, ...], batches:
             _, _, _, autofit_trainable = param_state(profile, knobs1)
             # DeepSpeed-autotuner baseline: one profiling run at micro-batch 1, the shortest length
             ref_seq = min(seqs)
-            _, ref_measured, _ = measure(knobs1, ref_seq, padded)
+            _, ref_measured, _ = measure(knobs1, step_batch(name, 1), ref_seq, padded)
             slope = (ref_measured - states["bytes"]) / ref_seq
             for seq in seqs:
                 for micro in batches:
                     knobs = make_knobs(name, num_layers, micro)
-                    memory, measured, seconds = measure(knobs, seq, padded)
+                    memory, measured, seconds = measure(knobs, step_batch(name, micro), seq, padded)
                     predicted = memory.allocated_bytes
                     deepspeed = states["bytes"] + slope * micro * seq
                     cell = {
                         "arch": arch, "knobs": name, "data": "padded" if padded else "exact", "seq": seq,
                         "micro_batch": micro,
-                        "accumulation": knobs.accumulation_steps, "knob_values": knobs.model_dump(mode="json"),
+                        "accumulation": micro_batches(name), "step_batch": step_batch(name, micro),
+                        "knob_values": knobs.model_dump(mode="json"),
                         "measured_bytes": measured, "predicted_bytes": predicted,
                         "error": (predicted - measured) / measured,
                         "accelerate_bytes": states["bytes"], "accelerate_error": (states["bytes"] - measured) / measured,
@@ -227,7 +247,7 @@ def run(archs: list[str], knob_names: list[str], seqs: tuple[int, ...], batches:
                         "breakdown": memory.model_dump(mode="json"), "seconds": round(seconds, 2),
                     }
                     cells.append(cell)
-                    log(f"{arch:10} {name + (' [padded]' if padded else ''):30} S={seq:<4} mb={micro:<2} acc={knobs.accumulation_steps} "
+                    log(f"{arch:10} {name + (' [padded]' if padded else ''):30} S={seq:<4} mb={micro:<2} acc={micro_batches(name)} "
                         f"pred {predicted / 2**20:7.2f} MiB  meas {measured / 2**20:7.2f} MiB  "
                         f"autofit {_pct(cell['error']):>7}  accel {_pct(cell['accelerate_error']):>7}  "
                         f"ds {_pct(cell['deepspeed_error']):>7}  [{memory.peak_phase}] {seconds:.1f}s")

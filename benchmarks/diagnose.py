@@ -1,12 +1,14 @@
 """What really lives at the measured peak of a training step, next to the memory model's breakdown.
 
     python -m benchmarks.diagnose deberta-v2 freeze --seq 128 --micro-batch 8
+    python -m benchmarks.diagnose --e2e qwen2 0.5        # a cell of benchmarks/accuracy_e2e.py
 
-Runs one cell of benchmarks/accuracy.py through autofit.executor.run_plan with the executor's meter replaced by
-one that also remembers, for every live storage, where it was made: the phase (forward / backward / optimizer),
-the innermost module running (embeddings, layer i, head), the op, its shape and dtype. At the steady-state peak
-it prints the live bytes by category — weights, grads, optimizer state, the batch, and activations by the block
-that made them — against predict_peak's terms, and the biggest tensors.
+Runs one cell of benchmarks/accuracy.py (or of benchmarks/accuracy_e2e.py, with --e2e) through
+autofit.executor.run_plan with the executor's meter replaced by one that also remembers, for every live storage,
+where it was made: the phase (forward / backward / optimizer / eval), the innermost module running (embeddings,
+layer i, head), the op, its shape and dtype. At the steady-state peak it prints the micro-batch running (shape,
+with or without pad tokens), the live bytes by category — weights, grads, optimizer state, the batch, and
+activations by the block that made them — against predict_peak's terms, and the biggest tensors.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from autofit import measure
-from benchmarks import accuracy
+from benchmarks import accuracy, accuracy_e2e
 from benchmarks._common import quiet_libraries
 
 MiB = 2**20
@@ -38,6 +40,9 @@ class _Where:
     def __init__(self) -> None:
         self.stack: list[str] = []
         self.phase = "other"
+        self.evaluating = False
+        self.batch_shape: tuple | None = None
+        """(sequences, padded length, whether it holds pad tokens) of the micro-batch running."""
 
 
 WHERE = _Where()
@@ -51,6 +56,7 @@ class RecordingCounter(measure._LiveStorageCounter):
         self.meta: dict[int, tuple] = {}
         self.snapshot: dict[int, tuple] = {}
         self.snapshot_phase = ""
+        self.snapshot_batch_shape: tuple | None = None
         self.op = "?"
         self.recording = False
 
@@ -68,6 +74,7 @@ class RecordingCounter(measure._LiveStorageCounter):
         if self.recording and self.peak > before:
             self.snapshot = {k: (self._sizes[k], self.meta.get(k, ("pre", "-", "-", (), "?"))) for k in self._sizes}
             self.snapshot_phase = WHERE.phase
+            self.snapshot_batch_shape = WHERE.batch_shape
 
     def _release(self, key: int) -> None:
         super()._release(key)
@@ -128,23 +135,12 @@ def _label_modules(model: nn.Module) -> list:
     return handles
 
 
-def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> dict[str, Any]:
-    from autofit.api import make_workload, plan_from_profile
-    from autofit.devices import get_device
+def record_run(model: nn.Module, plan, data, **run_kwargs) -> tuple[Any, dict[str, Any]]:
+    """Train `model` with `plan` on `data` (autofit.executor.run_plan, `run_kwargs` passed on) under the
+    recording meter; returns the TrainResult and what was live at the steady-state peak: bytes by category,
+    the largest tensors, the phase, and the shape of the micro-batch running then."""
     from autofit.executor import run as executor_run
-    from autofit.memory import predict_peak
-    from autofit.profiler import profile_model
 
-    _, task, _ = accuracy.ARCHS[arch]
-    profile = profile_model(accuracy.build_model(arch), task=task)
-    knobs = accuracy.make_knobs(knob_set, profile.num_layers, micro)
-    device = get_device("cpu")
-    workload = make_workload(task, seq_len=seq, batch_size=knobs.effective_batch_size,
-                             lengths=[seq] * (knobs.effective_batch_size * steps))
-    memory = predict_peak(profile, knobs, workload, device)
-    plan = plan_from_profile(profile, workload, 1 << 30, device)
-    plan = plan.model_copy(update={"knobs": knobs, "predicted": memory, "workload": workload})
-    model = accuracy.build_model(arch)
     handles = _label_modules(model)
     # phase markers: backward starts when the loss's graph runs, the optimizer at its step
     original_backward = torch.Tensor.backward
@@ -157,28 +153,40 @@ def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> 
             WHERE.phase = "between"
 
     original_accumulate = executor_run.accumulate
+    original_evaluate = executor_run.evaluate
 
-    def accumulate(ctx, window):
+    def accumulate(ctx, step):
         ctx.optimizer.register_step_pre_hook(lambda *a: setattr(WHERE, "phase", "optimizer")) \
             if not getattr(ctx.optimizer, "_diag", False) else None
         ctx.optimizer._diag = True
         WHERE.phase = "forward"
-        return original_accumulate(ctx, window)
+        return original_accumulate(ctx, step)
+
+    def evaluate(ctx, batches):
+        WHERE.evaluating = True
+        try:
+            return original_evaluate(ctx, batches)
+        finally:
+            WHERE.evaluating = False
 
     def model_pre(mod, args, kwargs):
-        WHERE.phase = "forward"
+        WHERE.phase = "eval" if WHERE.evaluating else "forward"
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        pads = bool((mask.numpy() == 0).any()) if mask is not None else None  # numpy: no op for the tracker
+        WHERE.batch_shape = (*ids.shape, "pads" if pads else "no pads") if ids is not None else None
 
     handles.append(model.register_forward_pre_hook(model_pre, with_kwargs=True))
     torch.Tensor.backward = backward
     executor_run.PeakMemoryMeter = RecordingMeter
     executor_run.accumulate = accumulate
+    executor_run.evaluate = evaluate
     try:
-        data = accuracy.make_data(task, seq, knobs.effective_batch_size * steps)
-        result = executor_run.run_plan(model, plan, data, max_steps=steps, quiet=True)
+        result = executor_run.run_plan(model, plan, data, quiet=True, **run_kwargs)
     finally:
         torch.Tensor.backward = original_backward
         executor_run.PeakMemoryMeter = measure.PeakMemoryMeter
         executor_run.accumulate = original_accumulate
+        executor_run.evaluate = original_evaluate
         for h in handles:
             h.remove()
     counter = RecordingMeter.last._counter
@@ -195,17 +203,68 @@ def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> 
         by_category[category] += size
         tensors.append((size, category, op, shape, dtype))
     tensors.sort(reverse=True)
-    return {"arch": arch, "knobs": knob_set, "seq": seq, "micro_batch": micro,
-            "measured": result.measured_peak_bytes, "snapshot_total": sum(by_category.values()),
-            "snapshot_phase": counter.snapshot_phase, "predicted": memory.model_dump(mode="json"),
-            "predicted_allocated": memory.allocated_bytes, "by_category": dict(by_category), "largest": tensors[:25]}
+    return result, {"measured": result.measured_peak_bytes, "snapshot_total": sum(by_category.values()),
+                    "snapshot_phase": counter.snapshot_phase, "peak_batch_shape": counter.snapshot_batch_shape,
+                    "by_category": dict(by_category), "largest": tensors[:25]}
+
+
+def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> dict[str, Any]:
+    """One cell of benchmarks/accuracy.py."""
+    from autofit.api import make_workload, plan_from_profile
+    from autofit.devices import get_device
+    from autofit.memory import predict_peak
+    from autofit.profiler import profile_model
+
+    _, task, _ = accuracy.ARCHS[arch]
+    profile = profile_model(accuracy.build_model(arch), task=task)
+    knobs = accuracy.make_knobs(knob_set, profile.num_layers, micro)
+    batch = accuracy.step_batch(knob_set, micro)  # examples per optimizer step
+    device = get_device("cpu")
+    workload = make_workload(task, seq_len=seq, batch_size=batch, lengths=[seq] * (batch * steps))
+    memory = predict_peak(profile, knobs, workload, device)
+    plan = plan_from_profile(profile, workload, 1 << 30, device)
+    plan = plan.model_copy(update={"knobs": knobs, "predicted": memory, "workload": workload})
+    data = accuracy.make_data(task, seq, batch * steps)
+    _, live = record_run(accuracy.build_model(arch), plan, data, max_steps=steps)
+    return {"title": f"{arch} {knob_set} S={seq} mb={micro} step={batch}", "predicted": memory.model_dump(mode="json"),
+            "predicted_allocated": memory.allocated_bytes, **live}
+
+
+def diagnose_e2e(family: str, point: float) -> dict[str, Any]:
+    """One cell of benchmarks/accuracy_e2e.py: the plan the balanced search finds at budget point `point`
+    (between the smallest budget that fits, 0, and the naive peak, 1), trained for its full epoch
+    with evaluation. Shows the training prediction of each bucket's largest micro-batch too."""
+    import autofit
+    from autofit.memory import predict_step_peak
+    from autofit.profiler.cache import cached_profile
+    from autofit.profiler.profile import PRECISIONS
+
+    _, task, _ = accuracy_e2e.FAMILIES[family]
+    train, evaluation = accuracy_e2e.datasets(family)
+    model = accuracy_e2e.build_model(family)
+    batch = accuracy_e2e.BATCH
+    lo, hi, _ = accuracy_e2e.budget_range(model, task, train)
+    budget = accuracy_e2e.budget_at(point, lo, hi)
+    plan = autofit.plan(model, budget, data=train, batch_size=batch, device="cpu", task=task)
+    profile = cached_profile(model, task=task, timing=PRECISIONS)
+    buckets = [(b.micro_batch_size, b.upper_length, b.padded, b.grads_held,
+                predict_step_peak(profile, plan.knobs, b.micro_batch_size, b.upper_length, plan.device, b.padded,
+                                  b.grads_held).allocated_bytes) for b in plan.step.buckets]
+    _, live = record_run(accuracy_e2e.build_model(family), plan, train, eval=evaluation, epochs=1)
+    knobs = accuracy_e2e.knobs_summary(plan.knobs, plan.num_layers)
+    return {"title": f"{family} p{point:g} budget {budget / MiB:.2f} MiB: {knobs}",
+            "predicted": plan.predicted.model_dump(mode="json"), "predicted_allocated": plan.predicted.allocated_bytes,
+            "buckets": buckets, **live}
 
 
 def show(d: dict[str, Any]) -> None:
     p = d["predicted"]
-    print(f"{d['arch']} {d['knobs']} S={d['seq']} mb={d['micro_batch']}: measured {d['measured'] / MiB:.3f} MiB "
-          f"(snapshot {d['snapshot_total'] / MiB:.3f} at {d['snapshot_phase']}), predicted "
-          f"{d['predicted_allocated'] / MiB:.3f} MiB at {p['peak_phase']}")
+    print(f"{d['title']}: measured {d['measured'] / MiB:.3f} MiB (snapshot {d['snapshot_total'] / MiB:.3f} at "
+          f"{d['snapshot_phase']}, micro-batch {d['peak_batch_shape']}), predicted "
+          f"{d['predicted_allocated'] / MiB:.3f} MiB at {p['peak_phase']} of {tuple(p['peak_shape'])}")
+    for micro, upper, padded, held, predicted in d.get("buckets", []):
+        print(f"    bucket up to {upper:4}: micro-batch {micro:3}, {'padded' if padded else 'no pads'}, "
+              f"{'grads held' if held else 'no grads held'}: predicted {predicted / MiB:.3f} MiB")
     print("  predicted: " + ", ".join(f"{k} {p[k] / MiB:.3f}" for k in
                                       ("weights", "gradients", "optimizer_state", "activations", "temporaries")))
     print("  live at the measured peak, by (phase:block that made it):")
@@ -303,8 +362,8 @@ def decompose(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for real in (False, True):
             if (arch, shape, real) not in oracles:
                 oracles[(arch, shape, real)] = oracle_profile(profile, model, shape, real=real)
-        workload = make_workload(profile.task, seq_len=cell["seq"], batch_size=knobs.effective_batch_size,
-                                 lengths=[cell["seq"]] * knobs.effective_batch_size)
+        batch = accuracy.step_batch(cell["knobs"], cell["micro_batch"])
+        workload = make_workload(profile.task, seq_len=cell["seq"], batch_size=batch, lengths=[cell["seq"]] * batch)
         fitted = predict_peak(profile, knobs, workload, device)
         fake = predict_peak(oracles[(arch, shape, False)], knobs, workload, device)
         real = predict_peak(oracles[(arch, shape, True)], knobs, workload, device)
@@ -335,6 +394,9 @@ if __name__ == "__main__":
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--patch-tracker", action="store_true",
                         help="profile with the tracker fix (parameters' storages not counted as new allocations)")
+    parser.add_argument("--e2e", nargs=2, metavar=("FAMILY", "POINT"),
+                        help="a cell of benchmarks/accuracy_e2e.py instead: the family and the budget point "
+                             "(0 = the smallest budget that fits, 1 = the naive plan's peak)")
     parser.add_argument("--decompose", metavar="RESULTS_JSON",
                         help="split every cell's error of an accuracy result into fit / fake-tensor / memory-model parts")
     args = parser.parse_args()
@@ -349,5 +411,7 @@ if __name__ == "__main__":
         name = "decomposition_" + __import__("pathlib").Path(args.decompose).stem + ("_tracker_fixed" if args.patch_tracker else "")
         from benchmarks._common import environment, write_result
         print(write_result(name, {"benchmark": "decomposition", **environment(), "source": args.decompose, "cells": rows}))
+    elif args.e2e:
+        show(diagnose_e2e(args.e2e[0], float(args.e2e[1])))
     else:
         show(diagnose(args.arch, args.knobs, args.seq, args.micro_batch))
