@@ -82,7 +82,8 @@ def plan(model: ModelSpec, budget: str | int = "16GB", *, seq_len: int | None = 
     spec = target_device(device)
     config = _config(model)
     seq_len = check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=PAD_MULTIPLE, flag="seq_len")
-    if profile is None:
+    if profile is None:  # the task spelled out, as train() asks for it: one cached profile serves both
+        task = task or default_task(config)
         profile = cached_profile(model, task=task, timing=PRECISIONS if spec.kind == "cpu" else ())
     lengths = None
     if data is not None:

@@ -41,11 +41,16 @@ class _Block:
     checkpointed: bool
     keeps_checkpoint_args: bool = False
     """The lowest checkpointed layer: the arguments all checkpointed layers share live until its recompute."""
+    frozen_tied_bytes: int = 0
+    """A layer below a tied LM head whose embeddings are frozen: the head's share of the tied weight's
+    gradient, which autograd holds pending from the head's backward until the embeddings' (a live tensor in
+    every layer's measured backward), does not exist."""
 
 
 def _expand(profile: Profile, knobs: Knobs) -> list[_Block]:
     blocks: list[_Block] = []
     below_trainable = False  # does anything below the current block train?
+    head_tied = profile.blocks[-1].tied_embedding_bytes
     for block in profile.blocks:
         for index in range(block.count):
             if block.kind == "embeddings":
@@ -54,7 +59,8 @@ def _expand(profile: Profile, knobs: Knobs) -> list[_Block]:
                 trainable, ckpt = index >= knobs.freeze_layers, index in knobs.checkpoint_layers
             else:
                 trainable, ckpt = True, False
-            blocks.append(_Block(block, trainable, below_trainable, ckpt and trainable))
+            tied = head_tied if knobs.freeze_embeddings and block.kind == "layer" else 0
+            blocks.append(_Block(block, trainable, below_trainable, ckpt and trainable, frozen_tied_bytes=tied))
             below_trainable = below_trainable or trainable
     lowest = next((b for b in blocks if b.checkpointed), None)
     if lowest is not None:
@@ -111,11 +117,11 @@ def _backward_transient(block: _Block, acts: BlockActivations, grad_out: float, 
     """Bytes above what is kept while the block's backward runs. Measured transients already hold the gradient
     flowing in (it is live in the window); a checkpointed block's also hold its recompute."""
     if not block.checkpointed:
-        return acts.backward_transient(batch, seq)
+        return max(0.0, acts.backward_transient(batch, seq) - block.frozen_tied_bytes)
     if acts.recompute_backward_transient is not None:
         # above a frozen boundary the recompute saves only what the weights' gradients need
         saved = acts.saved if block.needs_input_grad else acts.saved_first_trainable
-        return saved(batch, seq) + acts.recompute_backward_transient(batch, seq)
+        return saved(batch, seq) + max(0.0, acts.recompute_backward_transient(batch, seq) - block.frozen_tied_bytes)
     # profiles without the measurement: the recompute brings back what the block saves, while the
     # gradient flowing in waits; then the block's own backward runs
     return acts.saved(batch, seq) + max(grad_out + acts.forward_transient(batch, seq),
@@ -207,10 +213,9 @@ def predict_peak(profile: Profile, knobs: Knobs, workload: Workload, device: Dev
     """Predicted peak over every micro-batch these knobs form on this workload: each bucket's largest, with
     the gradients of earlier micro-batches of its step where it can follow them (the worst bucket wins).
     Lengths assumed from --seq-len stand for data of at most that length, so their batches count as padded."""
-    layout = accumulation.step_layout(knobs, workload.lengths, workload.batch_size)
-    return max((predict_step_peak(profile, knobs, b.micro_batch_size, b.upper_length, device,
-                                  b.padded or not workload.from_data, b.grads_held)
-                for b in layout.buckets), key=lambda m: m.peak_bytes)
+    shapes = accumulation.memory_shapes(knobs, workload.lengths, workload.batch_size)
+    return max((predict_step_peak(profile, knobs, b.batch, b.length, device, b.padded or not workload.from_data,
+                                  b.grads_held) for b in shapes), key=lambda m: m.peak_bytes)
 
 
 def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, int]],

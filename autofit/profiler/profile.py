@@ -69,6 +69,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
             prepared(subject_model, find_layout(subject_model), task) as subject:
         samples, held_out, unpadded = _memory_samples(subject, _device_of(subject_model))
         params = _block_params(subject, num_layers)
+        tied = _tied_head_bytes(subject_model)
     times = {}
     if timing:
         timed = live if live is not None else build_model(_two_layer_config(config), task, device=timing_device,
@@ -76,6 +77,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         with prepared(timed, find_layout(timed), task) as subject:
             times = {p: _time_samples(subject, p, _device_of(timed)) for p in timing}
     blocks, checks = _blocks(params, samples, unpadded, held_out, times)
+    blocks[-1] = blocks[-1].model_copy(update={"tied_embedding_bytes": tied})
     return Profile(
         model_id=model_id, model_type=config.model_type, task=task, num_layers=num_layers,
         hidden_size=config.hidden_size, vocab_size=config.vocab_size,
@@ -180,6 +182,16 @@ def _block_params(subject: Subject, num_layers: int) -> dict[str, tuple[list[tor
               "head": layout.head_params}
     return {kind: (ps, [p.numel() for p in ps if id(p) in embedding_ids], num_layers if kind == "layer" else 1)
             for kind, ps in params.items()}
+
+
+def _tied_head_bytes(model: nn.Module) -> int:
+    """Bytes of the input embeddings' weights that the output layer uses too (gpt2's tied LM head)."""
+    get = getattr(model, "get_output_embeddings", None)
+    output = get() if callable(get) else None
+    if output is None:
+        return 0
+    embedding_ids = {id(p) for p in find_layout(model).embedding_params}
+    return sum(p.numel() * p.element_size() for p in output.parameters() if id(p) in embedding_ids)
 
 
 def _blocks(params: dict, samples: dict, unpadded: dict, held_out: dict,

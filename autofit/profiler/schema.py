@@ -154,6 +154,10 @@ class BlockProfile(BaseModel):
     """The subset of `param_numels` that are nn.Embedding weights (8-bit AdamW keeps them at 32-bit state)."""
     param_bytes: int
     """Bytes of one copy's parameters in their storage dtype."""
+    tied_embedding_bytes: int = 0
+    """Head only: bytes of embedding weights the head uses too (a tied LM head). The head's share of their
+    gradient waits in autograd until the embeddings' backward: the layers' measured backward transients
+    hold it, unless the embeddings are frozen."""
     flops_forward: ShapeFit
     """Forward FLOPs of one copy (backward is ~2x for trainable blocks, ~1x when only input grads flow)."""
     activations: dict[str, BlockActivations]

@@ -98,6 +98,37 @@ def step_layout(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> StepLay
     return StepLayout(batch_size=batch_size, steps_per_epoch=-(-hist.num_samples // batch_size), buckets=buckets)
 
 
+class MicroBatchShape(BaseModel):
+    """One micro-batch shape the memory model must check: the largest a bucket forms."""
+
+    batch: int
+    length: int
+    padded: bool
+    """Whether it can hold pad tokens (models skip their attention mask for a batch without any)."""
+    grads_held: bool
+
+
+def memory_shapes(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> list[MicroBatchShape]:
+    """The largest micro-batch of every bucket. A bucket of one sequence per micro-batch pads only the
+    examples whose length is no multiple of the padding: its longest unpadded example and its longest
+    padded one are checked apart (truncated data puts many examples exactly at the cap)."""
+    shapes = []
+    for bucket, steps in zip(split_buckets(hist, knobs), step_layout(knobs, hist, batch_size).buckets):
+        if steps.micro_batch_size > 1 or not steps.padded:
+            shapes.append(MicroBatchShape(batch=steps.micro_batch_size, length=steps.upper_length,
+                                          padded=steps.padded, grads_held=steps.grads_held))
+            continue
+        multiple = knobs.pad_to_multiple_of
+        exact = [n for n in bucket.hist.lengths if padded_length(n, multiple) == n]
+        uneven = [n for n in bucket.hist.lengths if padded_length(n, multiple) != n]
+        if exact:
+            shapes.append(MicroBatchShape(batch=1, length=max(exact), padded=False, grads_held=steps.grads_held))
+        if uneven:
+            shapes.append(MicroBatchShape(batch=1, length=padded_length(max(uneven), multiple), padded=True,
+                                          grads_held=steps.grads_held))
+    return shapes
+
+
 def epoch_micro_batches(knobs: Knobs, hist: LengthHistogram,
                         batch_size: int) -> list[tuple[int, float, float]]:
     """(sequences, expected padded length, how many per epoch) of the micro-batches an epoch runs: the time

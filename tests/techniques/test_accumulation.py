@@ -13,6 +13,7 @@ from autofit.techniques.accumulation import (
     eval_micro_batches,
     expected_chunk_lengths,
     loss_scale,
+    memory_shapes,
     micro_batch_size_for,
     padding_efficiency,
     step_layout,
@@ -183,3 +184,15 @@ def test_accumulated_uneven_micro_batches_equal_one_big_batch(model_type, task):
         (model(**batch).loss / len(micro_batches)).backward()
     naive = grads(model)
     assert max((naive[n] - expected[n]).abs().max().item() for n in expected) > 1e-4
+
+
+def test_memory_shapes_check_a_single_sequence_buckets_unpadded_and_padded_examples_apart():
+    """One sequence per micro-batch: a 256-token example never pads, a 203-token one pads to 208 only."""
+    hist = LengthHistogram.from_lengths([200] * 31 + [256])
+    shapes = memory_shapes(Knobs(micro_batch_size=1), hist, 8)
+    assert [(s.batch, s.length, s.padded) for s in shapes] == [(1, 256, False)]
+    mixed = memory_shapes(Knobs(micro_batch_size=1), LengthHistogram.from_lengths([203] * 31 + [256]), 8)
+    assert [(s.batch, s.length, s.padded) for s in mixed] == [(1, 256, False), (1, 208, True)]
+    # several sequences a micro-batch: the bucket's largest, padded as soon as lengths differ
+    many = memory_shapes(Knobs(micro_batch_size=4), LengthHistogram.from_lengths([203] * 31 + [256]), 8)
+    assert [(s.batch, s.length, s.padded) for s in many] == [(4, 256, True)]
