@@ -153,9 +153,22 @@ def _headline(name: str) -> Callable[[dict[str, Any]], list[Row]]:
     return extract
 
 
+def _convergence(r: dict[str, Any]) -> list[Row]:
+    v, s = r["verdict"], r["sides"]
+    return [
+        (f"held-out loss, bucketed plan / plain fixed-batch loop, mean of {len(r['seeds'])} seeds (MiniLM)",
+         f"{v['loss_ratio_autofit_over_plain']:.3f} ({s['autofit']['held_out_loss_mean']:.4f} / "
+         f"{s['plain']['held_out_loss_mean']:.4f}): {'PASS' if v['pass'] else 'FAIL'}",
+         f"≤ 1 + {v['loss_tolerance']:.3f} (2 x plain seed SD)"),
+        ("  held-out accuracy, bucketed plan / plain loop",
+         f"{v['accuracy_autofit_mean']:.1%} / {v['accuracy_plain_mean']:.1%}",
+         f"≥ plain - {v['accuracy_tolerance']:.1%}"),
+    ]
+
+
 EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "accuracy": _accuracy, "planning": _planning, "padding": _padding, "overhead": _overhead,
-    "plan_quality": _plan_quality, "reliability": _reliability,
+    "plan_quality": _plan_quality, "reliability": _reliability, "convergence": _convergence,
 }
 
 
