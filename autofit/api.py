@@ -29,7 +29,7 @@ from autofit.search import alternatives, search
 from autofit.search.space import PAD_MULTIPLE
 from autofit.techniques.accumulation import eval_micro_batches
 from autofit.techniques.bucketing import padded_length
-from autofit.workload import LengthHistogram, Workload
+from autofit.workload import MAX_BATCH_SIZE, LengthHistogram, Workload
 
 log = logging.getLogger("autofit")
 ModelSpec = str | os.PathLike | PretrainedConfig | nn.Module
@@ -53,6 +53,12 @@ def target_device(device: str | DeviceSpec | None, *, train: bool = False) -> De
     return get_device("cpu" if train else "cuda")
 
 
+def check_batch_size(batch_size: int) -> None:
+    """A one-line ValueError for an effective batch no plan can have."""
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must be from 1 to {MAX_BATCH_SIZE}, not {batch_size}")
+
+
 def make_workload(task: str, *, seq_len: int, batch_size: int, lengths: list[int] | None,
                   num_samples: int | None = None) -> Workload:
     """The training job: the data's real lengths when given, else `num_samples` examples of `seq_len`."""
@@ -65,7 +71,7 @@ def make_workload(task: str, *, seq_len: int, batch_size: int, lengths: list[int
     return Workload(task=task, lengths=hist, batch_size=batch_size, from_data=False)
 
 
-def plan(model: ModelSpec, budget: str | int = "16GB", *, seq_len: int | None = None, batch_size: int = 32,
+def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, batch_size: int = 32,
          data: Any = None, policy: str = "balanced", task: str | None = None,
          device: str | DeviceSpec | None = None, tokenizer: Any = None, text_column: str | None = None,
          num_samples: int | None = None, n_trials: int | None = None, storage: str | None = None,
@@ -77,8 +83,9 @@ def plan(model: ModelSpec, budget: str | int = "16GB", *, seq_len: int | None = 
     `seq_len` than the model takes is refused). Raises search.NoPlanFitsError (with the smallest budget
     that fits) when nothing does."""
     budget_bytes = parse_budget(budget)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    check_batch_size(batch_size)
+    if n_trials is not None and n_trials < 1:
+        raise ValueError(f"n_trials must be at least 1, not {n_trials}")
     spec = target_device(device)
     config = _config(model)
     seq_len = check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=PAD_MULTIPLE, flag="seq_len")
@@ -149,8 +156,9 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
     from autofit.executor import run_plan  # the executor is the last stage: imported only to train
     from autofit.executor.checkpoint import prepare_output_dir
 
-    if plan is None and budget is None:
-        raise ValueError("give a memory budget (e.g. budget='16GB') or a plan")
+    if (plan is None) == (budget is None):
+        raise ValueError("give either a memory budget (e.g. budget='16GB') or a plan, not both")
+    check_batch_size(batch_size)
     if not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"the learning rate must be a positive number, not {lr}")
     if output_dir is not None:
@@ -163,11 +171,10 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
         tokenizer = load_tokenizer(model)
     multiple = plan.knobs.pad_to_multiple_of if plan is not None else PAD_MULTIPLE
     # default: all the positions the model takes, less what padding to `multiple` would push past them
-    asked = max_length or max_sequence_length(config) or DEFAULT_MAX_LENGTH
+    asked = max_length if max_length is not None else max_sequence_length(config) or DEFAULT_MAX_LENGTH
     max_length = check_seq_len(config, asked, explicit=max_length is not None, multiple=multiple, flag="max_length")
     train_data = _tokenized(data, tokenizer, task, max_length, text_column)
-    for note in _data_notes(train_data, max_length):
-        log.info(note)
+    _say_data_notes(train_data, max_length)
     eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column, train=train_data) \
         if eval_data is not None else None
     set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
@@ -193,13 +200,13 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
                     eval_prediction=eval_prediction)
 
 
-def _data_notes(data: TokenizedData, max_length: int) -> list[str]:
-    """What was inferred or changed about the data, one line each (the task, truncation)."""
-    notes = [note for note in (data.text_note, data.label_note) if note]
+def _say_data_notes(data: TokenizedData, max_length: int) -> None:
+    """What was inferred or changed about the data, one line each: a regression head is worth a warning."""
+    if data.label_note:
+        (log.warning if data.num_labels == 1 else log.info)(data.label_note)
     if data.num_truncated:
-        notes.append(f"{data.num_truncated} of {len(data)} examples were longer than {max_length} tokens "
-                     "and were truncated")
-    return notes
+        log.info(f"{data.num_truncated} of {len(data)} examples were longer than {max_length} tokens and were "
+                 "truncated")
 
 
 def _check_task_fits_data(task: str, data: Any) -> None:

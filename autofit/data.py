@@ -12,20 +12,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from autofit.workload import TOKEN_LEVEL_TASKS
-
 from autofit.labels import DataError, class_labels
+from autofit.workload import TOKEN_LEVEL_TASKS
 
 TEXT_PAIRS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
               ("question1", "question2"))
 TEXT_COLUMNS = ("text", "sentence", "content")
 LABEL_COLUMNS = ("label", "labels")
+log = logging.getLogger("autofit")
 _BATCH = 1000  # texts per fast-tokenizer call: batched calls run in parallel in Rust
 
 
@@ -43,8 +44,6 @@ class TokenizedData(BaseModel):
     label_note: str | None = None
     """One sentence on the task the labels asked for and why, e.g. "3 classes from integer labels 0-2" or
     "labels are floats (0.0, 1.0): regression with 1 output and MSE loss; ..."; None without class labels."""
-    text_note: str | None = None
-    """Which column(s) held the text, when autofit had to infer it from a column of another name."""
     num_truncated: int = 0
 
     def __len__(self) -> int:
@@ -187,6 +186,7 @@ def _text_columns(columns: dict[str, list], text_column: str | Sequence[str] | N
     strings = [n for n, values in columns.items()
                if n not in LABEL_COLUMNS and all(isinstance(v, str) for v in values)]
     if len(strings) == 1:
+        log.warning(f"the text is column {strings[0]!r}, the only column of strings (name it with --text-column)")
         return (strings[0],)
     raise DataError(f"cannot tell which column holds the text (columns: {sorted(columns)}); "
                     "name it with text_column / --text-column")
@@ -229,9 +229,6 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
     texts = [_texts(columns, name) for name in names]
     ids, types, truncated = _encode(tokenizer, texts, max_length, truncation)
     fields = dict(task=task, input_ids=ids, token_type_ids=types, num_truncated=truncated)
-    known = {name for pair in TEXT_PAIRS for name in pair} | set(TEXT_COLUMNS)
-    if text_column is None and not set(names) & known:
-        fields["text_note"] = f"the text is column {names[0]!r}, the only column of strings (name it with --text-column)"
     label = _label_column(columns, label_column, task)
     if task not in TOKEN_LEVEL_TASKS:
         fields.update(class_labels(columns[label], **label_rules))
@@ -255,6 +252,8 @@ def _texts(columns: dict[str, list], name: str) -> list[str]:
     bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
     if bad is not None:
         raise DataError(f"example {bad} has no text in column {name!r} (found {values[bad]!r})")
+    if not any(v.strip() for v in values):
+        raise DataError(f"every text in column {name!r} is empty: there is nothing to learn from")
     return values
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import os
 import warnings
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
 )
 
+log = logging.getLogger("autofit")
 CATALOG_DIR = Path(__file__).parent / "catalog"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # task -> (auto class that adds its head, the model_types that have that head)
@@ -150,7 +152,7 @@ def _resolve(spec: str | os.PathLike) -> tuple[str, PretrainedConfig, Path | str
     local = _local_dir(spec)
     if local is not None:
         model_id = MINILM_ID if spec.lower() == MINILM_ID.lower() else str(local)
-        config = check_config(AutoConfig.from_pretrained(local, local_files_only=True))
+        config = check_config(_local_config(local))
         return model_id, config, local if _has_file(local, WEIGHT_FILES) else None
     cached = _cached_config(spec)
     if cached is not None:
@@ -166,12 +168,30 @@ MAX_LAYERS = 1024
 planning it would search a space that large."""
 
 
+SIZES = ("hidden_size", "vocab_size", "num_attention_heads", "intermediate_size", "max_position_embeddings")
+"""Config sizes that must be positive when given: no model has an empty vocabulary or a negative width."""
+
+
 def check_config(config: PretrainedConfig) -> PretrainedConfig:
-    """`config`, or a ValueError naming what no real transformer has (a depth beyond MAX_LAYERS)."""
+    """`config`, or a ValueError naming what no real transformer has (a depth beyond MAX_LAYERS, a size that
+    is not positive)."""
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int) and not 1 <= layers <= MAX_LAYERS:
         raise ValueError(f"the config says {layers} layers: autofit plans transformers of 1 to {MAX_LAYERS} layers")
+    for name in SIZES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"the config's {name} is {value}: it must be at least 1")
     return config
+
+
+def _local_config(directory: Path) -> PretrainedConfig:
+    """The config.json of a local model directory; one line when transformers cannot read it."""
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"cannot read {directory / 'config.json'}: {first}") from None
 
 
 def _not_found(spec: str) -> ModelNotFoundError:
@@ -265,6 +285,10 @@ def _head_class(config: PretrainedConfig, task: str):
     head, model_types = TASK_HEADS[task]
     if config.model_type not in model_types:
         raise UnsupportedTaskError(f"{config.model_type} models have no {task} head in transformers")
+    if task == "causal-lm" and default_task(config) != "causal-lm":
+        # transformers has an LM head for bert & co., but they are bidirectional encoders, not causal LMs
+        raise UnsupportedTaskError(f"{config.model_type} is an encoder (a masked language model), not a causal "
+                                   "LM: fine-tune it for classification")
     return head
 
 
@@ -307,11 +331,20 @@ def load_model(spec: str | os.PathLike, task: str = "classification", num_labels
             f"no pretrained weights for {model_id} on this machine: its weights are RANDOM", RandomWeightsWarning
         )
         return build_model(config, task, num_labels=num_labels)
+    saved_labels = getattr(config, "num_labels", None)
     config = _prepare_config(config, task, num_labels)
-    # A classifier checkpoint fine-tuned for other labels: its head is replaced by a new one of the right
-    # size (randomly initialised, as for any new head); the rest of the weights load as usual.
-    return head.from_pretrained(weights, config=config, local_files_only=True, dtype=torch.float32,
-                                ignore_mismatched_sizes=True)
+    has_head = any("Classification" in name for name in getattr(config, "architectures", None) or ())
+    if task != "causal-lm" and has_head and saved_labels not in (None, num_labels):
+        log.warning(f"{model_id} was saved with a {saved_labels}-label head and the data has {num_labels} labels: "
+                    "a new head is trained")
+    try:
+        # A classifier checkpoint fine-tuned for other labels: its head is replaced by a new one of the right
+        # size (randomly initialised, as for any new head); the rest of the weights load as usual.
+        return head.from_pretrained(weights, config=config, local_files_only=True, dtype=torch.float32,
+                                    ignore_mismatched_sizes=True)
+    except (OSError, RuntimeError, ValueError) as error:  # a damaged or foreign weights file
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"cannot load the weights of {model_id}: {type(error).__name__}: {first}") from None
 
 
 @_hub_offline()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
@@ -44,7 +44,7 @@ class MemoryBreakdown(_Checked):
     """Device overhead: CUDA context and caching-allocator reserve (0 on CPU)."""
     peak_phase: Phase
     """Which moment of the step is the peak."""
-    peak_shape: tuple[int, int] = (0, 0)
+    peak_shape: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = (0, 0)
     """(micro-batch, padded length) of the micro-batch that produces the peak."""
 
     @model_validator(mode="before")
@@ -102,7 +102,7 @@ class Alternative(_Checked):
 class SearchInfo(_Checked):
     trials: int = Field(ge=0)
     seconds: float = Field(ge=0)
-    space_size: int | None = None
+    space_size: int | None = Field(None, ge=0)
     """Number of distinct knob combinations the policy allows (None when too large to count)."""
     storage: str | None = None
 
@@ -170,6 +170,8 @@ class Plan(_Checked):
             return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError) as error:
             raise PlanFileError(f"cannot read plan file {path}: {error}") from None
+        except RecursionError:
+            raise PlanFileError(f"{path} is not a plan: it is nested too deeply") from None
         except json.JSONDecodeError as error:
             raise PlanFileError(f"{path} is not JSON ({error.msg} at line {error.lineno})") from None
         except ValidationError as error:

@@ -115,8 +115,6 @@ class RiskWeights(_Strict):
     fp16: float = Field(0.15, ge=0)
     """fp16 overflows are skipped by the GradScaler but some models (DeBERTa-v3) lose steps often."""
     bf16: float = Field(0.02, ge=0)
-    bucketing: float = Field(0.02, ge=0)
-    """Bucketed batches are less random (batches drawn within a length bucket)."""
 
 
 class Relaxation(_Strict):
@@ -163,7 +161,6 @@ class Policy(_Strict):
         score += w.frozen_layers * knobs.freeze_layers / max(1, num_layers)
         score += w.optimizer_8bit * (knobs.optimizer_bits == 8)
         score += {Precision.fp16: w.fp16, Precision.bf16: w.bf16}.get(knobs.precision, 0.0)
-        score += w.bucketing * bool(knobs.bucket_boundaries)
         return score
 
     def relaxed(self) -> Policy | None:
@@ -184,6 +181,8 @@ def parse_policy(data: object, source: str) -> Policy:
         raise PolicyError(f"invalid policy {source}: expected a mapping of fields")
     try:
         return Policy.model_validate(data)
+    except RecursionError:
+        raise PolicyError(f"invalid policy {source}: nested too deeply") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "policy"
@@ -199,6 +198,8 @@ def load_policy(name_or_path: str | Path | Policy) -> Policy:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PolicyError(f"invalid policy {source}: not YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise PolicyError(f"invalid policy {source}: nested too deeply") from None
     if isinstance(data, dict):
         data.setdefault("name", stem)
     return parse_policy(data, source)

@@ -41,7 +41,8 @@ def describe_knobs(plan: Plan) -> list[tuple[str, str]]:
 
 
 def describe_step(plan: Plan) -> str:
-    """e.g. "effective batch 32: micro-batches of up to 32 sequences / 512 tokens, 1-16 per step by bucket"."""
+    """e.g. "effective batch 32: micro-batches of up to 32 sequences / 512 tokens, 2-9 per step by the step's
+    lengths (3.4 on average)"."""
     k, layout = plan.knobs, plan.step
     largest = max(b.micro_batch_size for b in layout.buckets)
     caps = f"up to {largest} sequence{'s' if largest > 1 else ''}"
@@ -53,7 +54,7 @@ def describe_step(plan: Plan) -> str:
     elif fewest == most:
         count = f"{most} per step"
     else:
-        count = f"{fewest}-{most} per step by bucket"
+        count = f"{fewest}-{most} per step by the step's lengths ({layout.mean_micro_batches_per_step:.1f} on average)"
     return f"effective batch {layout.batch_size}: micro-batches of {caps}, {count}"
 
 

@@ -100,14 +100,20 @@ THREADS = 1
 
 
 def build_model(arch: str):
+    return build_from(*ARCHS[arch])
+
+
+def build_from(model_type: str, task: str, overrides: dict[str, Any], num_labels: int | None = None):
+    """A seeded random fp32 model of `model_type` with `task`'s head (and `num_labels` classes if given)."""
     import torch
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model_type, task, overrides = ARCHS[arch]
     torch.manual_seed(0)
     config = CONFIG_MAPPING[model_type](vocab_size=VOCAB, **overrides)
     if config.pad_token_id is None:
         config.pad_token_id = 0
+    if task != "causal-lm" and num_labels is not None:
+        config.num_labels = num_labels
     head = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     return head.from_config(config).float()
 

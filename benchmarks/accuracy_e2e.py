@@ -171,18 +171,9 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_model(family: str):
-    import torch
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from benchmarks.accuracy import build_from
 
-    model_type, task, overrides = FAMILIES[family]
-    torch.manual_seed(0)
-    config = CONFIG_MAPPING[model_type](vocab_size=VOCAB, **overrides)
-    if config.pad_token_id is None:
-        config.pad_token_id = 0
-    if task == "causal-lm":
-        return AutoModelForCausalLM.from_config(config).float()
-    config.num_labels = NUM_LABELS
-    return AutoModelForSequenceClassification.from_config(config).float()
+    return build_from(*FAMILIES[family], num_labels=NUM_LABELS)
 
 
 def make_data(task: str, lengths: list[int], seed: int = 0):

@@ -5,7 +5,7 @@ micro-batches in the same order, with the same settings: fp32, no checkpointing,
 padding to a multiple of 8, steps of 16 examples (the plan's effective batch) cut into micro-batches of
 at most 8 (so 2 per step), AdamW (foreach, lr 2e-5, weight decay 0.01 on matrices only), constant
 learning rate, gradient clipping at 1.0, no evaluation, no saving, memory measurement off. The steps are
-the ones autofit's executor trains for seed 0: `StepSampler(lengths, knobs, 16, seed=0).epoch_steps(0)`,
+the ones autofit's executor trains for seed 0: `StepSampler(len(lengths), 16, seed=0).epoch_steps(0)`,
 each cut by `accumulation.cut_step` (its examples sorted by length, then cut under the micro-batch cap);
 the hand loop and the Trainer are given exactly those micro-batches.
 

@@ -173,12 +173,11 @@ def variants(lengths: list[int], micro_batch: int) -> dict:
 def epoch_pieces(lengths: list[int], knobs, batch_size: int, *, seed: int = 0) -> list[list[list[int]]]:
     """Epoch 0's steps as the executor runs them (run_plan's sampler and cut, seed `seed`): a list of steps,
     each a list of micro-batches of example indices."""
-    from autofit.techniques.accumulation import cut_step
-    from autofit.techniques.bucketing import StepSampler, upper_lengths
+    from autofit.techniques.accumulation import StepSampler, bucket_uppers, cut_step
 
-    uppers = upper_lengths(lengths, knobs)
-    steps = StepSampler(lengths, knobs, batch_size, seed=seed).epoch_steps(0)
-    return [cut_step(step, lengths, knobs, uppers) for step in steps]
+    uppers, exact = bucket_uppers(lengths, knobs)
+    steps = StepSampler(len(lengths), batch_size, seed=seed).epoch_steps(0)
+    return [cut_step(step, lengths, knobs, uppers, exact) for step in steps]
 
 
 def counted_padding_efficiency(lengths: list[int], knobs, batch_size: int, *, seed: int = 0) -> float:

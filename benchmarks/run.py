@@ -156,11 +156,11 @@ def _headline(name: str) -> Callable[[dict[str, Any]], list[Row]]:
 def _convergence(r: dict[str, Any]) -> list[Row]:
     v, s = r["verdict"], r["sides"]
     return [
-        (f"held-out loss, bucketed plan / plain fixed-batch loop, mean of {len(r['seeds'])} seeds (MiniLM)",
+        (f"held-out loss, autofit plan / plain fixed-batch loop, mean of {len(r['seeds'])} seeds (MiniLM)",
          f"{v['loss_ratio_autofit_over_plain']:.3f} ({s['autofit']['held_out_loss_mean']:.4f} / "
          f"{s['plain']['held_out_loss_mean']:.4f}): {'PASS' if v['pass'] else 'FAIL'}",
          f"≤ 1 + {v['loss_tolerance']:.3f} (2 x plain seed SD)"),
-        ("  held-out accuracy, bucketed plan / plain loop",
+        ("  held-out accuracy, autofit plan / plain loop",
          f"{v['accuracy_autofit_mean']:.1%} / {v['accuracy_plain_mean']:.1%}",
          f"≥ plain - {v['accuracy_tolerance']:.1%}"),
     ]

@@ -65,13 +65,16 @@ def test_half_precision_is_faster_on_cuda_and_bf16_falls_back_without_support():
     assert epoch(fp32.model_copy(update={"precision": Precision.fp16}), device=t4) < 0.5 * epoch(fp32, device=t4)
 
 
-def test_bucketing_reduces_epoch_time_on_skewed_lengths():
+def test_a_token_budget_on_buckets_reduces_epoch_time_on_skewed_lengths():
+    """Steps are random examples either way; a token budget cuts them into micro-batches of similar length."""
     workload = skewed_workload()
     plain = Knobs(micro_batch_size=32)
     bucketed = plain.model_copy(update={"bucket_boundaries": choose_boundaries(workload.lengths, 8)})
-    p, b = (predict_time(make_profile(), k, workload, A100) for k in (plain, bucketed))
-    assert b.epoch_seconds < 0.8 * p.epoch_seconds
-    assert p.padding_efficiency < b.padding_efficiency <= 1.0
+    budgeted = bucketed.model_copy(update={"tokens_per_micro_batch": 32 * bucketed.bucket_boundaries[0]})
+    p, b, t = (predict_time(make_profile(), k, workload, A100) for k in (plain, bucketed, budgeted))
+    assert b.epoch_seconds == pytest.approx(p.epoch_seconds, rel=0.01)  # boundaries alone change no micro-batch
+    assert t.epoch_seconds < 0.8 * p.epoch_seconds
+    assert p.padding_efficiency < t.padding_efficiency <= 1.0
 
 
 def test_tiny_micro_batches_with_accumulation_are_slower():

@@ -281,12 +281,14 @@ def test_token_level_tasks_have_no_label_note():
     assert out.label_note is None
 
 
-def test_a_text_column_of_another_name_is_used_and_said():
+def test_a_text_column_of_another_name_is_used_and_said(caplog):
     from test_api import make_tokenizer
 
-    data = prepare_examples([{"body": "w1 w2", "label": 0}, {"body": "w3", "label": 1}], make_tokenizer(),
-                            task="classification", max_length=16)
-    assert data.text_note == "the text is column 'body', the only column of strings (name it with --text-column)"
-    named = prepare_examples([{"text": "w1 w2", "label": 0}, {"text": "w3", "label": 1}], make_tokenizer(),
-                             task="classification", max_length=16)
-    assert named.text_note is None
+    with caplog.at_level("WARNING", logger="autofit"):
+        data = prepare_examples([{"body": "w1 w2", "label": 0}, {"body": "w3", "label": 1}], make_tokenizer(),
+                                task="classification", max_length=16)
+    assert len(data) == 2
+    assert "the text is column 'body', the only column of strings" in caplog.text
+    with pytest.raises(DataError, match="every text in column 'text' is empty"):
+        prepare_examples([{"text": "", "label": 0}, {"text": " ", "label": 1}], make_tokenizer(),
+                         task="classification", max_length=16)

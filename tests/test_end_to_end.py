@@ -85,7 +85,8 @@ def test_a_plan_whose_knobs_no_longer_fit_its_budget_is_refused(tok):
     model = tiny_model("bert", "classification", num_labels=3, **BERT)
     rows = skewed_rows(100)
     plan = autofit.plan(model, "8MB", data=rows, tokenizer=tok, batch_size=16, device="cpu")
-    edited = plan.model_copy(update={"knobs": plan.knobs.model_copy(update={"micro_batch_size": 4096})})
+    edited = plan.model_copy(update={"knobs": plan.knobs.model_copy(update={"micro_batch_size": 4096,
+                                                                             "tokens_per_micro_batch": None})})
     edited = edited.model_copy(update={"workload": edited.workload.model_copy(update={"batch_size": 4096})})
     with pytest.raises(PlanNoLongerFitsError, match="over its 8.0 MB budget") as info:
         autofit.train(model, rows * 41, plan=edited, tokenizer=tok, quiet=True)
@@ -135,3 +136,51 @@ def test_a_normal_run_prints_no_library_warnings(tok):
         plan = autofit.plan(model, "1GB", data=rows, tokenizer=tok, batch_size=8, device="cpu")
         autofit.train(model, rows, plan=plan, tokenizer=tok, max_steps=1, quiet=True)
     assert torch.is_grad_enabled()
+
+
+# ---- arguments refused in one line (found by python -m benchmarks.reliability) ------------------------------
+
+
+def test_arguments_no_run_can_have_are_refused_in_one_line(tok, tmp_path):
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows = skewed_rows(16)
+    plan = autofit.plan(model, "1GB", data=rows, tokenizer=tok, batch_size=8, device="cpu")
+    cases = [
+        (lambda: autofit.train(model, rows, budget="1GB", plan=plan, tokenizer=tok), "not both"),
+        (lambda: autofit.train(model, rows, budget="1GB", tokenizer=tok, max_length=0, device="cpu"),
+         "max_length must be at least 1"),
+        (lambda: autofit.train(model, rows, budget="1GB", tokenizer=tok, batch_size=0, device="cpu"),
+         "batch_size must be from 1"),
+        (lambda: autofit.plan(model, "1GB", batch_size=10**12, device="cpu"), "batch_size must be from 1"),
+        (lambda: autofit.plan(model, "1GB", n_trials=0, device="cpu"), "n_trials must be at least 1"),
+        (lambda: autofit.plan(model, "1GB", device="cpu", storage=f"sqlite:///{tmp_path}/no/such/dir/s.db"),
+         "cannot open the study storage"),
+        (lambda: autofit.plan("bert-base-uncased", "16GB", task="causal-lm"), "bert is an encoder"),
+    ]
+    for call, words in cases:
+        with pytest.raises(ValueError, match=words) as info:
+            call()
+        assert "\n" not in str(info.value), str(info.value)
+
+
+def test_a_damaged_checkpoint_is_named_not_a_traceback(tok, tmp_path):
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows = skewed_rows(32)
+    autofit.train(model, rows, budget="1GB", tokenizer=tok, batch_size=8, max_steps=2, output_dir=str(tmp_path),
+                  quiet=True, device="cpu")
+    checkpoint = next(tmp_path.glob("checkpoint-*"))
+    (checkpoint / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match=f"{checkpoint.name} is damaged: SafetensorError") as info:
+        autofit.train(model, rows, budget="1GB", tokenizer=tok, batch_size=8, output_dir=str(tmp_path),
+                      resume=True, quiet=True, device="cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_with_another_head_size_is_loaded_with_a_new_head_and_said(tok, tmp_path, caplog):
+    tiny_model("bert", "classification", **BERT).save_pretrained(tmp_path / "model")  # 2 labels
+    tok.save_pretrained(tmp_path / "model")
+    with caplog.at_level("WARNING", logger="autofit"):
+        result = autofit.train(str(tmp_path / "model"), skewed_rows(16), budget="1GB", batch_size=8, max_steps=1,
+                               quiet=True, device="cpu")
+    assert result.optimizer_steps == 1
+    assert "saved with a 2-label head and the data has 3 labels: a new head is trained" in caplog.text

@@ -470,3 +470,13 @@ def test_padding_can_make_the_last_positions_unusable():
 def test_a_length_below_one_is_refused(seq_len):
     with pytest.raises(SeqLenError, match=f"--seq-len must be at least 1, got {seq_len}"):
         check_seq_len(_tiny(TINY_BERT), seq_len, explicit=True)
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", -32), ("vocab_size", 0), ("num_hidden_layers", 10**6)])
+def test_configs_no_transformer_has_are_refused(field, value):
+    from transformers import BertConfig
+
+    from autofit.models import check_config
+
+    with pytest.raises(ValueError, match=field.replace("num_hidden_layers", "layers").split("_")[0]):
+        check_config(BertConfig(**{field: value}))

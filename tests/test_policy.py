@@ -240,7 +240,8 @@ def test_risk_ordering():
     assert risk() < risk(freeze_embeddings=True) < risk(freeze_embeddings=True, freeze_layers=1) \
         < risk(freeze_embeddings=True, freeze_layers=3)
     assert risk() < risk(optimizer_bits=8)
-    assert risk() < risk(bucket_boundaries=(64, 128))
+    # steps are random examples whatever the buckets (they only cap micro-batches): bucketing risks nothing
+    assert risk() == risk(bucket_boundaries=(64, 128))
     # checkpointing, accumulation and token budgets change no numbers: no risk
     assert risk(checkpoint_layers=tuple(range(12)), micro_batch_size=2, tokens_per_micro_batch=256) == 0.0
     # risks add up

@@ -35,8 +35,8 @@ PLAN = {
     "search": {"trials": 250, "seconds": 1.07, "space_size": 648, "storage": None},
     "profile_device": "cpu", "versions": {"autofit": "0.1.0", "torch": "2.13.0+cpu"},
     "step": {"batch_size": 8, "steps_per_epoch": 4,
-             "buckets": [{"upper_length": 8, "examples": 24, "micro_batch_size": 8, "micro_batches_per_step": 1,
-                          "padded": True, "grads_held": False}]},
+             "buckets": [{"upper_length": 8, "examples": 24, "micro_batch_size": 8, "padded": True,
+                          "grads_held": False}], "micro_batches_per_step": [1, 1], "mean_micro_batches_per_step": 1.0},
     "created": "2026-12-01T23:13:52+00:00",
 }
 

@@ -226,7 +226,7 @@ def test_policy_caps_the_micro_batch_and_freezing():
 def test_a_fixed_length_workload_has_no_buckets():
     workload = Workload(lengths=LengthHistogram.fixed(128, 256), batch_size=16)
     space = SearchSpace(load_policy("balanced"), 4, workload, A100)
-    assert space.dims["buckets"] == [0] and space.dims["token_budget"] == [False]
+    assert space.dims["buckets"] == [0] and space.dims["token_budget"] == [0]
     assert all(not k.bucket_boundaries and k.tokens_per_micro_batch is None for k in space.enumerate())
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_model, save_model
 
 from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord
@@ -132,7 +132,12 @@ def load_plan_and_state(path: str | Path) -> tuple[Plan, TrainerState]:
     path = Path(path)
     if not _complete(path):
         raise CheckpointError(f"{path} is not a complete autofit checkpoint")
-    return Plan.load(path / "plan.json"), TrainerState.model_validate_json((path / "trainer_state.json").read_text())
+    try:
+        state = TrainerState.model_validate_json((path / "trainer_state.json").read_text())
+    except (ValidationError, OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is damaged: its trainer_state.json does not read "
+                              f"({str(error).splitlines()[0]})") from None
+    return Plan.load(path / "plan.json"), state
 
 
 def load_tensors(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -140,10 +145,15 @@ def load_tensors(path: str | Path, *, model: torch.nn.Module, optimizer: torch.o
     """Restore weights, optimizer and scaler state, then every RNG (last, so nothing consumes it)."""
     path = Path(path)
     device = next(model.parameters()).device
-    load_model(model, path / "model.safetensors", device=str(device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    try:
+        load_model(model, path / "model.safetensors", device=str(device))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        rng = torch.load(path / "rng.pt", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - safetensors, pickle and torch each raise their own kinds
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(f"{path} is damaged: {type(error).__name__}: {first}") from None
+    _set_rng_state(rng)
 
 
 def _rng_state() -> dict:

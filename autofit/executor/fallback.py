@@ -3,8 +3,8 @@
 The default ladder is pure: halve the micro-batch cap and the token budget (the effective batch stays: the
 executor cuts the same step's examples into more, smaller micro-batches), then checkpoint every trainable
 layer, then give up. Only knobs that change how a step is cut and recomputed may change mid-run; freezing,
-precision and optimizer bits would need a new optimizer, and bucket boundaries decide which examples form a
-step, so a fallback that changes them is refused.
+precision and optimizer bits would need a new optimizer, and bucket boundaries and padding decide the shapes
+the caps apply to, so a fallback that changes them is refused.
 """
 
 from __future__ import annotations

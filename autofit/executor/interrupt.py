@@ -10,7 +10,7 @@ class TrainingInterruptedError(RuntimeError):
     """Ctrl-C: the step in progress finished, a checkpoint was saved (with an output_dir), the run stopped."""
 
 
-class TrainingDivergedError(ArithmeticError):
+class TrainingDivergedError(ValueError):
     """The loss or the gradients became inf/NaN outside fp16; the weights were not updated with them."""
 
 

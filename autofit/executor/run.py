@@ -1,7 +1,7 @@
 """run_plan: train a model with a Plan — apply the techniques once, run the steps, measure, checkpoint.
 
-A step is `plan.batch_size` examples drawn by the StepSampler, cut into micro-batches under the plan's caps
-(techniques/accumulation.cut_step); the loss is normalised over the whole step, so every optimizer step
+A step is `plan.batch_size` random examples (StepSampler), sorted and cut into micro-batches under the plan's
+caps (techniques/accumulation.cut_step); the loss is normalised over the whole step, so every optimizer step
 trains exactly the effective batch the plan promises. An out-of-memory fallback cuts the same step's
 examples into smaller micro-batches: the step stays the same.
 
@@ -43,8 +43,7 @@ from autofit.plan import MemoryBreakdown, Plan
 from autofit.techniques import checkpointing, freeze
 from autofit.techniques import optimizer as optim
 from autofit.techniques import precision as amp
-from autofit.techniques.accumulation import cut_step, eval_micro_batches
-from autofit.techniques.bucketing import StepSampler, upper_lengths
+from autofit.techniques.accumulation import StepSampler, bucket_uppers, cut_step, eval_micro_batches
 from autofit.techniques.padding import PaddingCollator
 
 log = logging.getLogger("autofit")
@@ -87,7 +86,7 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
         with meter or nullcontext(), TrainingProgress(total, quiet=quiet, completed=state.step) as bar, \
                 GracefulInterrupt() as interrupt:
             for line in notes:
-                log.info(line)
+                log.warning(line)
             run.train(meter, bar, interrupt)
     finally:
         run.restore_model()
@@ -118,8 +117,8 @@ class _Run:
         self.epochs, self.max_steps, self.seed = epochs, max_steps, seed
         self.output_dir, self.checkpoint_every, self.fallback = output_dir, checkpoint_every, fallback
         self.lengths = train.lengths
-        self.sampler = StepSampler(self.lengths, plan.knobs, plan.batch_size, seed=seed, drop_last=drop_last)
-        self.uppers = upper_lengths(self.lengths, plan.knobs)
+        self.sampler = StepSampler(len(train), plan.batch_size, seed=seed, drop_last=drop_last)
+        self.uppers, self.exact_buckets = bucket_uppers(self.lengths, plan.knobs)
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
         self.was_training = model.training
         self.started = time.perf_counter()
@@ -206,7 +205,7 @@ class _Run:
     def forward_backward(self, step: list[int]):
         """(the step's micro-batches, its loss); out of memory falls back and cuts the same examples again."""
         while True:
-            pieces = cut_step(step, self.lengths, self.plan.knobs, self.uppers)
+            pieces = cut_step(step, self.lengths, self.plan.knobs, self.uppers, self.exact_buckets)
             batches = [self.collator([self.train_data.example(i) for i in piece]) for piece in pieces]
             try:
                 return batches, accumulate(self.ctx, batches)

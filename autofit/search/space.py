@@ -8,7 +8,8 @@ Parameters (each a categorical choice; the names are what optuna-dashboard shows
 - `micro_batch`: the most sequences per micro-batch, powers of two up to the effective batch and the batch
   itself; a step always trains the whole effective batch, in as many micro-batches as the caps need;
 - `buckets`: number of length buckets (0 = plain dynamic padding); boundaries are equal-count quantiles;
-- `token_budget`: cap each bucketed micro-batch at micro-batch x (shortest bucket's length) tokens, so long
+- `token_budget`: 0 (none), or k in TOKEN_BUDGET_SCALES: cap each bucketed micro-batch at k x micro-batch x
+  (shortest bucket's length) tokens, so long
   buckets take fewer sequences (never less than one of the longest). The memory model checks every bucket.
 
 Different parameters can give the same Knobs (checkpoint counts beyond the trainable layers, a token budget
@@ -28,6 +29,9 @@ from autofit.policy import Policy, PolicyError
 from autofit.techniques.bucketing import choose_boundaries
 from autofit.workload import Workload
 
+TOKEN_BUDGET_SCALES = (1, 2, 4)
+"""Token budgets the search tries, as multiples of micro-batch x the shortest bucket's length: tight ones pad
+least, loose ones run fewer, larger micro-batches (which a GPU runs more efficiently)."""
 PAD_MULTIPLE = 8
 """Pad to a multiple of 8 tokens (tensor-core friendly); bucket boundaries use the same multiple."""
 
@@ -57,8 +61,8 @@ class SearchSpace:
             "optimizer_bits": list(policy.optimizer_bits),
             "micro_batch": micro_batch_sizes(workload.batch_size, policy.max_micro_batch),
             "buckets": sorted(self.boundaries),
-            "token_budget": [False, True] if policy.bucketing.token_budget and len(self.boundaries) > 1
-            else [False],
+            "token_budget": [0, *TOKEN_BUDGET_SCALES] if policy.bucketing.token_budget and len(self.boundaries) > 1
+            else [0],
         }
         if solve_checkpoint is None:
             solve_checkpoint = policy.objective == "time"
@@ -110,7 +114,7 @@ class SearchSpace:
         micro_batch = params["micro_batch"]
         tokens = None
         if params["token_budget"] and boundaries and micro_batch > 1:
-            tokens = max(micro_batch * boundaries[0], boundaries[-1])
+            tokens = max(params["token_budget"] * micro_batch * boundaries[0], boundaries[-1])
         return (depth >= 1, frozen, checkpoint, params["precision"], params["optimizer_bits"], micro_batch,
                 boundaries, tokens)
 
@@ -169,10 +173,10 @@ class SearchSpace:
         half = pick("precision", ["bf16", "fp16"], d["precision"][0])
         plain = dict(freeze_depth=0, checkpoint=0, precision=pick("precision", ["fp32"], half),
                      optimizer_bits=pick("optimizer_bits", [32], 8), micro_batch=d["micro_batch"][-1],
-                     buckets=d["buckets"][0], token_budget=False)
+                     buckets=d["buckets"][0], token_budget=0)
         everything = dict(freeze_depth=d["freeze_depth"][-1], checkpoint=d["checkpoint"][-1], precision=half,
                           optimizer_bits=pick("optimizer_bits", [8], 32), micro_batch=d["micro_batch"][0],
-                          buckets=d["buckets"][-1], token_budget=d["token_budget"][-1])
+                          buckets=d["buckets"][-1], token_budget=d["token_budget"][min(1, len(d["token_budget"]) - 1)])
         fast = dict(plain, precision=half, buckets=d["buckets"][-1], token_budget=d["token_budget"][-1])
         return [{k: v for k, v in point.items() if k in self.dims} for point in (plain, everything, fast)]
 

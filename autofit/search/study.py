@@ -78,8 +78,7 @@ def run_study(space: SearchSpace, policy: Policy, evaluate: Evaluator, limit_byt
     budget = n_trials or DEFAULT_TRIALS
     grid = space.grid_size <= budget
     sampler = _sampler(space, budget, seed)
-    study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
-                                direction="minimize", sampler=sampler)
+    study = _open_study(storage, study_name, sampler)
     done = len(study.trials)
     if grid:
         budget = max(0, space.grid_size - done)  # a resumed grid only runs what it has not run yet
@@ -109,6 +108,20 @@ def run_study(space: SearchSpace, policy: Policy, evaluate: Evaluator, limit_byt
             study.optimize(objective, n_trials=budget)
     knobs = {Knobs.model_validate(t.user_attrs["knobs"]) for t in study.trials if "knobs" in t.user_attrs}
     return [evaluate(k, policy) for k in knobs], len(study.trials) - done
+
+
+class StudyStorageError(ValueError):
+    """The --storage URL cannot be opened (an unknown scheme, a missing folder, a locked database)."""
+
+
+def _open_study(storage: str | None, study_name: str | None,
+                sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    try:
+        return optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
+                                   direction="minimize", sampler=sampler)
+    except Exception as error:  # noqa: BLE001 - sqlalchemy's many kinds, for a bad URL or file
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StudyStorageError(f"cannot open the study storage {storage!r}: {first}") from None
 
 
 def least_checkpointing(space: SearchSpace, params: dict, policy: Policy, evaluate: Evaluator,

@@ -1,12 +1,15 @@
 """Gradient accumulation: an optimizer step trains the whole effective batch, cut into micro-batches.
 
-A step is made of examples, not micro-batches: it always holds `batch_size` examples (only an epoch's last
-step may be short), drawn by the sampler (techniques/bucketing.py) from one length bucket where it can. Its
-examples are sorted by length and cut, bucket by bucket, into micro-batches under the knobs' caps: at most
-`micro_batch_size` sequences and, with a token budget, at most `tokens_per_micro_batch` padded tokens. So
-the number of micro-batches per step follows from the caps: a long bucket needs more of them. The loss of
-each micro-batch is weighted by its share of the step's units (examples, or label tokens), so the summed
-gradient is exactly the big batch's gradient.
+A step is made of examples, not micro-batches: it always holds `batch_size` examples drawn at random, as a
+plain training loop draws them (only an epoch's last step may be short). Its examples are sorted by length,
+longest first, and cut into micro-batches under the knobs' caps: at most `micro_batch_size` sequences and,
+with a token budget, at most `tokens_per_micro_batch` tokens at the padded upper length of the length bucket
+of the micro-batch's longest example. So long examples go a few at a time, short ones share large
+micro-batches, and each micro-batch pads little; the number of micro-batches per step follows from the
+step's lengths. The loss of each
+micro-batch is weighted by its share of the step's units (examples, or label tokens), so the summed
+gradient is exactly the big batch's gradient: length bucketing changes how a step is computed, never which
+examples train together.
 
 Trade-off: saves activation memory (only one micro-batch is live, the effective batch is unchanged); costs
 device efficiency, since smaller micro-batches use it less well and run one after another.
@@ -15,11 +18,11 @@ device efficiency, since smaller micro-batches use it less well and run one afte
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
@@ -30,6 +33,9 @@ from autofit.workload import TOKEN_LEVEL_TASKS, LengthHistogram
 IGNORE_INDEX = -100
 """Label value excluded from token-level losses (transformers' and torch's cross-entropy default)."""
 
+SIMULATED_STEPS = 200
+"""Random steps drawn to estimate an epoch's micro-batches: enough that the time model's counts settle within
+a few percent, few enough to take milliseconds."""
 
 
 class AccumulationError(ValueError):
@@ -47,59 +53,67 @@ def micro_batch_size_for(length: int, knobs: Knobs) -> int:
 
 
 class BucketSteps(BaseModel):
-    """How the steps drawn from one length bucket run."""
+    """The micro-batches topped by a length bucket's examples."""
 
     upper_length: int = Field(ge=1)
-    """Padded length of the bucket's longest example: none of its micro-batches pads beyond it."""
+    """Padded length of the bucket's longest example: no micro-batch it tops pads beyond it."""
     examples: int = Field(ge=1)
     """Examples of the data in this bucket."""
     micro_batch_size: int = Field(ge=1)
-    """Sequences per micro-batch in this bucket (the knobs' caps at `upper_length`)."""
-    micro_batches_per_step: int = Field(ge=1)
-    """Micro-batches of a full step drawn from this bucket (its gradient-accumulation steps)."""
+    """Most sequences of a micro-batch whose longest example is in this bucket: the knobs' caps at
+    `upper_length`, and no more than a step or the examples that can join it hold."""
     padded: bool
     """Whether its micro-batches can hold pad tokens (False when every example has the padded length)."""
     grads_held: bool
-    """Whether gradients of earlier micro-batches of the same step can be live while it runs."""
+    """Whether gradients of earlier micro-batches of the same step can be live while its largest runs (only
+    when the step may hold longer examples: micro-batches run longest first)."""
+    later_length: int | None = None
+    """The longest padded length of a micro-batch that follows one of the same bucket in a step, with the
+    gradients of that one live; None when a step never holds more of its examples than one micro-batch takes."""
 
 
 class StepLayout(BaseModel):
-    """An optimizer step as it runs: the effective batch, and each bucket's micro-batches."""
+    """An optimizer step as it runs: the effective batch, each bucket's micro-batches, how many per step."""
 
     batch_size: int = Field(ge=1)
     """Examples per optimizer step (the effective batch); only an epoch's last step may hold fewer."""
     steps_per_epoch: int = Field(ge=1)
     buckets: list[BucketSteps]
-
-    @property
-    def micro_batches_per_step(self) -> tuple[int, int]:
-        """(fewest, most) micro-batches of a full step, over the buckets."""
-        counts = [b.micro_batches_per_step for b in self.buckets]
-        return min(counts), max(counts)
+    micro_batches_per_step: tuple[int, int]
+    """(fewest, most) micro-batches a full step ran in, over simulated random steps of this data."""
+    mean_micro_batches_per_step: float = Field(ge=1)
 
 
 def step_layout(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> StepLayout:
-    """The step of `batch_size` examples that `knobs` make of data with lengths `hist`."""
+    """The step of `batch_size` random examples that `knobs` make of data with lengths `hist`."""
     if batch_size < 1:
         raise AccumulationError(f"batch_size must be >= 1, not {batch_size}")
-    buckets, earlier_rest = [], False
-    for bucket in split_buckets(hist, knobs):
-        n = bucket.hist.num_samples
-        size = min(micro_batch_size_for(bucket.upper_length, knobs), batch_size)
-        per_step = -(-min(batch_size, n) // size)
-        rest = n % batch_size
-        # An epoch's leftover examples of every bucket are pooled into mixed steps, in bucket order: there a
-        # bucket's micro-batches can follow a shorter bucket's, whose gradients are then live.
-        buckets.append(BucketSteps(upper_length=bucket.upper_length, examples=n, micro_batch_size=min(size, n),
-                                   micro_batches_per_step=per_step,
-                                   padded=bucket.hist.lengths != [bucket.upper_length],
-                                   grads_held=per_step > 1 or (rest > 0 and earlier_rest)))
-        earlier_rest = earlier_rest or rest > 0
-    return StepLayout(batch_size=batch_size, steps_per_epoch=-(-hist.num_samples // batch_size), buckets=buckets)
+    parts = split_buckets(hist, knobs)
+    sizes = [b.hist.num_samples for b in parts]
+    exact = [b.hist.lengths == [b.upper_length] for b in parts]
+    buckets = []
+    for k, bucket in enumerate(parts):
+        cap = min(micro_batch_size_for(bucket.upper_length, knobs), batch_size)
+        # shorter examples fill its micro-batches, unless they or it must stay free of pad tokens
+        joining = sizes[k] + (0 if exact[k] else sum(n for n, e in zip(sizes[:k], exact[:k]) if not e))
+        # micro-batches run longest first: its largest follows another one of its step only when longer
+        # examples may be in the step; a second one of its own follows the first, at a shorter length
+        later = None
+        if min(batch_size, sizes[k]) > cap:  # the (cap+1)-th longest can open a second micro-batch
+            longest_first = [n for n, c in zip(reversed(bucket.hist.lengths), reversed(bucket.hist.counts))
+                             for _ in range(c)]
+            later = padded_length(longest_first[cap], knobs.pad_to_multiple_of)
+        buckets.append(BucketSteps(upper_length=bucket.upper_length, examples=sizes[k],
+                                   micro_batch_size=min(cap, joining), padded=not exact[k],
+                                   grads_held=sum(sizes[k + 1:]) > 0, later_length=later))
+    counts = [count for _, _, count in _simulated_steps(knobs, hist, batch_size)[1]]
+    return StepLayout(batch_size=batch_size, steps_per_epoch=steps_per_epoch(hist.num_samples, batch_size),
+                      buckets=buckets, micro_batches_per_step=(min(counts), max(counts)),
+                      mean_micro_batches_per_step=sum(counts) / len(counts))
 
 
 class MicroBatchShape(BaseModel):
-    """One micro-batch shape the memory model must check: the largest a bucket forms."""
+    """One micro-batch shape the memory model must check: the largest a bucket tops."""
 
     batch: int
     length: int
@@ -109,11 +123,15 @@ class MicroBatchShape(BaseModel):
 
 
 def memory_shapes(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> list[MicroBatchShape]:
-    """The largest micro-batch of every bucket. A bucket of one sequence per micro-batch pads only the
-    examples whose length is no multiple of the padding: its longest unpadded example and its longest
-    padded one are checked apart (truncated data puts many examples exactly at the cap)."""
+    """The largest micro-batch of every bucket, and the largest that follows another of the same bucket in a
+    step (with its gradients live). A bucket of one sequence per micro-batch pads only the examples whose
+    length is no multiple of the padding: its longest unpadded example and its longest padded one are
+    checked apart (truncated data puts many examples exactly at the cap)."""
     shapes = []
     for bucket, steps in zip(split_buckets(hist, knobs), step_layout(knobs, hist, batch_size).buckets):
+        if steps.later_length is not None:
+            shapes.append(MicroBatchShape(batch=steps.micro_batch_size, length=steps.later_length,
+                                          padded=steps.padded, grads_held=True))
         if steps.micro_batch_size > 1 or not steps.padded:
             shapes.append(MicroBatchShape(batch=steps.micro_batch_size, length=steps.upper_length,
                                           padded=steps.padded, grads_held=steps.grads_held))
@@ -131,20 +149,10 @@ def memory_shapes(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> list[
 
 def epoch_micro_batches(knobs: Knobs, hist: LengthHistogram,
                         batch_size: int) -> list[tuple[int, float, float]]:
-    """(sequences, expected padded length, how many per epoch) of the micro-batches an epoch runs: the time
-    model's input. Full steps draw `batch_size` examples from a bucket; its leftover examples run as one
-    smaller group. Each group is sorted and cut into micro-batches, so the j-th pads to an order statistic."""
-    result = []
-    for bucket in split_buckets(hist, knobs):
-        n = bucket.hist.num_samples
-        size = min(micro_batch_size_for(bucket.upper_length, knobs), batch_size)
-        full, rest = divmod(n, batch_size)
-        for group, count in ((batch_size, full), (rest, 1)):
-            if group and count:
-                lengths = expected_chunk_lengths(bucket.hist, group, size, knobs.pad_to_multiple_of)
-                sizes = [size] * (len(lengths) - 1) + [group - size * (len(lengths) - 1)]
-                result += [(b, length, float(count)) for b, length in zip(sizes, lengths)]
-    return result
+    """(sequences, padded length, how many per epoch) of the micro-batches an epoch runs, one entry per bucket
+    topping them: the time model's input. From simulated random steps cut as `cut_step` cuts them; each
+    entry keeps its micro-batches' count and padded tokens (sequences x length) exactly."""
+    return list(_simulated_steps(knobs, hist, batch_size)[0])
 
 
 def padding_efficiency(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> float:
@@ -153,60 +161,109 @@ def padding_efficiency(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> 
     return hist.num_tokens / computed
 
 
-def expected_chunk_lengths(hist: LengthHistogram, n: int, chunk: int, multiple: int | None) -> list[float]:
-    """Expected padded length of each micro-batch when `n` examples drawn at random (without replacement)
-    from `hist` are sorted by length and cut into micro-batches of `chunk`: the j-th pads to the
-    min((j+1) x chunk, n)-th shortest of the draws.
-
-    P(r-th shortest <= L) = P(at least r of the n draws are among the K(L) examples no longer than L), a
-    hypergeometric tail, computed in log space for every length at once."""
-    total = hist.num_samples
-    n = min(n, total)
-    if n < 1 or chunk < 1:
-        raise AccumulationError(f"need n >= 1 and chunk >= 1, got {n} and {chunk}")
-    log_fact = _log_factorials(total)
-    shorter = np.cumsum(hist.counts)[:, None]  # K(L) for each length L
-    draws = np.arange(n + 1)[None, :]  # i of the n draws among the K(L) shortest
-    valid = (draws <= shorter) & (n - draws <= total - shorter)
-    log_p = (log_fact[shorter] - log_fact[draws] - log_fact[np.maximum(shorter - draws, 0)]
-             + log_fact[total - shorter] - log_fact[n - draws]
-             - log_fact[np.maximum(total - shorter - n + draws, 0)]
-             - (log_fact[total] - log_fact[n] - log_fact[total - n]))
-    p = np.where(valid, np.exp(np.where(valid, log_p, 0.0)), 0.0)
-    at_least = np.cumsum(p[:, ::-1], axis=1)[:, ::-1]  # [L, r] = P(at least r draws <= L)
-    ranks = [min((j + 1) * chunk, n) for j in range(-(-n // chunk))]
-    cdf = at_least[:, ranks]
-    pmf = np.diff(cdf, axis=0, prepend=0.0)
-    padded = np.array([padded_length(length, multiple) for length in hist.lengths], dtype=float)[:, None]
-    return [float(x) for x in (padded * pmf).sum(axis=0)]
+def _simulated_steps(knobs: Knobs, hist: LengthHistogram, batch_size: int):
+    return _simulate(tuple(hist.lengths), tuple(hist.counts), batch_size, knobs.micro_batch_size,
+                     knobs.tokens_per_micro_batch, knobs.bucket_boundaries, knobs.pad_to_multiple_of)
 
 
-@lru_cache(maxsize=8)
-def _log_factorials(n: int) -> np.ndarray:
-    """log(k!) for k = 0..n."""
-    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=float)))])
+@lru_cache(maxsize=1024)
+def _simulate(lengths: tuple[int, ...], counts: tuple[int, ...], batch_size: int, micro_batch: int,
+              tokens: int | None, boundaries: tuple[int, ...], pad: int | None):
+    """(per topping bucket: (sequences a micro-batch, padded length, micro-batches an epoch); per simulated
+    step: (examples, tokens, micro-batches)) of SIMULATED_STEPS random full steps, cut as the executor cuts
+    them. Seeded, so a plan is reproducible; cached, as a search asks for each batching many times."""
+    knobs = Knobs(micro_batch_size=micro_batch, tokens_per_micro_batch=tokens, bucket_boundaries=boundaries,
+                  pad_to_multiple_of=pad)
+    population = [n for n, c in zip(lengths, counts) for _ in range(c)]
+    uppers, exact = bucket_uppers(population, knobs)
+    rng, size = random.Random(0), min(batch_size, len(population))
+    totals: dict[int, list[int]] = {}  # topping bucket -> [micro-batches, sequences, padded tokens]
+    per_step = []
+    for _ in range(SIMULATED_STEPS):
+        drawn = rng.sample(population, size)
+        pieces = cut_step(range(size), drawn, knobs, uppers, exact)
+        per_step.append((size, sum(drawn), len(pieces)))
+        for piece in pieces:
+            longest = max(drawn[i] for i in piece)
+            entry = totals.setdefault(bucket_index(longest, boundaries), [0, 0, 0])
+            entry[0] += 1
+            entry[1] += len(piece)
+            entry[2] += len(piece) * padded_length(longest, pad)
+    per_epoch = (sum(counts) / batch_size) / SIMULATED_STEPS  # micro-batches of a simulated step -> an epoch's
+    shapes = tuple((seqs / count, padded / seqs, count * per_epoch)
+                   for count, seqs, padded in (totals[k] for k in sorted(totals)))
+    return shapes, tuple(per_step)
 
 
 # ---- apply side: cut a step, weight its losses -------------------------------------------------------------
 
 
-def cut_step(step: Sequence[int], lengths: Sequence[int], knobs: Knobs,
-             upper_lengths: Mapping[int, int]) -> list[list[int]]:
-    """The micro-batches of one step: its examples sorted by (bucket, length), each bucket's run cut into
-    micro-batches of the cap at that bucket's padded upper length (`upper_lengths`, by bucket index).
+class StepSampler:
+    """Train-safe steps of exactly `batch_size` examples: each epoch is a fresh random order of all examples,
+    cut into steps, as a plain training loop draws its batches; only the epoch's last step may be short
+    (`drop_last` drops it). Length buckets do not decide which examples train together: they only cap the
+    micro-batches a step is cut into (`cut_step`). An epoch's steps depend only on (seed, epoch, number of
+    examples), so a resumed run finds the remaining steps of its epoch again."""
 
-    A micro-batch never mixes buckets, so each is no larger than the shape the memory model checks for its
-    bucket, and a bucket whose examples all have one length stays free of pad tokens."""
-    def bucket(i: int) -> int:
-        return bucket_index(lengths[i], knobs.bucket_boundaries)
+    def __init__(self, num_examples: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = False):
+        if num_examples < 1:
+            raise AccumulationError("cannot draw steps from an empty dataset")
+        if batch_size < 1:
+            raise AccumulationError(f"batch_size must be >= 1, not {batch_size}")
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
 
+    def epoch_steps(self, epoch: int) -> list[list[int]]:
+        """All steps of `epoch`, in order."""
+        order = list(range(self.num_examples))
+        if self.shuffle:
+            random.Random(f"autofit-steps-{self.seed}-{epoch}").shuffle(order)  # str seeds hash stably
+        steps = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if self.drop_last and len(steps[-1]) < self.batch_size:
+            steps.pop()
+        return steps
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.num_examples, self.batch_size, self.drop_last)
+
+
+def bucket_uppers(lengths: Sequence[int], knobs: Knobs) -> tuple[dict[int, int], frozenset[int]]:
+    """(bucket index -> padded length of its longest example, the buckets whose every example has exactly
+    that length): what `cut_step` needs to know of the data."""
+    uppers: dict[int, int] = {}
+    uneven: set[int] = set()
+    for length in lengths:
+        index = bucket_index(length, knobs.bucket_boundaries)
+        padded = padded_length(length, knobs.pad_to_multiple_of)
+        if padded != length or uppers.get(index, padded) != padded:
+            uneven.add(index)
+        uppers[index] = max(uppers.get(index, 0), padded)
+    return uppers, frozenset(set(uppers) - uneven)
+
+
+def cut_step(step: Iterable[int], lengths: Sequence[int], knobs: Knobs, upper_lengths: Mapping[int, int],
+             exact_buckets: frozenset[int] = frozenset()) -> list[list[int]]:
+    """The micro-batches of one step, longest first: its examples sorted by length, longest first, each
+    micro-batch opened by its longest example and filled with the next ones up to the cap at the padded
+    upper length of that example's bucket (`upper_lengths`, by bucket index).
+
+    So a micro-batch topped by a bucket's example is never larger than the shape the memory model checks for
+    that bucket, and the step's largest micro-batch runs first, before any gradient of the step exists (and
+    the worst shape of the longest bucket really occurs once an epoch, where its longest example is). The
+    buckets in `exact_buckets` (every example exactly its padded length) share micro-batches with no other
+    bucket: theirs stay free of pad tokens, as the memory model assumes."""
     pieces: list[list[int]] = []
     current: list[int] = []
-    for i in sorted(step, key=lambda i: (bucket(i), lengths[i], i)):
-        size = micro_batch_size_for(upper_lengths[bucket(i)], knobs)
-        if current and (bucket(current[0]) != bucket(i) or len(current) >= size):
+    top, size = -1, 0
+    for i in sorted(step, key=lambda i: (-lengths[i], i)):
+        bucket = bucket_index(lengths[i], knobs.bucket_boundaries)
+        apart = bucket != top and (bucket in exact_buckets or top in exact_buckets)
+        if current and (len(current) >= size or apart):
             pieces.append(current)
             current = []
+        if not current:
+            top, size = bucket, micro_batch_size_for(upper_lengths[bucket], knobs)
         current.append(i)
     if current:
         pieces.append(current)

@@ -7,8 +7,7 @@ import torch
 
 from autofit.executor.loop import NonFiniteGradientError, StepContext, accumulate, evaluate, optimizer_step
 from autofit.knobs import Knobs, Precision
-from autofit.techniques.accumulation import cut_step
-from autofit.techniques.bucketing import upper_lengths
+from autofit.techniques.accumulation import bucket_uppers, cut_step
 from autofit.techniques.padding import PaddingCollator
 
 
@@ -43,11 +42,11 @@ def test_uneven_micro_batches_give_the_full_batch_gradient(tiny, data):
 @pytest.mark.parametrize("model_type, task", [("bert", "classification"), ("gpt2", "causal-lm"),
                                              ("roberta", "classification")])
 def test_a_bucketed_token_budgeted_step_has_the_big_batch_gradient(tiny, data, model_type, task):
-    """16 examples of mixed lengths, cut as the executor cuts a step (by bucket, under a token budget: 1 to 4
+    """16 examples of mixed lengths, cut as the executor cuts a step (sorted, under a token budget: 1 to 4
     sequences a micro-batch), accumulate to the gradient of the same 16 in one padded batch."""
     train = data(16, task=task, min_len=3, max_len=40, seed=5)
     knobs = Knobs(micro_batch_size=4, tokens_per_micro_batch=64, bucket_boundaries=(8, 16, 32))
-    pieces = cut_step(range(16), train.lengths, knobs, upper_lengths(train.lengths, knobs))
+    pieces = cut_step(range(16), train.lengths, knobs, *bucket_uppers(train.lengths, knobs))
     assert len({len(p) for p in pieces}) > 1 and len(pieces) > 4  # uneven micro-batches, several buckets
     collate = PaddingCollator(0, 8, task=task)
     results = []

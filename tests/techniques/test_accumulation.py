@@ -11,7 +11,8 @@ from autofit.techniques.accumulation import (
     cut_step,
     epoch_micro_batches,
     eval_micro_batches,
-    expected_chunk_lengths,
+    StepSampler,
+    bucket_uppers,
     loss_scale,
     memory_shapes,
     micro_batch_size_for,
@@ -20,7 +21,7 @@ from autofit.techniques.accumulation import (
     step_units,
     steps_per_epoch,
 )
-from autofit.techniques.bucketing import choose_boundaries, padded_length, upper_lengths
+from autofit.techniques.bucketing import choose_boundaries, padded_length
 from autofit.techniques.padding import PaddingCollator
 from autofit.workload import LengthHistogram
 
@@ -39,18 +40,21 @@ def test_micro_batch_size_for_caps_by_token_budget():
     assert micro_batch_size_for(4096, Knobs(micro_batch_size=4)) == 4
 
 
-def test_step_layout_counts_each_buckets_micro_batches():
+def test_step_layout_caps_each_bucket_and_counts_micro_batches_per_step():
     hist = LengthHistogram.from_lengths([10] * 100 + [60] * 100 + [200] * 3)
     knobs = Knobs(micro_batch_size=16, tokens_per_micro_batch=1024, bucket_boundaries=(16, 64, 256))
     layout = step_layout(knobs, hist, batch_size=32)
-    assert [(b.upper_length, b.micro_batch_size, b.micro_batches_per_step) for b in layout.buckets] == [
-        (16, 16, 2), (64, 16, 2), (200, 3, 1)]  # 1024 // 200 = 5 a micro-batch, but the bucket holds 3
-    assert layout.micro_batches_per_step == (1, 2) and layout.steps_per_epoch == 7  # ceil(203 / 32)
+    # 1024 // 200 = 5 a micro-batch at 200 tokens, but that bucket is pad-free (all 200): only its 3 join
+    assert [(b.upper_length, b.micro_batch_size) for b in layout.buckets] == [(16, 16), (64, 16), (200, 3)]
+    assert layout.steps_per_epoch == 7  # ceil(203 / 32)
+    fewest, most = layout.micro_batches_per_step
+    assert 2 <= fewest <= layout.mean_micro_batches_per_step <= most <= 4  # 32 random examples, 16 at most a piece
     # A cap that does not divide the batch: 32 examples in micro-batches of up to 12 is 3 of them.
-    assert step_layout(Knobs(micro_batch_size=12), hist, 32).buckets[0].micro_batches_per_step == 3
+    assert step_layout(Knobs(micro_batch_size=12), hist, 32).micro_batches_per_step == (3, 3)
     # A cap above the batch is the batch: one micro-batch per step, nothing accumulates.
-    only = step_layout(Knobs(micro_batch_size=64), hist, 32).buckets
-    assert [(b.micro_batch_size, b.micro_batches_per_step, b.grads_held) for b in only] == [(32, 1, False)]
+    only = step_layout(Knobs(micro_batch_size=64), hist, 32)
+    assert [(b.micro_batch_size, b.grads_held) for b in only.buckets] == [(32, False)]
+    assert only.micro_batches_per_step == (1, 1)
 
 
 def test_step_layout_says_which_buckets_hold_pad_tokens_and_gradients():
@@ -59,55 +63,67 @@ def test_step_layout_says_which_buckets_hold_pad_tokens_and_gradients():
     first, second = step_layout(knobs, hist, batch_size=8).buckets
     # the 16-token bucket holds one length, its padded length: no micro-batch pads; the other mixes 60 and 64
     assert (first.padded, second.padded) == (False, True)
-    # one micro-batch per step, but 50 % 8 examples of each bucket are pooled into a mixed step, where
-    # the second bucket's micro-batch follows the first's: its gradients are then live
-    assert (first.grads_held, second.grads_held) == (False, True)
+    # micro-batches run longest first: the long bucket's opens the step before any gradient exists; the
+    # short one's can follow it, with its gradients live
+    assert (first.grads_held, second.grads_held) == (True, False)
+    assert (first.later_length, second.later_length) == (None, None)  # 8 a step fit one micro-batch
+    # with micro-batches of 2, a second micro-batch of the long bucket follows its first: the 3rd longest
+    # example (64) can open it
+    assert step_layout(Knobs(micro_batch_size=2, bucket_boundaries=(16, 64)), hist, 8).buckets[1].later_length == 64
     assert step_layout(Knobs(micro_batch_size=8), LengthHistogram.fixed(60, 100), 8).buckets[0].padded
 
 
-def test_expected_chunk_lengths_match_simulation():
-    hist = LengthHistogram.from_lengths(skewed_lengths(500))
-    population = [n for n, c in zip(hist.lengths, hist.counts) for _ in range(c)]
-    rng, rounds, sums = random.Random(1), 4000, [0.0] * 4
-    for _ in range(rounds):
-        drawn = sorted(rng.sample(population, 32))
-        for j in range(4):
-            sums[j] += padded_length(drawn[min(8 * (j + 1), 32) - 1], 8)
-    expected = expected_chunk_lengths(hist, 32, 8, 8)
-    assert expected == pytest.approx([x / rounds for x in sums], rel=0.03)
-    assert expected == sorted(expected)  # later micro-batches of a sorted step hold longer examples
-    assert expected_chunk_lengths(LengthHistogram.fixed(100, 10), 4, 4, 8) == pytest.approx([104])
-    assert expected_chunk_lengths(hist, hist.num_samples, hist.num_samples, None) == pytest.approx([hist.max_length])
+def test_the_simulated_epoch_matches_an_epoch_the_sampler_and_cut_really_make():
+    lengths = skewed_lengths(4000, seed=3)
+    hist = LengthHistogram.from_lengths(lengths)
+    knobs = Knobs(micro_batch_size=32, tokens_per_micro_batch=1024, bucket_boundaries=choose_boundaries(hist, 8))
+    uppers, exact = bucket_uppers(lengths, knobs)
+    pieces = [p for step in StepSampler(len(lengths), 32, seed=1).epoch_steps(0)
+              for p in cut_step(step, lengths, knobs, uppers, exact)]
+    computed = sum(len(p) * padded_length(max(lengths[i] for i in p), 8) for p in pieces)
+    predicted = epoch_micro_batches(knobs, hist, 32)
+    assert sum(count for _, _, count in predicted) == pytest.approx(len(pieces), rel=0.05)
+    assert sum(b * n * c for b, n, c in predicted) == pytest.approx(computed, rel=0.05)
+    assert padding_efficiency(knobs, hist, 32) == pytest.approx(sum(lengths) / computed, rel=0.05)
+    assert all(b * n <= 1024 * 1.01 or b < 1.01 for b, n, _ in predicted)
 
 
-def test_epoch_micro_batches_cover_every_example_under_the_caps():
-    hist = LengthHistogram.from_lengths(skewed_lengths())
-    knobs = Knobs(micro_batch_size=32, tokens_per_micro_batch=2048, bucket_boundaries=choose_boundaries(hist, 4))
-    batches = epoch_micro_batches(knobs, hist, batch_size=32)
-    assert sum(b * n for b, _, n in batches) == pytest.approx(hist.num_samples)
-    assert all(b * length <= 2048 * 1.01 for b, length, _ in batches)
-
-
-def test_padding_efficiency_sorting_and_bucketing():
+def test_padding_efficiency_sorting_and_token_budgets():
     hist = LengthHistogram.from_lengths(skewed_lengths())
     plain = Knobs(micro_batch_size=32)
     sorted_steps = Knobs(micro_batch_size=4)  # a step of 32 sorted and cut in 8 pads far less
-    bucketed = Knobs(micro_batch_size=32, bucket_boundaries=choose_boundaries(hist, 8))
-    assert padding_efficiency(plain, hist, 32) < 0.5 < padding_efficiency(bucketed, hist, 32) <= 1.0
-    assert padding_efficiency(plain, hist, 32) < padding_efficiency(sorted_steps, hist, 32)
+    budgeted = Knobs(micro_batch_size=32, tokens_per_micro_batch=512, bucket_boundaries=choose_boundaries(hist, 8))
+    assert padding_efficiency(plain, hist, 32) < 0.3 < padding_efficiency(sorted_steps, hist, 32)
+    assert padding_efficiency(plain, hist, 32) < padding_efficiency(budgeted, hist, 32) <= 1.0
     assert padding_efficiency(Knobs(micro_batch_size=8, pad_to_multiple_of=None),
                               LengthHistogram.fixed(64, 100), 8) == pytest.approx(1.0)
 
 
-def test_cut_step_sorts_and_cuts_each_bucket_under_its_cap():
+def test_cut_step_fills_each_micro_batch_up_to_its_longest_examples_cap():
     lengths = [10, 60, 12, 61, 200, 11, 9, 63, 14]
     knobs = Knobs(micro_batch_size=3, tokens_per_micro_batch=128, bucket_boundaries=(16, 64))
-    uppers = upper_lengths(lengths, knobs)
-    assert uppers == {0: 16, 1: 64, 2: 200}
-    pieces = cut_step(range(len(lengths)), lengths, knobs, uppers)
-    # bucket 0: 3 a micro-batch, shortest first; bucket 1: 128 // 64 = 2; bucket 2 (beyond): 1
-    assert pieces == [[6, 0, 5], [2, 8], [1, 3], [7], [4]]
+    uppers, exact = bucket_uppers(lengths, knobs)
+    assert uppers == {0: 16, 1: 64, 2: 200} and exact == {2}
+    pieces = cut_step(range(len(lengths)), lengths, knobs, uppers, exact)
+    # longest first: 200 (pad-free bucket, alone) | 63 61 (128 // 64 = 2) | 60 14 (opened at 64 tokens: 2) |
+    # 12 11 10 | 9
+    assert pieces == [[4], [7, 3], [1, 8], [2, 5, 0], [6]]
     assert sorted(i for p in pieces for i in p) == list(range(len(lengths)))
+    # shorter examples fill a longer bucket's micro-batch when its cap allows
+    assert cut_step([0, 1], [10, 60], Knobs(micro_batch_size=4, bucket_boundaries=(16, 64)), {0: 16, 1: 64}) == [[1, 0]]
+
+
+def test_step_sampler_draws_random_steps_of_the_batch():
+    sampler = StepSampler(100, 32, seed=3)
+    steps = sampler.epoch_steps(0)
+    assert [len(s) for s in steps] == [32, 32, 32, 4] and len(sampler) == 4
+    assert sorted(i for s in steps for i in s) == list(range(100))
+    assert steps == StepSampler(100, 32, seed=3).epoch_steps(0)  # reproducible
+    assert steps != sampler.epoch_steps(1) and steps != StepSampler(100, 32, seed=4).epoch_steps(0)
+    assert [len(s) for s in StepSampler(100, 32, drop_last=True).epoch_steps(0)] == [32] * 3
+    assert StepSampler(10, 4, shuffle=False).epoch_steps(0) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with pytest.raises(AccumulationError):
+        StepSampler(0, 4)
 
 
 def test_eval_micro_batches_never_exceed_the_largest_training_micro_batch():
@@ -190,9 +206,11 @@ def test_memory_shapes_check_a_single_sequence_buckets_unpadded_and_padded_examp
     """One sequence per micro-batch: a 256-token example never pads, a 203-token one pads to 208 only."""
     hist = LengthHistogram.from_lengths([200] * 31 + [256])
     shapes = memory_shapes(Knobs(micro_batch_size=1), hist, 8)
-    assert [(s.batch, s.length, s.padded) for s in shapes] == [(1, 256, False)]
+    # the second micro-batch of a step follows the first with its gradients: at most the 2nd longest, 200
+    assert [(s.batch, s.length, s.padded, s.grads_held) for s in shapes] == [(1, 200, True, True),
+                                                                             (1, 256, False, False)]
     mixed = memory_shapes(Knobs(micro_batch_size=1), LengthHistogram.from_lengths([203] * 31 + [256]), 8)
-    assert [(s.batch, s.length, s.padded) for s in mixed] == [(1, 256, False), (1, 208, True)]
+    assert [(s.batch, s.length, s.padded) for s in mixed] == [(1, 208, True), (1, 256, False), (1, 208, True)]
     # several sequences a micro-batch: the bucket's largest, padded as soon as lengths differ
     many = memory_shapes(Knobs(micro_batch_size=4), LengthHistogram.from_lengths([203] * 31 + [256]), 8)
-    assert [(s.batch, s.length, s.padded) for s in many] == [(4, 256, True)]
+    assert [(s.batch, s.length, s.padded) for s in many] == [(4, 208, True), (4, 256, True)]
