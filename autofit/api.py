@@ -19,8 +19,8 @@ from autofit.cost import predict_time
 from autofit.data import LABEL_COLUMNS, TokenizedData, column_names, prepare_examples, text_lengths
 from autofit.devices import DEVICES, DeviceSpec, get_device
 from autofit.memory import predict_eval_peak, predict_peak
-from autofit.models import (check_config, check_seq_len, default_task, load_model, load_tokenizer, max_sequence_length,
-                            resolve_config)
+from autofit.limits import check_config, check_seq_len, max_sequence_length
+from autofit.models import default_task, load_model, load_tokenizer, resolve_config
 from autofit.plan import Plan
 from autofit.profiler import Profile
 from autofit.profiler.cache import cached_profile

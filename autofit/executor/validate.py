@@ -7,7 +7,7 @@ from transformers import PreTrainedModel
 
 from autofit.data import TokenizedData
 from autofit.layers import UnmappableModelError, find_layout
-from autofit.models import max_sequence_length
+from autofit.limits import max_sequence_length
 from autofit.plan import Plan
 from autofit.techniques import precision as amp
 from autofit.techniques.bucketing import padded_length

@@ -22,7 +22,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from autofit.knobs import Knobs
 from autofit.layers import find_layout
-from autofit.models import build_model, default_task, max_sequence_length, resolve_config
+from autofit.limits import max_sequence_length
+from autofit.models import build_model, default_task, resolve_config
 from autofit.profiler.fit import TIME_TERMS, fit_shape
 from autofit.profiler.measure_blocks import (KEEP_LAYERS, WINDOWS, Subject, TimeSample, measure_memory, measure_saved,
                                              measure_time, prepared)
