@@ -182,6 +182,8 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
         model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2)
     spec = plan.device if plan is not None else target_device(device, train=True)
     profile = cached_profile(model, task=task, timing=PRECISIONS if spec.kind == "cpu" else ())
+    if plan is None and resume and output_dir is not None:
+        plan = _plan_in_force(output_dir, parse_budget(budget), batch_size, spec, policy)
     if plan is None:
         workload = make_workload(task, seq_len=max(train_data.lengths), batch_size=batch_size,
                                  lengths=train_data.lengths)
@@ -198,6 +200,22 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
                     seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
                     quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None),
                     eval_prediction=eval_prediction)
+
+
+def _plan_in_force(output_dir: str, budget_bytes: int, batch_size: int, device: DeviceSpec,
+                   policy: str) -> Plan | None:
+    """The plan of the run being resumed, when it was asked for with the same budget, batch, device and
+    policy: planning again could choose other knobs (a CPU target's block times are measured, not looked up),
+    and a resume must continue the run it finished, not refuse it."""
+    from autofit.executor.checkpoint import latest_checkpoint, load_plan_and_state
+
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        return None
+    found, _ = load_plan_and_state(path)
+    same = (found.budget_bytes, found.batch_size, found.device, found.policy) == \
+        (budget_bytes, batch_size, device, policy)
+    return found if same else None  # asked differently: plan anew, and the resume names what changed
 
 
 def _say_data_notes(data: TokenizedData, max_length: int) -> None:

@@ -11,6 +11,7 @@ cache off; AUTOFIT_CACHE=DIR moves it (default ~/.cache/autofit/profiles).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from autofit.profiler.schema import Profile
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parent.parent / "layers.py"]
 
+RUNTIME_SETTINGS = ("problem_type", "transformers_version")
+"""Config fields that change without changing the model: a classifier sets problem_type on its first forward,
+so a trained model's profile would otherwise be measured again (and, timed anew, could plan differently)."""
+
 
 def cache_dir() -> Path | None:
     setting = os.environ.get("AUTOFIT_CACHE", "")
@@ -34,8 +39,11 @@ def cache_dir() -> Path | None:
 
 def cache_key(config: PretrainedConfig, task: str | None, timing: tuple[str, ...], attn: str | None,
               module: str = "") -> str:
+    settings = config.to_dict()
+    for name in RUNTIME_SETTINGS:
+        settings.pop(name, None)
     digest = hashlib.sha256()
-    for part in (config.to_json_string(use_diff=False), str(task), ",".join(timing), str(attn),
+    for part in (json.dumps(settings, sort_keys=True, default=str), str(task), ",".join(timing), str(attn),
                  str(sorted(package_versions().items())), module):
         digest.update(part.encode())
     for source in _SOURCES:
