@@ -1,7 +1,7 @@
 """What a model's config allows (autofit/limits.py): depth and sizes, and the sequence length it takes."""
 
 import pytest
-from transformers import CONFIG_MAPPING
+from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from autofit.limits import DEFAULT_SEQ_LEN, SeqLenError, check_config, check_seq_len, max_sequence_length, usable_length
 from autofit.models import resolve_config
