@@ -3,6 +3,7 @@
     python -m benchmarks.run --quick        # about 10 minutes on a 2-core CPU
     python -m benchmarks.run                # full runs (much longer)
     python -m benchmarks.run --quick --only accuracy,planning
+    python -m benchmarks.run --summarize    # the table again from the saved results, each row with its commit
 
 Each module in MODULES that exists exposes `main(quick: bool) -> dict` and writes its own JSON to
 benchmarks/results/. This script runs them in sequence, one failure not stopping the others, pulls a few
@@ -222,9 +223,43 @@ def main(quick: bool = True, only: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def summarize(quick: bool = False) -> dict[str, Any]:
+    """The summary table rebuilt from the results already saved, without running anything: each row names
+    the commit and date its benchmark ran at, so benchmarks run apart can be reported together honestly."""
+    import json
+
+    from benchmarks._common import RESULTS
+
+    rows: list[Row] = []
+    modules: dict[str, Any] = {}
+    for name in MODULES:
+        path = RESULTS / f"{name}{'_quick' if quick else ''}.json"
+        if not path.is_file():
+            rows.append((name, f"no {path.name}", "—"))
+            continue
+        result = json.loads(path.read_text())
+        ran = f"{str(result.get('git_commit', '?'))[:7]}, {str(result.get('date', '?'))[:10]}"
+        metrics = EXTRACTORS.get(name, _headline(name))(result)
+        modules[name] = {"ran_at": ran, "seconds": result.get("seconds"),
+                         "metrics": [{"metric": m, "value": v, "target": g} for m, v, g in metrics]}
+        rows.extend((m, v, g) for m, v, g in metrics)
+        rows.append((f"  ({name}: commit {ran}, {result.get('seconds', 0) / 60:.0f} min)", "", ""))
+    markdown = table(["metric", "value", "target"], [list(r) for r in rows])
+    summary = {"benchmark": "summary", "mode": "quick" if quick else "full", "rebuilt_from_results": True,
+               **environment(), "modules": modules, "markdown": markdown}
+    path = write_result("summary_quick" if quick else "summary", summary)
+    print(f"{markdown}\n\nwrote {path}")
+    return summary
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every benchmark's quick mode (≈10 min on 2 cores)")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(MODULES)}")
+    parser.add_argument("--summarize", action="store_true",
+                        help="rebuild summary.json from the saved results (each row names its commit), run nothing")
     args = parser.parse_args()
+    if args.summarize:
+        summarize(args.quick)
+        raise SystemExit(0)
     main(args.quick, args.only.split(",") if args.only else None)
