@@ -327,3 +327,15 @@ def test_a_stored_sampled_study_resumes_without_new_trials(tmp_path):
     more = run(4, 1200, "quality-first", storage=storage, n_trials=8)
     assert more.trials == 2
     assert min(c.score for c in [more.best, *more.ranked]) <= min(c.score for c in [first.best, *first.ranked])
+
+
+def test_search_leaves_the_callers_optuna_verbosity_as_it_was():
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    try:
+        optuna.logging.set_verbosity(optuna.logging.DEBUG)
+        search(PROFILES[4], WORKLOAD, A100, 800 * MB, SMALL, **MODELS)
+        assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
+    finally:
+        optuna.logging.set_verbosity(before)
