@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_fie
 
 from autofit.budget import MAX_BUDGET_BYTES, MIN_BUDGET_BYTES
 from autofit.devices import DeviceSpec
+from autofit.intmath import ceil_div
 from autofit.knobs import Knobs, Precision
 from autofit.techniques.accumulation import StepLayout, step_layout
 from autofit.workload import Task, Workload
@@ -207,7 +208,7 @@ class Plan(_Checked):
         args: dict[str, Any] = dict(
             output_dir=output_dir,
             per_device_train_batch_size=micro,
-            gradient_accumulation_steps=-(-self.batch_size // micro),
+            gradient_accumulation_steps=ceil_div(self.batch_size, micro),
             gradient_checkpointing=bool(k.checkpoint_layers),
             gradient_checkpointing_kwargs={"use_reentrant": False} if k.checkpoint_layers else None,
             fp16=k.precision == Precision.fp16,

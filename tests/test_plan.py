@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 
 from autofit.devices import get_device
-from autofit.knobs import Knobs, Precision
+from autofit.knobs import MAX_MICRO_BATCH, Knobs, Precision
 from autofit.plan import MemoryBreakdown, Plan, PlanFileError
 from autofit.search import alternatives, search
 
@@ -94,7 +94,7 @@ def mutated(plan: Plan, tmp_path, change) -> Path:
     (lambda d: d["knobs"].update(bucket_boundaries=[-5, 0]), "knobs.bucket_boundaries.0"),
     (lambda d: d["knobs"].update(pad_to_multiple_of=0), "knobs.pad_to_multiple_of"),
     (lambda d: d["knobs"].update(pad_to_multiple_of=-8), "knobs.pad_to_multiple_of"),
-    (lambda d: d["knobs"].update(micro_batch_size=10**9), "knobs.micro_batch_size"),
+    (lambda d: d["knobs"].update(micro_batch_size=MAX_MICRO_BATCH + 1), "knobs.micro_batch_size"),
     (lambda d: d["knobs"].update(checkpoint_layers=[0, 9]), r"checkpoint_layers \[9\] out of range"),
     (lambda d: d["time"].update(step_seconds=float("nan")), "time.step_seconds"),
     (lambda d: d["time"].update(epoch_seconds=-1.0), "time.epoch_seconds"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from autofit.budget import format_bytes
+from autofit.intmath import round_up
 from autofit.knobs import Knobs
 from autofit.plan import Alternative, MemoryBreakdown, SearchInfo, TimePrediction
 from autofit.policy import Policy
@@ -78,7 +79,7 @@ def round_up_budget(n: int) -> int:
     """Round up to a tenth of the unit `format_bytes` prints, so the printed budget is one that fits."""
     unit = next((u for u in (2**30, 2**20, 2**10) if n >= u), 1)
     step = max(1, unit // 10)
-    return -(-n // step) * step
+    return round_up(n, step)
 
 
 def rank(candidates: list[Candidate], policy: Policy, limit_bytes: int) -> list[Candidate]:
