@@ -25,7 +25,7 @@ from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs
 from autofit.plan import MemoryBreakdown
 from autofit.profiler.schema import BlockActivations, BlockProfile, Profile
-from autofit.techniques import accumulation, optimizer
+from autofit.techniques import accumulation, checkpointing, freeze, optimizer
 from autofit.workload import Workload
 
 INDEX_BYTES = 8  # input_ids / attention_mask / token labels are int64
@@ -48,20 +48,14 @@ class _Block:
 
 
 def _expand(profile: Profile, knobs: Knobs) -> list[_Block]:
-    blocks: list[_Block] = []
-    below_trainable = False  # does anything below the current block train?
+    recomputed = set(checkpointing.recomputed_layers(knobs, profile.num_layers))
     head_tied = profile.blocks[-1].tied_embedding_bytes
-    for block in profile.blocks:
-        for index in range(block.count):
-            if block.kind == "embeddings":
-                trainable, ckpt = not knobs.freeze_embeddings, False
-            elif block.kind == "layer":
-                trainable, ckpt = index >= knobs.freeze_layers, index in knobs.checkpoint_layers
-            else:
-                trainable, ckpt = True, False
-            tied = head_tied if knobs.freeze_embeddings and block.kind == "layer" else 0
-            blocks.append(_Block(block, trainable, below_trainable, ckpt and trainable, frozen_tied_bytes=tied))
-            below_trainable = below_trainable or trainable
+    blocks: list[_Block] = []
+    for copy in freeze.block_copies(profile.blocks, knobs):
+        is_layer = copy.block.kind == "layer"
+        tied = head_tied if knobs.freeze_embeddings and is_layer else 0
+        blocks.append(_Block(copy.block, copy.trains, copy.needs_input_grad, is_layer and copy.index in recomputed,
+                             frozen_tied_bytes=tied))
     lowest = next((b for b in blocks if b.checkpointed), None)
     if lowest is not None:
         lowest.keeps_checkpoint_args = True
