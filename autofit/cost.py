@@ -25,7 +25,7 @@ from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs, Precision
 from autofit.plan import TimePrediction
 from autofit.profiler.schema import BlockProfile, Profile
-from autofit.techniques.accumulation import epoch_micro_batches, steps_per_epoch
+from autofit.techniques.accumulation import epoch_micro_batches, padding_efficiency, steps_per_epoch
 from autofit.techniques import checkpointing, freeze
 from autofit.techniques.optimizer import state_bytes
 from autofit.workload import LengthHistogram, Workload
@@ -176,8 +176,7 @@ def _epoch_shapes(lengths: tuple[int, ...], counts: tuple[int, ...], batch_size:
     knobs = Knobs(micro_batch_size=micro_batch, tokens_per_micro_batch=tokens, bucket_boundaries=boundaries,
                   pad_to_multiple_of=pad)
     shapes = epoch_micro_batches(knobs, hist, batch_size)
-    computed = sum(b * length * count for b, length, count in shapes)
-    return tuple((b, round(length), count) for b, length, count in shapes), hist.num_tokens / computed
+    return tuple((b, round(length), count) for b, length, count in shapes), padding_efficiency(knobs, hist, batch_size)
 
 
 def predict_time(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec) -> TimePrediction:
