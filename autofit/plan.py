@@ -90,14 +90,18 @@ class TimePrediction(_Checked):
     """True when per-block times were measured on the target device kind; False when estimated from FLOPs."""
 
 
+Technique = Literal["freezing", "checkpointing", "precision", "optimizer", "micro-batch", "padding"]
+"""The knobs grouped by the technique that owns them, as a plan reports them."""
+
+
 class Alternative(_Checked):
-    """A runner-up plan, summarised so a person can weigh it against the chosen one."""
+    """A runner-up plan: its knobs and predictions, and which techniques it sets differently from the chosen
+    plan (report.py words it: "with 8-bit AdamW: 1.2x slower, 14.1 GB")."""
 
     knobs: Knobs
     peak_bytes: int = Field(ge=0)
     epoch_seconds: float = Field(ge=0)
-    note: str
-    """One line, e.g. "without 8-bit states: 1.2x slower, 14.1 GB"."""
+    changed: list[Technique] = Field(min_length=1)
 
 
 class SearchInfo(_Checked):

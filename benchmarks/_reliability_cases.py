@@ -580,7 +580,7 @@ FIELD_KINDS: dict[str, str] = {
     "search.storage": "info",
     "alternatives": "alternatives", "alternatives.0.peak_bytes": "pred_bytes",
     "alternatives.0.epoch_seconds": "seconds",
-    "alternatives.0.note": "info",
+    "alternatives.0.changed": "info",
 }
 # Sections the run is driven by: their fields get the CLI too (the others, reports, through the API only,
 # except the NaN/negative mutations, which the CLI checks everywhere).
