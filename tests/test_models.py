@@ -27,11 +27,10 @@ from autofit.models import (
 )
 from benchmarks._minilm import minilm_path
 
-TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64}
-TINY_BERT = {
-    "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64,
-}
+from _tiny import short_config
+
+TINY_GPT2 = {"model_type": "gpt2", **short_config("gpt2")}
+TINY_BERT = {"model_type": "bert", **short_config("bert")}
 
 
 @pytest.fixture(autouse=True)

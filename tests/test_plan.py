@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from autofit.devices import get_device
 from autofit.knobs import MAX_MICRO_BATCH, Knobs, Precision
-from autofit.plan import MemoryBreakdown, Plan, PlanFileError
+from autofit.plan import Plan, PlanFileError
 
 from _profiles import searched_plan
 
@@ -113,12 +113,8 @@ def test_unreadable_plan_files_are_one_line_errors(tmp_path):
         Plan.load(tmp_path / "latin1.json")
 
 
-def test_headroom_left_and_breakdown_sums(plan):
-    m = plan.predicted
-    assert m.peak_bytes == (m.weights + m.gradients + m.optimizer_state + m.activations + m.temporaries
-                            + m.overhead)
-    assert m.allocated_bytes == m.peak_bytes - m.overhead
-    assert plan.headroom_left_bytes == plan.budget_bytes - m.peak_bytes >= plan.headroom_bytes
+def test_a_searched_plan_leaves_at_least_the_policys_headroom(plan):
+    assert plan.headroom_left_bytes >= plan.headroom_bytes > 0
 
 
 # --- TrainingArguments -----------------------------------------------------------------------------------
@@ -206,16 +202,8 @@ def test_knobs_are_immutable_and_hashable():
 
 def test_knobs_against_a_model_depth():
     knobs = Knobs(freeze_embeddings=True, freeze_layers=2, checkpoint_layers=(2, 5))
-    assert list(knobs.trainable_layers(6)) == [2, 3, 4, 5]
     knobs.validate_for(6)
     with pytest.raises(ValueError, match=r"checkpoint_layers \[5\] out of range"):
         knobs.validate_for(5)
     with pytest.raises(ValueError, match="freeze_layers=2 but the model has 1 layers"):
         Knobs(freeze_embeddings=True, freeze_layers=2).validate_for(1)
-    assert list(Knobs(freeze_embeddings=True, freeze_layers=8).trainable_layers(6)) == []
-
-
-def test_memory_breakdown_phase_is_checked():
-    with pytest.raises(ValidationError):
-        MemoryBreakdown(weights=1, gradients=0, optimizer_state=0, activations=0, temporaries=0, overhead=0,
-                        peak_phase="warmup")
