@@ -27,7 +27,7 @@ from autofit.models import build_model, default_task, resolve_config
 from autofit.profiler.fit import TIME_TERMS, fit_shape
 from autofit.profiler.measure_blocks import (KEEP_LAYERS, WINDOWS, Subject, TimeSample, measure_memory, measure_saved,
                                              measure_time, prepared)
-from autofit.profiler.schema import BlockActivations, BlockProfile, FitCheck, Profile, TimeFit
+from autofit.profiler.schema import MEASURED_QUANTITIES, BlockActivations, BlockProfile, FitCheck, Profile, TimeFit
 from autofit.profiler.tracker import LiveBytes
 from autofit.techniques import optimizer as optim
 
@@ -38,9 +38,6 @@ large as real training. Batch 1 is left out: models special-case it (masks), whi
 HELD_OUT_SHAPES = ((3, 96), (4, 384))
 """Shapes measured but not fitted: the Profile reports the fits' error there."""
 TIME_SHAPES = ((1, 32), (2, 64), (4, 64), (4, 128))
-QUANTITIES = ("saved", "saved_first_trainable", "output", "forward_transient", "backward_transient", "resident",
-              "held", "checkpointed_forward_transient", "recompute_backward_transient", "checkpoint_args",
-              "checkpointed_leftover")
 VERSIONED = ("autofit", "torch", "transformers", "accelerate", "bitsandbytes", "optuna")
 
 
@@ -227,7 +224,7 @@ def _fit_activations(samples: list, kind: str) -> BlockActivations:
 def _fit_one(kind: str, samples: list) -> BlockActivations:
     shapes = [(x.batch, x.seq) for x in samples]
     return BlockActivations(**{q: fit_shape(shapes, [getattr(x, q)[kind] for x in samples],
-                                            envelope=q.endswith("transient")) for q in QUANTITIES})
+                                            envelope=q.endswith("transient")) for q in MEASURED_QUANTITIES})
 
 
 def optimizer_transient(layer_params: list[torch.Tensor]) -> dict[str, float]:

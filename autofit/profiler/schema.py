@@ -133,6 +133,12 @@ class BlockActivations(BaseModel):
         return fits.single if batch == 1 and fits.single is not None else fits
 
 
+MEASURED_QUANTITIES: tuple[str, ...] = tuple(
+    name for name in BlockActivations.model_fields if name not in ("single", "unpadded"))
+"""The byte quantities the profiler measures per block kind and fits over shapes: BlockActivations' fields
+(the one list; measure_blocks.ShapeSample and the profile's fits follow it)."""
+
+
 class TimeFit(BaseModel):
     """Measured seconds of one block's forward and backward on the profiling device."""
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import optuna
 
@@ -170,6 +171,18 @@ def _default_study_name(profile: Profile, workload: Workload, device: DeviceSpec
     return f"autofit-{profile.model_id.replace('/', '--')}-{policy.name}-{digest}"
 
 
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's per-trial INFO lines silenced while a search runs; the caller's verbosity comes back after."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+@quiet_optuna()
 def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int, policy: Policy | str,
            *, n_trials: int | None = None, storage: str | None = None, study_name: str | None = None,
            seed: int = 0, predict_memory: MemoryFn | None = None,
@@ -177,7 +190,6 @@ def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_byte
     """The fastest (or smallest, per the policy) knobs whose predicted peak fits budget - headroom.
 
     Raises NoPlanFitsError with the smallest budget that would fit when none does."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     policy = load_policy(policy)
     started = time.perf_counter()
     evaluate = Evaluator(profile, workload, device, predict_memory, predict_time)
