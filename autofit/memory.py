@@ -272,3 +272,51 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
     overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
     return MemoryBreakdown(weights=int(weights), gradients=0, optimizer_state=int(state), activations=0,
                            temporaries=int(worst), overhead=int(overhead), peak_phase="forward", peak_shape=at)
+
+
+def step_timeline(profile: Profile, knobs: Knobs, workload: Workload,
+                  device: DeviceSpec) -> list[tuple[str, MemoryBreakdown]]:
+    """Every moment `predict_peak` weighs for the micro-batch that sets its peak, in the order they happen:
+    the step's start, the end of each block's forward, each block's backward (top-down, down to the frozen
+    boundary), the optimizer step. Each comes with a label ("forward layer 3") and the bytes live then, by
+    what holds them; its peak_phase is the moment's own phase. The largest total is predict_peak's
+    peak_bytes: these are predict_step_peak's candidates, all kept instead of only the largest."""
+    shapes = accumulation.memory_shapes(knobs, workload.lengths, workload.batch_size)
+    padding = [s.padded or not workload.from_data for s in shapes]
+    peaks = [predict_step_peak(profile, knobs, s.batch, s.length, device, p, s.grads_held).peak_bytes
+             for s, p in zip(shapes, padding)]
+    at = peaks.index(max(peaks))  # the first of equal peaks, as predict_peak's max() picks
+    batch, seq, padded, grads_held = shapes[at].batch, shapes[at].length, padding[at], shapes[at].grads_held
+    precision = knobs.precision.value
+    weights, grads, state, trainable = param_state(profile, knobs)
+    blocks = _expand(profile, knobs)
+    names, copies = [], {}
+    for b in blocks:  # "layer 0", "layer 1", ... for a block the model repeats
+        copies[b.profile.name] = copies.get(b.profile.name, -1) + 1
+        names.append(b.profile.name if b.profile.count == 1 else f"{b.profile.name} {copies[b.profile.name]}")
+    kept, outputs, forward = _forward_walk(blocks, precision, batch, seq, padded)
+    moments = [("start", forward[0])] + [(f"forward {n}", c) for n, c in zip(names, forward[1:])]
+    live, walk_grads = sum(kept), 0.0
+    for i in range(len(blocks) - 1, -1, -1):  # as _activation_walk's backward
+        block = blocks[i]
+        if not block.trainable and not block.needs_input_grad:
+            break
+        acts = block.profile.activations[precision].at(batch, padded)
+        transient = _backward_transient(block, acts, outputs[i], batch, seq)
+        moments.append((f"backward {names[i]}", (live, transient, walk_grads, "backward")))
+        if block.trainable and not grads_held:
+            walk_grads += block.profile.param_bytes
+        live -= kept[i]
+    opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
+    # the same sums, in the same order, as predict_step_peak: the peak's total must match to the byte
+    parts = [(label, acts + input_bytes(profile, batch, seq), temps, grads if grads_held else held, phase)
+             for label, (acts, temps, held, phase) in moments]
+    parts.append(("optimizer step", 0.0, opt_temps, grads, "optimizer"))  # activations and batch are gone
+    timeline = []
+    for label, acts, temps, step_grads, phase in parts:
+        allocated = weights + step_grads + state + acts + temps
+        overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
+        timeline.append((label, MemoryBreakdown(
+            weights=int(weights), gradients=int(step_grads), optimizer_state=int(state), activations=int(acts),
+            temporaries=int(temps), overhead=int(overhead), peak_phase=phase, peak_shape=(batch, seq))))
+    return timeline

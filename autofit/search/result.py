@@ -35,6 +35,9 @@ class SearchResult(BaseModel):
     best: Candidate
     ranked: list[Candidate]
     """Feasible runner-ups, best first (the best excluded)."""
+    evaluated: list[Candidate] = []
+    """Every distinct configuration the search predicted, fitting or not, in every stage (the checkpoint
+    bisection's steps included), scored by the policy of the stage that answered; in the order first seen."""
     policy: str
     relaxed: bool = False
     """True when only the policy's fallback (second-stage) space had a plan that fits."""

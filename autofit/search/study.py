@@ -58,6 +58,10 @@ class Evaluator:
             score = prediction.epoch_seconds * (1.0 + policy.risk_price * risk)
         return Candidate(knobs=knobs, memory=memory, time=prediction, risk=risk, score=score)
 
+    def evaluated(self, policy: Policy) -> list[Candidate]:
+        """Every distinct knobs predicted so far, in the order first seen, scored by `policy`."""
+        return [self(knobs, policy) for knobs in self._cache]
+
 
 def _sampler(space: SearchSpace, budget: int, seed: int) -> optuna.samplers.BaseSampler:
     if space.grid_size <= budget:
@@ -201,7 +205,8 @@ def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_byte
     common = dict(n_trials=n_trials, storage=storage, seed=seed)
 
     def result(ranked: list[Candidate], space: SearchSpace, relaxed: bool) -> SearchResult:
-        return SearchResult(best=ranked[0], ranked=ranked[1:], policy=policy.name, relaxed=relaxed,
+        return SearchResult(best=ranked[0], ranked=ranked[1:], evaluated=evaluate.evaluated(stage),
+                            policy=policy.name, relaxed=relaxed,
                             num_layers=profile.num_layers, budget_bytes=budget_bytes, headroom_bytes=headroom,
                             trials=trials, seconds=time.perf_counter() - started, space_size=space.size,
                             storage=storage, study_name=study_name)
