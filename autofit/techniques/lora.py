@@ -39,6 +39,15 @@ def adapter_numel(shapes: Sequence[tuple[int, int]], rank: int) -> int:
     return sum(rank * (out_features + in_features) for out_features, in_features in shapes)
 
 
+def rank_activation_bytes(num_targets: int, tokens: int, element_bytes: int, rank: int) -> int:
+    """What each adapter saves for backward beyond what its layer's input already costs: A's output (tokens x
+    rank), which B's weight gradient needs. Everything else a LoRA block saves does not depend on the rank (its
+    targets' inputs, the frozen base's own), so the profiler measures a block once at one rank and the memory
+    model adds this term for another: measured saved bytes are linear in the rank with exactly this slope,
+    on an fp32 or a 4-bit base alike (tests/techniques/test_lora.py)."""
+    return num_targets * tokens * element_bytes * rank
+
+
 def is_attention(name: str) -> bool:
     """Whether the linear layer at qualified `name` sits inside an attention module."""
     return any(word in part.lower() for part in name.split(".")[:-1] for word in ATTENTION_WORDS)

@@ -59,3 +59,35 @@ def test_a_lora_classifier_learns_and_only_its_adapters_and_head_train(four_bit)
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert frozen and all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def _saved_activation_bytes(model, batch) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward, weights left out."""
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+@pytest.mark.parametrize("targets", ["attention", "all-linear"])
+def test_saved_activations_grow_with_the_rank_as_the_memory_model_says(targets, four_bit):
+    batch = random_batch(batch=3, seq=20, task="causal-lm")
+    measured = {}
+    for rank in (4, 12):
+        model = tiny_model("llama", "causal-lm")
+        num_targets = len(lora.target_layers(model, targets))
+        if four_bit:
+            quantization.quantize_block_linears(model)
+        measured[rank] = _saved_activation_bytes(lora.apply(model, rank=rank, targets=targets, task="causal-lm"),
+                                                 batch)
+    tokens = 3 * 20
+    assert measured[12] - measured[4] == lora.rank_activation_bytes(num_targets, tokens, 4, 12 - 4)
