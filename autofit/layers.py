@@ -145,3 +145,13 @@ def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     prefix = find_layout(model).layers_path + "."
     return [(name, module) for name, module in model.named_modules()
             if name.startswith(prefix) and linear_shape(module) is not None]
+
+
+ATTENTION_WORDS = ("attn", "attention")
+"""A linear layer belongs to attention when a module on its path is named like this: `self_attn.q_proj`
+(llama), `attention.self.query` (bert), `attn.c_attn` (gpt2), `attention.q_lin` (distilbert)."""
+
+
+def is_attention(name: str) -> bool:
+    """Whether the linear layer at qualified `name` sits inside an attention module."""
+    return any(word in part.lower() for part in name.split(".")[:-1] for word in ATTENTION_WORDS)

@@ -17,15 +17,11 @@ from typing import Literal
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from autofit.layers import block_linears, linear_shape
+from autofit.layers import block_linears, is_attention, linear_shape
 
 LoraTargets = Literal["attention", "all-linear"]
 """Which of the blocks' linear layers get adapters: the attention projections (query, key, value, output:
 the original LoRA paper's choice), or every linear layer (QLoRA's choice, better quality, more memory)."""
-
-ATTENTION_WORDS = ("attn", "attention")
-"""A linear layer belongs to attention when a module on its path is named like this: `self_attn.q_proj`
-(llama), `attention.self.query` (bert), `attn.c_attn` (gpt2), `attention.q_lin` (distilbert)."""
 
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "token-classification": "TOKEN_CLS", "causal-lm": "CAUSAL_LM"}
 """peft's name for each task: it keeps the task head trainable (a new head must train in full)."""
@@ -46,11 +42,6 @@ def rank_activation_bytes(num_targets: int, tokens: int, element_bytes: int, ran
     model adds this term for another: measured saved bytes are linear in the rank with exactly this slope,
     on an fp32 or a 4-bit base alike (tests/techniques/test_lora.py)."""
     return num_targets * tokens * element_bytes * rank
-
-
-def is_attention(name: str) -> bool:
-    """Whether the linear layer at qualified `name` sits inside an attention module."""
-    return any(word in part.lower() for part in name.split(".")[:-1] for word in ATTENTION_WORDS)
 
 
 # ---- apply side ------------------------------------------------------------------------------------------

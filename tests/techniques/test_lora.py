@@ -91,3 +91,15 @@ def test_saved_activations_grow_with_the_rank_as_the_memory_model_says(targets, 
                                                  batch)
     tokens = 3 * 20
     assert measured[12] - measured[4] == lora.rank_activation_bytes(num_targets, tokens, 4, 12 - 4)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "deberta-v2"])
+@pytest.mark.parametrize("targets", ["attention", "all-linear"])
+def test_the_profile_knows_every_layer_peft_adapts(model_type, targets):
+    from autofit.profiler import profile_model
+
+    model = tiny_model(model_type, "classification")
+    layer = next(b for b in profile_model(model, task="classification").blocks if b.kind == "layer")
+    chosen = [(x.out_features, x.in_features) for x in layer.linears if targets == "all-linear" or x.attention]
+    assert lora.adapter_numel(chosen * layer.count, 8) == lora.adapter_numel(
+        [shape for _, shape in lora.target_layers(model, targets)], 8)
