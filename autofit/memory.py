@@ -159,10 +159,21 @@ class PeakMoment:
         return self.activations + self.temporaries + self.gradients
 
 
-def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int, padded: bool,
-                     grads_held: bool) -> PeakMoment:
-    """Replay forward then backward; the moment of the highest total."""
-    kept, outputs, moments = _forward_walk(blocks, precision, batch, seq, padded)
+def _block_names(blocks: list[_Block]) -> list[str]:
+    """"embeddings", "layer 0", "layer 1", ..., "head": a label for each executed block."""
+    names, copies = [], {}
+    for b in blocks:
+        copies[b.profile.name] = copies.get(b.profile.name, -1) + 1
+        names.append(b.profile.name if b.profile.count == 1 else f"{b.profile.name} {copies[b.profile.name]}")
+    return names
+
+
+def _step_moments(blocks: list[_Block], precision: str, batch: int, seq: int, padded: bool,
+                  grads_held: bool) -> list[tuple[str, PeakMoment]]:
+    """Replay forward then backward: every moment that can be the peak, labelled, in the order they happen."""
+    names = _block_names(blocks)
+    kept, outputs, forward = _forward_walk(blocks, precision, batch, seq, padded)
+    moments = [("start", forward[0])] + [(f"forward {n}", m) for n, m in zip(names, forward[1:])]
     live, grads = sum(kept), 0.0
     for i in range(len(blocks) - 1, -1, -1):
         block = blocks[i]
@@ -171,12 +182,12 @@ def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
         acts = block.profile.activations[precision].at(batch, padded)
         # grads: those that exist before the block's backward; its transient includes the ones it makes (its
         # .grad, or, accumulating, fresh gradients waiting to be added in place)
-        moments.append(PeakMoment(live, _backward_transient(block, acts, outputs[i], batch, seq), grads,
-                                  "backward"))
+        moments.append((f"backward {names[i]}", PeakMoment(
+            live, _backward_transient(block, acts, outputs[i], batch, seq), grads, "backward")))
         if block.trainable and not grads_held:
             grads += block.profile.param_bytes
         live -= kept[i]
-    return max(moments, key=lambda m: m.total)
+    return moments
 
 
 def _forward_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
@@ -221,7 +232,8 @@ def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int, devi
     precision = knobs.precision.value
     weights, grads, state, trainable = param_state(profile, knobs)
     blocks = _expand(profile, knobs)
-    peak = _activation_walk(blocks, precision, batch, seq, padded, grads_held)
+    peak = max((m for _, m in _step_moments(blocks, precision, batch, seq, padded, grads_held)),
+               key=lambda m: m.total)
     acts, temps, walk_grads, phase = peak.activations, peak.temporaries, peak.gradients, peak.phase
     acts += input_bytes(profile, batch, seq)
     step_grads = grads if grads_held else walk_grads
@@ -289,28 +301,11 @@ def step_timeline(profile: Profile, knobs: Knobs, workload: Workload,
     batch, seq, padded, grads_held = shapes[at].batch, shapes[at].length, padding[at], shapes[at].grads_held
     precision = knobs.precision.value
     weights, grads, state, trainable = param_state(profile, knobs)
-    blocks = _expand(profile, knobs)
-    names, copies = [], {}
-    for b in blocks:  # "layer 0", "layer 1", ... for a block the model repeats
-        copies[b.profile.name] = copies.get(b.profile.name, -1) + 1
-        names.append(b.profile.name if b.profile.count == 1 else f"{b.profile.name} {copies[b.profile.name]}")
-    kept, outputs, forward = _forward_walk(blocks, precision, batch, seq, padded)
-    moments = [("start", forward[0])] + [(f"forward {n}", c) for n, c in zip(names, forward[1:])]
-    live, walk_grads = sum(kept), 0.0
-    for i in range(len(blocks) - 1, -1, -1):  # as _activation_walk's backward
-        block = blocks[i]
-        if not block.trainable and not block.needs_input_grad:
-            break
-        acts = block.profile.activations[precision].at(batch, padded)
-        transient = _backward_transient(block, acts, outputs[i], batch, seq)
-        moments.append((f"backward {names[i]}", (live, transient, walk_grads, "backward")))
-        if block.trainable and not grads_held:
-            walk_grads += block.profile.param_bytes
-        live -= kept[i]
+    moments = _step_moments(_expand(profile, knobs), precision, batch, seq, padded, grads_held)
     opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
     # the same sums, in the same order, as predict_step_peak: the peak's total must match to the byte
-    parts = [(label, acts + input_bytes(profile, batch, seq), temps, grads if grads_held else held, phase)
-             for label, (acts, temps, held, phase) in moments]
+    parts = [(label, m.activations + input_bytes(profile, batch, seq), m.temporaries,
+              grads if grads_held else m.gradients, m.phase) for label, m in moments]
     parts.append(("optimizer step", 0.0, opt_temps, grads, "optimizer"))  # activations and batch are gone
     timeline = []
     for label, acts, temps, step_grads, phase in parts:

@@ -141,6 +141,12 @@ class Plan(_Checked):
         """`step` is written for readers and derived again from the knobs and workload on the way in."""
         if isinstance(data, dict) and "step" in data:
             data = {k: v for k, v in data.items() if k != "step"}
+        if isinstance(data, dict) and isinstance(data.get("alternatives"), list):
+            # plan files written before alternatives named what they change (a sentence, "note"): a runner-up
+            # is advice, not part of the plan, so an old file still loads, without them
+            old = [a for a in data["alternatives"] if isinstance(a, dict) and "note" in a and "changed" not in a]
+            if old:
+                data = {**data, "alternatives": [a for a in data["alternatives"] if not any(a is o for o in old)]}
         return data
 
     @model_validator(mode="after")

@@ -43,6 +43,15 @@ def test_save_and_load_give_the_same_plan(plan, tmp_path):
     assert hash(loaded.knobs) == hash(plan.knobs)
 
 
+def test_a_plan_file_from_before_alternatives_named_their_changes_still_loads(plan, tmp_path):
+    data = json.loads(plan.to_json())
+    data["alternatives"] = [{"knobs": a["knobs"], "peak_bytes": a["peak_bytes"], "epoch_seconds": a["epoch_seconds"],
+                             "note": "with 8-bit AdamW: 1.2x slower"} for a in data["alternatives"]]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    loaded = Plan.load(tmp_path / "old.json")
+    assert loaded.alternatives == [] and loaded.knobs == plan.knobs and loaded.predicted == plan.predicted
+
+
 def test_the_json_holds_what_the_design_promises(plan, tmp_path):
     data = json.loads(plan.save(tmp_path / "plan.json").read_text())
     assert data["model_id"] == "tiny-bert" and data["budget_bytes"] == plan.budget_bytes

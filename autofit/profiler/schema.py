@@ -146,6 +146,21 @@ class TimeFit(BaseModel):
     backward: ShapeFit
 
 
+class LinearLayer(BaseModel):
+    """One linear layer of a block: what 4-bit storage and LoRA adapters are sized from."""
+
+    name: str
+    """Qualified name inside the block, e.g. `self_attn.q_proj`."""
+    out_features: int = Field(ge=1)
+    in_features: int = Field(ge=1)
+    attention: bool
+    """Inside the attention module (LoRA's `attention` targets)."""
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+
 class BlockProfile(BaseModel):
     """One part of the model: the embeddings, one transformer layer (repeated `count` times), or the head
     (everything after the last layer, including the loss)."""
@@ -170,6 +185,8 @@ class BlockProfile(BaseModel):
     """Keyed by precision name ("fp32", "bf16", "fp16")."""
     time: dict[str, TimeFit] = {}
     """Measured times keyed by precision; empty when profiled on the meta device."""
+    linears: list[LinearLayer] = []
+    """Layers only: the block's linear layers (nn.Linear, GPT-2's Conv1D), in module order."""
 
     @property
     def numel(self) -> int:
