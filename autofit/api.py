@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import set_seed
@@ -25,7 +25,7 @@ from autofit.plan import Plan
 from autofit.profiler import Profile
 from autofit.profiler.cache import cached_profile
 from autofit.profiler.profile import PRECISIONS, package_versions
-from autofit.search import alternatives, search
+from autofit.search import SearchResult, alternatives, search
 from autofit.search.space import PAD_MULTIPLE
 from autofit.techniques.accumulation import eval_micro_batches
 from autofit.techniques.bucketing import padded_length
@@ -82,6 +82,27 @@ def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, bat
     without it every example is `seq_len` tokens (default: the model's limit, at most 512; a longer
     `seq_len` than the model takes is refused). Raises search.NoPlanFitsError (with the smallest budget
     that fits) when nothing does."""
+    return plan_and_search(model, budget, seq_len=seq_len, batch_size=batch_size, data=data, policy=policy,
+                           task=task, device=device, tokenizer=tokenizer, text_column=text_column,
+                           num_samples=num_samples, n_trials=n_trials, storage=storage, profile=profile).plan
+
+
+class Planned(NamedTuple):
+    """A plan with what made it, for pictures and diagnosis: none of it is in the plan's JSON."""
+
+    plan: Plan
+    profile: Profile
+    """The profile the plan was searched on."""
+    search: SearchResult
+    """The search that chose it; `search.evaluated` holds every configuration it predicted."""
+
+
+def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, batch_size: int = 32,
+                    data: Any = None, policy: str = "balanced", task: str | None = None,
+                    device: str | DeviceSpec | None = None, tokenizer: Any = None,
+                    text_column: str | None = None, num_samples: int | None = None, n_trials: int | None = None,
+                    storage: str | None = None, profile: Profile | None = None) -> Planned:
+    """`plan`, returning the profile and the search result with the plan."""
     budget_bytes = parse_budget(budget)
     check_batch_size(batch_size)
     if n_trials is not None and n_trials < 1:
@@ -99,7 +120,8 @@ def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, bat
         lengths = _lengths(data, tokenizer, text_column, seq_len)
     workload = make_workload(profile.task, seq_len=seq_len, batch_size=batch_size, lengths=lengths,
                              num_samples=num_samples)
-    return plan_from_profile(profile, workload, budget_bytes, spec, policy, n_trials=n_trials, storage=storage)
+    found = search(profile, workload, spec, budget_bytes, policy, n_trials=n_trials, storage=storage)
+    return Planned(plan_from_search(profile, workload, budget_bytes, spec, found), profile, found)
 
 
 def _lengths(data: Any, tokenizer: Any, text_column: str | None, seq_len: int) -> list[int]:
@@ -113,6 +135,12 @@ def plan_from_profile(profile: Profile, workload: Workload, budget_bytes: int, d
                       storage: str | None = None) -> Plan:
     """Search the policy's knobs for `profile` on `workload` and wrap the answer as a Plan."""
     result = search(profile, workload, device, budget_bytes, policy, n_trials=n_trials, storage=storage)
+    return plan_from_search(profile, workload, budget_bytes, device, result)
+
+
+def plan_from_search(profile: Profile, workload: Workload, budget_bytes: int, device: DeviceSpec,
+                     result: SearchResult) -> Plan:
+    """The Plan a search's answer makes."""
     return Plan(
         model_id=profile.model_id, model_type=profile.model_type, num_layers=profile.num_layers,
         num_params=profile.num_params, task=profile.task, budget_bytes=budget_bytes, device=device,

@@ -19,6 +19,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from autofit import plots  # light: matplotlib is imported only to draw
+
 out = Console()
 err = Console(stderr=True)
 
@@ -162,12 +164,15 @@ def plan(
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage, e.g. sqlite:///study.db."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Save the plan as JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the predicted memory over a step (.png)."),
+    pareto: Optional[Path] = typer.Option(None, "--pareto", help="Draw every configuration searched (.png)."),
 ) -> None:
     """Find the fastest mix of memory-saving techniques that fits the budget."""
-    import autofit
+    from autofit.api import plan_and_search
     from autofit.models import load_tokenizer
     from autofit.report import plan_report
 
+    plots.check_paths(plot, pareto)  # before any work: a bad picture path or no matplotlib fails now
     rows = _load_data(data)
     tok = load_tokenizer(tokenizer) if tokenizer else None
     if tokenizer and tok is None:
@@ -176,17 +181,19 @@ def plan(
         tok = load_tokenizer(model)
         if tok is None:
             raise ValueError(f"--data needs a tokenizer and none for {model!r} is on this machine: pass --tokenizer")
-    result = autofit.plan(model, vram, seq_len=seq_len, batch_size=batch_size, data=rows, policy=policy,
-                          task=task, device=device, tokenizer=tok, text_column=text_column, n_trials=trials,
-                          storage=storage)
+    found = plan_and_search(model, vram, seq_len=seq_len, batch_size=batch_size, data=rows, policy=policy,
+                            task=task, device=device, tokenizer=tok, text_column=text_column, n_trials=trials,
+                            storage=storage)
+    result = found.plan
     if out_path is not None:
         result.save(out_path)
+    drawn = plots.save_plan_pictures(found, plot, pareto)
     if as_json:
         print(result.to_json())
     else:
         out.print(plan_report(result))
-        if out_path is not None:
-            out.print(f"saved to {out_path}", style="dim")
+        for path in ([out_path] if out_path is not None else []) + drawn:
+            out.print(f"saved to {path}", style="dim")
 
 
 @app.command()
@@ -211,11 +218,13 @@ def train(
     policy: str = typer.Option("balanced", "--policy"),
     seed: int = typer.Option(0, "--seed", help="Seeds the new head's weights, the step order and dropout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the losses and the peak memory (.png)."),
 ) -> None:
     """Train with a plan (or plan first with --vram), measuring the real peak memory."""
     import autofit
     from autofit.models import load_tokenizer, resolve_config
 
+    plots.check_paths(plot)
     if (plan_path is None) == (vram is None):
         raise ValueError("give exactly one of --plan and --vram")
     saved = _read_plan(plan_path) if plan_path is not None else None
@@ -231,6 +240,8 @@ def train(
                            policy=policy, max_length=max_length, text_column=text_column, output_dir=output_dir,
                            checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, seed=seed)
     out.print(_train_summary(result))
+    if plot is not None:
+        out.print(f"saved to {result.plot(plot)}", style="dim")
     if result.memory_warning:
         err.print("[red]warning:[/] " + _escape(result.memory_warning), soft_wrap=True, highlight=False)
 
@@ -264,16 +275,22 @@ def profile(
     task: Optional[str] = typer.Option(None, "--task"),
     seq_len: int = typer.Option(512, "--seq-len", min=1, help="Sequence length the table is shown at."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole Profile as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw bytes and time per layer (.png)."),
 ) -> None:
     """The per-layer table: params, grads, optimizer state, activation bytes per token, times."""
     from autofit.profiler import profile_model
     from autofit.report import profile_table
 
-    result = profile_model(model, task=task, timing=() if as_json else ("fp32",))
+    plots.check_paths(plot)
+    result = profile_model(model, task=task, timing=() if as_json and plot is None else ("fp32",))
     if as_json:
         print(result.model_dump_json(indent=2))
     else:
         out.print(profile_table(result, seq=seq_len))
+    if plot is not None:
+        path = plots.save_layers(result, plot, seq=seq_len)
+        if not as_json:  # stdout holds only the JSON
+            out.print(f"saved to {path}", style="dim")
 
 
 @app.command()

@@ -25,7 +25,8 @@ from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs, Precision
 from autofit.plan import TimePrediction
 from autofit.profiler.schema import BlockProfile, Profile
-from autofit.techniques.accumulation import epoch_micro_batches, steps_per_epoch
+from autofit.techniques.accumulation import epoch_micro_batches, padding_efficiency, steps_per_epoch
+from autofit.techniques import checkpointing, freeze
 from autofit.techniques.optimizer import state_bytes
 from autofit.workload import LengthHistogram, Workload
 
@@ -66,24 +67,17 @@ class BlockPasses:
 
 def block_passes(profile: Profile, knobs: Knobs) -> list[tuple[BlockProfile, BlockPasses]]:
     """Each block of the profile with the passes it runs under `knobs`."""
-    num_layers = profile.num_layers
-    frozen = min(knobs.freeze_layers, num_layers)
-    trainable = num_layers - frozen
-    # The first trainable layer's input needs a gradient only if the embeddings train.
-    full_layers = trainable if not knobs.freeze_embeddings else max(0, trainable - 1)
-    recompute = sum(1 for i in knobs.checkpoint_layers if frozen <= i < num_layers)
-    head_full = not knobs.freeze_embeddings or trainable > 0
+    recomputed = set(checkpointing.recomputed_layers(knobs, profile.num_layers))
+    copies = freeze.block_copies(profile.blocks, knobs)
     result = []
     for block in profile.blocks:
-        if block.kind == "embeddings":
-            # Ids need no gradient: a trainable embedding only accumulates its weight gradient.
-            passes = BlockPasses(block.count, 0, 0 if knobs.freeze_embeddings else block.count, 0)
-        elif block.kind == "layer":
-            passes = BlockPasses(block.count, full_layers, trainable - full_layers, recompute)
-        else:
-            passes = BlockPasses(block.count, block.count if head_full else 0,
-                                 0 if head_full else block.count, 0)
-        result.append((block, passes))
+        mine = [c for c in copies if c.block is block]
+        result.append((block, BlockPasses(
+            forward=block.count,
+            backward_full=sum(c.trains and c.needs_input_grad for c in mine),
+            backward_weights=sum(c.trains and not c.needs_input_grad for c in mine),  # ids take no gradient
+            recompute=sum(block.kind == "layer" and c.index in recomputed for c in mine),
+        )))
     return result
 
 
@@ -149,13 +143,10 @@ def trainable_tensors(profile: Profile, knobs: Knobs) -> tuple[list[int], list[i
     """(numels of every trainable parameter tensor, the subset that are embedding weights)."""
     numels: list[int] = []
     embeddings: list[int] = []
-    trainable_layers = len(knobs.trainable_layers(profile.num_layers))
-    for block in profile.blocks:
-        if block.kind == "embeddings" and knobs.freeze_embeddings:
-            continue
-        copies = trainable_layers if block.kind == "layer" else block.count
-        numels += block.param_numels * copies
-        embeddings += block.embedding_numels * copies
+    for copy in freeze.block_copies(profile.blocks, knobs):
+        if copy.trains:
+            numels += copy.block.param_numels
+            embeddings += copy.block.embedding_numels
     return numels, embeddings
 
 
@@ -185,8 +176,7 @@ def _epoch_shapes(lengths: tuple[int, ...], counts: tuple[int, ...], batch_size:
     knobs = Knobs(micro_batch_size=micro_batch, tokens_per_micro_batch=tokens, bucket_boundaries=boundaries,
                   pad_to_multiple_of=pad)
     shapes = epoch_micro_batches(knobs, hist, batch_size)
-    computed = sum(b * length * count for b, length, count in shapes)
-    return tuple((b, round(length), count) for b, length, count in shapes), hist.num_tokens / computed
+    return tuple((b, round(length), count) for b, length, count in shapes), padding_efficiency(knobs, hist, batch_size)
 
 
 def predict_time(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec) -> TimePrediction:

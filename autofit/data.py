@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from autofit.labels import DataError, class_labels
+from autofit.techniques.tokenization import encode_batched
 from autofit.workload import TOKEN_LEVEL_TASKS
 
 TEXT_PAIRS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
@@ -27,7 +28,6 @@ TEXT_PAIRS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "hy
 TEXT_COLUMNS = ("text", "sentence", "content")
 LABEL_COLUMNS = ("label", "labels")
 log = logging.getLogger("autofit")
-_BATCH = 1000  # texts per fast-tokenizer call: batched calls run in parallel in Rust
 
 
 class TokenizedData(BaseModel):
@@ -261,33 +261,20 @@ def _encode(tokenizer, texts: list[list[str]], max_length: int | None,
             truncation: bool) -> tuple[list[list[int]], list[list[int]] | None, int]:
     """(input_ids, token_type_ids or None, number truncated). Tokenizes untruncated first so that what
     truncation cuts is counted, then re-tokenizes only the too-long examples with truncation."""
-    ids, types = _batched(tokenizer, texts, None)
+    ids, types = encode_batched(tokenizer, texts, None)
     too_long = [i for i, row in enumerate(ids) if max_length is not None and len(row) > max_length]
     if too_long and not truncation:
         raise DataError(f"{len(too_long)} examples are longer than max_length={max_length} tokens "
                         f"(the longest has {max(len(ids[i]) for i in too_long)}); enable truncation "
                         "or raise --max-length up to the model's limit")
     if too_long:
-        cut_ids, cut_types = _batched(tokenizer, [[column[i] for i in too_long] for column in texts], max_length)
+        longest = [[column[i] for i in too_long] for column in texts]
+        cut_ids, cut_types = encode_batched(tokenizer, longest, max_length)
         for j, i in enumerate(too_long):
             ids[i] = cut_ids[j]
             if types is not None:
                 types[i] = cut_types[j]
     return ids, types, len(too_long)
-
-
-def _batched(tokenizer, texts: list[list[str]], max_length: int | None):
-    ids: list[list[int]] = []
-    types: list[list[int]] | None = []
-    for start in range(0, len(texts[0]), _BATCH):
-        chunk = [column[start:start + _BATCH] for column in texts]
-        enc = tokenizer(*chunk, truncation=max_length is not None, max_length=max_length, verbose=False)
-        ids.extend(enc["input_ids"])
-        if types is not None and "token_type_ids" in enc:
-            types.extend(enc["token_type_ids"])
-        else:
-            types = None
-    return ids, types
 
 
 def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None, label_column: str | None,

@@ -74,9 +74,6 @@ class Knobs(BaseModel):
             raise ValueError("bucket_boundaries must be sorted and unique")
         return self
 
-    def trainable_layers(self, num_layers: int) -> range:
-        return range(min(self.freeze_layers, num_layers), num_layers)
-
     def validate_for(self, num_layers: int) -> None:
         """Raise ValueError when these knobs cannot apply to a model with `num_layers` layers."""
         if self.freeze_layers > num_layers:

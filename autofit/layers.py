@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 class UnmappableModelError(ValueError):
@@ -126,3 +127,31 @@ def find_layout(model: nn.Module) -> ModelLayout:
     seen |= {id(p) for p in layers.parameters()}
     head_params = [p for p in model.parameters() if id(p) not in seen]
     return ModelLayout(layers, layers_path, embedding_modules, embedding_params, head_params)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) features of a linear layer: nn.Linear and its subclasses (bitsandbytes' Linear4bit), or
+    GPT-2's Conv1D; None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, Conv1D):
+        return module.nf, module.nx
+    return None
+
+
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The linear layers inside the transformer blocks, by qualified name: what 4-bit storage quantizes and
+    LoRA adapts."""
+    prefix = find_layout(model).layers_path + "."
+    return [(name, module) for name, module in model.named_modules()
+            if name.startswith(prefix) and linear_shape(module) is not None]
+
+
+ATTENTION_WORDS = ("attn", "attention")
+"""A linear layer belongs to attention when a module on its path is named like this: `self_attn.q_proj`
+(llama), `attention.self.query` (bert), `attn.c_attn` (gpt2), `attention.q_lin` (distilbert)."""
+
+
+def is_attention(name: str) -> bool:
+    """Whether the linear layer at qualified `name` sits inside an attention module."""
+    return any(word in part.lower() for part in name.split(".")[:-1] for word in ATTENTION_WORDS)

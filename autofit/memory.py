@@ -4,17 +4,29 @@ A training step is replayed block by block on paper, the way the allocator sees 
 
   forward    every block adds what it keeps for backward (nothing when frozen below the boundary, only its
              arguments when checkpointed); the running total plus the block's output, transient and
-             unsaved references is a candidate peak. Until the forward returns, the model's code also
-             holds the embeddings' output and autocast caches checkpointed layers' weight copies.
-  backward   blocks run top-down; the candidate is the running total + the gradients held before the
-             block + its measured backward transient, which holds the gradient flowing in, the block's
+             resident bytes is a candidate peak. Until the forward returns, the model's code also holds
+             the embeddings' output, and autocast leaves checkpointed layers' weight copies behind.
+  backward   blocks run top-down; the candidate is the running total + the gradients that exist before the
+             block + its measured backward transient, which includes the gradient flowing in, the block's
              own fresh gradients and, when checkpointed, its recompute.
   optimizer  weights + grads + state + the optimizer's temporaries.
 
 Batches without pad tokens use the profile's unpadded fits: models skip their attention mask then.
 
 Steady state is assumed: optimizer state exists (after step 1) and, where a step has several micro-batches,
-gradients already exist during every micro-batch but its first.
+gradients already exist during every micro-batch but its first (`grads_held`).
+
+Glossary (the profile's BlockActivations fields carry the same names):
+  kept       bytes a block's forward saves for its backward (autograd's saved tensors; fits `saved`,
+             `saved_first_trainable`); they stay until the block's backward.
+  live       the running total of kept bytes at a moment of the step.
+  held       the embeddings' output, which the model's code references until its forward returns.
+  resident   bytes alive at a block's end that no op saved and that are not its output (earlier hidden
+             states the model's code still references).
+  leftover   what a checkpointed layer's forward leaves beyond its output until the forward returns
+             (autocast's weight copies).
+  transient  temporaries above the running total while one block's forward or backward runs.
+  grads_held gradients of earlier micro-batches of the step already exist when this one runs.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs
 from autofit.plan import MemoryBreakdown
 from autofit.profiler.schema import BlockActivations, BlockProfile, Profile
-from autofit.techniques import accumulation, optimizer
+from autofit.techniques import accumulation, checkpointing, freeze, optimizer
 from autofit.workload import Workload
 
 INDEX_BYTES = 8  # input_ids / attention_mask / token labels are int64
@@ -48,20 +60,14 @@ class _Block:
 
 
 def _expand(profile: Profile, knobs: Knobs) -> list[_Block]:
-    blocks: list[_Block] = []
-    below_trainable = False  # does anything below the current block train?
+    recomputed = set(checkpointing.recomputed_layers(knobs, profile.num_layers))
     head_tied = profile.blocks[-1].tied_embedding_bytes
-    for block in profile.blocks:
-        for index in range(block.count):
-            if block.kind == "embeddings":
-                trainable, ckpt = not knobs.freeze_embeddings, False
-            elif block.kind == "layer":
-                trainable, ckpt = index >= knobs.freeze_layers, index in knobs.checkpoint_layers
-            else:
-                trainable, ckpt = True, False
-            tied = head_tied if knobs.freeze_embeddings and block.kind == "layer" else 0
-            blocks.append(_Block(block, trainable, below_trainable, ckpt and trainable, frozen_tied_bytes=tied))
-            below_trainable = below_trainable or trainable
+    blocks: list[_Block] = []
+    for copy in freeze.block_copies(profile.blocks, knobs):
+        is_layer = copy.block.kind == "layer"
+        tied = head_tied if knobs.freeze_embeddings and is_layer else 0
+        blocks.append(_Block(copy.block, copy.trains, copy.needs_input_grad, is_layer and copy.index in recomputed,
+                             frozen_tied_bytes=tied))
     lowest = next((b for b in blocks if b.checkpointed), None)
     if lowest is not None:
         lowest.keeps_checkpoint_args = True
@@ -98,11 +104,18 @@ def input_bytes(profile: Profile, batch: int, seq: int) -> int:
     return 2 * batch * seq * INDEX_BYTES + label_bytes
 
 
+EMBEDDINGS, FIRST_LAYER = 0, 1
+"""Positions in the expanded block list: the embeddings come first, layer 0 right after them."""
+
+
 def _held_bytes(blocks: list[_Block], precision: str, batch: int, seq: int, padded: bool) -> float:
     """The embeddings' output the model's code keeps through the forward, when no trainable layer 0 saves it."""
-    if len(blocks) < 2 or blocks[1].profile.kind != "layer" or blocks[1].trainable or blocks[1].needs_input_grad:
+    if len(blocks) <= FIRST_LAYER:
         return 0.0
-    return blocks[0].profile.activations[precision].at(batch, padded).held(batch, seq)
+    layer0 = blocks[FIRST_LAYER]
+    if layer0.profile.kind != "layer" or layer0.trainable or layer0.needs_input_grad:
+        return 0.0
+    return blocks[EMBEDDINGS].profile.activations[precision].at(batch, padded).held(batch, seq)
 
 
 def _forward_transient(block: _Block, acts: BlockActivations, batch: int, seq: int) -> float:
@@ -128,62 +141,88 @@ def _backward_transient(block: _Block, acts: BlockActivations, grad_out: float, 
                                         acts.backward_transient(batch, seq))
 
 
-Candidate = tuple[float, float, float, str]
-"""(activations, temporaries, gradients, phase) at one moment of the step."""
+@dataclass(frozen=True)
+class PeakMoment:
+    """The bytes beyond weights and optimizer state at one moment of the step: a candidate for its peak."""
+
+    activations: float
+    """Kept bytes live at this moment."""
+    temporaries: float
+    """Transient bytes on top (the running block's output, workspaces, gradients flowing through)."""
+    gradients: float
+    """Parameter gradients that exist at this moment."""
+    phase: str
+    """"forward" or "backward"."""
+
+    @property
+    def total(self) -> float:
+        return self.activations + self.temporaries + self.gradients
 
 
-def _activation_walk(blocks: list[_Block], precision: str, batch: int, seq: int, padded: bool,
-                     grads_held: bool) -> Candidate:
-    """Replay forward then backward. Returns (activations, temporaries, grads) at the peak, and its phase."""
-    kept, outputs, candidates = _forward_walk(blocks, precision, batch, seq, padded)
+def _block_names(blocks: list[_Block]) -> list[str]:
+    """"embeddings", "layer 0", "layer 1", ..., "head": a label for each executed block."""
+    names, copies = [], {}
+    for b in blocks:
+        copies[b.profile.name] = copies.get(b.profile.name, -1) + 1
+        names.append(b.profile.name if b.profile.count == 1 else f"{b.profile.name} {copies[b.profile.name]}")
+    return names
+
+
+def _step_moments(blocks: list[_Block], precision: str, batch: int, seq: int, padded: bool,
+                  grads_held: bool) -> list[tuple[str, PeakMoment]]:
+    """Replay forward then backward: every moment that can be the peak, labelled, in the order they happen."""
+    names = _block_names(blocks)
+    kept, outputs, forward = _forward_walk(blocks, precision, batch, seq, padded)
+    moments = [("start", forward[0])] + [(f"forward {n}", m) for n, m in zip(names, forward[1:])]
     live, grads = sum(kept), 0.0
     for i in range(len(blocks) - 1, -1, -1):
         block = blocks[i]
         if not block.trainable and not block.needs_input_grad:
             break  # nothing below the boundary runs backward
         acts = block.profile.activations[precision].at(batch, padded)
-        # grads: those held before the block's backward; the transient holds the ones it makes (its .grad,
-        # or, accumulating, fresh gradients waiting to be added in place)
-        candidates.append((live, _backward_transient(block, acts, outputs[i], batch, seq), grads, "backward"))
+        # grads: those that exist before the block's backward; its transient includes the ones it makes (its
+        # .grad, or, accumulating, fresh gradients waiting to be added in place)
+        moments.append((f"backward {names[i]}", PeakMoment(
+            live, _backward_transient(block, acts, outputs[i], batch, seq), grads, "backward")))
         if block.trainable and not grads_held:
             grads += block.profile.param_bytes
         live -= kept[i]
-    return max(candidates, key=lambda c: sum(c[:3]))
+    return moments
 
 
 def _forward_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
-                  padded: bool) -> tuple[list[float], list[float], list[Candidate]]:
+                  padded: bool) -> tuple[list[float], list[float], list[PeakMoment]]:
     """(bytes each block keeps for backward, each block's output, the forward's peak candidates)."""
     kept: list[float] = []
     outputs: list[float] = []
-    candidates: list[Candidate] = [(0.0, 0.0, 0.0, "forward")]
+    moments = [PeakMoment(0.0, 0.0, 0.0, "forward")]
     held = _held_bytes(blocks, precision, batch, seq, padded)
     live = previous_output = shared = 0.0
-    for index, block in enumerate(blocks):
+    for position, block in enumerate(blocks):
         acts = block.profile.activations[precision].at(batch, padded)
         k = _kept_bytes(block, previous_output, acts, batch, seq)
         if block.keeps_checkpoint_args and acts.checkpoint_args is not None:
             shared = acts.checkpoint_args(batch, seq)
         # live until the model's forward returns: autocast's weight copies of a checkpointed layer
-        if block.checkpointed and acts.checkpointed_leftover is not None:
-            k_forward = k + acts.checkpointed_leftover(batch, seq)
-        else:
-            k_forward = k
+        leftover = acts.checkpointed_leftover(batch, seq) if (
+            block.checkpointed and acts.checkpointed_leftover is not None) else 0.0
         out = acts.output(batch, seq)
         # a frozen block's input is live while it runs though nothing keeps it (layer 0's may be `held`)
         runs_autograd = block.trainable or block.needs_input_grad
-        unkept_input = 0.0 if runs_autograd else max(0.0, previous_output - (held if index == 1 else 0.0))
-        # at the block's end: everything kept so far, its output, what the model's code still references
-        # unsaved (resident); its transient sits on top. The arguments checkpointing keeps (masks) are
-        # what the model's code references anyway until its forward returns: counted once.
+        input_held = held if position == FIRST_LAYER else 0.0
+        unkept_input = 0.0 if runs_autograd else max(0.0, previous_output - input_held)
+        # at the block's end: everything kept so far, its output, its resident bytes; its transient sits on
+        # top. The arguments checkpointing keeps (masks) are what the model's code references anyway until
+        # its forward returns: counted once.
         resident = max(0.0, acts.resident(batch, seq) - shared)
-        candidates.append((live + k_forward, out + _forward_transient(block, acts, batch, seq)
-                           + resident + unkept_input, 0.0, "forward"))
-        live += k_forward + (held if index == 0 else 0.0)
+        k_forward = k + leftover
+        moments.append(PeakMoment(live + k_forward, out + _forward_transient(block, acts, batch, seq)
+                                  + resident + unkept_input, 0.0, "forward"))
+        live += k_forward + (held if position == EMBEDDINGS else 0.0)
         kept.append(k)
         outputs.append(out)
         previous_output = out
-    return kept, outputs, candidates
+    return kept, outputs, moments
 
 
 def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int, device: DeviceSpec,
@@ -193,7 +232,9 @@ def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int, devi
     precision = knobs.precision.value
     weights, grads, state, trainable = param_state(profile, knobs)
     blocks = _expand(profile, knobs)
-    acts, temps, walk_grads, phase = _activation_walk(blocks, precision, batch, seq, padded, grads_held)
+    peak = max((m for _, m in _step_moments(blocks, precision, batch, seq, padded, grads_held)),
+               key=lambda m: m.total)
+    acts, temps, walk_grads, phase = peak.activations, peak.temporaries, peak.gradients, peak.phase
     acts += input_bytes(profile, batch, seq)
     step_grads = grads if grads_held else walk_grads
     opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
@@ -243,3 +284,34 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
     overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
     return MemoryBreakdown(weights=int(weights), gradients=0, optimizer_state=int(state), activations=0,
                            temporaries=int(worst), overhead=int(overhead), peak_phase="forward", peak_shape=at)
+
+
+def step_timeline(profile: Profile, knobs: Knobs, workload: Workload,
+                  device: DeviceSpec) -> list[tuple[str, MemoryBreakdown]]:
+    """Every moment `predict_peak` weighs for the micro-batch that sets its peak, in the order they happen:
+    the step's start, the end of each block's forward, each block's backward (top-down, down to the frozen
+    boundary), the optimizer step. Each comes with a label ("forward layer 3") and the bytes live then, by
+    what holds them; its peak_phase is the moment's own phase. The largest total is predict_peak's
+    peak_bytes: these are predict_step_peak's candidates, all kept instead of only the largest."""
+    shapes = accumulation.memory_shapes(knobs, workload.lengths, workload.batch_size)
+    padding = [s.padded or not workload.from_data for s in shapes]
+    peaks = [predict_step_peak(profile, knobs, s.batch, s.length, device, p, s.grads_held).peak_bytes
+             for s, p in zip(shapes, padding)]
+    at = peaks.index(max(peaks))  # the first of equal peaks, as predict_peak's max() picks
+    batch, seq, padded, grads_held = shapes[at].batch, shapes[at].length, padding[at], shapes[at].grads_held
+    precision = knobs.precision.value
+    weights, grads, state, trainable = param_state(profile, knobs)
+    moments = _step_moments(_expand(profile, knobs), precision, batch, seq, padded, grads_held)
+    opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
+    # the same sums, in the same order, as predict_step_peak: the peak's total must match to the byte
+    parts = [(label, m.activations + input_bytes(profile, batch, seq), m.temporaries,
+              grads if grads_held else m.gradients, m.phase) for label, m in moments]
+    parts.append(("optimizer step", 0.0, opt_temps, grads, "optimizer"))  # activations and batch are gone
+    timeline = []
+    for label, acts, temps, step_grads, phase in parts:
+        allocated = weights + step_grads + state + acts + temps
+        overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
+        timeline.append((label, MemoryBreakdown(
+            weights=int(weights), gradients=int(step_grads), optimizer_state=int(state), activations=int(acts),
+            temporaries=int(temps), overhead=int(overhead), peak_phase=phase, peak_shape=(batch, seq))))
+    return timeline

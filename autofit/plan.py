@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_fie
 
 from autofit.budget import MAX_BUDGET_BYTES, MIN_BUDGET_BYTES
 from autofit.devices import DeviceSpec
+from autofit.intmath import ceil_div
 from autofit.knobs import Knobs, Precision
 from autofit.techniques.accumulation import StepLayout, step_layout
 from autofit.workload import Task, Workload
@@ -89,14 +90,18 @@ class TimePrediction(_Checked):
     """True when per-block times were measured on the target device kind; False when estimated from FLOPs."""
 
 
+Technique = Literal["freezing", "checkpointing", "precision", "optimizer", "micro-batch", "padding"]
+"""The knobs grouped by the technique that owns them, as a plan reports them."""
+
+
 class Alternative(_Checked):
-    """A runner-up plan, summarised so a person can weigh it against the chosen one."""
+    """A runner-up plan: its knobs and predictions, and which techniques it sets differently from the chosen
+    plan (report.py words it: "with 8-bit AdamW: 1.2x slower, 14.1 GB")."""
 
     knobs: Knobs
     peak_bytes: int = Field(ge=0)
     epoch_seconds: float = Field(ge=0)
-    note: str
-    """One line, e.g. "without 8-bit states: 1.2x slower, 14.1 GB"."""
+    changed: list[Technique] = Field(min_length=1)
 
 
 class SearchInfo(_Checked):
@@ -136,6 +141,12 @@ class Plan(_Checked):
         """`step` is written for readers and derived again from the knobs and workload on the way in."""
         if isinstance(data, dict) and "step" in data:
             data = {k: v for k, v in data.items() if k != "step"}
+        if isinstance(data, dict) and isinstance(data.get("alternatives"), list):
+            # plan files written before alternatives named what they change (a sentence, "note"): a runner-up
+            # is advice, not part of the plan, so an old file still loads, without them
+            old = [a for a in data["alternatives"] if isinstance(a, dict) and "note" in a and "changed" not in a]
+            if old:
+                data = {**data, "alternatives": [a for a in data["alternatives"] if not any(a is o for o in old)]}
         return data
 
     @model_validator(mode="after")
@@ -207,7 +218,7 @@ class Plan(_Checked):
         args: dict[str, Any] = dict(
             output_dir=output_dir,
             per_device_train_batch_size=micro,
-            gradient_accumulation_steps=-(-self.batch_size // micro),
+            gradient_accumulation_steps=ceil_div(self.batch_size, micro),
             gradient_checkpointing=bool(k.checkpoint_layers),
             gradient_checkpointing_kwargs={"use_reentrant": False} if k.checkpoint_layers else None,
             fp16=k.precision == Precision.fp16,

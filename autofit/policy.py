@@ -1,6 +1,6 @@
 """Policies: which knobs the search may turn, how far, what it optimises and how much risk it accepts.
 
-A policy is a small YAML file (shipped ones live in `autofit/policies/`), validated by pydantic. The search
+A policy is a small YAML file (shipped ones live in `policies/` at the top of the repository, installed as `autofit/policies/`), validated by pydantic. The search
 reads it; nothing else does. Conventions a policy relies on:
 
 - Freezing is a depth: embeddings first, then the bottom `k` layers (frozen layers need frozen embeddings).
@@ -24,8 +24,10 @@ from autofit.budget import MAX_BUDGET_BYTES, parse_size
 from autofit.knobs import Knobs, Precision
 
 
-POLICY_DIR = Path(__file__).parent / "policies"
-"""Shipped policies: a plain folder next to this module, read by path like the catalog."""
+POLICY_DIR = next((d for d in (Path(__file__).parent / "policies", Path(__file__).parent.parent / "policies")
+                   if d.is_dir()), Path(__file__).parent / "policies")
+"""Shipped policies, read by path like the catalog: `autofit/policies/` in an installed wheel (pyproject maps the
+repository's top-level `policies/` there), the top-level `policies/` itself in a source checkout."""
 
 
 class PolicyError(ValueError):

@@ -7,7 +7,8 @@ from rich.table import Table
 from rich.text import Text
 
 from autofit.budget import format_bytes
-from autofit.plan import Plan
+from autofit.knobs import Knobs
+from autofit.plan import Alternative, Plan, Technique
 from autofit.profiler.schema import Profile
 
 
@@ -19,25 +20,50 @@ def _seconds(s: float) -> str:
     return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s"
 
 
-def describe_knobs(plan: Plan) -> list[tuple[str, str]]:
-    k, n = plan.knobs, plan.num_layers
-    frozen = "none"
+def _span(ids: tuple[int, ...]) -> str:
+    return f"{ids[0]}-{ids[-1]}" if list(ids) == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
+
+
+def describe_knobs(k: Knobs, num_layers: int) -> dict[Technique, str]:
+    """Each technique's setting in words, keyed by technique: the one place a plan's knobs are phrased."""
+    freezing = "no freezing"
     if k.freeze_embeddings:
-        frozen = "embeddings" + (f" + bottom {k.freeze_layers}/{n} layers" if k.freeze_layers else "")
-    ckpt = "none"
+        freezing = "freeze embeddings" + (f" + bottom {k.freeze_layers}/{num_layers} layers" if k.freeze_layers
+                                          else "")
+    checkpointing = "no checkpointing"
     if k.checkpoint_layers:
-        ids = k.checkpoint_layers
-        span = f"{ids[0]}-{ids[-1]}" if list(ids) == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
-        ckpt = f"{len(ids)}/{n} layers ({span})"
-    buckets = ", ".join(map(str, k.bucket_boundaries)) if k.bucket_boundaries else "none (dynamic padding)"
-    return [
-        ("freeze", frozen),
-        ("gradient checkpointing", ckpt),
-        ("precision", k.precision.value + (" + grad scaler" if k.precision.value == "fp16" else "")),
-        ("optimizer", "AdamW 8-bit (bitsandbytes)" if k.optimizer_bits == 8 else "AdamW 32-bit"),
-        ("step", describe_step(plan)),
-        ("length buckets", buckets),
-    ]
+        checkpointing = f"checkpoint {len(k.checkpoint_layers)}/{num_layers} layers ({_span(k.checkpoint_layers)})"
+    padding = "dynamic padding"
+    if k.bucket_boundaries:
+        padding = f"{len(k.bucket_boundaries)} length buckets ({', '.join(map(str, k.bucket_boundaries))})"
+        padding += f", {k.tokens_per_micro_batch}-token budget" if k.tokens_per_micro_batch else ""
+    return {
+        "freezing": freezing,
+        "checkpointing": checkpointing,
+        "precision": k.precision.value + (" + grad scaler" if k.precision.value == "fp16" else ""),
+        "optimizer": "8-bit AdamW (bitsandbytes)" if k.optimizer_bits == 8 else "32-bit AdamW",
+        "micro-batch": f"micro-batches of up to {k.micro_batch_size}",
+        "padding": padding,
+    }
+
+
+def knobs_line(k: Knobs, num_layers: int) -> str:
+    """All knobs on one line, e.g. "freeze embeddings, checkpoint 6/6 layers (0-5), bf16, 8-bit AdamW ..."."""
+    return ", ".join(describe_knobs(k, num_layers).values())
+
+
+def _speed(ratio: float) -> str:
+    if abs(ratio - 1.0) < 0.005:
+        return "same speed"
+    return f"{ratio:.2f}x slower" if ratio > 1 else f"{1 / ratio:.2f}x faster"
+
+
+def describe_alternative(alternative: Alternative, plan: Plan) -> str:
+    """One line weighing a runner-up against the chosen plan, e.g. "with 8-bit AdamW: 1.20x slower, 14.1 GB"."""
+    words = describe_knobs(alternative.knobs, plan.num_layers)
+    changes = " and ".join(words[t] for t in alternative.changed)
+    speed = _speed(alternative.epoch_seconds / plan.time.epoch_seconds) if plan.time.epoch_seconds else "?"
+    return f"with {changes}: {speed}, {format_bytes(alternative.peak_bytes)}"
 
 
 def describe_step(plan: Plan) -> str:
@@ -64,8 +90,12 @@ def plan_report(plan: Plan) -> Group:
     title = (f"[bold]{plan.model_id}[/] ({plan.num_params / 1e6:.0f}M params) on {plan.device.name}, "
              f"budget {format_bytes(plan.budget_bytes)}, policy {plan.policy}")
     knobs = Table(title="knobs", show_header=False, box=None, padding=(0, 2))
-    for name, value in describe_knobs(plan):
-        knobs.add_row(name, value)
+    words = describe_knobs(plan.knobs, plan.num_layers)
+    for technique, value in words.items():
+        if technique == "micro-batch":
+            knobs.add_row("step", describe_step(plan))
+        else:
+            knobs.add_row(technique, value)
     mem = Table(title=f"predicted peak ({m.peak_phase}, micro-batch {m.peak_shape[0]}x{m.peak_shape[1]})",
                 show_header=False, box=None, padding=(0, 2))
     for name in ("weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead"):
@@ -81,7 +111,7 @@ def plan_report(plan: Plan) -> Group:
     if plan.alternatives:
         alt = Table(title="alternatives", show_header=False, box=None, padding=(0, 2))
         for a in plan.alternatives:
-            alt.add_row("•", a.note)
+            alt.add_row("•", describe_alternative(a, plan))
         parts.append(alt)
     if plan.search:
         parts.append(Text(f"searched {plan.search.trials} trials in {plan.search.seconds:.1f} s", style="dim"))

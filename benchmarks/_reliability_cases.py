@@ -35,6 +35,9 @@ EXPECTATIONS = (REFUSE, NO_FIT, WARN, EITHER, OK)
 
 WORDS = [f"w{i}" for i in range(40)]
 MISSING = object()  # a mutation that deletes the field
+HUGE_MICRO_BATCH = 10**9
+"""The "huge" micro-batch of plan-file mutations: above autofit.knobs.MAX_MICRO_BATCH (2**20), so a plan holding
+it must be refused; a plain int (unlike the 10**30 of other integer fields) so only the range check catches it."""
 
 
 @dataclass(frozen=True)
@@ -577,7 +580,7 @@ FIELD_KINDS: dict[str, str] = {
     "search.storage": "info",
     "alternatives": "alternatives", "alternatives.0.peak_bytes": "pred_bytes",
     "alternatives.0.epoch_seconds": "seconds",
-    "alternatives.0.note": "info",
+    "alternatives.0.changed": "info",
 }
 # Sections the run is driven by: their fields get the CLI too (the others, reports, through the API only,
 # except the NaN/negative mutations, which the CLI checks everywhere).
@@ -677,7 +680,7 @@ def _mutations(path: str, value: Any, has_cuda: bool = False) -> list[tuple[str,
     is_int = isinstance(value, int) or kind not in ("seconds", "rate", "fraction")
     huge = 10**30 if is_int else 1e308
     if kind == "micro_batch":
-        huge = 10**9
+        huge = HUGE_MICRO_BATCH
     special = {"zero": 0, "huge": huge, "one": 1, "minus_eight": -8, "sixteen": 16,
                "off_by_one": (value or 0) + 1}
     for name, expect in rules.items():

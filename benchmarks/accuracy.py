@@ -41,6 +41,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 
+from autofit.intmath import ceil_div
 from benchmarks._common import environment, quiet_libraries, table, torch_threads, write_result
 
 VOCAB = 1000
@@ -218,7 +219,7 @@ def run(archs: list[str], knob_names: list[str], seqs: tuple[int, ...], batches:
             result = run_plan(build_model(arch), plan, data, max_steps=steps, quiet=True)
             if result.fallbacks:
                 raise RuntimeError(f"{arch} {knobs}: the run fell back ({result.fallbacks[0].summary})")
-            expected = -(-batch // knobs.micro_batch_size)
+            expected = ceil_div(batch, knobs.micro_batch_size)
             if any((r.samples, r.micro_batches) != (batch, expected) for r in result.history):
                 raise RuntimeError(f"{arch} {knobs}: steps of {batch} examples should run as {expected} "
                                    f"micro-batches, got {[(r.samples, r.micro_batches) for r in result.history]}")

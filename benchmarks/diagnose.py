@@ -314,8 +314,8 @@ def oracle_profile(profile, model, shape: tuple[int, int], *, real: bool):
 
     from autofit.layers import find_layout
     from autofit.profiler.measure_blocks import measure_memory, prepared
-    from autofit.profiler.profile import QUANTITIES, _fake_twin
-    from autofit.profiler.schema import ShapeFit
+    from autofit.profiler.profile import _fake_twin
+    from autofit.profiler.schema import MEASURED_QUANTITIES, ShapeFit
 
     samples = {}
     if real:
@@ -332,7 +332,7 @@ def oracle_profile(profile, model, shape: tuple[int, int], *, real: bool):
     blocks = []
     for block in profile.blocks:
         acts = {p: block.activations[p].model_copy(update={
-            q: ShapeFit(const=getattr(samples[p], q)[block.kind]) for q in QUANTITIES}) for p in block.activations}
+            q: ShapeFit(const=getattr(samples[p], q)[block.kind]) for q in MEASURED_QUANTITIES}) for p in block.activations}
         blocks.append(block.model_copy(update={"activations": acts}))
     return profile.model_copy(update={"blocks": blocks})
 

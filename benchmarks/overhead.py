@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from autofit.intmath import ceil_div, round_up
 from benchmarks._common import machine_info, torch_threads, write_result
 from benchmarks.padding import StepClock, epoch_pieces, hand_plan, skewed_lengths, small_bert, token_data
 
@@ -64,7 +65,7 @@ KINDS = ("hand", "autofit", "trainer")
 def collate(features: list[dict]) -> dict[str, torch.Tensor]:
     """A minimal DataCollatorWithPadding: right-pad to the batch's longest, rounded up to a multiple of 8."""
     longest = max(len(f["input_ids"]) for f in features)
-    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    width = round_up(longest, PAD_MULTIPLE)
     ids = torch.zeros((len(features), width), dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
     for i, f in enumerate(features):
@@ -84,7 +85,7 @@ def check_trainer_alignment(windows: list[list[list[int]]], micro_batch: int, ba
     """The Trainer batches the flattened example order `micro_batch` at a time, ceil(batch / micro) batches
     a step: it trains the same micro-batches and steps only when every step is full and every micro-batch
     holds exactly `micro_batch` examples. Raise ValueError otherwise (a benchmark setup error)."""
-    per_step = -(-batch_size // micro_batch)
+    per_step = ceil_div(batch_size, micro_batch)
     for number, window in enumerate(windows):
         sizes = [len(batch) for batch in window]
         if sum(sizes) != batch_size or len(window) != per_step or any(size != micro_batch for size in sizes):

@@ -40,6 +40,7 @@ import time
 import warnings
 from pathlib import Path
 
+from autofit.intmath import round_up
 from benchmarks._common import machine_info, torch_threads, write_result
 from benchmarks.padding import StepClock, hand_plan, small_bert, token_data
 
@@ -108,7 +109,7 @@ def choose_budgets(peaks: list[int], quick: bool) -> list[int]:
     fractions = (0.0, 0.5) if quick else (0.0, 1 / 3, 2 / 3, 1.0)
     raw = [tight * (loose / tight) ** f for f in fractions]
     quarter = MIB // 4
-    return sorted({int(-(-b // quarter) * quarter) for b in raw})
+    return sorted({int(round_up(b, quarter)) for b in raw})
 
 
 class Bench:

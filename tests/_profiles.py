@@ -2,6 +2,7 @@
 
 import random
 
+from autofit.plan import Plan
 from autofit.profiler.schema import BlockActivations, BlockProfile, Profile, ShapeFit
 from autofit.workload import LengthHistogram, Workload
 
@@ -45,3 +46,21 @@ def skewed_workload(n=2000, batch_size=32, seed=0) -> Workload:
     rng = random.Random(seed)
     lengths = [min(512, 8 + int(rng.expovariate(1 / 60))) for _ in range(n)]
     return Workload(lengths=LengthHistogram.from_lengths(lengths), batch_size=batch_size)
+
+
+def searched_plan(policy: str = "quality-first", budget_mb: int = 700) -> Plan:
+    """A real plan: a search on a hand-built 4-layer profile for an A100, with its alternatives."""
+    from autofit.devices import get_device
+    from autofit.search import alternatives, search
+
+    a100 = get_device("a100")
+    profile = make_profile(hidden=128, layers=4, vocab=4000)
+    workload = skewed_workload(n=300, batch_size=16)
+    budget = budget_mb * 2**20
+    result = search(profile, workload, a100, budget, policy)
+    return Plan(model_id=profile.model_id, model_type=profile.model_type, num_layers=profile.num_layers,
+                num_params=profile.num_params, task=profile.task, budget_bytes=budget, device=a100,
+                policy=result.policy, headroom_bytes=result.headroom_bytes, knobs=result.knobs,
+                predicted=result.memory, time=result.time, workload=workload, alternatives=alternatives(result),
+                search=result.info(), profile_device=profile.device,
+                versions={"autofit": "0.1.0", "torch": "2.13.0"}, created="2026-01-01T00:00:00Z")

@@ -3,10 +3,8 @@
 The memory model (autofit.memory.predict_peak, fed by the fake-tensor profile) and the measurement
 (autofit.measure, a live-tensor tracker used by the executor) are independent code: they must agree."""
 
-import importlib.util
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,11 +20,8 @@ from autofit.plan import Plan
 from autofit.profiler import profile_model
 from autofit.workload import LengthHistogram
 
-_spec = importlib.util.spec_from_file_location(
-    "_executor_helpers", Path(__file__).resolve().parent / "executor" / "conftest.py")
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-tiny_model, token_data = _helpers.tiny_model, _helpers.token_data
+from _tiny import short_model as tiny_model
+from _tiny import token_data
 
 # A tiny BERT, a little wider than the executor's (hidden 64), so that every memory term is visible:
 # three layers to freeze and checkpoint, matrices of >= 4096 elements for 8-bit AdamW.

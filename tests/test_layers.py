@@ -1,6 +1,3 @@
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -16,10 +13,7 @@ from autofit.memory import predict_step_peak
 from autofit.profiler import profile_model
 from autofit.techniques import freeze
 
-_spec = importlib.util.spec_from_file_location("_tiny_models", Path(__file__).parent / "techniques" / "_tiny.py")
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
-TINY, tiny_model, random_batch = _tiny.TINY, _tiny.tiny_model, _tiny.random_batch
+from _tiny import TINY, random_batch, tiny_model
 
 LAYERS_PATH = {"bert": "bert.encoder.layer", "roberta": "roberta.encoder.layer",
                "electra": "electra.encoder.layer", "distilbert": "distilbert.transformer.layer",

@@ -6,8 +6,9 @@ from transformers import CONFIG_MAPPING, PretrainedConfig
 from autofit.limits import DEFAULT_SEQ_LEN, SeqLenError, check_config, check_seq_len, max_sequence_length, usable_length
 from autofit.models import resolve_config
 
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
-                 max_position_embeddings=64)
+from _tiny import short_config
+
+TINY_BERT = short_config("bert")
 
 
 def _tiny(spec: dict, **overrides):

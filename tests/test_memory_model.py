@@ -5,6 +5,7 @@ import itertools
 import pytest
 
 from autofit.devices import get_device
+from autofit.intmath import ceil_div
 from autofit.knobs import Knobs, Precision
 from autofit.memory import input_bytes, param_state, predict_peak, predict_step_peak
 from autofit.techniques.accumulation import step_layout
@@ -264,9 +265,13 @@ def test_32bit_state_is_8_bytes_per_parameter():
     assert state_bytes(numels, [], 32) == 8 * sum(numels)
 
 
-@pytest.mark.parametrize("numel", [BNB_MIN_8BIT_SIZE, BNB_MIN_8BIT_SIZE + 1, 65536, 1_000_003])
+PRIME_NUMEL = 1_000_003
+"""A prime: not a multiple of the 256-element block, so its last block is partly full and still has a scale."""
+
+
+@pytest.mark.parametrize("numel", [BNB_MIN_8BIT_SIZE, BNB_MIN_8BIT_SIZE + 1, 65536, PRIME_NUMEL])
 def test_8bit_state_is_2_bytes_per_parameter_plus_block_scales(numel):
-    blocks = -(-numel // BNB_BLOCK_SIZE)
+    blocks = ceil_div(numel, BNB_BLOCK_SIZE)
     # two moments, each 1 byte per element plus one fp32 scale per 256-element block
     assert state_bytes([numel], [], 8) == 2 * numel + 2 * 4 * blocks
     assert state_bytes([numel], [], 8) < 8 * numel / 3.9

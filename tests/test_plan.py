@@ -8,11 +8,10 @@ import torch
 from pydantic import ValidationError
 
 from autofit.devices import get_device
-from autofit.knobs import Knobs, Precision
-from autofit.plan import MemoryBreakdown, Plan, PlanFileError
-from autofit.search import alternatives, search
+from autofit.knobs import MAX_MICRO_BATCH, Knobs, Precision
+from autofit.plan import Plan, PlanFileError
 
-from _profiles import make_profile, skewed_workload
+from _profiles import searched_plan
 
 A100 = get_device("a100")
 
@@ -20,16 +19,7 @@ A100 = get_device("a100")
 @pytest.fixture(scope="module")
 def plan() -> Plan:
     """A real plan: a quality-first search on a hand-built profile, with its alternatives."""
-    profile = make_profile(hidden=128, layers=4, vocab=4000)
-    workload = skewed_workload(n=300, batch_size=16)
-    budget = 700 * 2**20
-    result = search(profile, workload, A100, budget, "quality-first")
-    return Plan(model_id=profile.model_id, model_type=profile.model_type, num_layers=profile.num_layers,
-                num_params=profile.num_params, task=profile.task, budget_bytes=budget, device=A100,
-                policy=result.policy, headroom_bytes=result.headroom_bytes, knobs=result.knobs,
-                predicted=result.memory, time=result.time, workload=workload, alternatives=alternatives(result),
-                search=result.info(), profile_device=profile.device,
-                versions={"autofit": "0.1.0", "torch": "2.13.0"}, created="2026-01-01T00:00:00Z")
+    return searched_plan()
 
 
 def with_knobs(plan: Plan, **changes) -> Plan:
@@ -53,6 +43,15 @@ def test_save_and_load_give_the_same_plan(plan, tmp_path):
     assert hash(loaded.knobs) == hash(plan.knobs)
 
 
+def test_a_plan_file_from_before_alternatives_named_their_changes_still_loads(plan, tmp_path):
+    data = json.loads(plan.to_json())
+    data["alternatives"] = [{"knobs": a["knobs"], "peak_bytes": a["peak_bytes"], "epoch_seconds": a["epoch_seconds"],
+                             "note": "with 8-bit AdamW: 1.2x slower"} for a in data["alternatives"]]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    loaded = Plan.load(tmp_path / "old.json")
+    assert loaded.alternatives == [] and loaded.knobs == plan.knobs and loaded.predicted == plan.predicted
+
+
 def test_the_json_holds_what_the_design_promises(plan, tmp_path):
     data = json.loads(plan.save(tmp_path / "plan.json").read_text())
     assert data["model_id"] == "tiny-bert" and data["budget_bytes"] == plan.budget_bytes
@@ -73,7 +72,7 @@ def test_the_json_holds_what_the_design_promises(plan, tmp_path):
     assert 1 <= fewest <= data["step"]["mean_micro_batches_per_step"] <= most
     assert set(data["time"]) >= {"step_seconds", "epoch_seconds"}
     assert data["versions"]["autofit"] == "0.1.0"
-    assert all(a["note"] for a in data["alternatives"])
+    assert all(a["changed"] for a in data["alternatives"])
 
 
 def mutated(plan: Plan, tmp_path, change) -> Path:
@@ -94,7 +93,7 @@ def mutated(plan: Plan, tmp_path, change) -> Path:
     (lambda d: d["knobs"].update(bucket_boundaries=[-5, 0]), "knobs.bucket_boundaries.0"),
     (lambda d: d["knobs"].update(pad_to_multiple_of=0), "knobs.pad_to_multiple_of"),
     (lambda d: d["knobs"].update(pad_to_multiple_of=-8), "knobs.pad_to_multiple_of"),
-    (lambda d: d["knobs"].update(micro_batch_size=10**9), "knobs.micro_batch_size"),
+    (lambda d: d["knobs"].update(micro_batch_size=MAX_MICRO_BATCH + 1), "knobs.micro_batch_size"),
     (lambda d: d["knobs"].update(checkpoint_layers=[0, 9]), r"checkpoint_layers \[9\] out of range"),
     (lambda d: d["time"].update(step_seconds=float("nan")), "time.step_seconds"),
     (lambda d: d["time"].update(epoch_seconds=-1.0), "time.epoch_seconds"),
@@ -123,12 +122,8 @@ def test_unreadable_plan_files_are_one_line_errors(tmp_path):
         Plan.load(tmp_path / "latin1.json")
 
 
-def test_headroom_left_and_breakdown_sums(plan):
-    m = plan.predicted
-    assert m.peak_bytes == (m.weights + m.gradients + m.optimizer_state + m.activations + m.temporaries
-                            + m.overhead)
-    assert m.allocated_bytes == m.peak_bytes - m.overhead
-    assert plan.headroom_left_bytes == plan.budget_bytes - m.peak_bytes >= plan.headroom_bytes
+def test_a_searched_plan_leaves_at_least_the_policys_headroom(plan):
+    assert plan.headroom_left_bytes >= plan.headroom_bytes > 0
 
 
 # --- TrainingArguments -----------------------------------------------------------------------------------
@@ -216,16 +211,8 @@ def test_knobs_are_immutable_and_hashable():
 
 def test_knobs_against_a_model_depth():
     knobs = Knobs(freeze_embeddings=True, freeze_layers=2, checkpoint_layers=(2, 5))
-    assert list(knobs.trainable_layers(6)) == [2, 3, 4, 5]
     knobs.validate_for(6)
     with pytest.raises(ValueError, match=r"checkpoint_layers \[5\] out of range"):
         knobs.validate_for(5)
     with pytest.raises(ValueError, match="freeze_layers=2 but the model has 1 layers"):
         Knobs(freeze_embeddings=True, freeze_layers=2).validate_for(1)
-    assert list(Knobs(freeze_embeddings=True, freeze_layers=8).trainable_layers(6)) == []
-
-
-def test_memory_breakdown_phase_is_checked():
-    with pytest.raises(ValidationError):
-        MemoryBreakdown(weights=1, gradients=0, optimizer_state=0, activations=0, temporaries=0, overhead=0,
-                        peak_phase="warmup")

@@ -31,7 +31,7 @@ PLAN = {
                                 "precision": "fp32", "optimizer_bits": 32, "micro_batch_size": 8,
                                 "tokens_per_micro_batch": None,
                                 "bucket_boundaries": [8, 16, 32, 128], "pad_to_multiple_of": 8},
-                      "peak_bytes": 13444520, "epoch_seconds": 0.06, "note": "with no freezing: 1.09x slower"}],
+                      "peak_bytes": 13444520, "epoch_seconds": 0.06, "changed": ["freezing"]}],
     "search": {"trials": 250, "seconds": 1.07, "space_size": 648, "storage": None},
     "profile_device": "cpu", "versions": {"autofit": "0.1.0", "torch": "2.13.0+cpu"},
     "step": {"batch_size": 8, "steps_per_epoch": 4,

@@ -14,7 +14,9 @@ import gc
 import torch
 
 from autofit.knobs import Knobs
+from autofit.intmath import ceil_div
 from autofit.plan import Plan
+from autofit.techniques import freeze
 
 CHANGEABLE = ("micro_batch_size", "tokens_per_micro_batch", "checkpoint_layers")
 
@@ -47,10 +49,10 @@ def default_fallback(plan: Plan) -> Plan | None:
     k = plan.knobs
     largest = max(b.micro_batch_size for b in plan.step.buckets)
     if largest > 1:
-        tokens = -(-k.tokens_per_micro_batch // 2) if k.tokens_per_micro_batch else None
-        knobs = k.model_copy(update=dict(micro_batch_size=-(-largest // 2), tokens_per_micro_batch=tokens))
+        tokens = ceil_div(k.tokens_per_micro_batch, 2) if k.tokens_per_micro_batch else None
+        knobs = k.model_copy(update=dict(micro_batch_size=ceil_div(largest, 2), tokens_per_micro_batch=tokens))
     else:
-        all_trainable = tuple(k.trainable_layers(plan.num_layers))
+        all_trainable = tuple(i for i in range(plan.num_layers) if freeze.trains("layer", i, k))
         if k.checkpoint_layers == all_trainable:
             return None
         knobs = k.model_copy(update=dict(checkpoint_layers=all_trainable))

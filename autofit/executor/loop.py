@@ -15,7 +15,7 @@ from torch import nn
 
 from autofit.knobs import Precision
 from autofit.techniques import precision as amp
-from autofit.techniques.accumulation import count_units, loss_scale
+from autofit.techniques.accumulation import count_units, loss_scale, step_units
 
 Batch = dict[str, torch.Tensor]
 
@@ -42,7 +42,7 @@ def accumulate(ctx: StepContext, step: list[Batch]) -> torch.Tensor:
 
     Each micro-batch's mean loss is weighted by its share of the step's units (samples or label tokens),
     so the summed gradients are those of the whole step's mean, even for uneven micro-batches."""
-    total = sum(count_units(batch, ctx.task) for batch in step)
+    total = step_units(step, ctx.task)
     step_loss = torch.zeros((), device=ctx.device)
     for batch in step:
         units = count_units(batch, ctx.task)

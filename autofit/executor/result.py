@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import BaseModel
 
 from autofit.budget import format_bytes
@@ -85,6 +88,13 @@ class TrainResult(BaseModel):
     @property
     def final_loss(self) -> float | None:
         return self.history[-1].loss if self.history else None
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Draw the loss per step (and eval loss) beside the measured and predicted peaks to `path` (a .png);
+        needs matplotlib (`pip install 'autofit[plot]'`)."""
+        from autofit.plots import save_training
+
+        return save_training(self, path)
 
 
 def memory_warning(measured: int | None, reserved: int | None, predicted: MemoryBreakdown, plan: Plan) -> str | None:

@@ -189,7 +189,10 @@ class _Run:
             raise self.diverged(str(error)) from None
         if not weights_finite(self.ctx.trainable):
             raise self.diverged("the update made the weights inf or NaN", updated=True)
-        seconds = time.perf_counter() - started
+        self.record_step(step, batches, loss_value, time.perf_counter() - started, skipped=not applied)
+
+    def record_step(self, step: list[int], batches: list, loss: float, seconds: float, skipped: bool) -> None:
+        """Count a finished step in the run state (checkpointed with it) and its history."""
         real = sum(int(b["attention_mask"].sum()) for b in batches)
         s = self.state
         s.step += 1
@@ -197,10 +200,10 @@ class _Run:
         s.computed_tokens += sum(b["input_ids"].numel() for b in batches)
         s.samples += len(step)
         s.train_seconds += seconds
-        s.history.append(StepRecord(step=s.step, epoch=s.epoch, loss=loss_value,
+        s.history.append(StepRecord(step=s.step, epoch=s.epoch, loss=loss,
                                     lr=self.ctx.optimizer.param_groups[0]["lr"],
                                     tokens_per_second=real / max(seconds, 1e-9), samples=len(step),
-                                    micro_batches=len(batches), seconds=seconds, skipped=not applied))
+                                    micro_batches=len(batches), seconds=seconds, skipped=skipped))
 
     def forward_backward(self, step: list[int]):
         """(the step's micro-batches, its loss); out of memory falls back and cuts the same examples again."""

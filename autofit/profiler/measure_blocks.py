@@ -13,13 +13,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from autofit.layers import ModelLayout
 from autofit.models import UnsupportedTaskError
 from autofit.profiler.instrument import Timeline, run_step
+from autofit.profiler.schema import MEASURED_QUANTITIES
 from autofit.profiler.tracker import LiveBytes, SavedBytes
 from autofit.techniques import checkpointing
 
@@ -27,23 +28,13 @@ KEEP_LAYERS = 2
 WINDOWS = {"embeddings": "emb", "layer": "layer{last}", "head": "head"}
 
 
-class ShapeSample(BaseModel):
-    """Bytes (and forward FLOPs) of each block kind at one shape and precision; see BlockActivations."""
-
-    batch: int
-    seq: int
-    saved: dict[str, float]
-    saved_first_trainable: dict[str, float]
-    output: dict[str, float]
-    forward_transient: dict[str, float]
-    backward_transient: dict[str, float]
-    resident: dict[str, float]
-    held: dict[str, float]
-    checkpointed_forward_transient: dict[str, float]
-    recompute_backward_transient: dict[str, float]
-    checkpoint_args: dict[str, float]
-    checkpointed_leftover: dict[str, float]
-    flops: dict[str, float]
+ShapeSample = create_model(
+    "ShapeSample",
+    __doc__="Bytes (and forward FLOPs) of each block kind at one shape and precision, one dict per measured "
+            "quantity (schema.MEASURED_QUANTITIES; see BlockActivations), keyed by block kind.",
+    batch=(int, ...), seq=(int, ...), flops=(dict[str, float], ...),
+    **{quantity: (dict[str, float], ...) for quantity in MEASURED_QUANTITIES},
+)
 
 
 class TimeSample(BaseModel):

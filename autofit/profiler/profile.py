@@ -21,13 +21,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import PretrainedConfig, PreTrainedModel
 
 from autofit.knobs import Knobs
-from autofit.layers import find_layout
+from autofit.layers import find_layout, is_attention, linear_shape
 from autofit.limits import max_sequence_length
 from autofit.models import build_model, default_task, resolve_config
 from autofit.profiler.fit import TIME_TERMS, fit_shape
 from autofit.profiler.measure_blocks import (KEEP_LAYERS, WINDOWS, Subject, TimeSample, measure_memory, measure_saved,
                                              measure_time, prepared)
-from autofit.profiler.schema import BlockActivations, BlockProfile, FitCheck, Profile, TimeFit
+from autofit.profiler.schema import (MEASURED_QUANTITIES, BlockActivations, BlockProfile, FitCheck, LinearLayer, Profile,
+                                     TimeFit)
 from autofit.profiler.tracker import LiveBytes
 from autofit.techniques import optimizer as optim
 
@@ -38,9 +39,6 @@ large as real training. Batch 1 is left out: models special-case it (masks), whi
 HELD_OUT_SHAPES = ((3, 96), (4, 384))
 """Shapes measured but not fitted: the Profile reports the fits' error there."""
 TIME_SHAPES = ((1, 32), (2, 64), (4, 64), (4, 128))
-QUANTITIES = ("saved", "saved_first_trainable", "output", "forward_transient", "backward_transient", "resident",
-              "held", "checkpointed_forward_transient", "recompute_backward_transient", "checkpoint_args",
-              "checkpointed_leftover")
 VERSIONED = ("autofit", "torch", "transformers", "accelerate", "bitsandbytes", "optuna")
 
 
@@ -71,6 +69,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         samples, held_out, unpadded = _memory_samples(subject, _device_of(subject_model))
         params = _block_params(subject, num_layers)
         tied = _tied_head_bytes(subject_model)
+        linears = layer_linears(find_layout(subject_model).layers[-1])
     times = {}
     if timing:
         timed = live if live is not None else build_model(_two_layer_config(config), task, device=timing_device,
@@ -79,6 +78,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
             times = {p: _time_samples(subject, p, _device_of(timed)) for p in timing}
     blocks, checks = _blocks(params, samples, unpadded, held_out, times)
     blocks[-1] = blocks[-1].model_copy(update={"tied_embedding_bytes": tied})
+    blocks = [b.model_copy(update={"linears": linears}) if b.kind == "layer" else b for b in blocks]
     return Profile(
         model_id=model_id, model_type=config.model_type, task=task, num_layers=num_layers,
         hidden_size=config.hidden_size, vocab_size=config.vocab_size,
@@ -185,6 +185,17 @@ def _block_params(subject: Subject, num_layers: int) -> dict[str, tuple[list[tor
             for kind, ps in params.items()}
 
 
+def layer_linears(layer: nn.Module) -> list[LinearLayer]:
+    """The linear layers of one transformer layer, with their shapes and whether they are attention's."""
+    found = []
+    for name, module in layer.named_modules():
+        shape = linear_shape(module)
+        if shape is not None:
+            found.append(LinearLayer(name=name, out_features=shape[0], in_features=shape[1],
+                                     attention=is_attention(name)))
+    return found
+
+
 def _tied_head_bytes(model: nn.Module) -> int:
     """Bytes of the input embeddings' weights that the output layer uses too (gpt2's tied LM head)."""
     get = getattr(model, "get_output_embeddings", None)
@@ -227,7 +238,7 @@ def _fit_activations(samples: list, kind: str) -> BlockActivations:
 def _fit_one(kind: str, samples: list) -> BlockActivations:
     shapes = [(x.batch, x.seq) for x in samples]
     return BlockActivations(**{q: fit_shape(shapes, [getattr(x, q)[kind] for x in samples],
-                                            envelope=q.endswith("transient")) for q in QUANTITIES})
+                                            envelope=q.endswith("transient")) for q in MEASURED_QUANTITIES})
 
 
 def optimizer_transient(layer_params: list[torch.Tensor]) -> dict[str, float]:

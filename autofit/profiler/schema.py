@@ -133,11 +133,32 @@ class BlockActivations(BaseModel):
         return fits.single if batch == 1 and fits.single is not None else fits
 
 
+MEASURED_QUANTITIES: tuple[str, ...] = tuple(
+    name for name in BlockActivations.model_fields if name not in ("single", "unpadded"))
+"""The byte quantities the profiler measures per block kind and fits over shapes: BlockActivations' fields
+(the one list; measure_blocks.ShapeSample and the profile's fits follow it)."""
+
+
 class TimeFit(BaseModel):
     """Measured seconds of one block's forward and backward on the profiling device."""
 
     forward: ShapeFit
     backward: ShapeFit
+
+
+class LinearLayer(BaseModel):
+    """One linear layer of a block: what 4-bit storage and LoRA adapters are sized from."""
+
+    name: str
+    """Qualified name inside the block, e.g. `self_attn.q_proj`."""
+    out_features: int = Field(ge=1)
+    in_features: int = Field(ge=1)
+    attention: bool
+    """Inside the attention module (LoRA's `attention` targets)."""
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
 
 
 class BlockProfile(BaseModel):
@@ -164,6 +185,8 @@ class BlockProfile(BaseModel):
     """Keyed by precision name ("fp32", "bf16", "fp16")."""
     time: dict[str, TimeFit] = {}
     """Measured times keyed by precision; empty when profiled on the meta device."""
+    linears: list[LinearLayer] = []
+    """Layers only: the block's linear layers (nn.Linear, GPT-2's Conv1D), in module order."""
 
     @property
     def numel(self) -> int:

@@ -5,7 +5,7 @@ from autofit.search.result import (
     NoPlanFitsError,
     SearchResult,
     alternatives,
-    describe_knobs,
+    changed_techniques,
     rank,
 )
 from autofit.search.space import SearchSpace, enumerate_space, micro_batch_sizes
@@ -13,6 +13,6 @@ from autofit.search.study import Evaluator, exhaustive_best, minimal_memory, sea
 
 __all__ = [
     "Candidate", "Evaluator", "NoPlanFitsError", "SearchResult", "SearchSpace", "alternatives",
-    "describe_knobs", "enumerate_space", "exhaustive_best", "micro_batch_sizes", "minimal_memory", "rank",
+    "changed_techniques", "enumerate_space", "exhaustive_best", "micro_batch_sizes", "minimal_memory", "rank",
     "search",
 ]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import optuna
 
@@ -56,6 +57,10 @@ class Evaluator:
         else:
             score = prediction.epoch_seconds * (1.0 + policy.risk_price * risk)
         return Candidate(knobs=knobs, memory=memory, time=prediction, risk=risk, score=score)
+
+    def evaluated(self, policy: Policy) -> list[Candidate]:
+        """Every distinct knobs predicted so far, in the order first seen, scored by `policy`."""
+        return [self(knobs, policy) for knobs in self._cache]
 
 
 def _sampler(space: SearchSpace, budget: int, seed: int) -> optuna.samplers.BaseSampler:
@@ -170,6 +175,18 @@ def _default_study_name(profile: Profile, workload: Workload, device: DeviceSpec
     return f"autofit-{profile.model_id.replace('/', '--')}-{policy.name}-{digest}"
 
 
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's per-trial INFO lines silenced while a search runs; the caller's verbosity comes back after."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+@quiet_optuna()
 def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int, policy: Policy | str,
            *, n_trials: int | None = None, storage: str | None = None, study_name: str | None = None,
            seed: int = 0, predict_memory: MemoryFn | None = None,
@@ -177,7 +194,6 @@ def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_byte
     """The fastest (or smallest, per the policy) knobs whose predicted peak fits budget - headroom.
 
     Raises NoPlanFitsError with the smallest budget that would fit when none does."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     policy = load_policy(policy)
     started = time.perf_counter()
     evaluate = Evaluator(profile, workload, device, predict_memory, predict_time)
@@ -189,7 +205,8 @@ def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_byte
     common = dict(n_trials=n_trials, storage=storage, seed=seed)
 
     def result(ranked: list[Candidate], space: SearchSpace, relaxed: bool) -> SearchResult:
-        return SearchResult(best=ranked[0], ranked=ranked[1:], policy=policy.name, relaxed=relaxed,
+        return SearchResult(best=ranked[0], ranked=ranked[1:], evaluated=evaluate.evaluated(stage),
+                            policy=policy.name, relaxed=relaxed,
                             num_layers=profile.num_layers, budget_bytes=budget_bytes, headroom_bytes=headroom,
                             trials=trials, seconds=time.perf_counter() - started, space_size=space.size,
                             storage=storage, study_name=study_name)

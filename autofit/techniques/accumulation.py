@@ -17,7 +17,6 @@ device efficiency, since smaller micro-batches use it less well and run one afte
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
@@ -27,6 +26,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from autofit.knobs import Knobs
+from autofit.intmath import ceil_div
 from autofit.techniques.bucketing import bucket_index, padded_length, split_buckets
 from autofit.workload import TOKEN_LEVEL_TASKS, LengthHistogram
 
@@ -328,4 +328,4 @@ def steps_per_epoch(num_examples: int, batch_size: int, drop_last: bool = False)
     """Optimizer steps of an epoch: full steps of `batch_size`, plus the short last one unless dropped."""
     if batch_size < 1:
         raise AccumulationError(f"batch_size must be >= 1, not {batch_size}")
-    return num_examples // batch_size if drop_last else math.ceil(num_examples / batch_size)
+    return num_examples // batch_size if drop_last else ceil_div(num_examples, batch_size)

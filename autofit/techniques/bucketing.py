@@ -12,6 +12,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass
 
+from autofit.intmath import round_up
 from autofit.knobs import Knobs
 from autofit.workload import LengthHistogram
 
@@ -24,7 +25,7 @@ def padded_length(length: int, multiple: int | None) -> int:
     """`length` rounded up to a multiple of `multiple` (unchanged when multiple is None or 1)."""
     if not multiple or multiple <= 1:
         return length
-    return -(-length // multiple) * multiple
+    return round_up(length, multiple)
 
 
 def choose_boundaries(hist: LengthHistogram, num_buckets: int, multiple: int | None = 8) -> tuple[int, ...]:

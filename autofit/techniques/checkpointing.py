@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from autofit.knobs import Knobs
 from autofit.layers import find_layout
+from autofit.techniques import freeze
 
 CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 """Names of KV-cache arguments of HF layers; a cache written in forward would be written again by the
@@ -31,14 +32,9 @@ class CheckpointingError(ValueError):
 
 
 def recomputed_layers(knobs: Knobs, num_layers: int) -> list[int]:
-    """Checkpointed layers that really recompute: frozen layers below the boundary run no backward."""
-    knobs.validate_for(num_layers)
-    return [i for i in knobs.checkpoint_layers if i >= knobs.freeze_layers]
-
-
-def recompute_fraction(knobs: Knobs, num_layers: int) -> float:
-    """Extra layer forwards per step, as a fraction of one full forward through the layer stack."""
-    return len(recomputed_layers(knobs, num_layers)) / num_layers
+    """Checkpointed layers that really recompute in backward: those that train (frozen layers below the
+    boundary run no backward), within the model's depth. The memory and time models both ask this."""
+    return [i for i in knobs.checkpoint_layers if i < num_layers and freeze.trains("layer", i, knobs)]
 
 
 # ---- apply side ------------------------------------------------------------------------------------------

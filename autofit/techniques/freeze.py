@@ -6,13 +6,17 @@ gradient) the activations and backward of every frozen layer; costs some quality
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 from torch import nn
 
 from autofit.knobs import Knobs
 from autofit.layers import find_layout
+
+B = TypeVar("B")
 
 
 class FreezeReport(BaseModel):
@@ -29,17 +33,40 @@ class FreezeReport(BaseModel):
 # ---- pure side -------------------------------------------------------------------------------------------
 
 
-def trainable_numel(embedding_numel: int, layer_numels: Sequence[int], head_numel: int, knobs: Knobs) -> int:
-    """Parameters that still train under `knobs`, from the sizes of a model's three parts."""
-    knobs.validate_for(len(layer_numels))
-    embeddings = 0 if knobs.freeze_embeddings else embedding_numel
-    return embeddings + sum(layer_numels[knobs.freeze_layers:]) + head_numel
+def trains(kind: str, index: int, knobs: Knobs) -> bool:
+    """Whether copy `index` of a block of `kind` ("embeddings", "layer", "head") trains under `knobs`."""
+    if kind == "embeddings":
+        return not knobs.freeze_embeddings
+    if kind == "layer":
+        return index >= knobs.freeze_layers
+    return True
 
 
-def frozen_fraction(embedding_numel: int, layer_numels: Sequence[int], head_numel: int, knobs: Knobs) -> float:
-    """Share of all parameters frozen by `knobs` (a rough quality-risk signal for the search)."""
-    total = embedding_numel + sum(layer_numels) + head_numel
-    return 1.0 - trainable_numel(embedding_numel, layer_numels, head_numel, knobs) / total
+@dataclass(frozen=True)
+class BlockCopy(Generic[B]):
+    """One executed copy of a block (layers expanded), bottom-up, and what freezing makes of it."""
+
+    block: B
+    index: int
+    """Which copy of `block` (the layer index for the layer stack)."""
+    trains: bool
+    """Its weights get gradients."""
+    needs_input_grad: bool
+    """Something below it trains, so its backward must also compute its input's gradient."""
+
+
+def block_copies(blocks: Iterable[B], knobs: Knobs) -> list[BlockCopy[B]]:
+    """Every copy of every block (anything with `kind` and `count`, e.g. a profile's BlockProfiles),
+    bottom-up, with whether it trains and whether its input needs a gradient: the one answer to "what
+    trains" that the memory model, the time model and `apply` share."""
+    copies: list[BlockCopy[B]] = []
+    below_trains = False
+    for block in blocks:
+        for index in range(block.count):
+            trainable = trains(block.kind, index, knobs)
+            copies.append(BlockCopy(block, index, trainable, below_trains))
+            below_trains = below_trains or trainable
+    return copies
 
 
 # ---- apply side ------------------------------------------------------------------------------------------
@@ -53,9 +80,10 @@ def apply(model: nn.Module, knobs: Knobs) -> FreezeReport:
     model has no recognisable layer stack, ValueError when `knobs` do not fit its depth."""
     layout = find_layout(model)
     knobs.validate_for(layout.num_layers)
-    to_freeze: list[nn.Parameter] = list(layout.embedding_params) if knobs.freeze_embeddings else []
-    for layer in layout.layers[: knobs.freeze_layers]:
-        to_freeze.extend(layer.parameters())
+    to_freeze: list[nn.Parameter] = [] if trains("embeddings", 0, knobs) else list(layout.embedding_params)
+    for index, layer in enumerate(layout.layers):
+        if not trains("layer", index, knobs):
+            to_freeze.extend(layer.parameters())
     for p in to_freeze:
         p.requires_grad_(False)
     params = list(model.parameters())  # deduplicated

@@ -14,6 +14,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from autofit.intmath import ceil_div
 from autofit.knobs import Knobs
 
 BNB_BLOCK_SIZE = 256
@@ -31,7 +32,7 @@ def state_bytes(param_numels: list[int], embedding_numels: list[int], bits: int)
         elif bits == 32 or numel < BNB_MIN_8BIT_SIZE:
             total += 8 * numel
         else:
-            blocks = -(-numel // BNB_BLOCK_SIZE)
+            blocks = ceil_div(numel, BNB_BLOCK_SIZE)
             total += 2 * (numel + 4 * blocks)
     return total
 

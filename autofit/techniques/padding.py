@@ -22,13 +22,6 @@ class PaddingError(ValueError):
     """A batch that cannot be padded (empty, no input_ids, token labels of the wrong length)."""
 
 
-def batch_padding_efficiency(lengths: Sequence[int], multiple: int | None = None) -> float:
-    """Real tokens / computed tokens of one batch padded to its longest (rounded up to `multiple`)."""
-    if not lengths:
-        raise PaddingError("an empty batch has no padding efficiency")
-    return sum(lengths) / (len(lengths) * padded_length(max(lengths), multiple))
-
-
 class PaddingCollator:
     """Collate tokenized examples into right-padded tensors: input_ids, attention_mask, labels (and
     token_type_ids when the examples have them).

@@ -28,12 +28,6 @@ def autocast_dtype(precision: Precision) -> torch.dtype | None:
     return AUTOCAST_DTYPES.get(Precision(precision))
 
 
-def activation_bytes(precision: Precision) -> int:
-    """Bytes per element of the matmul outputs autocast saves for backward."""
-    dtype = autocast_dtype(precision)
-    return 4 if dtype is None else torch.finfo(dtype).bits // 8
-
-
 def needs_grad_scaler(precision: Precision) -> bool:
     """fp16's narrow exponent underflows small gradients: scale the loss. bf16 has fp32's range."""
     return Precision(precision) is Precision.fp16

@@ -1,10 +1,8 @@
 """profile_model: block structure, held-out fit error, fake-tensor bytes against a real CPU measurement, a 7B
 config without its weights, real timing, and the live model left as it was."""
 
-import importlib.util
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -14,11 +12,9 @@ from autofit.layers import find_layout
 from autofit.profiler import measure_blocks, profile_model
 from autofit.profiler.measure_blocks import measure_memory, prepared
 
-_spec = importlib.util.spec_from_file_location(
-    "_executor_helpers", Path(__file__).resolve().parents[1] / "executor" / "conftest.py")
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-tiny_model = _helpers.tiny_model
+from _tiny import short_model as tiny_model
+
+pytestmark = pytest.mark.slow  # the profiled tiny models take minutes on 2 cores (the module fixture)
 
 KINDS = ["embeddings", "layer", "head"]
 # Three layers (the profiler builds a two-layer twin: the count must come from the model) and 512 positions

@@ -115,10 +115,7 @@ def test_bad_indices_raise():
         checkpointing.apply(tiny_model("bert"), [0, 2])
 
 
-def test_recompute_fraction_counts_only_trainable_layers():
-    assert checkpointing.recompute_fraction(Knobs(checkpoint_layers=(0, 1, 2, 3)), 4) == 1.0
+def test_only_trainable_checkpointed_layers_recompute():
+    assert checkpointing.recomputed_layers(Knobs(checkpoint_layers=(0, 1, 2, 3)), 4) == [0, 1, 2, 3]
     knobs = Knobs(freeze_embeddings=True, freeze_layers=2, checkpoint_layers=(1, 2, 3))
-    assert checkpointing.recompute_fraction(knobs, 4) == 0.5
     assert checkpointing.recomputed_layers(knobs, 4) == [2, 3]
-    with pytest.raises(ValueError):
-        checkpointing.recompute_fraction(Knobs(checkpoint_layers=(5,)), 4)

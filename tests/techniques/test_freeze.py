@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from _tiny import TINY, random_batch, tiny_model
@@ -46,18 +48,28 @@ def test_tied_lm_head_freezes_with_embeddings():
     assert all(p.requires_grad for p in model.transformer.h.parameters())
 
 
-def test_no_freeze_keeps_everything_trainable_and_counts_match_pure_side():
+@pytest.mark.parametrize("knobs", [Knobs(), Knobs(freeze_embeddings=True), FREEZE_ONE,
+                                   Knobs(freeze_embeddings=True, freeze_layers=2)])
+def test_the_pure_side_names_exactly_what_apply_leaves_trainable(knobs):
+    """freeze.trains, which the memory and time models use, agrees with what apply really freezes."""
     model = tiny_model("bert")
     layout = find_layout(model)
-    report = freeze.apply(model, Knobs())
-    assert report.frozen_tensors == 0
-    embedding = sum(p.numel() for p in layout.embedding_params)
-    layers = [sum(p.numel() for p in layer.parameters()) for layer in layout.layers]
-    head = sum(p.numel() for p in layout.head_params)
-    assert freeze.trainable_numel(embedding, layers, head, Knobs()) == report.trainable_numel
-    report = freeze.apply(model, FREEZE_ONE)
-    assert freeze.trainable_numel(embedding, layers, head, FREEZE_ONE) == report.trainable_numel
-    assert 0 < freeze.frozen_fraction(embedding, layers, head, FREEZE_ONE) < 1
+    freeze.apply(model, knobs)
+    parts = [("embeddings", 0, layout.embedding_params), ("head", 0, layout.head_params)]
+    parts += [("layer", i, list(layer.parameters())) for i, layer in enumerate(layout.layers)]
+    for kind, index, params in parts:
+        assert all(p.requires_grad == freeze.trains(kind, index, knobs) for p in params), (kind, index)
+
+
+def test_block_copies_walk_bottom_up_and_say_whose_input_needs_a_gradient():
+    blocks = [SimpleNamespace(kind="embeddings", count=1), SimpleNamespace(kind="layer", count=3),
+              SimpleNamespace(kind="head", count=1)]
+    copies = freeze.block_copies(blocks, FREEZE_ONE)
+    assert [(c.block.kind, c.index, c.trains, c.needs_input_grad) for c in copies] == [
+        ("embeddings", 0, False, False), ("layer", 0, False, False), ("layer", 1, True, False),
+        ("layer", 2, True, True), ("head", 0, True, True)]
+    copies = freeze.block_copies(blocks, Knobs())
+    assert [c.needs_input_grad for c in copies] == [False, True, True, True, True]
 
 
 def test_too_deep_freeze_is_a_value_error():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from autofit.techniques.padding import PaddingCollator, PaddingError, batch_padding_efficiency
+from autofit.techniques.padding import PaddingCollator, PaddingError
 
 
 def test_pads_to_longest_rounded_to_multiple():
@@ -40,14 +40,6 @@ def test_bad_batches_raise():
         PaddingCollator(0)([])
     with pytest.raises(PaddingError):
         PaddingCollator(0)([{"text": "hi"}])
-    with pytest.raises(PaddingError):
-        batch_padding_efficiency([])
-
-
-def test_batch_padding_efficiency():
-    assert batch_padding_efficiency([4, 4]) == 1.0
-    assert batch_padding_efficiency([2, 4]) == 0.75
-    assert batch_padding_efficiency([2, 4], multiple=8) == 6 / 16
 
 
 def test_padded_batch_gives_the_same_logits_as_unpadded():

@@ -1,0 +1,69 @@
+"""LoRA adapters (peft): the base stays frozen; each targeted linear layer W gains a trainable B @ A of rank r.
+
+Trade-off: gradients and optimizer state shrink to the adapters' r x (in + out) per targeted layer (well
+under 1% of a 7B model at rank 16) plus the task head, which still trains in full. Activations do not shrink
+like that: backward still needs each frozen layer's input to reach the adapters below it, and each adapter
+keeps its own input and the rank-r intermediate. The base's weight gradients are skipped, but the adapters
+add a little compute. Quality: close to full fine-tuning on most tasks, with a gap that grows on hard ones;
+more targets and a higher rank narrow it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from autofit.layers import block_linears, is_attention, linear_shape
+
+LoraTargets = Literal["attention", "all-linear"]
+"""Which of the blocks' linear layers get adapters: the attention projections (query, key, value, output:
+the original LoRA paper's choice), or every linear layer (QLoRA's choice, better quality, more memory)."""
+
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "token-classification": "TOKEN_CLS", "causal-lm": "CAUSAL_LM"}
+"""peft's name for each task: it keeps the task head trainable (a new head must train in full)."""
+
+
+# ---- pure side -------------------------------------------------------------------------------------------
+
+
+def adapter_numel(shapes: Sequence[tuple[int, int]], rank: int) -> int:
+    """Trainable adapter parameters for targeted layers of (out, in) `shapes`: A is r x in, B is out x r."""
+    return sum(rank * (out_features + in_features) for out_features, in_features in shapes)
+
+
+def rank_activation_bytes(num_targets: int, tokens: int, element_bytes: int, rank: int) -> int:
+    """What each adapter saves for backward beyond what its layer's input already costs: A's output (tokens x
+    rank), which B's weight gradient needs. Everything else a LoRA block saves does not depend on the rank (its
+    targets' inputs, the frozen base's own), so the profiler measures a block once at one rank and the memory
+    model adds this term for another: measured saved bytes are linear in the rank with exactly this slope,
+    on an fp32 or a 4-bit base alike (tests/techniques/test_lora.py)."""
+    return num_targets * tokens * element_bytes * rank
+
+
+# ---- apply side ------------------------------------------------------------------------------------------
+
+
+def target_layers(model: nn.Module, targets: LoraTargets) -> list[tuple[str, tuple[int, int]]]:
+    """The qualified names and (out, in) shapes of the layers `targets` selects."""
+    return [(name, linear_shape(module)) for name, module in block_linears(model)
+            if targets == "all-linear" or is_attention(name)]
+
+
+def apply(model: nn.Module, *, rank: int, targets: LoraTargets, task: str, alpha: int | None = None,
+          dropout: float = 0.0) -> nn.Module:
+    """`model` wrapped by peft with LoRA adapters on the layers `targets` selects (exact names, so what
+    `target_layers` counts is what peft adapts); the base is frozen, the task head trains."""
+    from peft import LoraConfig, get_peft_model
+
+    names = [name for name, _ in target_layers(model, targets)]
+    conv1d = any(isinstance(model.get_submodule(name), Conv1D) for name in names)  # GPT-2 stores W as (in, out)
+    if not names:
+        raise ValueError(f"no {targets} linear layers found to put LoRA adapters on")
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, bias="none", fan_in_fan_out=conv1d,
+                        target_modules="|".join(re.escape(n) for n in names),  # full-matched by peft
+                        task_type=PEFT_TASK_TYPES[task])
+    return get_peft_model(model, config)

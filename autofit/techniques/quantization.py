@@ -1,0 +1,103 @@
+"""Base-weight storage: frozen weights kept at fp32, bf16, fp16 or 4-bit NF4 (bitsandbytes, as in QLoRA).
+
+Trade-off: a frozen weight needs no gradient and no optimizer state, so only its storage counts. Half
+precision halves it at no cost to what trains; NF4 stores 4 bits per weight plus one scale per 64 weights
+(0.56 B/param, 0.52 with double quantization, against 4 for fp32), but every matmul first dequantizes its
+weight to the compute dtype (a transient the size of that one weight, and time), and rounding the base to 16
+levels per block costs some quality. Only the transformer blocks' linear layers are quantized: embeddings,
+norms and the task head keep their dtype, as transformers' own bitsandbytes loading does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from autofit.layers import block_linears
+
+NF4_BLOCK = 64
+"""Weights per NF4 block: each block has its own absmax scale (bitsandbytes' default blocksize for 4 bit)."""
+
+NESTED_BLOCK = 256
+"""With double quantization the 8-bit absmax scales are themselves scaled in blocks of 256 (one fp32 each)."""
+
+NF4_CODE_VALUES = 16
+"""The NF4 code book: 16 fp32 levels stored with every quantized tensor."""
+
+NESTED_CODE_VALUES = 256
+"""The 8-bit dynamic code book of the nested (double) quantization: 256 fp32 levels."""
+
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---- pure side -------------------------------------------------------------------------------------------
+
+
+def nf4_bytes(numel: int, *, double_quant: bool) -> int:
+    """Bytes of one weight of `numel` elements stored as bitsandbytes NF4: two weights per byte, an absmax per
+    64 weights (fp32, or uint8 plus an fp32 per 256 blocks and an fp32 offset with double quantization) and
+    the code books. Equals the bytes of a real Params4bit and its quant_state's tensors."""
+    blocks = _ceil_div(numel, NF4_BLOCK)
+    packed = _ceil_div(numel, 2)
+    code = 4 * NF4_CODE_VALUES
+    if not double_quant:
+        return packed + 4 * blocks + code
+    nested = 4 * _ceil_div(blocks, NESTED_BLOCK) + 4 * NESTED_CODE_VALUES + 4  # scales, code book, offset
+    return packed + blocks + nested + code
+
+
+def weight_bytes(numel: int, base_dtype: str, *, double_quant: bool = True) -> int:
+    """Storage of one frozen weight at `base_dtype` (fp32 | bf16 | fp16 | nf4)."""
+    if base_dtype == "nf4":
+        return nf4_bytes(numel, double_quant=double_quant)
+    return numel * BYTES_PER_ELEMENT[base_dtype]
+
+
+def dequantized_bytes(numel: int, compute_dtype: torch.dtype) -> int:
+    """The transient a 4-bit matmul allocates: its weight, whole, at the compute dtype (one layer at a time)."""
+    return numel * torch.empty((), dtype=compute_dtype).element_size()
+
+
+# ---- apply side ------------------------------------------------------------------------------------------
+
+
+def quantize_block_linears(model: nn.Module, *, double_quant: bool = True,
+                           compute_dtype: torch.dtype = torch.float32) -> int:
+    """Replace the blocks' linear layers with bitsandbytes Linear4bit (NF4) holding the same weights,
+    quantized where the model sits. For a model already in memory; a model loaded by id or path gets the
+    same from transformers' BitsAndBytesConfig. Returns how many layers were quantized."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    found = [(name, linear) for name, linear in block_linears(model) if not isinstance(linear, Linear4bit)]
+    for name, linear in found:
+        parent_name, _, child = name.rpartition(".")
+        weight = (linear.weight.t() if isinstance(linear, Conv1D) else linear.weight).detach()  # as (out, in)
+        quantized = Linear4bit(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
+                               compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
+                               device="meta")
+        quantized.weight = Params4bit(weight.float().cpu().contiguous(), requires_grad=False,
+                                      compress_statistics=double_quant, quant_type="nf4")
+        if linear.bias is not None:
+            quantized.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=linear.bias.requires_grad)
+        setattr(model.get_submodule(parent_name), child, quantized.to(weight.device))
+    return len(found)
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes a module's weights really occupy, 4-bit ones with their quant_state tensors (what nf4_bytes
+    predicts), counted from the tensors themselves."""
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        while state is not None:
+            total += sum(t.numel() * t.element_size() for t in (state.absmax, state.code))
+            if state.nested:
+                total += state.offset.numel() * state.offset.element_size()
+            state = state.state2 if state.nested else None
+    return total
