@@ -129,12 +129,13 @@ def memory_shapes(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> list[
     checked apart (truncated data puts many examples exactly at the cap)."""
     shapes = []
     for bucket, steps in zip(split_buckets(hist, knobs), step_layout(knobs, hist, batch_size).buckets):
-        if steps.later_length is not None:
-            shapes.append(MicroBatchShape(batch=steps.micro_batch_size, length=steps.later_length,
+        first = steps.micro_batch_size
+        if steps.later_length is not None:  # the first took `first` of the step's examples: the rest follow
+            shapes.append(MicroBatchShape(batch=min(first, batch_size - first), length=steps.later_length,
                                           padded=steps.padded, grads_held=True))
-        if steps.micro_batch_size > 1 or not steps.padded:
-            shapes.append(MicroBatchShape(batch=steps.micro_batch_size, length=steps.upper_length,
-                                          padded=steps.padded, grads_held=steps.grads_held))
+        if first > 1 or not steps.padded:
+            shapes += [MicroBatchShape(batch=n, length=steps.upper_length, padded=steps.padded, grads_held=held)
+                       for n, held in _first_micro_batches(first, steps.grads_held, batch_size)]
             continue
         multiple = knobs.pad_to_multiple_of
         exact = [n for n in bucket.hist.lengths if padded_length(n, multiple) == n]
@@ -145,6 +146,14 @@ def memory_shapes(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> list[
             shapes.append(MicroBatchShape(batch=1, length=padded_length(max(uneven), multiple), padded=True,
                                           grads_held=steps.grads_held))
     return shapes
+
+
+def _first_micro_batches(size: int, grads_held: bool, batch_size: int) -> list[tuple[int, bool]]:
+    """(sequences, gradients live) of a bucket's largest micro-batch: gradients are live only when a longer
+    example of the step ran first, and that example is one of the step's `batch_size`."""
+    if not grads_held or size < batch_size:
+        return [(size, grads_held)]
+    return [(size, False)] + ([(batch_size - 1, True)] if batch_size > 1 else [])
 
 
 def epoch_micro_batches(knobs: Knobs, hist: LengthHistogram,

@@ -214,3 +214,43 @@ def test_memory_shapes_check_a_single_sequence_buckets_unpadded_and_padded_examp
     # several sequences a micro-batch: the bucket's largest, padded as soon as lengths differ
     many = memory_shapes(Knobs(micro_batch_size=4), LengthHistogram.from_lengths([203] * 31 + [256]), 8)
     assert [(s.batch, s.length, s.padded) for s in many] == [(4, 208, True), (4, 256, True)]
+
+
+def _dominated(shapes, size, length, padded, grads_live) -> bool:
+    return any(s.batch >= size and s.length >= length and (s.padded or not padded) and (s.grads_held or not grads_live)
+               for s in shapes)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_micro_batch_the_executor_runs_is_one_the_memory_model_checks(seed):
+    """Random skewed data, caps, buckets and batch sizes: each micro-batch of random steps, cut as the executor
+    cuts them, is no larger, no longer and no more padded than a shape memory_shapes returns, and runs with
+    gradients live only where that shape has them."""
+    rng = random.Random(seed)
+    lengths = [min(256, 3 + int(rng.expovariate(1 / rng.choice([10, 30])))) for _ in range(rng.choice([40, 300]))]
+    hist = LengthHistogram.from_lengths(lengths)
+    batch = rng.choice([1, 4, 16, 32])
+    knobs = Knobs(micro_batch_size=rng.choice([1, 2, 8, 16, 32]), tokens_per_micro_batch=rng.choice([None, 128, 512]),
+                  bucket_boundaries=rng.choice([(), tuple(choose_boundaries(hist, 4)), tuple(choose_boundaries(hist, 8))]))
+    shapes = memory_shapes(knobs, hist, batch)
+    uppers, exact = bucket_uppers(lengths, knobs)
+    for step in StepSampler(len(lengths), batch, seed=seed).epoch_steps(0) * 3:
+        for j, piece in enumerate(cut_step(step, lengths, knobs, uppers, exact)):
+            longest = padded_length(max(lengths[i] for i in piece), knobs.pad_to_multiple_of)
+            padded = any(lengths[i] != longest for i in piece)
+            assert _dominated(shapes, len(piece), longest, padded, j > 0), (piece, j, shapes)
+
+
+def test_a_step_in_one_micro_batch_has_no_gradients_while_it_runs():
+    """Micro-batch = step = 16: the shortest bucket's 16 sequences fill a step alone (no gradients yet), and
+    after a longer example only 15 of them remain, so (16 sequences, gradients live) is never checked."""
+    hist = LengthHistogram.from_lengths([12] * 200 + [100] * 20)
+    shapes = memory_shapes(Knobs(micro_batch_size=16, bucket_boundaries=(16, 104)), hist, 16)
+    short = [(s.batch, s.grads_held) for s in shapes if s.length == 16]
+    assert sorted(short) == [(15, True), (16, False)]
+
+
+def test_a_second_micro_batch_of_a_bucket_holds_what_the_first_left_of_the_step():
+    """One bucket, caps of 12 in steps of 16: the first micro-batch takes 12 examples, the second the other 4."""
+    shapes = memory_shapes(Knobs(micro_batch_size=12), LengthHistogram.from_lengths([10, 11, 12, 13] * 50), 16)
+    assert sorted((s.batch, s.length, s.grads_held) for s in shapes) == [(4, 16, True), (12, 16, False)]
