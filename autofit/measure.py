@@ -169,3 +169,27 @@ class PeakMemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._counter.peak = self._counter.current
+
+
+class SteadyStatePeak:
+    """Peak memory of the steady-state run: everything after the call's first optimizer step (before it no
+    optimizer state exists, which the memory model assumes), evaluation included."""
+
+    def __init__(self, meter: PeakMemoryMeter | None) -> None:
+        self.meter, self.steps = meter, 0
+        self.first: tuple[int, int] | None = None
+
+    def _read(self) -> tuple[int, int]:
+        return self.meter.peak_bytes, self.meter.peak_reserved_bytes
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.meter is not None and self.steps == 1:
+            self.first = self._read()
+            self.meter.reset_peak()
+
+    def result(self) -> tuple[int | None, int | None]:
+        if self.meter is None or self.steps == 0:
+            return None, None
+        now = self._read()  # since the first step, evaluation included
+        return tuple(map(max, self.first, now)) if self.steps == 1 else now

@@ -38,7 +38,7 @@ from autofit.executor.resume import data_fingerprint, resume_point, run_fingerpr
 from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord, TrainResult, memory_warning
 from autofit.executor.validate import ExecutorInputError, check_inputs, run_device
 from autofit.knobs import Precision
-from autofit.measure import PeakMemoryMeter
+from autofit.measure import PeakMemoryMeter, SteadyStatePeak
 from autofit.plan import MemoryBreakdown, Plan
 from autofit.techniques import checkpointing, freeze
 from autofit.techniques import optimizer as optim
@@ -127,7 +127,7 @@ class _Run:
         self.collator: PaddingCollator | None = None
         self.meter: PeakMemoryMeter | None = None
         self.bar: TrainingProgress | None = None
-        self.peak = _SteadyPeak(None)
+        self.peak = SteadyStatePeak(None)
 
     def build(self, *, lr: float, weight_decay: float, max_grad_norm: float | None, pad_token_id: int | None,
               resume_from: Path | None) -> None:
@@ -157,7 +157,7 @@ class _Run:
     # ---- the loop ----------------------------------------------------------------------------------------
     def train(self, meter: PeakMemoryMeter | None, bar: TrainingProgress, interrupt: GracefulInterrupt) -> None:
         """Every step of every epoch, top to bottom; evaluation at each epoch's end."""
-        self.meter, self.bar, self.peak = meter, bar, _SteadyPeak(meter)
+        self.meter, self.bar, self.peak = meter, bar, SteadyStatePeak(meter)
         s = self.state
         while s.epoch < self.epochs and not self.finished:
             steps = self.sampler.epoch_steps(s.epoch)
@@ -311,27 +311,3 @@ def weights_finite(params: list) -> bool:
     if not params:
         return True
     return bool(torch.stack(torch._foreach_norm([p.detach() for p in params])).isfinite().all())
-
-
-class _SteadyPeak:
-    """Peak memory of the steady-state run: everything after the call's first optimizer step (before it no
-    optimizer state exists, which the memory model assumes), evaluation included."""
-
-    def __init__(self, meter: PeakMemoryMeter | None) -> None:
-        self.meter, self.steps = meter, 0
-        self.first: tuple[int, int] | None = None
-
-    def _read(self) -> tuple[int, int]:
-        return self.meter.peak_bytes, self.meter.peak_reserved_bytes
-
-    def after_step(self) -> None:
-        self.steps += 1
-        if self.meter is not None and self.steps == 1:
-            self.first = self._read()
-            self.meter.reset_peak()
-
-    def result(self) -> tuple[int | None, int | None]:
-        if self.meter is None or self.steps == 0:
-            return None, None
-        now = self._read()  # since the first step, evaluation included
-        return tuple(map(max, self.first, now)) if self.steps == 1 else now
