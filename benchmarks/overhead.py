@@ -254,7 +254,7 @@ def _main(quick: bool, profile: bool, *, n: int | None = None, rounds: int | Non
     if profile:
         payload["profile"] = _profile(base, data, windows, plan)
     payload["seconds"] = time.perf_counter() - started
-    path = write_result("overhead", payload)
+    path = write_result("overhead_quick" if quick else "overhead", payload)
     _print_table(payload, path)
     return payload
 

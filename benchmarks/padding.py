@@ -284,7 +284,7 @@ def _main(quick: bool, *, n: int | None = None, rounds: int | None = None) -> di
                   "executor": "autofit.executor.run_plan(measure_memory=False)", "device": "cpu"},
         **tables, "seconds": time.perf_counter() - started,
     }
-    path = write_result("padding", payload)
+    path = write_result("padding_quick" if quick else "padding", payload)
     _print_table(payload, path)
     return payload
 

@@ -292,7 +292,7 @@ def _main(quick: bool, *, rounds: int | None = None, steps: int | None = None, g
         "cost_model_rank_correlation": _spearman(predicted_sps, measured),
         "seconds": time.perf_counter() - started,
     }
-    path = write_result("plan_quality", payload)
+    path = write_result("plan_quality_quick" if quick else "plan_quality", payload)
     _print_table(payload, path)
     return payload
 

@@ -217,7 +217,7 @@ def main(quick: bool = True, only: list[str] | None = None) -> dict[str, Any]:
     env = environment()
     summary = {"benchmark": "summary", "mode": "quick" if quick else "full", **env, "seconds": round(total, 1),
                "modules": modules, "markdown": markdown}
-    path = write_result("summary" if only is None else "summary_partial", summary)
+    path = write_result(("summary" if only is None else "summary_partial") + ("_quick" if quick else ""), summary)
     print(f"\n{markdown}\n\n{env['date']}, {env['machine']['cpu_count']} CPUs ({env['machine']['processor']}), "
           f"torch {env['torch']}; wrote {path}")
     return summary
