@@ -155,7 +155,7 @@ def test_run_skips_a_missing_module(tmp_path, monkeypatch):
     summary = bench_run.main(quick=True, only=["no_such_benchmark"])
     assert summary["modules"]["no_such_benchmark"] == {"status": "missing"}
     assert "no_such_benchmark" in summary["markdown"]
-    assert (tmp_path / "summary_partial.json").is_file()
+    assert (tmp_path / "summary_partial_quick.json").is_file()
 
 
 def _padding_table(batch, fixed, dynamic, best):
