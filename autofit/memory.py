@@ -80,7 +80,7 @@ def _kept_bytes(block: _Block, previous_output: float, acts: BlockActivations, b
         return 0.0  # frozen below the boundary: autograd records nothing
     if block.checkpointed:  # non-reentrant checkpoint keeps only the block's arguments
         shared = acts.checkpoint_args(batch, seq) if block.keeps_checkpoint_args and acts.checkpoint_args else 0.0
-        return previous_output + shared
+        return checkpointing.kept_bytes(previous_output, shared)
     fit = acts.saved if block.needs_input_grad else acts.saved_first_trainable
     return fit(batch, seq)
 
@@ -121,8 +121,8 @@ def _held_bytes(blocks: list[_Block], precision: str, batch: int, seq: int, padd
 def _forward_transient(block: _Block, acts: BlockActivations, batch: int, seq: int) -> float:
     if not (block.trainable or block.needs_input_grad):
         return 0.0
-    if block.checkpointed and acts.checkpointed_forward_transient is not None:
-        return acts.checkpointed_forward_transient(batch, seq)
+    if block.checkpointed:
+        return checkpointing.forward_transient_bytes(acts, batch, seq)
     return acts.forward_transient(batch, seq)
 
 
@@ -131,14 +131,8 @@ def _backward_transient(block: _Block, acts: BlockActivations, grad_out: float, 
     flowing in (it is live in the window); a checkpointed block's also hold its recompute."""
     if not block.checkpointed:
         return max(0.0, acts.backward_transient(batch, seq) - block.frozen_tied_bytes)
-    if acts.recompute_backward_transient is not None:
-        # above a frozen boundary the recompute saves only what the weights' gradients need
-        saved = acts.saved if block.needs_input_grad else acts.saved_first_trainable
-        return saved(batch, seq) + max(0.0, acts.recompute_backward_transient(batch, seq) - block.frozen_tied_bytes)
-    # profiles without the measurement: the recompute brings back what the block saves, while the
-    # gradient flowing in waits; then the block's own backward runs
-    return acts.saved(batch, seq) + max(grad_out + acts.forward_transient(batch, seq),
-                                        acts.backward_transient(batch, seq))
+    return checkpointing.backward_transient_bytes(acts, batch, seq, needs_input_grad=block.needs_input_grad,
+                                                  grad_out=grad_out, frozen_tied_bytes=block.frozen_tied_bytes)
 
 
 @dataclass(frozen=True)
@@ -204,8 +198,7 @@ def _forward_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
         if block.keeps_checkpoint_args and acts.checkpoint_args is not None:
             shared = acts.checkpoint_args(batch, seq)
         # live until the model's forward returns: autocast's weight copies of a checkpointed layer
-        leftover = acts.checkpointed_leftover(batch, seq) if (
-            block.checkpointed and acts.checkpointed_leftover is not None) else 0.0
+        leftover = checkpointing.forward_leftover_bytes(acts, batch, seq) if block.checkpointed else 0.0
         out = acts.output(batch, seq)
         # a frozen block's input is live while it runs though nothing keeps it (layer 0's may be `held`)
         runs_autograd = block.trainable or block.needs_input_grad

@@ -2,6 +2,10 @@
 
 Trade-off: saves the activations a checkpointed layer would keep for backward (all but its input);
 costs one extra forward of that layer per step. Non-reentrant, so frozen lower layers keep gradients flowing.
+
+The knob in one place: the memory terms below (what a checkpointed layer keeps, leaves and needs in its
+forward and backward, which memory.py's step replay adds up), the time term (`recomputed_layers`: cost.py
+adds one forward for each) and the apply side. search/space.py says which layers the search may choose.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from autofit.knobs import Knobs
 from autofit.layers import find_layout
+from autofit.profiler.schema import BlockActivations
 from autofit.techniques import freeze
 
 CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
@@ -35,6 +40,40 @@ def recomputed_layers(knobs: Knobs, num_layers: int) -> list[int]:
     """Checkpointed layers that really recompute in backward: those that train (frozen layers below the
     boundary run no backward), within the model's depth. The memory and time models both ask this."""
     return [i for i in knobs.checkpoint_layers if i < num_layers and freeze.trains("layer", i, knobs)]
+
+
+def kept_bytes(input_bytes: float, shared_args_bytes: float) -> float:
+    """What a checkpointed layer keeps from its forward to its backward: its input (the previous block's
+    output) and, for the lowest checkpointed layer only, the arguments every checkpointed layer shares (an
+    attention mask, DeBERTa's relative positions), which live until the last recompute."""
+    return input_bytes + shared_args_bytes
+
+
+def forward_leftover_bytes(acts: BlockActivations, batch: int, seq: int) -> float:
+    """What a checkpointed layer's forward leaves until the model's forward returns: autocast's cached
+    low-precision weight copies (measured; none when not)."""
+    return acts.checkpointed_leftover(batch, seq) if acts.checkpointed_leftover is not None else 0.0
+
+
+def forward_transient_bytes(acts: BlockActivations, batch: int, seq: int) -> float:
+    """The transient of a checkpointed layer's forward (it saves nothing inside, so it differs)."""
+    if acts.checkpointed_forward_transient is not None:
+        return acts.checkpointed_forward_transient(batch, seq)
+    return acts.forward_transient(batch, seq)
+
+
+def backward_transient_bytes(acts: BlockActivations, batch: int, seq: int, *, needs_input_grad: bool,
+                             grad_out: float, frozen_tied_bytes: float) -> float:
+    """Bytes above what is kept while a checkpointed layer's backward runs: the recompute brings back what
+    the layer saves, then its own backward runs (measured together when the profile has it)."""
+    if acts.recompute_backward_transient is not None:
+        # above a frozen boundary the recompute saves only what the weights' gradients need
+        saved = acts.saved if needs_input_grad else acts.saved_first_trainable
+        return saved(batch, seq) + max(0.0, acts.recompute_backward_transient(batch, seq) - frozen_tied_bytes)
+    # profiles without the measurement: the recompute brings back what the block saves, while the
+    # gradient flowing in waits; then the block's own backward runs
+    return acts.saved(batch, seq) + max(grad_out + acts.forward_transient(batch, seq),
+                                        acts.backward_transient(batch, seq))
 
 
 # ---- apply side ------------------------------------------------------------------------------------------
