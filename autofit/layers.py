@@ -155,3 +155,19 @@ ATTENTION_WORDS = ("attn", "attention")
 def is_attention(name: str) -> bool:
     """Whether the linear layer at qualified `name` sits inside an attention module."""
     return any(word in part.lower() for part in name.split(".")[:-1] for word in ATTENTION_WORDS)
+
+
+TASK_HEAD_NAMES = ("classifier", "score")
+"""The task layer of a classification model (bert's `classifier`, llama's `score`): peft's names for what
+trains in full, as a copy, under LoRA (`peft.utils.constants.SEQ_CLS_HEAD_NAMES`)."""
+
+
+def task_head_params(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the outermost modules named like a task head; none for an LM head."""
+    found: dict[int, nn.Parameter] = {}
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in TASK_HEAD_NAMES and not any(name.startswith(t + ".") for t in taken):
+            taken.append(name)
+            found.update({id(p): p for p in module.parameters()})
+    return list(found.values())

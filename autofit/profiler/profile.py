@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import PretrainedConfig, PreTrainedModel
 
 from autofit.knobs import Knobs
-from autofit.layers import find_layout, is_attention, linear_shape
+from autofit.layers import find_layout, is_attention, linear_shape, task_head_params
 from autofit.limits import max_sequence_length
 from autofit.models import build_model, default_task, resolve_config
 from autofit.profiler.fit import TIME_TERMS, fit_shape
@@ -70,6 +70,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         params = _block_params(subject, num_layers)
         tied = _tied_head_bytes(subject_model)
         linears = layer_linears(find_layout(subject_model).layers[-1])
+        task_head = [p.numel() for p in task_head_params(subject_model)]
     times = {}
     if timing:
         timed = live if live is not None else build_model(_two_layer_config(config), task, device=timing_device,
@@ -77,8 +78,8 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         with prepared(timed, find_layout(timed), task) as subject:
             times = {p: _time_samples(subject, p, _device_of(timed)) for p in timing}
     blocks, checks = _blocks(params, samples, unpadded, held_out, times)
-    blocks[-1] = blocks[-1].model_copy(update={"tied_embedding_bytes": tied})
     blocks = [b.model_copy(update={"linears": linears}) if b.kind == "layer" else b for b in blocks]
+    blocks[-1] = blocks[-1].model_copy(update={"tied_embedding_bytes": tied, "task_head_numels": task_head})
     return Profile(
         model_id=model_id, model_type=config.model_type, task=task, num_layers=num_layers,
         hidden_size=config.hidden_size, vocab_size=config.vocab_size,

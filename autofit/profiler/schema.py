@@ -187,6 +187,8 @@ class BlockProfile(BaseModel):
     """Measured times keyed by precision; empty when profiled on the meta device."""
     linears: list[LinearLayer] = []
     """Layers only: the block's linear layers (nn.Linear, GPT-2's Conv1D), in module order."""
+    task_head_numels: list[int] = []
+    """Head only: the task layer's tensors (`classifier`, `score`), which LoRA trains in full as a copy."""
 
     @property
     def numel(self) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from autofit.layers import block_linears, is_attention, linear_shape
+from autofit.profiler.schema import Profile
 
 LoraTargets = Literal["attention", "all-linear"]
 """Which of the blocks' linear layers get adapters: the attention projections (query, key, value, output:
@@ -33,6 +34,17 @@ PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "token-classification": "TOKEN_C
 def adapter_numel(shapes: Sequence[tuple[int, int]], rank: int) -> int:
     """Trainable adapter parameters for targeted layers of (out, in) `shapes`: A is r x in, B is out x r."""
     return sum(rank * (out_features + in_features) for out_features, in_features in shapes)
+
+
+def trainable_numels(profile: Profile, rank: int, targets: LoraTargets) -> list[int]:
+    """Every tensor that trains under LoRA, by element count: A (r x in) and B (out x r) per targeted layer of
+    every layer copy, and the task head's tensors (a copy of them: the original stays, frozen). What gradients
+    and the optimizer's state are sized from."""
+    found = []
+    for block in profile.blocks:
+        chosen = [x for x in block.linears if targets == "all-linear" or x.attention]
+        found += [n for x in chosen for n in (rank * x.in_features, x.out_features * rank)] * block.count
+    return found + list(profile.blocks[-1].task_head_numels)
 
 
 def rank_activation_bytes(num_targets: int, tokens: int, element_bytes: int, rank: int) -> int:

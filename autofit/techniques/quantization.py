@@ -15,6 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from autofit.layers import block_linears
+from autofit.profiler.schema import Profile
 
 NF4_BLOCK = 64
 """Weights per NF4 block: each block has its own absmax scale (bitsandbytes' default blocksize for 4 bit)."""
@@ -63,6 +64,18 @@ def dequantized_bytes(numel: int, compute_dtype: torch.dtype) -> int:
     return numel * torch.empty((), dtype=compute_dtype).element_size()
 
 
+def base_weight_bytes(profile: Profile, base_dtype: str, *, double_quant: bool = True) -> int:
+    """Bytes of a model's weights with its blocks' linear weights stored at `base_dtype` and everything
+    else (embeddings, norms, biases, the head) as profiled, the layout `quantize_block_linears` makes."""
+    total = 0
+    for block in profile.blocks:
+        linear_numels = [x.numel for x in block.linears]
+        stored = sum(weight_bytes(n, base_dtype, double_quant=double_quant) for n in linear_numels)
+        element = block.param_bytes // max(block.numel, 1)  # a profile holds one dtype
+        total += block.count * (block.param_bytes - element * sum(linear_numels) + stored)
+    return total
+
+
 # ---- apply side ------------------------------------------------------------------------------------------
 
 
@@ -89,10 +102,10 @@ def quantize_block_linears(model: nn.Module, *, double_quant: bool = True,
 
 
 def stored_bytes(module: nn.Module) -> int:
-    """Bytes a module's weights really occupy, 4-bit ones with their quant_state tensors (what nf4_bytes
-    predicts), counted from the tensors themselves."""
+    """Bytes a module's parameters really occupy, 4-bit ones with their quant_state tensors (what nf4_bytes
+    predicts), counted from the tensors themselves (each shared tensor once)."""
     total = 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
+    for tensor in module.parameters():
         total += tensor.numel() * tensor.element_size()
         state = getattr(tensor, "quant_state", None)
         while state is not None:

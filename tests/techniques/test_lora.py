@@ -103,3 +103,16 @@ def test_the_profile_knows_every_layer_peft_adapts(model_type, targets):
     chosen = [(x.out_features, x.in_features) for x in layer.linears if targets == "all-linear" or x.attention]
     assert lora.adapter_numel(chosen * layer.count, 8) == lora.adapter_numel(
         [shape for _, shape in lora.target_layers(model, targets)], 8)
+
+
+@pytest.mark.parametrize("model_type,task", [("bert", "classification"), ("llama", "classification"),
+                                             ("gpt2", "causal-lm"), ("roberta", "classification")])
+@pytest.mark.parametrize("targets", ["attention", "all-linear"])
+def test_what_trains_under_lora_is_what_the_profile_predicts(model_type, task, targets):
+    from autofit.profiler import profile_model
+
+    model = tiny_model(model_type, task)
+    profile = profile_model(model, task=task)
+    wrapped = lora.apply(model, rank=4, targets=targets, task=task)
+    trainable = sorted(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert trainable == sorted(lora.trainable_numels(profile, 4, targets))

@@ -49,3 +49,15 @@ def test_quantized_blocks_store_what_was_predicted_and_still_train(model_type, t
     loss.backward()
     assert torch.isfinite(loss)
     assert q.quantize_block_linears(model) == 0  # already quantized: nothing left to do
+
+
+@pytest.mark.parametrize("model_type,task", [("llama", "causal-lm"), ("bert", "classification"),
+                                             ("gpt2", "causal-lm")])
+def test_a_quantized_model_weighs_what_its_profile_predicts(model_type, task):
+    from autofit.profiler import profile_model
+
+    model = tiny_model(model_type, task)
+    profile = profile_model(model, task=task)
+    assert q.stored_bytes(model) == q.base_weight_bytes(profile, "fp32")
+    q.quantize_block_linears(model, double_quant=False)
+    assert q.stored_bytes(model) == q.base_weight_bytes(profile, "nf4", double_quant=False)
