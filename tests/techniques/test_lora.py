@@ -1,6 +1,8 @@
 """LoRA adapters: the planner's parameter count equals peft's own, the base stays frozen, and a LoRA model (on
 an fp32 or a 4-bit base) learns."""
 
+import functools
+
 import pytest
 import torch
 
@@ -93,13 +95,19 @@ def test_saved_activations_grow_with_the_rank_as_the_memory_model_says(targets, 
     assert measured[12] - measured[4] == lora.rank_activation_bytes(num_targets, tokens, 4, 12 - 4)
 
 
+@functools.lru_cache(maxsize=None)
+def _profile(model_type: str, task: str):
+    """The profile of tiny_model(model_type, task), made once per module (the model is seeded)."""
+    from autofit.profiler import profile_model
+
+    return profile_model(tiny_model(model_type, task), task=task)
+
+
 @pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "deberta-v2"])
 @pytest.mark.parametrize("targets", ["attention", "all-linear"])
 def test_the_profile_knows_every_layer_peft_adapts(model_type, targets):
-    from autofit.profiler import profile_model
-
     model = tiny_model(model_type, "classification")
-    layer = next(b for b in profile_model(model, task="classification").blocks if b.kind == "layer")
+    layer = next(b for b in _profile(model_type, "classification").blocks if b.kind == "layer")
     chosen = [(x.out_features, x.in_features) for x in layer.linears if targets == "all-linear" or x.attention]
     assert lora.adapter_numel(chosen * layer.count, 8) == lora.adapter_numel(
         [shape for _, shape in lora.target_layers(model, targets)], 8)
@@ -109,10 +117,8 @@ def test_the_profile_knows_every_layer_peft_adapts(model_type, targets):
                                              ("gpt2", "causal-lm"), ("roberta", "classification")])
 @pytest.mark.parametrize("targets", ["attention", "all-linear"])
 def test_what_trains_under_lora_is_what_the_profile_predicts(model_type, task, targets):
-    from autofit.profiler import profile_model
-
     model = tiny_model(model_type, task)
-    profile = profile_model(model, task=task)
+    profile = _profile(model_type, task)
     wrapped = lora.apply(model, rank=4, targets=targets, task=task)
     trainable = sorted(p.numel() for p in wrapped.parameters() if p.requires_grad)
     assert trainable == sorted(lora.trainable_numels(profile, 4, targets))
