@@ -31,19 +31,29 @@ PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "token-classification": "TOKEN_C
 # ---- pure side -------------------------------------------------------------------------------------------
 
 
+def is_target(attention: bool, targets: LoraTargets) -> bool:
+    """Whether a linear layer (inside attention or not) gets an adapter under `targets`."""
+    return targets == "all-linear" or attention
+
+
+def adapter_tensor_numels(out_features: int, in_features: int, rank: int) -> tuple[int, int]:
+    """The element counts of one layer's adapter: A is r x in, B is out x r."""
+    return rank * in_features, out_features * rank
+
+
 def adapter_numel(shapes: Sequence[tuple[int, int]], rank: int) -> int:
-    """Trainable adapter parameters for targeted layers of (out, in) `shapes`: A is r x in, B is out x r."""
-    return sum(rank * (out_features + in_features) for out_features, in_features in shapes)
+    """Trainable adapter parameters for targeted layers of (out, in) `shapes`."""
+    return sum(sum(adapter_tensor_numels(out_features, in_features, rank)) for out_features, in_features in shapes)
 
 
 def trainable_numels(profile: Profile, rank: int, targets: LoraTargets) -> list[int]:
-    """Every tensor that trains under LoRA, by element count: A (r x in) and B (out x r) per targeted layer of
-    every layer copy, and the task head's tensors (a copy of them: the original stays, frozen). What gradients
-    and the optimizer's state are sized from."""
+    """Every tensor that trains under LoRA, by element count: A and B per targeted layer of every layer copy,
+    and the task head's tensors (a copy of them: the original stays, frozen). What gradients and the
+    optimizer's state are sized from."""
     found = []
     for block in profile.blocks:
-        chosen = [x for x in block.linears if targets == "all-linear" or x.attention]
-        found += [n for x in chosen for n in (rank * x.in_features, x.out_features * rank)] * block.count
+        chosen = [x for x in block.linears if is_target(x.attention, targets)]
+        found += [n for x in chosen for n in adapter_tensor_numels(x.out_features, x.in_features, rank)] * block.count
     return found + list(profile.blocks[-1].task_head_numels)
 
 
@@ -62,7 +72,7 @@ def rank_activation_bytes(num_targets: int, tokens: int, element_bytes: int, ran
 def target_layers(model: nn.Module, targets: LoraTargets) -> list[tuple[str, tuple[int, int]]]:
     """The qualified names and (out, in) shapes of the layers `targets` selects."""
     return [(name, linear_shape(module)) for name, module in block_linears(model)
-            if targets == "all-linear" or is_attention(name)]
+            if is_target(is_attention(name), targets)]
 
 
 def apply(model: nn.Module, *, rank: int, targets: LoraTargets, task: str, alpha: int | None = None,

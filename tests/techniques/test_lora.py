@@ -108,7 +108,7 @@ def _profile(model_type: str, task: str):
 def test_the_profile_knows_every_layer_peft_adapts(model_type, targets):
     model = tiny_model(model_type, "classification")
     layer = next(b for b in _profile(model_type, "classification").blocks if b.kind == "layer")
-    chosen = [(x.out_features, x.in_features) for x in layer.linears if targets == "all-linear" or x.attention]
+    chosen = [(x.out_features, x.in_features) for x in layer.linears if lora.is_target(x.attention, targets)]
     assert lora.adapter_numel(chosen * layer.count, 8) == lora.adapter_numel(
         [shape for _, shape in lora.target_layers(model, targets)], 8)
 
