@@ -247,9 +247,19 @@ def predict_peak(profile: Profile, knobs: Knobs, workload: Workload, device: Dev
     """Predicted peak over every micro-batch these knobs form on this workload: each bucket's largest, with
     the gradients of earlier micro-batches of its step where it can follow them (the worst bucket wins).
     Lengths assumed from --seq-len stand for data of at most that length, so their batches count as padded."""
-    shapes = accumulation.memory_shapes(knobs, workload.lengths, workload.batch_size)
-    return max((predict_step_peak(profile, knobs, b.batch, b.length, device, b.padded or not workload.from_data,
-                                  b.grads_held) for b in shapes), key=lambda m: m.peak_bytes)
+    return _worst_micro_batch(profile, knobs, workload, device)[0]
+
+
+def _worst_micro_batch(profile: Profile, knobs: Knobs, workload: Workload,
+                       device: DeviceSpec) -> tuple[MemoryBreakdown, accumulation.MicroBatchShape, bool]:
+    """(its predicted peak, its shape, whether it counts as padded) of the micro-batch that sets the peak:
+    the first of equal peaks."""
+    candidates = []
+    for shape in accumulation.memory_shapes(knobs, workload.lengths, workload.batch_size):
+        padded = shape.padded or not workload.from_data
+        peak = predict_step_peak(profile, knobs, shape.batch, shape.length, device, padded, shape.grads_held)
+        candidates.append((peak, shape, padded))
+    return max(candidates, key=lambda c: c[0].peak_bytes)
 
 
 def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, int]],
@@ -286,12 +296,8 @@ def step_timeline(profile: Profile, knobs: Knobs, workload: Workload,
     boundary), the optimizer step. Each comes with a label ("forward layer 3") and the bytes live then, by
     what holds them; its peak_phase is the moment's own phase. The largest total is predict_peak's
     peak_bytes: these are predict_step_peak's candidates, all kept instead of only the largest."""
-    shapes = accumulation.memory_shapes(knobs, workload.lengths, workload.batch_size)
-    padding = [s.padded or not workload.from_data for s in shapes]
-    peaks = [predict_step_peak(profile, knobs, s.batch, s.length, device, p, s.grads_held).peak_bytes
-             for s, p in zip(shapes, padding)]
-    at = peaks.index(max(peaks))  # the first of equal peaks, as predict_peak's max() picks
-    batch, seq, padded, grads_held = shapes[at].batch, shapes[at].length, padding[at], shapes[at].grads_held
+    _, shape, padded = _worst_micro_batch(profile, knobs, workload, device)
+    batch, seq, grads_held = shape.batch, shape.length, shape.grads_held
     precision = knobs.precision.value
     weights, grads, state, trainable = param_state(profile, knobs)
     moments = _step_moments(_expand(profile, knobs), precision, batch, seq, padded, grads_held)
