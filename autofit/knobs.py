@@ -7,7 +7,7 @@ Every field is one memory-saving technique's setting. Their trade-offs live in t
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,6 +22,19 @@ class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"  # autocast fp16 + GradScaler (overflow steps are skipped)
     bf16 = "bf16"  # autocast bf16, no scaler needed; needs hardware support on CUDA
+
+
+Adapter = Literal["none", "lora"]
+"""How the model trains: all of its weights (`none`, full fine-tuning), or LoRA adapters on a frozen base."""
+
+BaseDtype = Literal["fp32", "bf16", "fp16", "nf4"]
+"""How frozen base weights are stored under an adapter: fp32, half precision, or 4-bit NF4 (bitsandbytes)."""
+
+LoraTargets = Literal["attention", "all-linear"]
+"""Which of the layers' linear layers get adapters: the attention projections (the LoRA paper's choice), or
+every linear layer (QLoRA's choice: better quality, more memory)."""
+
+MAX_LORA_RANK = 4096
 
 
 class Knobs(BaseModel):
@@ -62,8 +75,28 @@ class Knobs(BaseModel):
     pad_to_multiple_of: int | None = Field(8, ge=1, le=4096)
     """Pad each batch's length up to a multiple of this (tensor-core friendly). None pads to the longest."""
 
+    adapter: Adapter = "none"
+    """`lora`: the base model is frozen and each targeted linear layer W gains a trainable low-rank B @ A
+    (peft); the task head still trains in full. Gradients and optimizer state shrink to the adapters'
+    (techniques/lora.py). Freezing knobs do not apply: the adapter freezes the base itself."""
+
+    base_dtype: BaseDtype = "fp32"
+    """Storage of the frozen base under an adapter (techniques/quantization.py). `bf16`/`fp16` store the whole
+    base in half precision and need the same `precision`; `nf4` stores the layers' linear weights in 4 bits
+    and computes in `precision`'s dtype. Full fine-tuning keeps fp32 master weights: `fp32` only."""
+
+    double_quant: bool = True
+    """NF4 only: quantize the per-block scales too (8-bit, QLoRA's double quantization): ~0.4 bit/param less."""
+
+    lora_rank: int = Field(16, ge=1, le=MAX_LORA_RANK)
+    """LoRA rank r: each targeted (out, in) layer trains r x (in + out) parameters."""
+
+    lora_targets: LoraTargets = "attention"
+    """Which linear layers get adapters (see LoraTargets)."""
+
     @model_validator(mode="after")
     def _check(self) -> Knobs:
+        self._check_adapter()
         if self.freeze_layers and not self.freeze_embeddings:
             raise ValueError("freeze_layers > 0 requires freeze_embeddings=True")
         if self.optimizer_bits not in (8, 32):
@@ -73,6 +106,26 @@ class Knobs(BaseModel):
         if list(self.bucket_boundaries) != sorted(set(self.bucket_boundaries)):
             raise ValueError("bucket_boundaries must be sorted and unique")
         return self
+
+    def _check_adapter(self) -> None:
+        if self.adapter == "none":
+            if self.base_dtype != "fp32":
+                raise ValueError(f"base_dtype={self.base_dtype} needs adapter=lora (full fine-tuning keeps fp32 "
+                                 "master weights)")
+            return
+        if self.freeze_embeddings or self.freeze_layers:
+            raise ValueError("adapter=lora freezes the base itself: freeze_embeddings and freeze_layers must be off")
+        if self.base_dtype in ("bf16", "fp16") and self.precision.value != self.base_dtype:
+            raise ValueError(f"base_dtype={self.base_dtype} needs precision={self.base_dtype}, "
+                             f"not {self.precision.value}")
+        if self.base_dtype == "fp32" and self.precision != Precision.fp32:
+            raise ValueError(f"an fp32 base under {self.precision.value} autocast keeps a half copy of every "
+                             f"weight: use base_dtype={self.precision.value} or nf4")
+
+    @property
+    def quantized(self) -> bool:
+        """The base's linear weights are stored in 4 bits."""
+        return self.adapter == "lora" and self.base_dtype == "nf4"
 
     def validate_for(self, num_layers: int) -> None:
         """Raise ValueError when these knobs cannot apply to a model with `num_layers` layers."""

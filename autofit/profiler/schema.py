@@ -189,6 +189,10 @@ class BlockProfile(BaseModel):
     """Layers only: the block's linear layers (nn.Linear, GPT-2's Conv1D), in module order."""
     task_head_numels: list[int] = []
     """Head only: the task layer's tensors (`classifier`, `score`), which LoRA trains in full as a copy."""
+    adapted: dict[str, BlockActivations] = {}
+    """The same fits measured with LoRA adapters of rank `Profile.lora_profile_rank` attached to the twin (base
+    frozen), keyed by `techniques.lora.activation_key` (targets, plain or NF4 base, precision). Empty when the
+    profile was made without adapters."""
 
     @property
     def numel(self) -> int:
@@ -229,6 +233,9 @@ class Profile(BaseModel):
     """In execution order: embeddings, layer (count = num_layers), head."""
     optimizer_transient_per_param: dict[str, float] = {}
     """Temporary bytes per trainable parameter during optimizer.step(), keyed by "32"/"8" (measured)."""
+    lora_profile_rank: int = 0
+    """The LoRA rank the `adapted` fits were measured at (0: not measured); other ranks add
+    `techniques.lora.rank_activation_bytes` per rank of difference."""
     profile_shapes: list[tuple[int, int]] = []
     """(batch, seq) shapes that were measured to fit the ShapeFits."""
     fit_checks: list[FitCheck] = []

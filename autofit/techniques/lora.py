@@ -12,23 +12,29 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Literal
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from autofit.knobs import LoraTargets
 from autofit.layers import block_linears, is_attention, linear_shape
 from autofit.profiler.schema import Profile
 
-LoraTargets = Literal["attention", "all-linear"]
-"""Which of the blocks' linear layers get adapters: the attention projections (query, key, value, output:
-the original LoRA paper's choice), or every linear layer (QLoRA's choice, better quality, more memory)."""
+TARGET_CHOICES: tuple[LoraTargets, ...] = ("attention", "all-linear")
+BASE_KINDS = ("plain", "nf4")
+"""How the profiler's twin holds the frozen base when measuring adapters: as ordinary weights of the
+precision's dtype (fp32 base under fp32, half base under autocast), or as 4-bit NF4 layers."""
 
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "token-classification": "TOKEN_CLS", "causal-lm": "CAUSAL_LM"}
 """peft's name for each task: it keeps the task head trainable (a new head must train in full)."""
 
 
 # ---- pure side -------------------------------------------------------------------------------------------
+
+
+def activation_key(targets: LoraTargets, base_kind: str, precision: str) -> str:
+    """The key of `BlockProfile.adapted` for adapters on `targets`, a `base_kind` base, under `precision`."""
+    return f"lora-{targets}-{base_kind}-{precision}"
 
 
 def is_target(attention: bool, targets: LoraTargets) -> bool:
