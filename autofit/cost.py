@@ -26,7 +26,7 @@ from autofit.knobs import Knobs, Precision
 from autofit.plan import TimePrediction
 from autofit.profiler.schema import BlockProfile, Profile
 from autofit.techniques.accumulation import epoch_micro_batches, padding_efficiency, steps_per_epoch
-from autofit.techniques import checkpointing, freeze
+from autofit.techniques import checkpointing, freeze, lora
 from autofit.techniques.optimizer import state_bytes
 from autofit.workload import LengthHistogram, Workload
 
@@ -44,6 +44,8 @@ OPTIMIZER_STEP_SECONDS = {"cuda": 2e-3, "cpu": 1e-3}
 """Fixed cost of optimizer.step() + zero_grad() (foreach kernels, grad clipping bookkeeping)."""
 BANDWIDTH_EFFICIENCY = 0.7
 """Fraction of the spec-sheet memory bandwidth an elementwise optimizer kernel reaches."""
+ADAPTER_KERNEL_SECONDS = {"cuda": 1e-5, "cpu": 5e-6}
+"""Launch cost of one of a LoRA adapter's small kernels (an estimate, not calibrated on a card yet)."""
 WEIGHT_GRAD_SHARE = 0.5
 """Share of a measured (full) backward spent on weight gradients: what the first trainable block pays."""
 
@@ -59,10 +61,15 @@ class BlockPasses:
     """Copies computing weight gradients only (their input needs no gradient)."""
     recompute: int
     """Copies recomputing their forward (checkpointed, trainable)."""
+    backward_input: int = 0
+    """Copies computing input gradients only: a frozen base under LoRA (its weight gradients are skipped;
+    the adapters' cost is added apart, `adapter_pass_seconds`)."""
+    adapters: int = 0
+    """Copies carrying LoRA adapters (each runs their forward and backward)."""
 
     @property
     def total(self) -> int:
-        return self.forward + self.backward_full + self.backward_weights + self.recompute
+        return self.forward + self.backward_full + self.backward_weights + self.recompute + self.backward_input
 
 
 def block_passes(profile: Profile, knobs: Knobs) -> list[tuple[BlockProfile, BlockPasses]]:
@@ -72,6 +79,14 @@ def block_passes(profile: Profile, knobs: Knobs) -> list[tuple[BlockProfile, Blo
     result = []
     for block in profile.blocks:
         mine = [c for c in copies if c.block is block]
+        if knobs.adapter == "lora":  # the base never computes weight gradients; only the head's copy trains
+            full = block.kind == "head" and any(c.trains for c in mine)
+            result.append((block, BlockPasses(
+                forward=block.count, backward_full=sum(full and c.needs_input_grad for c in mine), backward_weights=0,
+                recompute=sum(block.kind == "layer" and c.index in recomputed for c in mine),
+                backward_input=sum(not full and c.needs_input_grad for c in mine),
+                adapters=block.count if block.kind == "layer" else 0)))
+            continue
         result.append((block, BlockPasses(
             forward=block.count,
             backward_full=sum(c.trains and c.needs_input_grad for c in mine),
@@ -135,12 +150,36 @@ def micro_batch_seconds(profile: Profile, knobs: Knobs, device: DeviceSpec, batc
         forward, full, weights = _pass_seconds(block, knobs, device, source, scale, profile.hidden_size, batch, seq)
         seconds += (passes.forward + passes.recompute) * forward
         seconds += passes.backward_full * full + passes.backward_weights * weights
+        seconds += passes.backward_input * (full - WEIGHT_GRAD_SHARE * full if source is not None else forward)
         seconds += launch * passes.total
+        if passes.adapters:  # a recompute runs the adapters' forward and dequantizes once more
+            adapter, dequantize = adapter_pass_seconds(block, knobs, device, batch * seq)
+            seconds += passes.adapters * (3 * adapter + 2 * dequantize) + passes.recompute * (adapter + dequantize)
     return seconds
+
+
+def adapter_pass_seconds(block: BlockProfile, knobs: Knobs, device: DeviceSpec, tokens: int) -> tuple[float, float]:
+    """(one pass of one layer copy's LoRA adapters, one dequantization of its NF4 weights) in seconds, for a
+    micro-batch of `tokens` tokens. A layer runs the adapters three times (forward, input and weight
+    gradients) and dequantizes twice (forward, input gradient). Rank-r matmuls and dequantization are bound
+    by memory traffic: an adapter reads its input and writes/reads its rank-r and output tensors; a
+    dequantization reads 0.5 B/weight and writes the compute dtype."""
+    element = 4 if knobs.precision == Precision.fp32 else 2
+    bandwidth = device.memory_bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY
+    chosen = [x for x in block.linears if lora.is_target(x.attention, knobs.lora_targets)]
+    traffic = sum(tokens * (x.in_features + 2 * knobs.lora_rank + 2 * x.out_features) * element for x in chosen)
+    flops = sum(2 * tokens * knobs.lora_rank * (x.in_features + x.out_features) for x in chosen)
+    peak = (device.tflops_fp32 if knobs.precision == Precision.fp32 else device.tflops_half) * 1e12
+    launches = 3 * len(chosen) * ADAPTER_KERNEL_SECONDS.get(device.kind, 1e-5)  # A, B, scale-and-add
+    adapter = max(traffic / bandwidth, flops / (peak * device.matmul_efficiency)) + launches
+    dequantize = sum(x.numel * (0.5 + element) for x in block.linears) / bandwidth if knobs.quantized else 0.0
+    return adapter, dequantize
 
 
 def trainable_tensors(profile: Profile, knobs: Knobs) -> tuple[list[int], list[int]]:
     """(numels of every trainable parameter tensor, the subset that are embedding weights)."""
+    if knobs.adapter == "lora":
+        return lora.trainable_numels(profile, knobs.lora_rank, knobs.lora_targets), []
     numels: list[int] = []
     embeddings: list[int] = []
     for copy in freeze.block_copies(profile.blocks, knobs):

@@ -37,7 +37,7 @@ from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs
 from autofit.plan import MemoryBreakdown
 from autofit.profiler.schema import BlockActivations, BlockProfile, Profile
-from autofit.techniques import accumulation, checkpointing, freeze, optimizer
+from autofit.techniques import accumulation, checkpointing, freeze, lora, optimizer
 from autofit.workload import Workload
 
 INDEX_BYTES = 8  # input_ids / attention_mask / token labels are int64
@@ -53,6 +53,11 @@ class _Block:
     checkpointed: bool
     keeps_checkpoint_args: bool = False
     """The lowest checkpointed layer: the arguments all checkpointed layers share live until its recompute."""
+    fits: BlockActivations | None = None
+    """Its activation fits under the knobs' precision (and adapters): what every memory term reads."""
+    grad_bytes: int = 0
+    """Bytes of the gradients one copy has when it trains: its parameters', or under LoRA its adapters' and
+    task head copy's."""
     frozen_tied_bytes: int = 0
     """A layer below a tied LM head whose embeddings are frozen: the head's share of the tied weight's
     gradient, which autograd holds pending from the head's backward until the embeddings' (a live tensor in
@@ -61,12 +66,21 @@ class _Block:
 
 def _expand(profile: Profile, knobs: Knobs) -> list[_Block]:
     recomputed = set(checkpointing.recomputed_layers(knobs, profile.num_layers))
-    head_tied = profile.blocks[-1].tied_embedding_bytes
+    # under LoRA the adapted fits were measured with the embeddings frozen: the tied share is already out
+    head_tied = profile.blocks[-1].tied_embedding_bytes if knobs.adapter == "none" else 0
+    fits, grad_bytes = {}, {}
+    for block in profile.blocks:
+        if knobs.adapter == "lora":
+            fits[block.name] = lora.block_fits(block, knobs, profile.lora_profile_rank)
+            grad_bytes[block.name] = lora.ADAPTER_BYTES * sum(lora.block_trainable_numels(block, knobs))
+        else:
+            fits[block.name], grad_bytes[block.name] = block.activations[knobs.precision.value], block.param_bytes
     blocks: list[_Block] = []
     for copy in freeze.block_copies(profile.blocks, knobs):
         is_layer = copy.block.kind == "layer"
         tied = head_tied if knobs.freeze_embeddings and is_layer else 0
         blocks.append(_Block(copy.block, copy.trains, copy.needs_input_grad, is_layer and copy.index in recomputed,
+                             fits=fits[copy.block.name], grad_bytes=grad_bytes[copy.block.name],
                              frozen_tied_bytes=tied))
     lowest = next((b for b in blocks if b.checkpointed), None)
     if lowest is not None:
@@ -87,6 +101,11 @@ def _kept_bytes(block: _Block, previous_output: float, acts: BlockActivations, b
 
 def param_state(profile: Profile, knobs: Knobs) -> tuple[int, int, int, int]:
     """(weight bytes, gradient bytes, optimizer-state bytes, trainable parameter count)."""
+    if knobs.adapter == "lora":
+        numels = lora.trainable_numels(profile, knobs.lora_rank, knobs.lora_targets)
+        weights = lora.base_weight_bytes(profile, knobs)
+        return (weights, lora.ADAPTER_BYTES * sum(numels), optimizer.state_bytes(numels, [], knobs.optimizer_bits),
+                sum(numels))
     weights = grads = state = trainable_numel = 0
     for block in _expand(profile, knobs):
         p = block.profile
@@ -108,14 +127,15 @@ EMBEDDINGS, FIRST_LAYER = 0, 1
 """Positions in the expanded block list: the embeddings come first, layer 0 right after them."""
 
 
-def _held_bytes(blocks: list[_Block], precision: str, batch: int, seq: int, padded: bool) -> float:
-    """The embeddings' output the model's code keeps through the forward, when no trainable layer 0 saves it."""
+def _held_bytes(blocks: list[_Block], batch: int, seq: int, padded: bool, adapter: str) -> float:
+    """The embeddings' output the model's code keeps through the forward, when layer 0 does not save it:
+    frozen, or under LoRA (its frozen norms save nothing; adapters save the normed input, not this)."""
     if len(blocks) <= FIRST_LAYER:
         return 0.0
     layer0 = blocks[FIRST_LAYER]
-    if layer0.profile.kind != "layer" or layer0.trainable or layer0.needs_input_grad:
+    if layer0.profile.kind != "layer" or layer0.needs_input_grad or (layer0.trainable and adapter == "none"):
         return 0.0
-    return blocks[EMBEDDINGS].profile.activations[precision].at(batch, padded).held(batch, seq)
+    return blocks[EMBEDDINGS].fits.at(batch, padded).held(batch, seq)
 
 
 def _forward_transient(block: _Block, acts: BlockActivations, batch: int, seq: int) -> float:
@@ -162,38 +182,38 @@ def _block_names(blocks: list[_Block]) -> list[str]:
     return names
 
 
-def _step_moments(blocks: list[_Block], precision: str, batch: int, seq: int, padded: bool,
+def _step_moments(blocks: list[_Block], adapter: str, batch: int, seq: int, padded: bool,
                   grads_held: bool) -> list[tuple[str, PeakMoment]]:
     """Replay forward then backward: every moment that can be the peak, labelled, in the order they happen."""
     names = _block_names(blocks)
-    kept, outputs, forward = _forward_walk(blocks, precision, batch, seq, padded)
+    kept, outputs, forward = _forward_walk(blocks, adapter, batch, seq, padded)
     moments = [("start", forward[0])] + [(f"forward {n}", m) for n, m in zip(names, forward[1:])]
     live, grads = sum(kept), 0.0
     for i in range(len(blocks) - 1, -1, -1):
         block = blocks[i]
         if not block.trainable and not block.needs_input_grad:
             break  # nothing below the boundary runs backward
-        acts = block.profile.activations[precision].at(batch, padded)
+        acts = block.fits.at(batch, padded)
         # grads: those that exist before the block's backward; its transient includes the ones it makes (its
         # .grad, or, accumulating, fresh gradients waiting to be added in place)
         moments.append((f"backward {names[i]}", PeakMoment(
             live, _backward_transient(block, acts, outputs[i], batch, seq), grads, "backward")))
         if block.trainable and not grads_held:
-            grads += block.profile.param_bytes
+            grads += block.grad_bytes
         live -= kept[i]
     return moments
 
 
-def _forward_walk(blocks: list[_Block], precision: str, batch: int, seq: int,
+def _forward_walk(blocks: list[_Block], adapter: str, batch: int, seq: int,
                   padded: bool) -> tuple[list[float], list[float], list[PeakMoment]]:
     """(bytes each block keeps for backward, each block's output, the forward's peak candidates)."""
     kept: list[float] = []
     outputs: list[float] = []
     moments = [PeakMoment(0.0, 0.0, 0.0, "forward")]
-    held = _held_bytes(blocks, precision, batch, seq, padded)
+    held = _held_bytes(blocks, batch, seq, padded, adapter)
     live = previous_output = shared = 0.0
     for position, block in enumerate(blocks):
-        acts = block.profile.activations[precision].at(batch, padded)
+        acts = block.fits.at(batch, padded)
         k = _kept_bytes(block, previous_output, acts, batch, seq)
         if block.keeps_checkpoint_args and acts.checkpoint_args is not None:
             shared = acts.checkpoint_args(batch, seq)
@@ -222,10 +242,9 @@ def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int, devi
                       padded: bool = True, grads_held: bool = False) -> MemoryBreakdown:
     """Predicted peak of one steady-state micro-batch of shape (batch, seq), with pad tokens (`padded`) or of
     sequences all exactly `seq` long; `grads_held` when earlier micro-batches of its step left gradients."""
-    precision = knobs.precision.value
     weights, grads, state, trainable = param_state(profile, knobs)
     blocks = _expand(profile, knobs)
-    peak = max((m for _, m in _step_moments(blocks, precision, batch, seq, padded, grads_held)),
+    peak = max((m for _, m in _step_moments(blocks, knobs.adapter, batch, seq, padded, grads_held)),
                key=lambda m: m.total)
     acts, temps, walk_grads, phase = peak.activations, peak.temporaries, peak.gradients, peak.phase
     acts += input_bytes(profile, batch, seq)
@@ -269,14 +288,14 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
     No gradients exist (the last step cleared them) and nothing is saved for backward; a block's forward
     is bounded by what it would save, its output, transient and unsaved references, on top of its input
     and the embeddings' output the model's code keeps. Optimizer state stays."""
-    precision = knobs.precision.value
     weights, _, state, _ = param_state(profile, knobs)
+    fits = {b.profile.name: b.fits for b in _expand(profile, knobs)}
     worst, at = 0.0, (0, 0)
     for batch, seq in shapes:
         inputs = input_bytes(profile, batch, seq)
         previous = held = 0.0
         for block in profile.blocks:
-            acts = block.activations[precision].at(batch, True)
+            acts = fits[block.name].at(batch, True)
             live = (previous + held + acts.saved(batch, seq) + acts.output(batch, seq)
                     + acts.forward_transient(batch, seq) + acts.resident(batch, seq))
             if inputs + live > worst:
@@ -298,9 +317,8 @@ def step_timeline(profile: Profile, knobs: Knobs, workload: Workload,
     peak_bytes: these are predict_step_peak's candidates, all kept instead of only the largest."""
     _, shape, padded = _worst_micro_batch(profile, knobs, workload, device)
     batch, seq, grads_held = shape.batch, shape.length, shape.grads_held
-    precision = knobs.precision.value
     weights, grads, state, trainable = param_state(profile, knobs)
-    moments = _step_moments(_expand(profile, knobs), precision, batch, seq, padded, grads_held)
+    moments = _step_moments(_expand(profile, knobs), knobs.adapter, batch, seq, padded, grads_held)
     opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
     # the same sums, in the same order, as predict_step_peak: the peak's total must match to the byte
     parts = [(label, m.activations + input_bytes(profile, batch, seq), m.temporaries,

@@ -3,7 +3,8 @@
 import random
 
 from autofit.plan import Plan
-from autofit.profiler.schema import BlockActivations, BlockProfile, Profile, ShapeFit
+from autofit.profiler.schema import BlockActivations, BlockProfile, LinearLayer, Profile, ShapeFit
+from autofit.techniques.lora import BASE_KINDS, TARGET_CHOICES, activation_key
 from autofit.workload import LengthHistogram, Workload
 
 
@@ -21,25 +22,49 @@ def _activations(h: int, grad_bytes: int) -> dict[str, BlockActivations]:
     return result
 
 
+def _adapted(h: int, kind: str) -> dict[str, BlockActivations]:
+    """LoRA fits at rank 8, roughly: the adapters keep their inputs and rank-8 outputs, the frozen base keeps
+    only what input gradients need; all-linear keeps more; the head trains its classifier copy."""
+    result = {}
+    for targets in TARGET_CHOICES:
+        per = {"embeddings": 0, "layer": 8 if targets == "attention" else 12, "head": 2}[kind]
+        for base in BASE_KINDS:
+            for precision, size in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+                saved = ShapeFit(per_token=per * h * size, per_token_seq=(16 if kind == "layer" else 0) * size)
+                result[activation_key(targets, base, precision)] = BlockActivations(
+                    saved=saved, saved_first_trainable=saved, output=ShapeFit(per_token=4 * h),
+                    forward_transient=ShapeFit(per_token=8 * h * size, const=(4 * h * h * size if base == "nf4" else 0)),
+                    backward_transient=ShapeFit(per_token=8 * h * size, per_token_seq=12 * size))
+    return result
+
+
 def make_profile(hidden=768, layers=12, vocab=30000, device="meta", times=None) -> Profile:
-    """A BERT-shaped profile built by hand. `times` maps kind -> precision -> TimeFit (measured)."""
+    """A BERT-shaped profile built by hand, with LoRA fits (`adapted`) at rank 8. `times` maps kind ->
+    precision -> TimeFit (measured)."""
     h, times = hidden, times or {}
+    linears = [LinearLayer(name=f"attention.{n}", out_features=h, in_features=h, attention=True)
+               for n in ("query", "key", "value", "output")]
+    linears += [LinearLayer(name="intermediate", out_features=4 * h, in_features=h, attention=False),
+                LinearLayer(name="output", out_features=h, in_features=4 * h, attention=False)]
     layer_numels = [h * h] * 4 + [4 * h * h] * 2 + [h] * 9 + [4 * h]
     blocks = [
         BlockProfile(name="embeddings", kind="embeddings", param_numels=[vocab * h, 512 * h, 2 * h, h, h],
                      embedding_numels=[vocab * h, 512 * h, 2 * h], param_bytes=4 * (vocab + 516) * h,
                      flops_forward=ShapeFit(per_token=10 * h), activations=_activations(h, 4 * (vocab + 516) * h),
-                     time=times.get("embeddings", {})),
+                     time=times.get("embeddings", {}), adapted=_adapted(h, "embeddings")),
         BlockProfile(name="layer", kind="layer", count=layers, param_numels=layer_numels,
                      param_bytes=4 * sum(layer_numels), flops_forward=ShapeFit(per_token=24 * h * h,
                                                                                per_token_seq=4 * h),
-                     activations=_activations(h, 4 * sum(layer_numels)), time=times.get("layer", {})),
+                     activations=_activations(h, 4 * sum(layer_numels)), time=times.get("layer", {}),
+                     linears=linears, adapted=_adapted(h, "layer")),
         BlockProfile(name="head", kind="head", param_numels=[h * h, h, 2 * h, 2],
                      param_bytes=4 * (h * h + 3 * h + 2), flops_forward=ShapeFit(per_token=2 * h * h),
-                     activations=_activations(h, 4 * (h * h + 3 * h + 2)), time=times.get("head", {})),
+                     activations=_activations(h, 4 * (h * h + 3 * h + 2)), time=times.get("head", {}),
+                     task_head_numels=[2 * h, 2], adapted=_adapted(h, "head")),
     ]
     return Profile(model_id="tiny-bert", model_type="bert", task="classification", num_layers=layers,
-                   hidden_size=h, vocab_size=vocab, attn_implementation="eager", device=device, blocks=blocks)
+                   hidden_size=h, vocab_size=vocab, attn_implementation="eager", device=device, blocks=blocks,
+                   lora_profile_rank=8)
 
 
 def skewed_workload(n=2000, batch_size=32, seed=0) -> Workload:

@@ -33,8 +33,12 @@ class FreezeReport(BaseModel):
 # ---- pure side -------------------------------------------------------------------------------------------
 
 
-def trains(kind: str, index: int, knobs: Knobs) -> bool:
-    """Whether copy `index` of a block of `kind` ("embeddings", "layer", "head") trains under `knobs`."""
+def trains(kind: str, index: int, knobs: Knobs, task_head: bool = True) -> bool:
+    """Whether copy `index` of a block of `kind` ("embeddings", "layer", "head") trains under `knobs`.
+    Under LoRA the base is frozen: every layer trains its adapters, the head only its task layer's copy
+    (`task_head`: it has one; a causal LM's head has none)."""
+    if knobs.adapter == "lora":
+        return kind == "layer" or (kind == "head" and task_head)
     if kind == "embeddings":
         return not knobs.freeze_embeddings
     if kind == "layer":
@@ -63,7 +67,7 @@ def block_copies(blocks: Iterable[B], knobs: Knobs) -> list[BlockCopy[B]]:
     below_trains = False
     for block in blocks:
         for index in range(block.count):
-            trainable = trains(block.kind, index, knobs)
+            trainable = trains(block.kind, index, knobs, task_head=bool(getattr(block, "task_head_numels", True)))
             copies.append(BlockCopy(block, index, trainable, below_trains))
             below_trains = below_trains or trainable
     return copies

@@ -16,9 +16,13 @@ from collections.abc import Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from autofit.knobs import LoraTargets
+from autofit.knobs import Knobs, LoraTargets
 from autofit.layers import block_linears, is_attention, linear_shape
-from autofit.profiler.schema import Profile
+from autofit.profiler.schema import BlockActivations, BlockProfile, Profile, ShapeFit
+from autofit.techniques import quantization
+
+ADAPTER_BYTES = 4
+"""Adapters and the task head's copy train in fp32 (peft's default; the executor upcasts them)."""
 
 TARGET_CHOICES: tuple[LoraTargets, ...] = ("attention", "all-linear")
 BASE_KINDS = ("plain", "nf4")
@@ -61,6 +65,64 @@ def trainable_numels(profile: Profile, rank: int, targets: LoraTargets) -> list[
         chosen = [x for x in block.linears if is_target(x.attention, targets)]
         found += [n for x in chosen for n in adapter_tensor_numels(x.out_features, x.in_features, rank)] * block.count
     return found + list(profile.blocks[-1].task_head_numels)
+
+
+def base_kind(knobs: Knobs) -> str:
+    """How the base is held under these knobs, as the profiler measured it (one of BASE_KINDS)."""
+    return "nf4" if knobs.base_dtype == "nf4" else "plain"
+
+
+def block_trainable_numels(block: BlockProfile, knobs: Knobs) -> list[int]:
+    """The tensors one copy of `block` trains under LoRA: A and B of its targeted layers, the head's copy."""
+    if block.kind == "head":
+        return list(block.task_head_numels)
+    chosen = [x for x in block.linears if is_target(x.attention, knobs.lora_targets)]
+    return [n for x in chosen for n in adapter_tensor_numels(x.out_features, x.in_features, knobs.lora_rank)]
+
+
+def base_weight_bytes(profile: Profile, knobs: Knobs) -> int:
+    """The frozen base at `knobs.base_dtype` (linears in 4 bits with their constants for nf4, the whole
+    model in half precision for bf16/fp16), plus the adapters and the head's trainable copy in fp32."""
+    if knobs.base_dtype == "nf4":
+        base = quantization.base_weight_bytes(profile, "nf4", double_quant=knobs.double_quant)
+    elif knobs.base_dtype == "fp32":
+        base = sum(b.param_bytes * b.count for b in profile.blocks)
+    else:
+        base = profile.num_params * quantization.BYTES_PER_ELEMENT[knobs.base_dtype]
+    trained = sum(sum(block_trainable_numels(b, knobs)) * b.count for b in profile.blocks)
+    return base + ADAPTER_BYTES * trained
+
+
+def num_targets(block: BlockProfile, targets: LoraTargets) -> int:
+    """Targeted linear layers in one copy of `block`."""
+    return sum(is_target(x.attention, targets) for x in block.linears)
+
+
+def block_fits(block: BlockProfile, knobs: Knobs, profile_rank: int) -> BlockActivations:
+    """The block's activation fits under `knobs`' adapters: measured at `profile_rank`, with saved bytes
+    moved by `rank_activation_bytes` to `knobs.lora_rank` (layers only: they hold the adapters)."""
+    key = activation_key(knobs.lora_targets, base_kind(knobs), knobs.precision.value)
+    fits = block.adapted.get(key)
+    if fits is None:
+        raise ValueError(f"the profile has no LoRA measurements ({key}): profile the model with adapters")
+    delta = knobs.lora_rank - profile_rank
+    if block.kind != "layer" or delta == 0:
+        return fits
+    element = 4 if knobs.precision.value == "fp32" else 2  # A's output, under autocast in half precision
+    return _shift_saved(fits, rank_activation_bytes(num_targets(block, knobs.lora_targets), 1, element, delta))
+
+
+def _shift_saved(fits: BlockActivations, per_token: float) -> BlockActivations:
+    """`fits` with `per_token` bytes per token more saved for backward (also in its batch-1 and unpadded fits)."""
+    def shift(fit: ShapeFit) -> ShapeFit:
+        moved = fit.model_copy(update={"per_token": fit.per_token + per_token})
+        return moved if fit.small is None else moved.model_copy(update={"small": shift(fit.small)})
+
+    update = {"saved": shift(fits.saved), "saved_first_trainable": shift(fits.saved_first_trainable)}
+    for nested in ("single", "unpadded"):
+        if getattr(fits, nested) is not None:
+            update[nested] = _shift_saved(getattr(fits, nested), per_token)
+    return fits.model_copy(update=update)
 
 
 def rank_activation_bytes(num_targets: int, tokens: int, element_bytes: int, rank: int) -> int:
