@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from autofit.data import TokenizedData
 from autofit.executor import ExecutorInputError, default_fallback, run_plan
