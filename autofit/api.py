@@ -206,10 +206,13 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
     eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column, train=train_data) \
         if eval_data is not None else None
     set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
+    source, nf4 = model, _nf4_loading(plan)
     if not isinstance(model, nn.Module):
-        model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2)
+        model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2, nf4=nf4)
     spec = plan.device if plan is not None else target_device(device, train=True)
-    profile = cached_profile(model, task=task, timing=PRECISIONS if spec.kind == "cpu" else ())
+    # a model loaded in 4 bits is profiled from its id (the profiler measures a full-precision twin)
+    profile = cached_profile(source if nf4 and model is not source else model, task=task,
+                             timing=PRECISIONS if spec.kind == "cpu" else ())
     if plan is None and resume and output_dir is not None:
         plan = _plan_in_force(output_dir, parse_budget(budget), batch_size, spec, policy)
     if plan is None:
@@ -228,6 +231,16 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
                     seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
                     quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None),
                     eval_prediction=eval_prediction)
+
+
+def _nf4_loading(plan: Plan | None) -> dict | None:
+    """How to load a model by id for a plan that stores its base in NF4 (else None: loaded as it is)."""
+    if plan is None or not plan.knobs.quantized:
+        return None
+    from autofit.techniques.precision import autocast_dtype
+
+    return {"double_quant": plan.knobs.double_quant, "compute_dtype": autocast_dtype(plan.knobs.precision)
+            or torch.float32}
 
 
 def _plan_in_force(output_dir: str, budget_bytes: int, batch_size: int, device: DeviceSpec,

@@ -231,8 +231,13 @@ def build_model(
 
 
 @_hub_offline()
-def load_model(spec: str | os.PathLike, task: str = "classification", num_labels: int = 2) -> PreTrainedModel:
-    """Pretrained weights from a local directory or the HF cache; else random weights (with a warning)."""
+def load_model(spec: str | os.PathLike, task: str = "classification", num_labels: int = 2, *,
+               nf4: dict | None = None) -> PreTrainedModel:
+    """Pretrained weights from a local directory or the HF cache; else random weights (with a warning).
+
+    `nf4` (`double_quant`, `compute_dtype`) loads the blocks' linear layers straight into 4-bit NF4 with
+    transformers' BitsAndBytesConfig, the layers quantization.quantize_block_linears would quantize (random
+    weights are built unquantized: the executor quantizes them in memory)."""
     model_id, config, weights = _resolve(spec)
     head = _head_class(config, task)
     if weights is None:
@@ -249,11 +254,20 @@ def load_model(spec: str | os.PathLike, task: str = "classification", num_labels
     try:
         # A classifier checkpoint fine-tuned for other labels: its head is replaced by a new one of the right
         # size (randomly initialised, as for any new head); the rest of the weights load as usual.
+        extra = {"quantization_config": _nf4_config(config, task, **nf4)} if nf4 else {}
         return head.from_pretrained(weights, config=config, local_files_only=True, dtype=torch.float32,
-                                    ignore_mismatched_sizes=True)
+                                    ignore_mismatched_sizes=True, **extra)
     except (OSError, RuntimeError, ValueError) as error:  # a damaged or foreign weights file
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelNotFoundError(f"cannot load the weights of {model_id}: {type(error).__name__}: {first}") from None
+
+
+def _nf4_config(config: PretrainedConfig, task: str, *, double_quant: bool, compute_dtype: torch.dtype):
+    """The BitsAndBytesConfig for `config`'s model with `task`'s head, worked out on a meta-device build."""
+    from autofit.techniques.quantization import load_config
+
+    skeleton = build_model(config, task, device="meta", num_labels=getattr(config, "num_labels", 2))
+    return load_config(skeleton, double_quant=double_quant, compute_dtype=compute_dtype)
 
 
 @_hub_offline()

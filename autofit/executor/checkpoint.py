@@ -1,5 +1,8 @@
 """Save and resume a run: weights (safetensors), optimizer, GradScaler, data position, RNG, counters, plan.
 
+A LoRA run saves only what trains (adapters, the task-head copy): its frozen base is the model the caller
+passes again, rebuilt the same way (same base storage, adapters put on), so a checkpoint stays small.
+
 Each checkpoint is written into a temporary directory and renamed into place (`checkpoint-<step>`), so a
 kill during a save leaves the previous checkpoint whole; older checkpoints are removed only after the new
 one exists. A resumed run restores every random generator, so it continues exactly where it stopped.
@@ -15,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord
 from autofit.plan import Plan
@@ -23,6 +26,8 @@ from autofit.plan import Plan
 PREFIX = "checkpoint-"
 TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"
 """A checkpoint being written, and one being replaced by a save of the same step."""
+TRAINABLE_ONLY = {"autofit_tensors": "trainable"}
+"""safetensors metadata of a checkpoint that holds only the trainable tensors (a LoRA run)."""
 FILES = ("model.safetensors", "optimizer.pt", "scaler.pt", "rng.pt", "trainer_state.json", "plan.json")
 
 
@@ -53,15 +58,21 @@ class TrainerState(BaseModel):
 
 
 def save_checkpoint(output_dir: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, plan: Plan, state: TrainerState, keep: int = 1) -> Path:
-    """Write `checkpoint-<step>` atomically and keep only the newest `keep` checkpoints."""
+                    scaler: torch.amp.GradScaler, plan: Plan, state: TrainerState, keep: int = 1,
+                    trainable_only: bool = False) -> Path:
+    """Write `checkpoint-<step>` atomically and keep only the newest `keep` checkpoints; with `trainable_only`
+    the weights are only the tensors that train."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{PREFIX}{state.step:08d}"
     tmp = output_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))  # tied weights are stored once
+    if trainable_only:
+        save_file({name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad},
+                  str(tmp / "model.safetensors"), metadata=TRAINABLE_ONLY)
+    else:
+        save_model(model, str(tmp / "model.safetensors"))  # tied weights are stored once
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
@@ -141,12 +152,16 @@ def load_plan_and_state(path: str | Path) -> tuple[Plan, TrainerState]:
 
 
 def load_tensors(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler) -> None:
-    """Restore weights, optimizer and scaler state, then every RNG (last, so nothing consumes it)."""
+                 scaler: torch.amp.GradScaler, trainable_only: bool = False) -> None:
+    """Restore weights (with `trainable_only`: only the trainable ones, which must be all there), optimizer and
+    scaler state, then every RNG (last, so nothing consumes it)."""
     path = Path(path)
     device = next(model.parameters()).device
     try:
-        load_model(model, path / "model.safetensors", device=str(device))
+        if trainable_only:
+            _load_trainable(model, path / "model.safetensors", device)
+        else:
+            load_model(model, path / "model.safetensors", device=str(device))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         rng = torch.load(path / "rng.pt", weights_only=True)
@@ -154,6 +169,19 @@ def load_tensors(path: str | Path, *, model: torch.nn.Module, optimizer: torch.o
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(f"{path} is damaged: {type(error).__name__}: {first}") from None
     _set_rng_state(rng)
+
+
+def _load_trainable(model: torch.nn.Module, file: Path, device: torch.device) -> None:
+    """Copy a trainable-only checkpoint into `model`'s trainable parameters; other names, or missing ones,
+    mean it was saved from another model or plan."""
+    tensors = load_file(file, device=str(device))
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if tensors.keys() != trainable.keys():
+        odd = sorted(tensors.keys() ^ trainable.keys())
+        raise ValueError(f"its trainable tensors are not this model's ({len(odd)} differ, e.g. {odd[0]})")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            trainable[name].copy_(tensor)
 
 
 def _rng_state() -> dict:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
+from torch import nn
 
 from autofit.budget import format_bytes
 from autofit.knobs import Knobs
@@ -84,6 +85,16 @@ class TrainResult(BaseModel):
     epochs_completed: int
     seconds: float
     output_dir: str | None = None
+    adapter_dir: str | None = None
+    """A LoRA run with an output_dir: the adapters saved at its end (peft's `save_pretrained` folder; reload
+    with `PeftModel.from_pretrained(base, adapter_dir)`)."""
+    _model: nn.Module | None = PrivateAttr(None)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model that trained (not serialised): the caller's model, or under LoRA peft's wrapper around it
+        (to pass to lora.save_adapter or lora.export_merged)."""
+        return self._model
 
     @property
     def final_loss(self) -> float | None:

@@ -10,6 +10,10 @@ passed through `accelerator.prepare`: under mixed precision that wraps forward i
 `convert_outputs_to_fp32`, an fp32 copy of the logits the memory model does not expect. We autocast
 `loss = model(**batch).loss` ourselves instead, as the profiler measured it. accelerate leaves fp16 on the
 CPU without autocast or scaler; our autocast and `precision.grad_scaler` cover it.
+
+A LoRA plan (`knobs.adapter == "lora"`) stores the base and puts adapters on it in place (techniques/adapter.py)
+before anything else; the peft wrapper is what trains, checkpoints (trainable tensors only) and, at the end of
+a run with an output_dir, saves its adapters to `<output_dir>/adapter` (`TrainResult.adapter_dir`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from autofit.executor.validate import ExecutorInputError, check_inputs, run_devi
 from autofit.knobs import Precision
 from autofit.measure import PeakMemoryMeter, SteadyStatePeak
 from autofit.plan import MemoryBreakdown, Plan
-from autofit.techniques import checkpointing, freeze
+from autofit.techniques import adapter, checkpointing, freeze, lora
 from autofit.techniques import optimizer as optim
 from autofit.techniques import precision as amp
 from autofit.techniques.accumulation import StepSampler, bucket_uppers, cut_step, eval_micro_batches
@@ -64,7 +68,9 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     there is one (a checkpoint of other data, plan or settings is refused). A loss or gradient that turns
     inf/NaN outside fp16 stops the run (TrainingDivergedError); Ctrl-C finishes the step, saves and raises
     TrainingInterruptedError. `eval_prediction` is the predicted peak of evaluation, compared with what
-    evaluation measures. The model comes back trained, its requires_grad flags and forward restored."""
+    evaluation measures. The model comes back trained, its requires_grad flags and forward restored; under
+    LoRA it comes back with its base stored as planned and the trained adapters in it (`TrainResult.model`
+    is peft's wrapper, to save or merge with techniques/lora.py)."""
     check_inputs(model, plan, train, eval, epochs=epochs, max_steps=max_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, resume=resume)
     notes = ckpt.prepare_output_dir(output_dir) if output_dir is not None else []
@@ -124,6 +130,10 @@ class _Run:
         self.started = time.perf_counter()
         self.last_checkpoint: Path | None = None
         self.ctx: StepContext | None = None
+        self.lora = plan.knobs.adapter == "lora"
+        self.trained: torch.nn.Module = model
+        """What trains: `model`, or under LoRA peft's wrapper around it."""
+        self.adapter_dir: Path | None = None
         self.collator: PaddingCollator | None = None
         self.meter: PeakMemoryMeter | None = None
         self.bar: TrainingProgress | None = None
@@ -137,22 +147,28 @@ class _Run:
         accelerator = make_accelerator(amp.accelerate_mixed_precision(precision), cpu=device_type == "cpu")
         if accelerator.num_processes > 1:
             raise ExecutorInputError("multi-process training is not supported yet: launch a single process")
-        freeze.apply(self.model, knobs)
+        if self.lora:
+            set_seed(self.seed)  # the adapters' initial weights follow the seed
+            self.trained = adapter.prepare(self.model, knobs, self.plan.task,
+                                           precision_dtype=amp.autocast_dtype(precision))
+        else:
+            freeze.apply(self.model, knobs)
         checkpointing.apply(self.model, knobs.checkpoint_layers)
-        self.model.to(accelerator.device).train()
+        self.trained.to(accelerator.device).train()
         try:
-            optimizer = optim.build_optimizer(self.model, knobs, lr=lr, weight_decay=weight_decay)
+            optimizer = optim.build_optimizer(self.trained, knobs, lr=lr, weight_decay=weight_decay)
         except (optim.OptimizerUnavailableError, optim.NoTrainableParametersError) as error:
             raise ExecutorInputError(str(error)) from None
         scaler = accelerator.scaler or amp.grad_scaler(precision, device_type)
-        self.ctx = StepContext(self.model, optimizer, scaler, precision, accelerator.device, self.plan.task,
+        self.ctx = StepContext(self.trained, optimizer, scaler, precision, accelerator.device, self.plan.task,
                                max_grad_norm)
         if pad_token_id is None:
             pad_token_id = getattr(self.model.config, "pad_token_id", None) or 0
         self.collator = PaddingCollator(pad_token_id, knobs.pad_to_multiple_of, task=self.plan.task)
         set_seed(self.seed)
         if resume_from is not None:
-            ckpt.load_tensors(resume_from, model=self.model, optimizer=optimizer, scaler=scaler)
+            ckpt.load_tensors(resume_from, model=self.trained, optimizer=optimizer, scaler=scaler,
+                              trainable_only=self.lora)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def train(self, meter: PeakMemoryMeter | None, bar: TrainingProgress, interrupt: GracefulInterrupt) -> None:
@@ -170,6 +186,8 @@ class _Run:
             self.end_epoch()
         if self.output_dir is not None:
             self.save()
+            if self.lora:
+                self.adapter_dir = lora.save_adapter(self.trained, Path(self.output_dir) / "adapter")
 
     @property
     def finished(self) -> bool:
@@ -252,10 +270,11 @@ class _Run:
         old = self.plan.knobs
         new = self.fallback(self.plan)
         if new is None or new.knobs == old:
+            advice = "lower the LoRA rank, store the base in nf4" if self.lora else "freeze more layers"
             raise TrainingOutOfMemoryError(
                 f"out of memory after {self.state.step} steps with micro-batches of up to {old.micro_batch_size} "
-                f"and {len(old.checkpoint_layers)} checkpointed layers, and no smaller plan is left: freeze more "
-                f"layers, use 8-bit optimizer states, shorten max_length or raise the budget ({message})")
+                f"and {len(old.checkpoint_layers)} checkpointed layers, and no smaller plan is left: {advice}, "
+                f"use 8-bit optimizer states, shorten max_length or raise the budget ({message})")
         check_changeable(old, new.knobs)
         checkpointing.apply(self.model, new.knobs.checkpoint_layers)
         summary = describe_change(old, new.knobs)
@@ -273,14 +292,16 @@ class _Run:
 
     # ---- ends ----------------------------------------------------------------------------------------
     def save(self) -> Path:
-        self.last_checkpoint = ckpt.save_checkpoint(self.output_dir, model=self.model, optimizer=self.ctx.optimizer,
-                                                    scaler=self.ctx.scaler, plan=self.plan, state=self.state)
+        self.last_checkpoint = ckpt.save_checkpoint(self.output_dir, model=self.trained, optimizer=self.ctx.optimizer,
+                                                    scaler=self.ctx.scaler, plan=self.plan, state=self.state,
+                                                    trainable_only=self.lora)
         return self.last_checkpoint
 
     def restore_model(self) -> None:
-        """Give the caller its model back: own forward on every layer, its requires_grad flags, its mode."""
+        """Give the caller its model back: own forward on every layer, its requires_grad flags (not under
+        LoRA: the adapters it now holds train, its base stays frozen, as peft left them), its mode."""
         checkpointing.remove(self.model)
-        for param, flag in self.flags:
+        for param, flag in [] if self.lora else self.flags:
             param.requires_grad_(flag)
         self.model.train(self.was_training)
 
@@ -290,7 +311,7 @@ class _Run:
         measured, reserved = self.peak.result()
         predictions = [input_plan.predicted] + ([eval_prediction] if eval_prediction and s.eval else [])
         predicted = max(predictions, key=lambda m: m.peak_bytes)
-        return TrainResult(
+        result = TrainResult(
             plan=self.plan, measured_peak_bytes=measured,
             measured_reserved_bytes=reserved if meter is not None and meter.is_cuda else None,
             predicted_peak_bytes=predicted.peak_bytes, predicted_allocated_bytes=predicted.allocated_bytes,
@@ -303,7 +324,10 @@ class _Run:
             padding_efficiency=s.real_tokens / max(s.computed_tokens, 1),
             fallbacks=s.fallbacks, optimizer_steps=s.step, epochs_completed=min(s.epoch, self.epochs),
             seconds=time.perf_counter() - self.started,
-            output_dir=str(self.last_checkpoint) if self.last_checkpoint else None)
+            output_dir=str(self.last_checkpoint) if self.last_checkpoint else None,
+            adapter_dir=str(self.adapter_dir) if self.adapter_dir else None)
+        result._model = self.trained
+        return result
 
 
 def weights_finite(params: list) -> bool:

@@ -9,7 +9,9 @@ from autofit.data import TokenizedData
 from autofit.layers import UnmappableModelError, find_layout
 from autofit.limits import max_sequence_length
 from autofit.plan import Plan
+from autofit.techniques import adapter
 from autofit.techniques import precision as amp
+from autofit.techniques.quantization import logical_numel
 from autofit.techniques.bucketing import padded_length
 
 PARAM_TOLERANCE = 0.01
@@ -45,14 +47,15 @@ def check_inputs(model: PreTrainedModel, plan: Plan, train: TokenizedData, eval:
         raise ExecutorInputError("checkpoint_every and resume need an output_dir")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ExecutorInputError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    try:  # first: a model with adapters or 4-bit weights in it would fail the parameter count below unclearly
+        amp.resolve(plan.knobs.precision, run_device(plan).type)
+        adapter.check_model(model, plan.knobs, run_device(plan))
+    except (amp.PrecisionError, adapter.AdapterError, UnmappableModelError) as error:
+        raise ExecutorInputError(str(error)) from None
     _check_model_matches(model, plan)
     for name, data in (("training", train), ("evaluation", eval)):
         if data is not None:
             _check_data_fits(model, plan, data, name)
-    try:
-        amp.resolve(plan.knobs.precision, run_device(plan).type)
-    except amp.PrecisionError as error:
-        raise ExecutorInputError(str(error)) from None
 
 
 def _check_model_matches(model: PreTrainedModel, plan: Plan) -> None:
@@ -67,7 +70,7 @@ def _check_model_matches(model: PreTrainedModel, plan: Plan) -> None:
     if num_layers != plan.num_layers:
         raise ExecutorInputError(f"the plan is for {plan.num_layers} layers ({plan.model_id}), "
                                  f"this model has {num_layers}")
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = sum(logical_numel(p) for p in model.parameters())  # a 4-bit weight packs two per byte
     if abs(num_params - plan.num_params) > PARAM_TOLERANCE * plan.num_params:
         raise ExecutorInputError(f"the plan is for {plan.num_params:,} parameters ({plan.model_id}), "
                                  f"this model has {num_params:,}")

@@ -10,8 +10,10 @@ more targets and a higher rank narrow it.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -157,3 +159,28 @@ def apply(model: nn.Module, *, rank: int, targets: LoraTargets, task: str, alpha
                         target_modules="|".join(re.escape(n) for n in names),  # full-matched by peft
                         task_type=PEFT_TASK_TYPES[task])
     return get_peft_model(model, config)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a PeftModel's adapters (and its trained task-head copy) to `path` with peft's save_pretrained:
+    a folder `PeftModel.from_pretrained(base, path)` reloads onto the same base."""
+    model.save_pretrained(os.fspath(path))
+    return Path(path)
+
+
+def export_merged(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Fold a PeftModel's adapters into its base weights (peft's merge_and_unload) and save the plain
+    transformers model to `path`; returns that model. The merge happens in place: `model` no longer has
+    adapters afterwards (save them first with `save_adapter` to train on). A 4-bit base is refused: folding
+    into NF4 would round the adapters away; reload the base unquantized, put the saved adapters on it with
+    `PeftModel.from_pretrained`, and export that."""
+    from autofit.techniques.quantization import quantized_kind
+
+    kind = quantized_kind(model)
+    if kind is not None:
+        raise ValueError(f"cannot export a merged model from a {kind} base (the merge would round the adapters "
+                         "into 4 bits): load the base unquantized, PeftModel.from_pretrained(base, adapter_dir), "
+                         "and export that")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(os.fspath(path))
+    return merged

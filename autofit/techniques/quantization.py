@@ -10,11 +10,13 @@ norms and the task head keep their dtype, as transformers' own bitsandbytes load
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from autofit.layers import block_linears
+from autofit.layers import block_linears, linear_shape
 from autofit.profiler.schema import Profile
 
 NF4_BLOCK = 64
@@ -114,3 +116,62 @@ def stored_bytes(module: nn.Module) -> int:
                 total += state.offset.numel() * state.offset.element_size()
             state = state.state2 if state.nested else None
     return total
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """Elements a parameter stands for: a 4-bit Params4bit packs two per byte, its quant_state knows the shape."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
+
+
+def nf4_description(double_quant: bool) -> str:
+    return "4-bit NF4" + (" with double quantization" if double_quant else "")
+
+
+def quantized_kind(model: nn.Module) -> str | None:
+    """How `model`'s weights are already quantized, in words (e.g. "4-bit NF4 with double quantization",
+    what `nf4_description` says for the same settings), or None when they are not."""
+    kinds = set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None:  # a quantized bitsandbytes Params4bit
+            kinds.add(nf4_description(bool(state.nested)) if state.quant_type == "nf4"
+                      else f"4-bit {state.quant_type}")
+        elif type(weight).__name__ == "Int8Params":
+            kinds.add("8-bit")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if not kinds and quantizer is not None:
+        kinds.add(str(getattr(quantizer.quantization_config, "quant_method", "quantized")))
+    return " and ".join(sorted(kinds)) or None
+
+
+def nf4_unavailable(device: torch.device) -> str | None:
+    """Why bitsandbytes cannot quantize to NF4 and back on `device` (one line), or None when it can."""
+    return _nf4_probe(device.type, device.index)
+
+
+@functools.cache
+def _nf4_probe(device_type: str, index: int | None) -> str | None:
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        weight = torch.ones(64, 64, device=torch.device(device_type, index) if index is not None else device_type)
+        packed, state = bnb_functional.quantize_4bit(weight, quant_type="nf4")
+        bnb_functional.dequantize_4bit(packed, state)
+    except Exception as error:  # noqa: BLE001 - an import error, a missing kernel, a library that fails to load
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"{type(error).__name__}: {first}"
+    return None
+
+
+def load_config(model: nn.Module, *, double_quant: bool, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig that loads `model`'s architecture (a meta-device build is enough)
+    with exactly the layers `quantize_block_linears` quantizes in NF4: its other linear layers (a pooler, the
+    task head) are named as skipped, so loading by id and quantizing in memory give the same model."""
+    from transformers import BitsAndBytesConfig
+
+    blocks = {name for name, _ in block_linears(model)}
+    skipped = [name for name, module in model.named_modules() if linear_shape(module) and name not in blocks]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skipped)
