@@ -80,11 +80,24 @@ def _tensors_of(thing: Trackable) -> Iterator[torch.Tensor]:
             yield p
             if p.grad is not None:
                 yield p.grad
+            yield from _attached_tensors(getattr(p, "quant_state", None))
         yield from thing.buffers()
     elif isinstance(thing, torch.optim.Optimizer):
         yield from _optimizer_state_tensors(thing)
     else:
         raise TypeError(f"cannot track {type(thing).__name__}: pass tensors, modules or optimizers")
+
+
+def _attached_tensors(state: object, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every tensor held by an object hung on a parameter (bitsandbytes' 4-bit quant_state: scales, code
+    books, nested states), found by walking its attributes: they occupy memory though no module lists them."""
+    if state is None or depth > 3:
+        return
+    for value in vars(state).values() if hasattr(state, "__dict__") else ():
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif hasattr(value, "__dict__") and not isinstance(value, (nn.Module, type)):
+            yield from _attached_tensors(value, depth + 1)
 
 
 def _optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
