@@ -64,3 +64,64 @@ def searched_plan(policy: str = "quality-first", budget_mb: int = 700) -> Plan:
                 predicted=result.memory, time=result.time, workload=workload, alternatives=alternatives(result),
                 search=result.info(), profile_device=profile.device,
                 versions={"autofit": "0.1.0", "torch": "2.13.0"}, created="2026-01-01T00:00:00Z")
+
+
+# --- adapters: a profile with LoRA fits, and stand-in models until memory.py and cost.py price adapters ------
+
+
+def adapted_profile(hidden=256, layers=4, vocab=30000, rank=16) -> Profile:
+    """`make_profile` with what adapters are planned from: each layer's linear layers (BERT's six), the task
+    head's tensors, and LoRA fits for both target sets and bases under every precision (the plain fits, as
+    the real profiler measures activations that do not shrink much)."""
+    from autofit.profiler.schema import LinearLayer
+    from autofit.techniques.lora import BASE_KINDS, TARGET_CHOICES, activation_key
+
+    profile = make_profile(hidden=hidden, layers=layers, vocab=vocab)
+    h = hidden
+    linears = [LinearLayer(name=f"attention.self.{n}", out_features=h, in_features=h, attention=True)
+               for n in ("query", "key", "value")]
+    linears += [LinearLayer(name="attention.output.dense", out_features=h, in_features=h, attention=True),
+                LinearLayer(name="intermediate.dense", out_features=4 * h, in_features=h, attention=False),
+                LinearLayer(name="output.dense", out_features=h, in_features=4 * h, attention=False)]
+    embeddings, layer, head = profile.blocks
+    adapted = {activation_key(t, b, p): layer.activations[p]
+               for t in TARGET_CHOICES for b in BASE_KINDS for p in layer.activations}
+    blocks = [embeddings, layer.model_copy(update=dict(linears=linears, adapted=adapted)),
+              head.model_copy(update=dict(task_head_numels=[2 * h, 2]))]
+    return profile.model_copy(update=dict(blocks=blocks, lora_profile_rank=rank))
+
+
+FULL_FINE_TUNING = dict(adapter="none", base_dtype="fp32", double_quant=True, lora_rank=16,
+                        lora_targets="attention")
+
+
+def stand_in_adapter_models(predict_memory, predict_time):
+    """(memory, time) functions that price adapter knobs roughly as the real models will: the base at its
+    storage bytes, gradients and state for the adapters and head only, 90% of full fine-tuning's
+    activations, and 65% of its time (no base weight gradients) plus a little per rank and for dequantizing;
+    full fine-tuning as `predict_memory`/`predict_time` say. For search tests only."""
+    from autofit.techniques import lora, quantization
+
+    def full(knobs):
+        return knobs.model_copy(update=FULL_FINE_TUNING)
+
+    def memory(profile, knobs, workload, device):
+        base = predict_memory(profile, full(knobs), workload, device)
+        if knobs.adapter == "none":
+            return base
+        trainable = sum(lora.trainable_numels(profile, knobs.lora_rank, knobs.lora_targets))
+        weights = quantization.base_weight_bytes(profile, knobs.base_dtype, double_quant=knobs.double_quant)
+        state = (2 if knobs.optimizer_bits == 8 else 8) * trainable
+        return base.model_copy(update=dict(weights=weights + 4 * trainable, gradients=4 * trainable,
+                                           optimizer_state=state, activations=int(0.9 * base.activations)))
+
+    def time(profile, knobs, workload, device):
+        base = predict_time(profile, full(knobs), workload, device)
+        if knobs.adapter == "none":
+            return base
+        factor = 0.65 + 0.001 * knobs.lora_rank + 0.1 * knobs.quantized
+        return base.model_copy(update=dict(step_seconds=base.step_seconds * factor,
+                                           epoch_seconds=base.epoch_seconds * factor,
+                                           samples_per_second=base.samples_per_second / factor))
+
+    return memory, time
