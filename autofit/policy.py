@@ -107,9 +107,15 @@ class Headroom(_Strict):
 
 
 AdapterMode = Literal["never", "fallback", "allowed", "always"]
-AdapterChoice = Literal["auto", "none", "lora"]
 ADAPTER_CHOICES: tuple[str, ...] = ("auto", "none", "lora")
 """What a user may ask of adapters: the policy decides (auto), full fine-tuning only (none), adapters only."""
+
+
+def check_adapter_choice(adapter: object) -> str:
+    """`adapter` when it is auto, none or lora; else a one-line ValueError."""
+    if adapter not in ADAPTER_CHOICES:
+        raise ValueError(f"adapter must be one of {', '.join(ADAPTER_CHOICES)}, not {adapter!r}")
+    return str(adapter)
 
 
 class AdapterRule(_Strict):
@@ -146,9 +152,7 @@ class AdapterRule(_Strict):
     def for_choice(self, adapter: str) -> AdapterRule:
         """This rule as a user's `adapter` choice overrides it: auto keeps it, none turns adapters off,
         lora makes every plan an adapter plan (with this rule's ranks, targets and bases)."""
-        if adapter not in ADAPTER_CHOICES:
-            raise ValueError(f"adapter must be one of {', '.join(ADAPTER_CHOICES)}, not {adapter!r}")
-        mode = {"auto": self.mode, "none": "never", "lora": "always"}[adapter]
+        mode = {"auto": self.mode, "none": "never", "lora": "always"}[check_adapter_choice(adapter)]
         return self.model_copy(update={"mode": mode})
 
 

@@ -68,8 +68,9 @@ def test_every_adapter_knob_is_valid_and_each_is_counted_once(policy):
         assert k.lora_rank in rule.ranks and k.lora_targets in rule.targets
         assert k.double_quant or k.base_dtype == "nf4"
     # every rank x targets x base the rule allows is there, for every precision
-    assert {(k.lora_rank, k.lora_targets, k.base_dtype == "nf4", k.precision) for k in lora} == {
-        (r, t, b == "nf4", p) for r in rule.ranks for t in rule.targets for b in rule.bases for p in s.policy.precisions}
+    allowed = {(r, t, b == "nf4", p)
+               for r in rule.ranks for t in rule.targets for b in rule.bases for p in s.policy.precisions}
+    assert {(k.lora_rank, k.lora_targets, k.base_dtype == "nf4", k.precision) for k in lora} == allowed
 
 
 def test_allowed_adds_adapter_plans_to_the_full_fine_tuning_space():
@@ -137,8 +138,9 @@ def brute_force(budget_mb, policy):
     return exhaustive_best(PROFILE, WORKLOAD, A100, budget_mb * MB, policy, **MODELS)
 
 
-@pytest.mark.parametrize("policy,budget_mb", [(SMALL, 640), (SMALL, 700), (SMALL, 2000), (SMALL.with_adapter("lora"), 650),
-                                              ("quality-first", 680), ("quality-first", 760)])
+@pytest.mark.parametrize("policy,budget_mb", [(SMALL, 640), (SMALL, 700), (SMALL, 2000),
+                                              (SMALL.with_adapter("lora"), 650), ("quality-first", 680),
+                                              ("quality-first", 760)])
 def test_the_study_finds_the_brute_force_optimum_with_adapters(policy, budget_mb):
     result = search(PROFILE, WORKLOAD, A100, budget_mb * MB, policy, **MODELS)
     best = brute_force(budget_mb, policy)
