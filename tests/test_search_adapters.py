@@ -179,3 +179,16 @@ def test_balanced_moves_to_adapters_when_they_pay_for_their_risk():
     assert search(PROFILE, WORKLOAD, A100, 2000 * MB, priced(5.0), **MODELS).best.knobs.adapter == "none"
     # ... and where nothing else fits they win whatever their price
     assert search(PROFILE, WORKLOAD, A100, 650 * MB, priced(5.0), **MODELS).best.knobs.adapter == "lora"
+
+
+def test_what_changed_names_the_adapter_once():
+    from autofit.search import changed_techniques
+
+    full = Knobs(precision=Precision.bf16)
+    lora = Knobs(adapter="lora", base_dtype="bf16", precision=Precision.bf16)
+    assert changed_techniques(full, lora, 4) == ["adapter"]
+    # a plain base follows the precision: changing the precision is not another adapter
+    fp32 = lora.model_copy(update=dict(base_dtype="fp32", precision=Precision.fp32))
+    assert changed_techniques(lora, fp32, 4) == ["precision"]
+    assert changed_techniques(lora, lora.model_copy(update=dict(base_dtype="nf4")), 4) == ["adapter"]
+    assert changed_techniques(lora, lora.model_copy(update=dict(lora_rank=64)), 4) == ["adapter"]
