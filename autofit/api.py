@@ -3,6 +3,7 @@ wires them together."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -22,11 +23,13 @@ from autofit.memory import predict_eval_peak, predict_peak
 from autofit.limits import check_config, check_seq_len, max_sequence_length
 from autofit.models import default_task, load_model, load_tokenizer, resolve_config
 from autofit.plan import Plan
+from autofit.policy import Policy, check_adapter_choice, load_policy
 from autofit.profiler import Profile
 from autofit.profiler.cache import cached_profile
 from autofit.profiler.profile import PRECISIONS, package_versions
 from autofit.search import SearchResult, alternatives, search
 from autofit.search.space import PAD_MULTIPLE
+from autofit.techniques import lora
 from autofit.techniques.accumulation import eval_micro_batches
 from autofit.techniques.bucketing import padded_length
 from autofit.workload import MAX_BATCH_SIZE, LengthHistogram, Workload
@@ -37,6 +40,8 @@ DEFAULT_MAX_LENGTH = 512
 """Tokens kept per example when the model sets no position limit and none is asked for."""
 DEFAULT_NUM_SAMPLES = 10_000
 """Examples per epoch assumed when planning without data (only the epoch time depends on it)."""
+_PROFILER_TAKES_ADAPTERS = "adapters" in inspect.signature(cached_profile).parameters
+"""Until the profiler's `adapters=True` (LoRA fits) is on main, profiles carry none and no adapter is searched."""
 
 
 def target_device(device: str | DeviceSpec | None, *, train: bool = False) -> DeviceSpec:
@@ -75,16 +80,18 @@ def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, bat
          data: Any = None, policy: str = "balanced", task: str | None = None,
          device: str | DeviceSpec | None = None, tokenizer: Any = None, text_column: str | None = None,
          num_samples: int | None = None, n_trials: int | None = None, storage: str | None = None,
-         profile: Profile | None = None) -> Plan:
+         profile: Profile | None = None, adapter: str = "auto") -> Plan:
     """The fastest plan whose predicted peak fits `budget` (e.g. "16GB"; GB = 2**30 bytes, as nvidia-smi).
 
     `data` (examples with text, or tokenized) gives the real length distribution, cut at `seq_len`;
     without it every example is `seq_len` tokens (default: the model's limit, at most 512; a longer
-    `seq_len` than the model takes is refused). Raises search.NoPlanFitsError (with the smallest budget
-    that fits) when nothing does."""
+    `seq_len` than the model takes is refused). `adapter` (auto | none | lora) overrides when the policy
+    trains LoRA adapters: auto lets it decide, none searches full fine-tuning only, lora adapter plans only.
+    Raises search.NoPlanFitsError (with the smallest budget that fits) when nothing does."""
     return plan_and_search(model, budget, seq_len=seq_len, batch_size=batch_size, data=data, policy=policy,
                            task=task, device=device, tokenizer=tokenizer, text_column=text_column,
-                           num_samples=num_samples, n_trials=n_trials, storage=storage, profile=profile).plan
+                           num_samples=num_samples, n_trials=n_trials, storage=storage, profile=profile,
+                           adapter=adapter).plan
 
 
 class Planned(NamedTuple):
@@ -101,8 +108,9 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
                     data: Any = None, policy: str = "balanced", task: str | None = None,
                     device: str | DeviceSpec | None = None, tokenizer: Any = None,
                     text_column: str | None = None, num_samples: int | None = None, n_trials: int | None = None,
-                    storage: str | None = None, profile: Profile | None = None) -> Planned:
+                    storage: str | None = None, profile: Profile | None = None, adapter: str = "auto") -> Planned:
     """`plan`, returning the profile and the search result with the plan."""
+    chosen = load_policy(policy).with_adapter(adapter)
     budget_bytes = parse_budget(budget)
     check_batch_size(batch_size)
     if n_trials is not None and n_trials < 1:
@@ -112,7 +120,7 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     seq_len = check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=PAD_MULTIPLE, flag="seq_len")
     if profile is None:  # the task spelled out, as train() asks for it: one cached profile serves both
         task = task or default_task(config)
-        profile = cached_profile(model, task=task, timing=PRECISIONS if spec.kind == "cpu" else ())
+        profile = _profile(model, task, spec, adapters=chosen.searches_adapters)
     lengths = None
     if data is not None:
         if tokenizer is None and not isinstance(model, nn.Module | PretrainedConfig):
@@ -120,8 +128,17 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
         lengths = _lengths(data, tokenizer, text_column, seq_len)
     workload = make_workload(profile.task, seq_len=seq_len, batch_size=batch_size, lengths=lengths,
                              num_samples=num_samples)
-    found = search(profile, workload, spec, budget_bytes, policy, n_trials=n_trials, storage=storage)
+    found = search(profile, workload, spec, budget_bytes, chosen, n_trials=n_trials, storage=storage)
     return Planned(plan_from_search(profile, workload, budget_bytes, spec, found), profile, found)
+
+
+def _profile(model: ModelSpec, task: str, device: DeviceSpec, *, adapters: bool) -> Profile:
+    """The model's cached profile (block times measured when planning for the CPU), with LoRA fits when the
+    search may choose adapters: they cost profiling time, so only then."""
+    timing = PRECISIONS if device.kind == "cpu" else ()
+    if adapters and _PROFILER_TAKES_ADAPTERS:
+        return cached_profile(model, task=task, timing=timing, adapters=True)
+    return cached_profile(model, task=task, timing=timing)
 
 
 def _lengths(data: Any, tokenizer: Any, text_column: str | None, seq_len: int) -> list[int]:
@@ -131,7 +148,7 @@ def _lengths(data: Any, tokenizer: Any, text_column: str | None, seq_len: int) -
 
 
 def plan_from_profile(profile: Profile, workload: Workload, budget_bytes: int, device: DeviceSpec,
-                      policy: str = "balanced", *, n_trials: int | None = None,
+                      policy: str | Policy = "balanced", *, n_trials: int | None = None,
                       storage: str | None = None) -> Plan:
     """Search the policy's knobs for `profile` on `workload` and wrap the answer as a Plan."""
     result = search(profile, workload, device, budget_bytes, policy, n_trials=n_trials, storage=storage)
@@ -147,6 +164,7 @@ def plan_from_search(profile: Profile, workload: Workload, budget_bytes: int, de
         policy=result.policy + (" (relaxed)" if result.relaxed else ""), headroom_bytes=result.headroom_bytes,
         knobs=result.knobs, predicted=result.memory, time=result.time, workload=workload,
         alternatives=alternatives(result), search=result.info(), profile_device=profile.device,
+        adapter=lora.weights_summary(profile, result.knobs),
         versions=package_versions(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -174,18 +192,23 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
           batch_size: int = 32, eval_data: Any = None, policy: str = "balanced", task: str | None = None,
           max_length: int | None = None, text_column: str | None = None, device: str | None = None,
           output_dir: str | None = None, checkpoint_every: int | None = None, resume: bool = False,
-          seed: int = 0, quiet: bool = False, num_labels: int | None = None):
+          seed: int = 0, quiet: bool = False, num_labels: int | None = None, adapter: str = "auto"):
     """Plan (unless `plan` is given) and train `model` on `data`; returns an executor.TrainResult with the
     plan, the measured peak next to the predicted one, and the loss/eval history.
 
     A given plan's peak is predicted again from its knobs on this data (its profile is cached), and a plan
     that no longer fits its budget is refused. Everything random (a new head, the steps' order, dropout)
-    follows `seed`: the same seed, data and plan give the same losses."""
+    follows `seed`: the same seed, data and plan give the same losses. `adapter` is plan()'s; with a plan it
+    must be auto or what the plan chose."""
     from autofit.executor import run_plan  # the executor is the last stage: imported only to train
     from autofit.executor.checkpoint import prepare_output_dir
 
     if (plan is None) == (budget is None):
         raise ValueError("give either a memory budget (e.g. budget='16GB') or a plan, not both")
+    if plan is not None and check_adapter_choice(adapter) not in ("auto", plan.knobs.adapter):
+        raise ValueError(f"the plan was made with adapter={plan.knobs.adapter}, not {adapter}: plan again with "
+                         f"adapter={adapter}, or leave adapter=auto")
+    chosen = load_policy(policy).with_adapter(adapter)  # a bad policy or adapter fails before any work
     check_batch_size(batch_size)
     if not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"the learning rate must be a positive number, not {lr}")
@@ -210,15 +233,15 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
     if not isinstance(model, nn.Module):
         model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2, nf4=nf4)
     spec = plan.device if plan is not None else target_device(device, train=True)
-    # a model loaded in 4 bits is profiled from its id (the profiler measures a full-precision twin)
-    profile = cached_profile(source if nf4 and model is not source else model, task=task,
-                             timing=PRECISIONS if spec.kind == "cpu" else ())
     if plan is None and resume and output_dir is not None:
-        plan = _plan_in_force(output_dir, parse_budget(budget), batch_size, spec, policy)
+        plan = _plan_in_force(output_dir, parse_budget(budget), batch_size, spec, policy, adapter)
+    adapters = plan.knobs.adapter == "lora" if plan is not None else chosen.searches_adapters
+    # a model loaded in 4 bits is profiled from its id (the profiler measures a full-precision twin)
+    profile = _profile(source if nf4 and model is not source else model, task, spec, adapters=adapters)
     if plan is None:
         workload = make_workload(task, seq_len=max(train_data.lengths), batch_size=batch_size,
                                  lengths=train_data.lengths)
-        plan = plan_from_profile(profile, workload, parse_budget(budget), spec, policy)
+        plan = plan_from_profile(profile, workload, parse_budget(budget), spec, chosen)
     else:
         plan = replan_for_data(plan, profile, train_data.lengths)
     eval_prediction = None
@@ -244,10 +267,10 @@ def _nf4_loading(plan: Plan | None) -> dict | None:
 
 
 def _plan_in_force(output_dir: str, budget_bytes: int, batch_size: int, device: DeviceSpec,
-                   policy: str) -> Plan | None:
+                   policy: str, adapter: str) -> Plan | None:
     """The plan of the run being resumed, when it was asked for with the same budget, batch, device and
-    policy: planning again could choose other knobs (a CPU target's block times are measured, not looked up),
-    and a resume must continue the run it finished, not refuse it."""
+    policy, and an adapter choice it meets: planning again could choose other knobs (a CPU target's block
+    times are measured, not looked up), and a resume must continue the run it finished, not refuse it."""
     from autofit.executor.checkpoint import latest_checkpoint, load_plan_and_state
 
     path = latest_checkpoint(output_dir)
@@ -255,7 +278,7 @@ def _plan_in_force(output_dir: str, budget_bytes: int, batch_size: int, device: 
         return None
     found, _ = load_plan_and_state(path)
     same = (found.budget_bytes, found.batch_size, found.device, found.policy) == \
-        (budget_bytes, batch_size, device, policy)
+        (budget_bytes, batch_size, device, policy) and adapter in ("auto", found.knobs.adapter)
     return found if same else None  # asked differently: plan anew, and the resume names what changed
 
 

@@ -77,6 +77,8 @@ def _usage_errors_as_bad_input():
 app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plan and run memory-efficient fine-tuning of Hugging Face transformers on a small GPU.")
 
+ADAPTER_HELP = ("auto: the policy decides; none: full fine-tuning only; lora: LoRA/QLoRA adapter plans only "
+                "(with the policy's ranks, targets and bases).")
 VRAM_HELP = ("GPU memory budget: 16GB, 15.5GiB, 16000MB or bytes. GB and GiB both mean 2**30 bytes, as "
              "nvidia-smi reports memory and as '16 GB' cards are sized; 'auto' reads the current CUDA device.")
 
@@ -157,6 +159,7 @@ def plan(
     text_column: Optional[str] = typer.Option(None, "--text-column"),
     policy: str = typer.Option("balanced", "--policy", help="balanced, quality-first, fastest, minimal-memory, "
                                                             "or a policy YAML file."),
+    adapter: str = typer.Option("auto", "--adapter", help=ADAPTER_HELP),
     task: Optional[str] = typer.Option(None, "--task", help="classification | causal-lm (default: by model)."),
     device: Optional[str] = typer.Option(None, "--device", help="Target card: h100, a100, a10g, l4, t4, "
                                                                 "rtx4090, rtx3090, v100, cuda, cpu."),
@@ -170,9 +173,11 @@ def plan(
     """Find the fastest mix of memory-saving techniques that fits the budget."""
     from autofit.api import plan_and_search
     from autofit.models import load_tokenizer
+    from autofit.policy import check_adapter_choice
     from autofit.report import plan_report
 
     plots.check_paths(plot, pareto)  # before any work: a bad picture path or no matplotlib fails now
+    check_adapter_choice(adapter)
     rows = _load_data(data)
     tok = load_tokenizer(tokenizer) if tokenizer else None
     if tokenizer and tok is None:
@@ -183,7 +188,7 @@ def plan(
             raise ValueError(f"--data needs a tokenizer and none for {model!r} is on this machine: pass --tokenizer")
     found = plan_and_search(model, vram, seq_len=seq_len, batch_size=batch_size, data=rows, policy=policy,
                             task=task, device=device, tokenizer=tok, text_column=text_column, n_trials=trials,
-                            storage=storage)
+                            storage=storage, adapter=adapter)
     result = found.plan
     if out_path is not None:
         result.save(out_path)
@@ -216,6 +221,7 @@ def train(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Effective batch size (with --vram)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1),
     policy: str = typer.Option("balanced", "--policy"),
+    adapter: str = typer.Option("auto", "--adapter", help="With --vram: " + ADAPTER_HELP),
     seed: int = typer.Option(0, "--seed", help="Seeds the new head's weights, the step order and dropout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the losses and the peak memory (.png)."),
@@ -223,8 +229,10 @@ def train(
     """Train with a plan (or plan first with --vram), measuring the real peak memory."""
     import autofit
     from autofit.models import load_tokenizer, resolve_config
+    from autofit.policy import check_adapter_choice
 
     plots.check_paths(plot)
+    check_adapter_choice(adapter)
     if (plan_path is None) == (vram is None):
         raise ValueError("give exactly one of --plan and --vram")
     saved = _read_plan(plan_path) if plan_path is not None else None
@@ -238,7 +246,8 @@ def train(
     result = autofit.train(model_spec, _load_data(data), budget=vram, plan=saved, tokenizer=tok, epochs=epochs,
                            max_steps=max_steps, lr=lr, batch_size=batch_size, eval_data=_load_data(eval_data),
                            policy=policy, max_length=max_length, text_column=text_column, output_dir=output_dir,
-                           checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, seed=seed)
+                           checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, seed=seed,
+                           adapter=adapter)
     out.print(_train_summary(result))
     if plot is not None:
         out.print(f"saved to {result.plot(plot)}", style="dim")

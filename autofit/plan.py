@@ -90,7 +90,7 @@ class TimePrediction(_Checked):
     """True when per-block times were measured on the target device kind; False when estimated from FLOPs."""
 
 
-Technique = Literal["freezing", "checkpointing", "precision", "optimizer", "micro-batch", "padding"]
+Technique = Literal["adapter", "freezing", "checkpointing", "precision", "optimizer", "micro-batch", "padding"]
 """The knobs grouped by the technique that owns them, as a plan reports them."""
 
 
@@ -102,6 +102,25 @@ class Alternative(_Checked):
     peak_bytes: int = Field(ge=0)
     epoch_seconds: float = Field(ge=0)
     changed: list[Technique] = Field(min_length=1)
+
+
+class AdapterWeights(_Checked):
+    """An adapter plan's weights by what holds them, for people (report.py): the frozen base's linear layers
+    at their storage dtype, the rest of the frozen base, and what trains. Sized from the profile
+    (techniques/lora.py: weights_summary); the memory model's `weights` is the total that counts."""
+
+    trainable_params: int = Field(ge=0)
+    """The adapters' A and B, and the task head's trainable copy."""
+    base_linear_params: int = Field(ge=0)
+    """Weights of the blocks' linear layers: what NF4 stores in 4 bits."""
+    base_linear_bytes: int = Field(ge=0)
+    """Their storage, quantization constants included."""
+    quantization_constant_bytes: int = Field(ge=0)
+    """Of which NF4's scales and code books (0 for a plain base)."""
+    other_frozen_bytes: int = Field(ge=0)
+    """The rest of the frozen base: embeddings, norms, biases, the original head."""
+    trainable_bytes: int = Field(ge=0)
+    """The trainable tensors' own storage (fp32)."""
 
 
 class SearchInfo(_Checked):
@@ -131,6 +150,8 @@ class Plan(_Checked):
     workload: Workload
     alternatives: list[Alternative] = []
     search: SearchInfo | None = None
+    adapter: AdapterWeights | None = None
+    """An adapter plan's weights in detail (None for full fine-tuning, and in plans from before adapters)."""
     profile_device: str = "cpu"
     versions: dict[str, str] = {}
     created: str = ""

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autofit.budget import MAX_BUDGET_BYTES, parse_size
-from autofit.knobs import Knobs, Precision
+from autofit.knobs import MAX_LORA_RANK, Knobs, LoraTargets, Precision
 
 
 POLICY_DIR = next((d for d in (Path(__file__).parent / "policies", Path(__file__).parent.parent / "policies")
@@ -106,6 +106,60 @@ class Headroom(_Strict):
         return b
 
 
+AdapterMode = Literal["never", "fallback", "allowed", "always"]
+ADAPTER_CHOICES: tuple[str, ...] = ("auto", "none", "lora")
+"""What a user may ask of adapters: the policy decides (auto), full fine-tuning only (none), adapters only."""
+
+
+def check_adapter_choice(adapter: object) -> str:
+    """`adapter` when it is auto, none or lora; else a one-line ValueError."""
+    if adapter not in ADAPTER_CHOICES:
+        raise ValueError(f"adapter must be one of {', '.join(ADAPTER_CHOICES)}, not {adapter!r}")
+    return str(adapter)
+
+
+class AdapterRule(_Strict):
+    """May the search train LoRA adapters on a frozen base instead of the whole model, and which."""
+
+    mode: AdapterMode = "never"
+    """`never`: full fine-tuning only. `fallback`: adapters only when no full fine-tuning plan fits, the
+    policy's own fallback included (a last stage). `allowed`: adapters compete with full fine-tuning in the
+    same search, priced by their risk. `always`: adapter plans only."""
+    ranks: list[int] = [8, 16, 32, 64]
+    """LoRA ranks the search may try."""
+    targets: list[LoraTargets] = ["attention", "all-linear"]
+    """Which linear layers get adapters: the attention projections, or every linear layer of the blocks."""
+    bases: list[Literal["plain", "nf4"]] = ["plain", "nf4"]
+    """How the frozen base is stored: `plain` in the compute precision's dtype (fp32 under fp32, half under
+    bf16/fp16 autocast), `nf4` as 4-bit NF4 (QLoRA)."""
+    double_quant: bool = True
+    """NF4 bases quantize their scales too (QLoRA's double quantization)."""
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, ranks: list[int]) -> list[int]:
+        if not ranks or not all(1 <= r <= MAX_LORA_RANK for r in ranks):
+            raise ValueError(f"must be a non-empty list of ranks from 1 to {MAX_LORA_RANK}")
+        return sorted(set(ranks))
+
+    @field_validator("targets", "bases")
+    @classmethod
+    def _choices(cls, values: list) -> list:
+        if not values:
+            raise ValueError("must list at least one choice")
+        return list(dict.fromkeys(values))
+
+    def for_choice(self, adapter: str) -> AdapterRule:
+        """This rule as a user's `adapter` choice overrides it: auto keeps it, none turns adapters off,
+        lora makes every plan an adapter plan (with this rule's ranks, targets and bases)."""
+        mode = {"auto": self.mode, "none": "never", "lora": "always"}[check_adapter_choice(adapter)]
+        return self.model_copy(update={"mode": mode})
+
+
+LORA_REFERENCE_RANK = 16
+"""The rank `RiskWeights.lora` is priced at."""
+
+
 class RiskWeights(_Strict):
     """Quality-risk score of each technique (0 = none). Used to break ties and, with `risk_price`, to
     trade speed against risk."""
@@ -117,6 +171,23 @@ class RiskWeights(_Strict):
     fp16: float = Field(0.15, ge=0)
     """fp16 overflows are skipped by the GradScaler but some models (DeBERTa-v3) lose steps often."""
     bf16: float = Field(0.02, ge=0)
+    lora: float = Field(0.8, ge=0)
+    """An adapter plan at rank 16 on the attention projections: the base does not train, only a low-rank update
+    of a few layers. Scaled by (16 / rank) ** 0.25: the LoRA paper found rank matters little, so doubling it
+    cuts the risk by only 16%."""
+    lora_all_linear: float = Field(0.75, ge=0, le=1)
+    """Factor on `lora` with adapters on every linear layer: QLoRA found that adapting all of them, not just
+    attention, is what matches full fine-tuning."""
+    nf4_base: float = Field(0.1, ge=0)
+    """A 4-bit base on top of the adapter's risk: its weights are rounded to 16 levels per block of 64."""
+
+    def adapter(self, knobs: Knobs) -> float:
+        """The risk of training `knobs`' adapters instead of the whole model (0 for full fine-tuning)."""
+        if knobs.adapter == "none":
+            return 0.0
+        targets = self.lora_all_linear if knobs.lora_targets == "all-linear" else 1.0
+        score = self.lora * targets * (LORA_REFERENCE_RANK / knobs.lora_rank) ** 0.25
+        return score + self.nf4_base * knobs.quantized
 
 
 class Relaxation(_Strict):
@@ -148,6 +219,8 @@ class Policy(_Strict):
     tie_tolerance: float = Field(0.01, ge=0.0, lt=1.0)
     """Plans whose objective is within this fraction of the best count as tied; the least risky wins."""
     fallback: Relaxation | None = None
+    adapters: AdapterRule = AdapterRule()
+    """LoRA/QLoRA: whether and when the search may train adapters instead of the whole model."""
 
     @field_validator("precisions", "optimizer_bits")
     @classmethod
@@ -163,7 +236,27 @@ class Policy(_Strict):
         score += w.frozen_layers * knobs.freeze_layers / max(1, num_layers)
         score += w.optimizer_8bit * (knobs.optimizer_bits == 8)
         score += {Precision.fp16: w.fp16, Precision.bf16: w.bf16}.get(knobs.precision, 0.0)
-        return score
+        return score + w.adapter(knobs)
+
+    @property
+    def searches_adapters(self) -> bool:
+        """Some stage of this policy's search may choose adapters (the profile must carry their fits)."""
+        return self.adapters.mode != "never"
+
+    def with_adapter(self, adapter: str) -> Policy:
+        """This policy with a user's adapter choice (auto | none | lora) applied to its adapter rule."""
+        return self.model_copy(update={"adapters": self.adapters.for_choice(adapter)})
+
+    def stages(self, *, adapters: bool = True) -> list[tuple[str, Policy]]:
+        """The search's stages in order, each with a study-name suffix: the policy itself, then its fallback
+        if it has one. Adapters in `fallback` mode come in a last stage of their own (the most relaxed
+        space, adapter plans only), left out when `adapters` is false (the profile has no fits for them)."""
+        relaxed = self.relaxed()
+        stages = [("", self)] + ([(".fallback", relaxed)] if relaxed is not None else [])
+        if self.adapters.mode != "fallback":
+            return stages
+        full_only = [(suffix, stage.with_adapter("none")) for suffix, stage in stages]
+        return full_only + ([(".adapters", stages[-1][1].with_adapter("lora"))] if adapters else [])
 
     def relaxed(self) -> Policy | None:
         """This policy with its fallback applied (the second-stage search), or None without one."""

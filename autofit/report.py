@@ -8,7 +8,7 @@ from rich.text import Text
 
 from autofit.budget import format_bytes
 from autofit.knobs import Knobs
-from autofit.plan import Alternative, Plan, Technique
+from autofit.plan import AdapterWeights, Alternative, Plan, Technique
 from autofit.profiler.schema import Profile
 
 
@@ -24,9 +24,20 @@ def _span(ids: tuple[int, ...]) -> str:
     return f"{ids[0]}-{ids[-1]}" if list(ids) == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
 
 
+def describe_adapter(k: Knobs) -> str:
+    """e.g. "LoRA rank 16 on all linear layers, 4-bit NF4 base (double quantization)", or "full fine-tuning"."""
+    if k.adapter == "none":
+        return "full fine-tuning"
+    targets = "all linear layers" if k.lora_targets == "all-linear" else "the attention projections"
+    base = f"{k.base_dtype} base"
+    if k.quantized:
+        base = "4-bit NF4 base" + (" (double quantization)" if k.double_quant else "")
+    return f"LoRA rank {k.lora_rank} on {targets}, {base}"
+
+
 def describe_knobs(k: Knobs, num_layers: int) -> dict[Technique, str]:
     """Each technique's setting in words, keyed by technique: the one place a plan's knobs are phrased."""
-    freezing = "no freezing"
+    freezing = "base frozen (adapters train)" if k.adapter == "lora" else "no freezing"
     if k.freeze_embeddings:
         freezing = "freeze embeddings" + (f" + bottom {k.freeze_layers}/{num_layers} layers" if k.freeze_layers
                                           else "")
@@ -38,6 +49,7 @@ def describe_knobs(k: Knobs, num_layers: int) -> dict[Technique, str]:
         padding = f"{len(k.bucket_boundaries)} length buckets ({', '.join(map(str, k.bucket_boundaries))})"
         padding += f", {k.tokens_per_micro_batch}-token budget" if k.tokens_per_micro_batch else ""
     return {
+        "adapter": describe_adapter(k),
         "freezing": freezing,
         "checkpointing": checkpointing,
         "precision": k.precision.value + (" + grad scaler" if k.precision.value == "fp16" else ""),
@@ -48,8 +60,32 @@ def describe_knobs(k: Knobs, num_layers: int) -> dict[Technique, str]:
 
 
 def knobs_line(k: Knobs, num_layers: int) -> str:
-    """All knobs on one line, e.g. "freeze embeddings, checkpoint 6/6 layers (0-5), bf16, 8-bit AdamW ..."."""
-    return ", ".join(describe_knobs(k, num_layers).values())
+    """All knobs on one line, e.g. "freeze embeddings, checkpoint 6/6 layers (0-5), bf16, 8-bit AdamW ...";
+    an adapter plan starts with its adapter (and leaves out the frozen base it implies)."""
+    words = describe_knobs(k, num_layers)
+    silent = "adapter" if k.adapter == "none" else "freezing"
+    return ", ".join(v for t, v in words.items() if t != silent)
+
+
+def describe_weights(weights: AdapterWeights, precision: str) -> str:
+    """An adapter plan's weights by what holds them, e.g. "6.5 B base linears at 4 bits (3.5 GB incl. 0.2 GB of
+    scales), 0.5 GB other frozen weights, 40 MB adapters"."""
+    w = weights
+    if w.quantization_constant_bytes:
+        linears = (f"{_count(w.base_linear_params)} base linears at 4 bits ({format_bytes(w.base_linear_bytes)} "
+                   f"incl. {format_bytes(w.quantization_constant_bytes)} of scales)")
+    else:
+        linears = f"{_count(w.base_linear_params)} base linears in {precision} ({format_bytes(w.base_linear_bytes)})"
+    return (f"{linears}, {format_bytes(w.other_frozen_bytes)} other frozen weights, "
+            f"{format_bytes(w.trainable_bytes)} adapters")
+
+
+def _count(n: int) -> str:
+    """e.g. 6.5 B, 124 M, 33 K."""
+    for unit, name in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= unit:
+            return f"{n / unit:.3g} {name}"
+    return str(n)
 
 
 def _speed(ratio: float) -> str:
@@ -94,12 +130,17 @@ def plan_report(plan: Plan) -> Group:
     for technique, value in words.items():
         if technique == "micro-batch":
             knobs.add_row("step", describe_step(plan))
+        elif technique == "adapter" and plan.adapter is not None:
+            share = plan.adapter.trainable_params / plan.num_params
+            knobs.add_row(technique, f"{value}: {_count(plan.adapter.trainable_params)} trainable parameters "
+                                     f"({share:.2%} of the model's)")
         else:
             knobs.add_row(technique, value)
     mem = Table(title=f"predicted peak ({m.peak_phase}, micro-batch {m.peak_shape[0]}x{m.peak_shape[1]})",
                 show_header=False, box=None, padding=(0, 2))
+    detail = {"weights": f": {describe_weights(plan.adapter, plan.knobs.base_dtype)}"} if plan.adapter else {}
     for name in ("weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead"):
-        mem.add_row(name.replace("_", " "), format_bytes(getattr(m, name)))
+        mem.add_row(name.replace("_", " "), format_bytes(getattr(m, name)) + detail.get(name, ""))
     mem.add_row("[bold]peak[/]", f"[bold]{format_bytes(m.peak_bytes)}[/]")
     mem.add_row("headroom left", f"{format_bytes(plan.headroom_left_bytes)} of {format_bytes(plan.budget_bytes)}")
     kind = "measured" if t.measured else "estimated from FLOPs"

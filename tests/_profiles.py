@@ -38,10 +38,11 @@ def _adapted(h: int, kind: str) -> dict[str, BlockActivations]:
     return result
 
 
-def make_profile(hidden=768, layers=12, vocab=30000, device="meta", times=None) -> Profile:
-    """A BERT-shaped profile built by hand, with LoRA fits (`adapted`) at rank 8. `times` maps kind ->
-    precision -> TimeFit (measured)."""
+def make_profile(hidden=768, layers=12, vocab=30000, device="meta", times=None, adapters=False) -> Profile:
+    """A BERT-shaped profile built by hand; with `adapters`, LoRA fits (`adapted`) at rank 8 too, as the
+    profiler's adapters=True makes them. `times` maps kind -> precision -> TimeFit (measured)."""
     h, times = hidden, times or {}
+    fits = _adapted if adapters else (lambda h, kind: {})
     linears = [LinearLayer(name=f"attention.{n}", out_features=h, in_features=h, attention=True)
                for n in ("query", "key", "value", "output")]
     linears += [LinearLayer(name="intermediate", out_features=4 * h, in_features=h, attention=False),
@@ -51,20 +52,20 @@ def make_profile(hidden=768, layers=12, vocab=30000, device="meta", times=None) 
         BlockProfile(name="embeddings", kind="embeddings", param_numels=[vocab * h, 512 * h, 2 * h, h, h],
                      embedding_numels=[vocab * h, 512 * h, 2 * h], param_bytes=4 * (vocab + 516) * h,
                      flops_forward=ShapeFit(per_token=10 * h), activations=_activations(h, 4 * (vocab + 516) * h),
-                     time=times.get("embeddings", {}), adapted=_adapted(h, "embeddings")),
+                     time=times.get("embeddings", {}), adapted=fits(h, "embeddings")),
         BlockProfile(name="layer", kind="layer", count=layers, param_numels=layer_numels,
                      param_bytes=4 * sum(layer_numels), flops_forward=ShapeFit(per_token=24 * h * h,
                                                                                per_token_seq=4 * h),
                      activations=_activations(h, 4 * sum(layer_numels)), time=times.get("layer", {}),
-                     linears=linears, adapted=_adapted(h, "layer")),
+                     linears=linears, adapted=fits(h, "layer")),
         BlockProfile(name="head", kind="head", param_numels=[h * h, h, 2 * h, 2],
                      param_bytes=4 * (h * h + 3 * h + 2), flops_forward=ShapeFit(per_token=2 * h * h),
                      activations=_activations(h, 4 * (h * h + 3 * h + 2)), time=times.get("head", {}),
-                     task_head_numels=[2 * h, 2], adapted=_adapted(h, "head")),
+                     task_head_numels=[2 * h, 2], adapted=fits(h, "head")),
     ]
     return Profile(model_id="tiny-bert", model_type="bert", task="classification", num_layers=layers,
                    hidden_size=h, vocab_size=vocab, attn_implementation="eager", device=device, blocks=blocks,
-                   lora_profile_rank=8)
+                   lora_profile_rank=8 if adapters else 0)
 
 
 def skewed_workload(n=2000, batch_size=32, seed=0) -> Workload:
@@ -89,3 +90,12 @@ def searched_plan(policy: str = "quality-first", budget_mb: int = 700) -> Plan:
                 predicted=result.memory, time=result.time, workload=workload, alternatives=alternatives(result),
                 search=result.info(), profile_device=profile.device,
                 versions={"autofit": "0.1.0", "torch": "2.13.0"}, created="2026-01-01T00:00:00Z")
+
+
+# --- adapters: a profile with LoRA fits, and stand-in models until memory.py and cost.py price adapters ------
+
+
+def adapted_profile(hidden=256, layers=4, vocab=30000) -> Profile:
+    """`make_profile` with what adapters are planned from: LoRA fits for both target sets and bases under
+    every precision."""
+    return make_profile(hidden=hidden, layers=layers, vocab=vocab, adapters=True)

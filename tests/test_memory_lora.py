@@ -57,7 +57,7 @@ def test_lora_weights_grads_and_state_are_the_real_tensors(model_type, task, bas
 
 
 def test_the_rank_moves_saved_bytes_by_the_measured_slope():
-    profile = make_profile(hidden=64, layers=2, vocab=500)
+    profile = make_profile(hidden=64, layers=2, vocab=500, adapters=True)
     layer = profile.block("layer")
     at = {r: lora.block_fits(layer, Knobs(adapter="lora", lora_rank=r), profile.lora_profile_rank) for r in (8, 40)}
     for padded_batch in (1, 4):
@@ -69,14 +69,14 @@ def test_the_rank_moves_saved_bytes_by_the_measured_slope():
 
 
 def test_a_profile_without_adapter_fits_is_refused_by_name():
-    profile = make_profile(hidden=64, layers=2, vocab=500)
+    profile = make_profile(hidden=64, layers=2, vocab=500, adapters=True)
     bare = profile.model_copy(update={"blocks": [b.model_copy(update={"adapted": {}}) for b in profile.blocks]})
     with pytest.raises(ValueError, match="no LoRA measurements"):
         predict_step_peak(bare, Knobs(adapter="lora"), 2, 64, get_device("cpu"))
 
 
 def test_lora_peak_holds_only_adapter_gradients_and_a_4_bit_base_weighs_less():
-    profile = make_profile(hidden=256, layers=4, vocab=8000)
+    profile = make_profile(hidden=256, layers=4, vocab=8000, adapters=True)
     device = get_device("a100")
     full = predict_step_peak(profile, Knobs(precision="bf16"), 4, 128, device)
     half = predict_step_peak(profile, Knobs(adapter="lora", base_dtype="bf16", precision="bf16"), 4, 128, device)
@@ -87,7 +87,7 @@ def test_lora_peak_holds_only_adapter_gradients_and_a_4_bit_base_weighs_less():
 
 
 def test_lora_backward_skips_the_base_weight_gradients():
-    profile = make_profile(hidden=1024, layers=4, vocab=8000)  # at hidden 256 adapter kernel launches dominate
+    profile = make_profile(hidden=1024, layers=4, vocab=8000, adapters=True)  # at hidden 256 adapter kernel launches dominate
     knobs = Knobs(adapter="lora", base_dtype="bf16", precision="bf16", checkpoint_layers=(0, 1))
     passes = {b.kind: p for b, p in block_passes(profile, knobs)}
     assert passes["embeddings"].total == 1  # forward only
@@ -99,3 +99,11 @@ def test_lora_backward_skips_the_base_weight_gradients():
     full_time = micro_batch_seconds(profile, Knobs(precision="bf16"), device, 8, 128)
     nf4_time = micro_batch_seconds(profile, Knobs(adapter="lora", base_dtype="nf4", precision="bf16"), device, 8, 128)
     assert lora_time < full_time and nf4_time > lora_time
+
+
+@pytest.mark.parametrize("base,precision", [("fp32", "fp32"), ("bf16", "bf16"), ("nf4", "bf16")])
+def test_the_reports_weight_parts_add_up_to_the_memory_models_weights(base, precision):
+    profile = make_profile(hidden=64, layers=3, vocab=500, adapters=True)
+    knobs = Knobs(adapter="lora", base_dtype=base, precision=precision, lora_targets="all-linear")
+    parts = lora.weights_summary(profile, knobs)
+    assert parts.base_linear_bytes + parts.other_frozen_bytes + parts.trainable_bytes == param_state(profile, knobs)[0]

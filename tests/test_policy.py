@@ -14,7 +14,7 @@ from autofit.policy import (
     shipped_policies,
 )
 
-SHIPPED = ["balanced", "fastest", "minimal-memory", "quality-first"]
+SHIPPED = ["adapters", "balanced", "fastest", "minimal-memory", "quality-first"]
 
 
 def test_shipped_policies_are_listed():
@@ -117,6 +117,18 @@ def test_unknown_fields_are_named(tmp_path, text, field):
     ("freeze:\n  max_fraction: 0.5\n", "freeze"),
     ("freeze: yes\n", "freeze"),
     ("tie_tolerance: 1\n", "tie_tolerance"),
+    ("adapters:\n  mode: sometimes\n", "adapters.mode"),
+    ("adapters: lora\n", "adapters"),
+    ("adapters:\n  ranks: []\n", "adapters.ranks"),
+    ("adapters:\n  ranks: [0, 8]\n", "adapters.ranks"),
+    ("adapters:\n  ranks: [8, 9999]\n", "adapters.ranks"),
+    ("adapters:\n  targets: [mlp]\n", "adapters.targets.0"),
+    ("adapters:\n  targets: []\n", "adapters.targets"),
+    ("adapters:\n  bases: [int8]\n", "adapters.bases.0"),
+    ("adapters:\n  double_quant: maybe\n", "adapters.double_quant"),
+    ("adapters:\n  rank: [8]\n", "adapters.rank"),
+    ("risk_weights:\n  lora_all_linear: 2\n", "risk_weights.lora_all_linear"),
+    ("risk_weights:\n  lora: -1\n", "risk_weights.lora"),
 ])
 def test_wrong_values_are_named(tmp_path, text, field):
     assert f": {field}: " in error_of(write(tmp_path, text))
@@ -260,3 +272,48 @@ def test_frozen_layer_risk_is_a_fraction_of_depth():
 def test_quality_first_prices_risk_highest():
     prices = {name: load_policy(name).risk_price for name in SHIPPED}
     assert prices["quality-first"] > prices["balanced"] > prices["fastest"] == 0.0
+
+
+# --- adapters ----------------------------------------------------------------------------------------------
+
+
+def test_policy_files_without_adapters_never_train_them():
+    assert Policy(name="old").adapters.mode == "never"
+    assert [suffix for suffix, _ in Policy(name="old").stages()] == [""]
+
+
+def test_shipped_adapter_modes():
+    modes = {name: load_policy(name).adapters.mode for name in SHIPPED}
+    assert modes == {"adapters": "always", "balanced": "allowed", "fastest": "allowed",
+                     "minimal-memory": "fallback", "quality-first": "fallback"}
+    assert all(load_policy(name).searches_adapters for name in SHIPPED)
+
+
+@pytest.mark.parametrize("choice,mode", [("auto", "fallback"), ("none", "never"), ("lora", "always")])
+def test_a_users_adapter_choice_overrides_the_mode(choice, mode):
+    policy = load_policy("quality-first").with_adapter(choice)
+    assert policy.adapters.mode == mode and policy.searches_adapters == (mode != "never")
+    assert policy.adapters.ranks == load_policy("quality-first").adapters.ranks
+
+
+def test_a_bad_adapter_choice_is_one_line():
+    with pytest.raises(ValueError, match="adapter must be one of auto, none, lora, not 'qlora'") as info:
+        load_policy("balanced").with_adapter("qlora")
+    assert "\n" not in str(info.value)
+
+
+def test_adapter_risk():
+    policy = load_policy("balanced")
+    w = policy.risk_weights
+
+    def risk(**kw):
+        return policy.risk(Knobs(adapter="lora", **kw), 12)
+
+    assert risk() == pytest.approx(w.lora) and w.lora > 0  # rank 16 on attention, fp32 base
+    assert risk(lora_rank=8) > risk() > risk(lora_rank=64)  # a higher rank is less risky
+    assert risk(lora_targets="all-linear") == pytest.approx(w.lora_all_linear * risk())
+    assert risk(lora_targets="all-linear") < risk()
+    assert risk(base_dtype="nf4") == pytest.approx(risk() + w.nf4_base)
+    both = risk(precision=Precision.bf16, base_dtype="bf16")
+    assert both == pytest.approx(risk() + w.bf16)  # the precision's risk adds to the adapter's
+    assert w.adapter(Knobs()) == 0.0

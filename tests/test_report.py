@@ -4,15 +4,17 @@ from rich.console import Console
 
 from autofit.budget import format_bytes
 from autofit.knobs import Knobs, Precision
-from autofit.report import describe_alternative, describe_knobs, knobs_line, plan_report
+from autofit.report import describe_alternative, describe_knobs, describe_weights, knobs_line, plan_report
+from autofit.techniques import lora, quantization
 
-from _profiles import searched_plan
+from _profiles import adapted_profile, searched_plan
 
 
 def test_describe_knobs_words_every_technique():
     k = Knobs(freeze_embeddings=True, freeze_layers=2, checkpoint_layers=(2, 3, 4, 5), precision=Precision.fp16,
               optimizer_bits=8, micro_batch_size=2, bucket_boundaries=(64, 512), tokens_per_micro_batch=512)
     assert describe_knobs(k, 6) == {
+        "adapter": "full fine-tuning",
         "freezing": "freeze embeddings + bottom 2/6 layers",
         "checkpointing": "checkpoint 4/6 layers (2-5)",
         "precision": "fp16 + grad scaler",
@@ -47,3 +49,54 @@ def test_the_plan_report_shows_knobs_step_and_alternatives():
     assert all(words[t] in text for t in words if t != "micro-batch")  # the step row says more than the cap
     assert "effective batch 16" in text
     assert describe_alternative(plan.alternatives[0], plan) in text
+
+
+# --- adapters ------------------------------------------------------------------------------------------------
+
+
+def test_an_adapter_plan_names_its_adapter_and_leaves_out_the_frozen_base():
+    k = Knobs(adapter="lora", base_dtype="nf4", lora_rank=32, lora_targets="all-linear", precision=Precision.bf16,
+              checkpoint_layers=(0, 1))
+    words = describe_knobs(k, 4)
+    assert words["adapter"] == "LoRA rank 32 on all linear layers, 4-bit NF4 base (double quantization)"
+    assert words["freezing"] == "base frozen (adapters train)"
+    line = knobs_line(k, 4)
+    assert line.startswith(words["adapter"] + ", checkpoint 2/4") and "frozen" not in line
+    plain = Knobs(adapter="lora", base_dtype="bf16", precision=Precision.bf16)
+    assert describe_knobs(plain, 4)["adapter"] == "LoRA rank 16 on the attention projections, bf16 base"
+    assert "full fine-tuning" not in knobs_line(Knobs(), 4)  # a full fine-tuning line reads as before
+
+
+def test_weights_summary_splits_the_base_as_stored():
+    profile = adapted_profile(hidden=256, layers=4, vocab=1000)
+    nf4 = Knobs(adapter="lora", base_dtype="nf4", lora_targets="all-linear", precision=Precision.bf16)
+    w = lora.weights_summary(profile, nf4)
+    linears = 4 * 12 * 256 * 256
+    assert w.base_linear_params == linears
+    assert w.base_linear_bytes == sum(quantization.nf4_bytes(n, double_quant=True) for n in [256 * 256] * 16
+                                      + [4 * 256 * 256] * 8)
+    assert 0 < w.quantization_constant_bytes == w.base_linear_bytes - linears // 2
+    assert w.base_linear_bytes + w.other_frozen_bytes == quantization.base_weight_bytes(profile, "nf4")
+    assert w.trainable_params == sum(lora.trainable_numels(profile, 16, "all-linear"))
+    assert w.trainable_bytes == 4 * w.trainable_params
+    half = lora.weights_summary(profile, nf4.model_copy(update=dict(base_dtype="bf16")))
+    assert half.quantization_constant_bytes == 0 and half.base_linear_bytes == 2 * linears
+    assert half.other_frozen_bytes == 2 * (profile.num_params - linears)
+    assert lora.weights_summary(profile, Knobs()) is None
+
+
+def test_the_plan_report_shows_the_adapter_and_the_4_bit_base():
+    plan = searched_plan()
+    profile = adapted_profile(hidden=128, layers=4, vocab=4000)
+    knobs = Knobs(adapter="lora", base_dtype="nf4", lora_targets="all-linear", precision=Precision.bf16)
+    weights = lora.weights_summary(profile, knobs)
+    plan = plan.model_copy(update=dict(knobs=knobs, adapter=weights, alternatives=[]))
+    console = Console(width=250, record=True)
+    console.print(plan_report(plan))
+    text = console.export_text()
+    assert "LoRA rank 16 on all linear layers, 4-bit NF4 base (double quantization): " in text
+    assert "trainable parameters" in text
+    assert describe_weights(weights, "nf4") in text
+    assert f"at 4 bits ({format_bytes(weights.base_linear_bytes)} incl. " \
+           f"{format_bytes(weights.quantization_constant_bytes)} of scales)" in text
+    assert type(plan).model_validate_json(plan.to_json()) == plan  # the plan JSON carries it

@@ -24,6 +24,7 @@ from autofit.search import (
     rank,
     search,
 )
+from autofit.search.space import adapted_keys
 from autofit.techniques import freeze
 from autofit.workload import LengthHistogram, Workload
 
@@ -149,7 +150,10 @@ def test_no_plan_fits_a_tiny_budget_and_the_smallest_budget_does(policy):
     # the reported plan is the smallest the most permissive stage has (brute force over it)
     widest = pol.relaxed() or pol
     evaluate = Evaluator(profile, workload, A100, **MODELS)
-    smallest_peak = min(evaluate(k, widest).peak_bytes for k in enumerate_space(widest, 4, workload, A100))
+    no_fits = adapted_keys(profile)  # a profile without LoRA fits: adapters are not searched
+    assert not no_fits
+    smallest_peak = min(evaluate(k, widest).peak_bytes
+                        for k in enumerate_space(widest, 4, workload, A100, adapted=no_fits))
     assert error.peak_bytes == smallest_peak == evaluate(error.knobs, widest).peak_bytes
     # the suggested budget is the true smallest one, rounded up to what format_bytes prints (0.1 MB)
     needed = pol.headroom.smallest_budget_for(smallest_peak)

@@ -40,7 +40,7 @@ class SearchResult(BaseModel):
     bisection's steps included), scored by the policy of the stage that answered; in the order first seen."""
     policy: str
     relaxed: bool = False
-    """True when only the policy's fallback (second-stage) space had a plan that fits."""
+    """True when only a later stage had a plan that fits: the policy's fallback, or its fallback adapters."""
     num_layers: int
     budget_bytes: int
     headroom_bytes: int
@@ -106,7 +106,10 @@ def knob_settings(k: Knobs, num_layers: int) -> dict[Technique, tuple]:
     differently when these differ (which layers are checkpointed does not count, only how many, or all)."""
     trainable = num_layers - k.freeze_layers
     checkpointed = len(k.checkpoint_layers)
+    adapter = ("none",) if k.adapter == "none" else (k.adapter, k.lora_rank, k.lora_targets, k.quantized,
+                                                     k.quantized and k.double_quant)  # a plain base follows precision
     return {
+        "adapter": adapter,
         "freezing": (k.freeze_embeddings, k.freeze_layers),
         "checkpointing": ("all",) if checkpointed and checkpointed == trainable else (checkpointed,),
         "precision": (k.precision.value,),

@@ -11,22 +11,27 @@ Parameters (each a categorical choice; the names are what optuna-dashboard shows
 - `token_budget`: 0 (none), or k in TOKEN_BUDGET_SCALES: cap each bucketed micro-batch at k x micro-batch x
   (shortest bucket's length) tokens, so long
   buckets take fewer sequences (never less than one of the longest). The memory model checks every bucket.
+- only when the policy's adapter rule allows them and the profile has their fits: `adapter` (none | lora),
+  `lora_rank`, `lora_targets` and `lora_base` (plain: the base in the precision's dtype; nf4: 4 bits).
 
 Different parameters can give the same Knobs (checkpoint counts beyond the trainable layers, a token budget
-on micro-batch 1); `enumerate` and `size` count distinct Knobs.
+on micro-batch 1, freezing or LoRA settings under the other adapter); `enumerate` and `size` count distinct
+Knobs.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs, Precision
 from autofit.policy import Policy, PolicyError
+from autofit.profiler.schema import Profile
 from autofit.techniques.bucketing import choose_boundaries
+from autofit.techniques.lora import activation_key
 from autofit.workload import Workload
 
 TOKEN_BUDGET_SCALES = (1, 2, 4)
@@ -37,6 +42,16 @@ PAD_MULTIPLE = 8
 
 ORDINAL = ("freeze_depth", "checkpoint")
 """Parameters drawn as integers (consecutive choices); the rest are categorical."""
+
+FULL_FINE_TUNING = ("none", "fp32", Knobs().lora_rank, Knobs().lora_targets, True)
+"""The adapter part of a distinct-Knobs key without an adapter: the LoRA knobs at their (unused) defaults."""
+
+
+def adapted_keys(profile: Profile) -> frozenset[str]:
+    """The LoRA fits a profile carries (`lora.activation_key`s of its layers); none when it was made without."""
+    if not profile.lora_profile_rank:
+        return frozenset()
+    return frozenset(next(b for b in profile.blocks if b.kind == "layer").adapted)
 
 
 def micro_batch_sizes(batch_size: int, cap: int | None = None) -> list[int]:
@@ -51,18 +66,24 @@ class SearchSpace:
     """The space of Knobs `policy` allows for a model with `num_layers` layers on `workload`."""
 
     def __init__(self, policy: Policy, num_layers: int, workload: Workload, device: DeviceSpec | None = None,
-                 *, solve_checkpoint: bool | None = None):
+                 *, solve_checkpoint: bool | None = None, adapted: Collection[str] | None = None):
+        """`adapted`: the profile's LoRA fits (`adapted_keys`); adapters the profile has no fits for are left
+        out, and None (no profile at hand) leaves in every one the policy allows."""
         self.policy, self.num_layers, self.workload = policy, num_layers, workload
+        self._args = dict(device=device, solve_checkpoint=solve_checkpoint, adapted=adapted)
         self.boundaries = self._bucket_boundaries()
+        precisions = self._precisions(device)
+        adapter_dims = self._adapter_dims(precisions, adapted)
         self.full_dims: dict[str, list[Any]] = {
-            "freeze_depth": self._freeze_depths(),
+            "freeze_depth": [0] if adapter_dims.get("adapter") == ["lora"] else self._freeze_depths(),
             "checkpoint": list(range(num_layers + 1)) if policy.checkpointing else [0],
-            "precision": self._precisions(device),
+            "precision": precisions,
             "optimizer_bits": list(policy.optimizer_bits),
             "micro_batch": micro_batch_sizes(workload.batch_size, policy.max_micro_batch),
             "buckets": sorted(self.boundaries),
             "token_budget": [0, *TOKEN_BUDGET_SCALES] if policy.bucketing.token_budget and len(self.boundaries) > 1
             else [0],
+            **adapter_dims,
         }
         if solve_checkpoint is None:
             solve_checkpoint = policy.objective == "time"
@@ -82,6 +103,35 @@ class SearchSpace:
         if not allowed:
             raise PolicyError(f"policy {self.policy.name!r} allows only bf16, which {device.name} does not support")
         return allowed
+
+    def _adapter_dims(self, precisions: list[str], adapted: Collection[str] | None) -> dict[str, list[Any]]:
+        """The adapter parameters: none unless the policy allows adapters; only targets and bases whose fits
+        the profile has under every precision of the space (so the space stays a product)."""
+        rule = self.policy.adapters
+        if rule.mode in ("never", "fallback"):  # a fallback's adapters are a stage of their own (Policy.stages)
+            return {}
+
+        def measured(targets: str, base: str) -> bool:
+            return adapted is None or all(activation_key(targets, base, p) in adapted for p in precisions)
+
+        bases = [b for b in rule.bases if any(measured(t, b) for t in rule.targets)]
+        targets = [t for t in rule.targets if bases and all(measured(t, b) for b in bases)]
+        if not targets:
+            if rule.mode == "always":
+                raise PolicyError(f"policy {self.policy.name!r} trains adapters only, and the profile has no LoRA "
+                                  "fits for them: profile the model with adapters=True")
+            return {}
+        return {"adapter": ["none", "lora"] if rule.mode == "allowed" else ["lora"],
+                "lora_rank": list(rule.ranks), "lora_targets": targets, "lora_base": bases}
+
+    def parts(self) -> list[tuple[str, SearchSpace]]:
+        """The space as the study searches it, each part with a study-name suffix: where full fine-tuning and
+        adapters are both allowed, each in a study of its own (a mixed study spends its trials on parameters
+        that mean nothing for half its points: LoRA's without an adapter, freezing's with one)."""
+        if self.full_dims.get("adapter") != ["none", "lora"]:
+            return [("", self)]
+        return [(suffix, SearchSpace(self.policy.with_adapter(choice), self.num_layers, self.workload, **self._args))
+                for suffix, choice in (("", "none"), (".lora", "lora"))]
 
     def _bucket_boundaries(self) -> dict[int, tuple[int, ...]]:
         """Bucket count -> boundaries, keeping only counts that give distinct, real (>1 bucket) splits."""
@@ -105,9 +155,13 @@ class SearchSpace:
         return params
 
     # --- parameters -> Knobs -----------------------------------------------------------------------------
+    @staticmethod
+    def _lora(params: Mapping[str, Any]) -> bool:
+        return params.get("adapter", "none") == "lora"
+
     def _key(self, params: Mapping[str, Any]) -> tuple:
         """The distinct-Knobs identity of a parameter set (clips what has no effect)."""
-        depth = params["freeze_depth"]
+        depth = 0 if self._lora(params) else params["freeze_depth"]  # the adapter freezes the base itself
         frozen = max(0, depth - 1)
         checkpoint = min(params["checkpoint"], self.num_layers - frozen)
         boundaries = self.boundaries[params["buckets"]]
@@ -116,13 +170,23 @@ class SearchSpace:
         if params["token_budget"] and boundaries and micro_batch > 1:
             tokens = max(params["token_budget"] * micro_batch * boundaries[0], boundaries[-1])
         return (depth >= 1, frozen, checkpoint, params["precision"], params["optimizer_bits"], micro_batch,
-                boundaries, tokens)
+                boundaries, tokens, *self._adapter_key(params))
+
+    def _adapter_key(self, params: Mapping[str, Any]) -> tuple:
+        """(adapter, base_dtype, lora_rank, lora_targets, double_quant): a plain base takes the precision's
+        dtype (Knobs' rule), double quantization only means something for nf4."""
+        if not self._lora(params):
+            return FULL_FINE_TUNING
+        nf4 = params["lora_base"] == "nf4"
+        return ("lora", "nf4" if nf4 else params["precision"], params["lora_rank"], params["lora_targets"],
+                self.policy.adapters.double_quant if nf4 else True)
 
     def knobs(self, params: Mapping[str, Any]) -> Knobs:
         return self._knobs_from_key(self._key(params))
 
     def _knobs_from_key(self, key: tuple) -> Knobs:
-        freeze_embeddings, frozen, checkpoint, precision, bits, micro_batch, boundaries, tokens = key
+        freeze_embeddings, frozen, checkpoint, precision, bits, micro_batch, boundaries, tokens = key[:8]
+        adapter, base_dtype, rank, targets, double_quant = key[8:]
         return Knobs(
             freeze_embeddings=freeze_embeddings,
             freeze_layers=frozen,
@@ -133,17 +197,30 @@ class SearchSpace:
             tokens_per_micro_batch=tokens,
             bucket_boundaries=boundaries,
             pad_to_multiple_of=PAD_MULTIPLE,
+            adapter=adapter, base_dtype=base_dtype, lora_rank=rank, lora_targets=targets, double_quant=double_quant,
         )
 
     # --- size and enumeration ----------------------------------------------------------------------------
+    def _grids(self) -> list[dict[str, list[Any]]]:
+        """The full space as products that reach every distinct Knobs without the duplicates an adapter
+        makes: LoRA settings do not matter without one, and freezing does not with one."""
+        d = self.full_dims
+        if "adapter" not in d:
+            return [d]
+        full = {**d, "adapter": ["none"], **{k: d[k][:1] for k in ("lora_rank", "lora_targets", "lora_base")}}
+        lora = {**d, "adapter": ["lora"], "freeze_depth": [0]}
+        return ([full] if "none" in d["adapter"] else []) + [lora]
+
     def _all_params(self) -> Iterator[dict[str, Any]]:
-        names = list(self.full_dims)
-        for values in itertools.product(*self.full_dims.values()):
-            yield dict(zip(names, values))
+        for grid in self._grids():
+            names = list(grid)
+            for values in itertools.product(*grid.values()):
+                yield dict(zip(names, values))
 
     def checkpoint_counts(self, params: Mapping[str, Any]) -> range:
         """Checkpoint counts that make a difference with these parameters (0 .. trainable layers)."""
-        return range(self.num_layers - max(0, params["freeze_depth"] - 1) + 1 if self.policy.checkpointing else 1)
+        frozen = 0 if self._lora(params) else max(0, params["freeze_depth"] - 1)
+        return range(self.num_layers - frozen + 1 if self.policy.checkpointing else 1)
 
     @property
     def grid_size(self) -> int:
@@ -164,7 +241,9 @@ class SearchSpace:
                 yield self._knobs_from_key(key)
 
     def starting_points(self) -> list[dict[str, Any]]:
-        """Sensible first trials: plain training, every saving at once, and the usual fast recipe."""
+        """Sensible first trials: plain training, every saving at once, and the usual fast recipe; with
+        adapters, also the fast recipe as LoRA on a plain base and as QLoRA (4-bit base, all layers
+        checkpointed)."""
         d = self.full_dims
 
         def pick(name: str, preferred: list[Any], default: Any) -> Any:
@@ -178,10 +257,23 @@ class SearchSpace:
                           optimizer_bits=pick("optimizer_bits", [8], 32), micro_batch=d["micro_batch"][0],
                           buckets=d["buckets"][-1], token_budget=d["token_budget"][min(1, len(d["token_budget"]) - 1)])
         fast = dict(plain, precision=half, buckets=d["buckets"][-1], token_budget=d["token_budget"][-1])
-        return [{k: v for k, v in point.items() if k in self.dims} for point in (plain, everything, fast)]
+        points = [plain, everything, fast]
+        if "adapter" in d:
+            usual = dict(lora_rank=pick("lora_rank", [16], d["lora_rank"][0]),
+                         lora_targets=pick("lora_targets", ["all-linear"], d["lora_targets"][0]))
+            full = dict(adapter=d["adapter"][0], **usual)  # full fine-tuning where the space has it
+            plain.update(full)
+            fast.update(full)
+            everything.update(adapter="lora", lora_rank=d["lora_rank"][0], lora_targets=d["lora_targets"][0],
+                              lora_base=pick("lora_base", ["nf4"], d["lora_base"][0]))
+            plain["lora_base"] = fast["lora_base"] = d["lora_base"][0]
+            lora = dict(fast, adapter="lora", lora_base=d["lora_base"][0])
+            qlora = dict(lora, lora_base=pick("lora_base", ["nf4"], d["lora_base"][0]), checkpoint=d["checkpoint"][-1])
+            points += [lora, qlora]
+        return [{k: v for k, v in point.items() if k in self.dims} for point in points]
 
 
-def enumerate_space(policy: Policy, num_layers: int, workload: Workload,
-                    device: DeviceSpec | None = None) -> Iterator[Knobs]:
+def enumerate_space(policy: Policy, num_layers: int, workload: Workload, device: DeviceSpec | None = None,
+                    *, adapted: Collection[str] | None = None) -> Iterator[Knobs]:
     """Every distinct Knobs `policy` allows (the exhaustive reference the study is tested against)."""
-    return SearchSpace(policy, num_layers, workload, device).enumerate()
+    return SearchSpace(policy, num_layers, workload, device, adapted=adapted).enumerate()

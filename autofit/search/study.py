@@ -1,6 +1,7 @@
 """The Optuna search: minimise predicted epoch time (or peak) subject to predicted peak <= budget - headroom.
 
-Stages: the policy's own space, then its fallback (e.g. quality-first's 8-bit states) if nothing fit.
+Stages: the policy's own space, then its fallback (e.g. quality-first's 8-bit states) if nothing fit, then
+adapters where the policy keeps them for when nothing else fits (Policy.stages).
 Spaces no larger than the trial budget are searched with a GridSampler, so the answer is exact; larger ones
 with a constrained TPE sampler seeded with plain training, every saving at once and the usual fast recipe.
 When no stage finds a plan that fits, a minimal-memory study over the most permissive space either finds
@@ -23,7 +24,7 @@ from autofit.plan import MemoryBreakdown, TimePrediction
 from autofit.policy import Policy, load_policy
 from autofit.profiler.schema import Profile
 from autofit.search.result import Candidate, NoPlanFitsError, SearchResult, rank, round_up_budget
-from autofit.search.space import SearchSpace
+from autofit.search.space import SearchSpace, adapted_keys
 from autofit.workload import Workload
 
 DEFAULT_TRIALS = 250
@@ -76,10 +77,23 @@ def _sampler(space: SearchSpace, budget: int, seed: int) -> optuna.samplers.Base
 def run_study(space: SearchSpace, policy: Policy, evaluate: Evaluator, limit_bytes: int | None, *,
               n_trials: int | None, storage: str | None, study_name: str | None,
               seed: int) -> tuple[list[Candidate], int]:
-    """Run one Optuna study over `space`, scoring by `policy`; returns every distinct candidate the study
-    holds (earlier runs of a stored study included) and how many trials this call ran.
+    """Run an Optuna study over each part of `space` (SearchSpace.parts), scoring by `policy`; returns every
+    distinct candidate the studies hold (earlier runs of a stored study included) and how many trials this
+    call ran. limit_bytes=None runs unconstrained (the minimal-memory study)."""
+    found: list[Candidate] = []
+    ran = 0
+    for suffix, part in space.parts():
+        candidates, trials = _run_one_study(part, policy, evaluate, limit_bytes, n_trials=n_trials,
+                                            storage=storage, study_name=study_name and study_name + suffix,
+                                            seed=seed)
+        found += candidates
+        ran += trials
+    return found, ran
 
-    limit_bytes=None runs unconstrained (the minimal-memory study)."""
+
+def _run_one_study(space: SearchSpace, policy: Policy, evaluate: Evaluator, limit_bytes: int | None, *,
+                   n_trials: int | None, storage: str | None, study_name: str | None,
+                   seed: int) -> tuple[list[Candidate], int]:
     budget = n_trials or DEFAULT_TRIALS
     grid = space.grid_size <= budget
     sampler = _sampler(space, budget, seed)
@@ -162,9 +176,12 @@ def least_checkpointing(space: SearchSpace, params: dict, policy: Policy, evalua
     return best
 
 
-def _stages(policy: Policy) -> list[tuple[str, Policy]]:
-    relaxed = policy.relaxed()
-    return [("", policy)] + ([(".fallback", relaxed)] if relaxed is not None else [])
+def _spaces(policy: Policy, profile: Profile, workload: Workload,
+            device: DeviceSpec) -> list[tuple[str, Policy, SearchSpace]]:
+    """Each stage of the search with its space; adapters only where the profile has their fits."""
+    adapted = adapted_keys(profile)
+    return [(suffix, stage, SearchSpace(stage, profile.num_layers, workload, device, adapted=adapted))
+            for suffix, stage in policy.stages(adapters=bool(adapted))]
 
 
 def _default_study_name(profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int,
@@ -211,8 +228,8 @@ def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_byte
                             trials=trials, seconds=time.perf_counter() - started, space_size=space.size,
                             storage=storage, study_name=study_name)
 
-    for suffix, stage in _stages(policy):
-        space = SearchSpace(stage, profile.num_layers, workload, device)
+    spaces = _spaces(policy, profile, workload, device)
+    for suffix, stage, space in spaces:
         name = study_name and study_name + suffix
         candidates, ran = run_study(space, stage, evaluate, limit, study_name=name, **common)
         trials += ran
@@ -225,7 +242,7 @@ def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_byte
     trials += ran
     ranked = rank(smallest, stage, limit)
     if ranked:  # the time study missed a corner that fits; these plans do
-        return result(ranked, space, relaxed=len(_stages(policy)) > 1)
+        return result(ranked, space, relaxed=len(spaces) > 1)
     least = min(smallest, key=lambda c: c.peak_bytes)
     needed = round_up_budget(policy.headroom.smallest_budget_for(least.peak_bytes))
     raise NoPlanFitsError(budget_bytes, needed, least.knobs, least.peak_bytes, profile.num_layers)
@@ -247,8 +264,7 @@ def exhaustive_best(profile: Profile, workload: Workload, device: DeviceSpec, bu
     policy = load_policy(policy)
     evaluate = Evaluator(profile, workload, device, predict_memory, predict_time)
     limit = budget_bytes - policy.headroom.for_budget(budget_bytes)
-    for _, stage in _stages(policy):
-        space = SearchSpace(stage, profile.num_layers, workload, device)
+    for _, stage, space in _spaces(policy, profile, workload, device):
         ranked = rank([evaluate(k, stage) for k in space.enumerate()], stage, limit)
         if ranked:
             return ranked[0]

@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from autofit.knobs import Knobs, LoraTargets
 from autofit.layers import block_linears, is_attention, linear_shape
+from autofit.plan import AdapterWeights
 from autofit.profiler.schema import BlockActivations, BlockProfile, Profile, ShapeFit
 from autofit.techniques import quantization
 
@@ -134,6 +135,27 @@ def rank_activation_bytes(num_targets: int, tokens: int, element_bytes: int, ran
     model adds this term for another: measured saved bytes are linear in the rank with exactly this slope,
     on an fp32 or a 4-bit base alike (tests/techniques/test_lora.py)."""
     return num_targets * tokens * element_bytes * rank
+
+
+def weights_summary(profile: Profile, knobs: Knobs) -> AdapterWeights | None:
+    """An adapter plan's weights by what holds them (None without an adapter): the blocks' linear weights at
+    the base dtype (NF4 with its constants), the rest of the base at its own, the trainable tensors in fp32."""
+    from autofit.techniques import quantization
+
+    if knobs.adapter == "none":
+        return None
+    dtype, dq = knobs.base_dtype, knobs.double_quant
+    numels = [x.numel for b in profile.blocks for x in b.linears for _ in range(b.count)]
+    stored = sum(quantization.weight_bytes(n, dtype, double_quant=dq) for n in numels)
+    packed = sum(-(-n // 2) for n in numels) if dtype == "nf4" else stored
+    element = profile.blocks[0].param_bytes // max(1, profile.blocks[0].numel)  # a profile holds one dtype
+    if dtype in ("bf16", "fp16"):  # a half base is half precision throughout, not only its linear layers
+        element = 2
+    other = (profile.num_params - sum(numels)) * element
+    trainable = sum(trainable_numels(profile, knobs.lora_rank, knobs.lora_targets))
+    return AdapterWeights(trainable_params=trainable, base_linear_params=sum(numels), base_linear_bytes=stored,
+                          quantization_constant_bytes=stored - packed, other_frozen_bytes=other,
+                          trainable_bytes=4 * trainable)
 
 
 # ---- apply side ------------------------------------------------------------------------------------------

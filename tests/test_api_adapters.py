@@ -1,0 +1,172 @@
+"""Asking for adapters: `adapter=` in autofit.plan / plan_and_search / train and `--adapter` on the CLI's plan
+and train (auto: the policy decides; none: full fine-tuning only; lora: adapter plans only), their one-line
+errors, and the issue's done-when plans for Llama-2-7B."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import autofit
+from autofit import api
+from autofit.cli import app
+from autofit.plan import Plan
+from autofit.policy import PolicyError
+from autofit.profiler import profile_model
+from autofit.techniques.lora import BASE_KINDS, TARGET_CHOICES, activation_key
+
+from _tiny import make_plan, short_model, token_data
+
+runner = CliRunner()
+NEEDS_FITS = "needs adapted profile fits"
+NEEDS_MODELS = "needs adapted profile fits and the memory and time models' adapter terms (issue 9)"
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, code=1) -> str:
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("note: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return short_model("bert", "classification")
+
+
+@pytest.fixture(scope="module")
+def profile(bert):
+    return profile_model(bert, task="classification")
+
+
+@pytest.fixture(scope="module")
+def with_fits(profile):
+    """The profile with stand-in LoRA fits (its plain fits under every key), as adapters=True will make it."""
+    layer = profile.block("layer")
+    adapted = {activation_key(t, b, p): layer.activations[p]
+               for t in TARGET_CHOICES for b in BASE_KINDS for p in layer.activations}
+    blocks = [b.model_copy(update=dict(adapted=adapted)) if b.kind == "layer" else b for b in profile.blocks]
+    return profile.model_copy(update=dict(blocks=blocks, lora_profile_rank=16))
+
+
+# ---- the API ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["plan", "plan_and_search"])
+def test_a_bad_adapter_is_one_line_before_any_work(bert, call, monkeypatch):
+    monkeypatch.setattr(api, "cached_profile", lambda *a, **k: pytest.fail("profiled before checking"))
+    with pytest.raises(ValueError, match="^adapter must be one of auto, none, lora, not 'qlora'$"):
+        getattr(api, call)(bert, "1GB", seq_len=32, batch_size=8, device="cpu", adapter="qlora")
+
+
+def test_adapter_lora_gives_an_adapter_plan_that_round_trips(bert, with_fits, tmp_path):
+    plan = autofit.plan(bert, "2GB", seq_len=32, batch_size=8, device="cpu", profile=with_fits, adapter="lora")
+    assert plan.knobs.adapter == "lora" and not plan.knobs.freeze_embeddings
+    assert plan.adapter is not None and plan.adapter.trainable_params > 0
+    assert plan.adapter.base_linear_params == sum(x.numel for x in with_fits.block("layer").linears) * 2
+    assert Plan.load(plan.save(tmp_path / "plan.json")) == plan
+    assert all(a.knobs.adapter == "lora" for a in plan.alternatives)
+
+
+def test_adapter_none_searches_full_fine_tuning_only(bert, with_fits):
+    planned = api.plan_and_search(bert, "2GB", seq_len=32, batch_size=8, device="cpu", profile=with_fits,
+                                      adapter="none", policy="adapters")
+    assert all(c.knobs.adapter == "none" for c in planned.search.evaluated)
+    assert planned.plan.adapter is None
+
+
+def test_adapter_auto_lets_the_policy_decide(bert, with_fits):
+    evaluated = api.plan_and_search(bert, "2GB", seq_len=32, batch_size=8, device="cpu", profile=with_fits,
+                                        policy="balanced").search.evaluated
+    assert {c.knobs.adapter for c in evaluated} == {"none", "lora"}  # balanced: both compete
+    planned = api.plan_and_search(bert, "2GB", seq_len=32, batch_size=8, device="cpu", profile=with_fits,
+                                      policy="quality-first")
+    assert {c.knobs.adapter for c in planned.search.evaluated} == {"none"}  # full fine-tuning fits: no adapters
+
+
+def test_adapter_lora_on_a_profile_without_fits_is_one_line(bert, profile):
+    with pytest.raises(PolicyError, match="no LoRA fits") as info:
+        autofit.plan(bert, "2GB", seq_len=32, batch_size=8, device="cpu", profile=profile, adapter="lora")
+    assert "\n" not in str(info.value)
+
+
+def test_the_profile_carries_lora_fits_only_when_adapters_can_be_searched(bert, monkeypatch):
+    asked = []
+
+    def fake(model, **kwargs):
+        asked.append(kwargs.get("adapters", False))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(api, "cached_profile", fake)
+    monkeypatch.setattr(api, "_PROFILER_TAKES_ADAPTERS", True)
+    for policy, adapter in [("balanced", "auto"), ("balanced", "none"), ("quality-first", "auto"),
+                            ("quality-first", "lora"), ("balanced", "lora")]:
+        with pytest.raises(RuntimeError):
+            autofit.plan(bert, "1GB", seq_len=32, batch_size=8, device="cpu", policy=policy, adapter=adapter)
+    assert asked == [True, False, True, True, True]
+
+
+def test_train_refuses_an_adapter_choice_its_plan_did_not_make(bert):
+    plan = make_plan(bert)
+    with pytest.raises(ValueError, match="made with adapter=none, not lora"):
+        autofit.train(bert, token_data(), plan=plan, adapter="lora")
+    with pytest.raises(ValueError, match="adapter must be one of"):
+        autofit.train(bert, token_data(), budget="1GB", adapter="yes")
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------
+
+
+def test_cli_adapter_flag_errors_are_one_line(tmp_path):
+    line = one_line_error(invoke("plan", "--model", "bert-base-uncased", "--vram", "16GB", "--adapter", "qlora"))
+    assert "adapter must be one of auto, none, lora, not 'qlora'" in line
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"text": "a b", "label": 1}) + "\n")
+    line = one_line_error(invoke("train", "--model", "bert-base-uncased", "--vram", "16GB", "--data", data,
+                                 "--adapter", "LoRA"))
+    assert "not 'LoRA'" in line
+
+
+def test_cli_adapter_none_plans_full_fine_tuning():
+    result = invoke("plan", "--model", "bert-base-uncased", "--vram", "16GB", "--adapter", "none", "--json")
+    assert result.exit_code == 0, result.output
+    plan = Plan.model_validate_json(result.stdout)
+    assert plan.knobs.adapter == "none" and plan.adapter is None
+
+
+@pytest.mark.skipif(not api._PROFILER_TAKES_ADAPTERS, reason=NEEDS_FITS)
+def test_cli_adapter_lora_plans_adapters():
+    result = invoke("plan", "--model", "bert-base-uncased", "--vram", "16GB", "--adapter", "lora", "--json")
+    assert result.exit_code == 0, result.output
+    plan = Plan.model_validate_json(result.stdout)
+    assert plan.knobs.adapter == "lora" and plan.adapter is not None
+
+
+# ---- done when (issue 9) --------------------------------------------------------------------------------------
+
+LLAMA = "meta-llama/Llama-2-7b-hf"
+
+
+@pytest.mark.skip(reason=NEEDS_MODELS)
+@pytest.mark.parametrize("vram", ["16GB", "8GB"])
+def test_llama_2_7b_fits_a_small_card_with_an_adapter_plan(vram):
+    result = invoke("plan", "--model", LLAMA, "--vram", vram, "--json")
+    assert result.exit_code == 0, result.output
+    plan = Plan.model_validate_json(result.stdout)
+    assert plan.knobs.adapter == "lora"
+    assert plan.predicted.peak_bytes <= plan.budget_bytes - plan.headroom_bytes
+    shown = invoke("plan", "--model", LLAMA, "--vram", vram)
+    assert "at 4 bits" in shown.stdout or plan.knobs.base_dtype != "nf4"
+
+
+@pytest.mark.skip(reason=NEEDS_MODELS)
+@pytest.mark.parametrize("policy", ["balanced", "quality-first"])
+def test_llama_2_7b_on_80_gb_prefers_full_fine_tuning(policy):
+    result = invoke("plan", "--model", LLAMA, "--vram", "80GB", "--policy", policy, "--json")
+    assert result.exit_code == 0, result.output
+    assert Plan.model_validate_json(result.stdout).knobs.adapter == "none"
