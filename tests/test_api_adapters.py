@@ -47,10 +47,9 @@ def profile(bert):
 @pytest.fixture(scope="module")
 def with_fits(profile):
     """The profile with stand-in LoRA fits (its plain fits under every key), as adapters=True will make it."""
-    layer = profile.block("layer")
-    adapted = {activation_key(t, b, p): layer.activations[p]
-               for t in TARGET_CHOICES for b in BASE_KINDS for p in layer.activations}
-    blocks = [b.model_copy(update=dict(adapted=adapted)) if b.kind == "layer" else b for b in profile.blocks]
+    blocks = [b.model_copy(update=dict(adapted={activation_key(t, base, p): b.activations[p] for t in TARGET_CHOICES
+                                                for base in BASE_KINDS for p in b.activations}))
+              for b in profile.blocks]
     return profile.model_copy(update=dict(blocks=blocks, lora_profile_rank=16))
 
 
