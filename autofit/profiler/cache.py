@@ -23,11 +23,16 @@ from autofit.models import resolve_config
 from autofit.profiler.profile import package_versions, profile_model
 from autofit.profiler.schema import Profile
 
-_SOURCES = sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parent.parent / "layers.py"]
+_SOURCES = sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parent.parent / name for name in (
+    "layers.py", "techniques/lora.py")]  # lora.py: what the adapted twin's adapters are
 
 RUNTIME_SETTINGS = ("problem_type", "transformers_version")
 """Config fields that change without changing the model: a classifier sets problem_type on its first forward,
 so a trained model's profile would otherwise be measured again (and, timed anew, could plan differently)."""
+
+
+ADAPTERS_SUFFIX = "-lora"
+"""Appended to the key of a profile made with adapters (`BlockProfile.adapted` filled)."""
 
 
 def cache_dir() -> Path | None:
@@ -52,11 +57,15 @@ def cache_key(config: PretrainedConfig, task: str | None, timing: tuple[str, ...
 
 
 def cached_profile(spec: str | os.PathLike | PretrainedConfig | nn.Module, *, task: str | None = None,
-                   timing: tuple[str, ...] = (), attn_implementation: str | None = None) -> Profile:
-    """profile_model(spec, ...) read from the cache when it was made before, else made and stored."""
+                   timing: tuple[str, ...] = (), attn_implementation: str | None = None,
+                   adapters: bool = False) -> Profile:
+    """profile_model(spec, ...) read from the cache when it was made before, else made and stored. A profile
+    made with `adapters` is stored under its own key and also serves a request without them (it holds
+    everything such a profile holds)."""
     folder = cache_dir()
     if folder is None:
-        return profile_model(spec, task=task, timing=timing, attn_implementation=attn_implementation)
+        return profile_model(spec, task=task, timing=timing, attn_implementation=attn_implementation,
+                             adapters=adapters)
     module = ""
     if isinstance(spec, nn.Module):
         first = next(spec.parameters())
@@ -67,13 +76,18 @@ def cached_profile(spec: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         config = spec
     else:
         config = resolve_config(spec)[1]
-    path = folder / f"{cache_key(config, task, timing, attn_implementation, module)}.json"
-    if path.is_file():
-        try:
-            return Profile.model_validate_json(path.read_text())
-        except (ValidationError, OSError):
-            pass  # unreadable or from an older schema: profile again
-    profile = profile_model(spec, task=task, timing=timing, attn_implementation=attn_implementation)
+    key = cache_key(config, task, timing, attn_implementation, module)
+    with_adapters = folder / f"{key}{ADAPTERS_SUFFIX}.json"
+    candidates = [with_adapters] if adapters else [folder / f"{key}.json", with_adapters]
+    for path in candidates:
+        if path.is_file():
+            try:
+                return Profile.model_validate_json(path.read_text())
+            except (ValidationError, OSError):
+                pass  # unreadable or from an older schema: profile again
+    path = candidates[0]
+    profile = profile_model(spec, task=task, timing=timing, attn_implementation=attn_implementation,
+                            adapters=adapters)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from autofit.layers import ModelLayout
 from autofit.models import UnsupportedTaskError
-from autofit.profiler.instrument import Timeline, run_step
+from autofit.profiler.instrument import Timeline, Window, run_step
 from autofit.profiler.schema import MEASURED_QUANTITIES
 from autofit.profiler.tracker import LiveBytes, SavedBytes
 from autofit.techniques import checkpointing
@@ -199,7 +199,8 @@ def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], dev
                             padded=padded)
     saved = _saved_by_kind(subject, full)
     fwd = {k: full.windows[f"fwd:{subject.window(k)}"] for k in WINDOWS}
-    bwd = {k: full.windows[f"bwd:{subject.window(k)}"] for k in WINDOWS}
+    # No backward reaches frozen embeddings (LoRA's base): their window never opens, and holds nothing.
+    bwd = {k: full.windows.get(f"bwd:{subject.window(k)}", Window()) for k in WINDOWS}
     resident = {k: float(max(0, w.end_live - w.saved_live_end - w.output - full.batch_unsaved))
                 for k, w in fwd.items()}
     # What the first trainable layer above frozen ones finds live beyond its own resident: the embeddings'

@@ -24,32 +24,29 @@ from autofit.knobs import Knobs
 from autofit.layers import find_layout, is_attention, linear_shape, task_head_params
 from autofit.limits import max_sequence_length
 from autofit.models import build_model, default_task, resolve_config
+from autofit.profiler.adapted import LORA_PROFILE_RANK, adapted_fits
 from autofit.profiler.fit import TIME_TERMS, fit_shape
-from autofit.profiler.measure_blocks import (KEEP_LAYERS, WINDOWS, Subject, TimeSample, measure_memory, measure_saved,
-                                             measure_time, prepared)
-from autofit.profiler.schema import (MEASURED_QUANTITIES, BlockActivations, BlockProfile, FitCheck, LinearLayer, Profile,
-                                     TimeFit)
+from autofit.profiler.measure_blocks import KEEP_LAYERS, WINDOWS, Subject, TimeSample, measure_time, prepared
+from autofit.profiler.samples import fit_checks, fit_precisions, max_seq, memory_samples
+from autofit.profiler.schema import BlockActivations, BlockProfile, FitCheck, LinearLayer, Profile, TimeFit
 from autofit.profiler.tracker import LiveBytes
 from autofit.techniques import optimizer as optim
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-FIT_BATCHES, FIT_SEQS = (2, 8), (64, 256, 512)
-"""The memory fits are made from these (batch, seq) shapes: fake tensors cost no compute, so they can be as
-large as real training. Batch 1 is left out: models special-case it (masks), which would bend the fit."""
-HELD_OUT_SHAPES = ((3, 96), (4, 384))
-"""Shapes measured but not fitted: the Profile reports the fits' error there."""
 TIME_SHAPES = ((1, 32), (2, 64), (4, 64), (4, 128))
 VERSIONED = ("autofit", "torch", "transformers", "accelerate", "bitsandbytes", "optuna")
 
 
 def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, task: str | None = None,
                   timing: tuple[str, ...] = (), timing_device: str = "cpu",
-                  attn_implementation: str | None = None) -> Profile:
+                  attn_implementation: str | None = None, adapters: bool = False) -> Profile:
     """The Profile of `model` (an id or path resolved offline, a config, or a live nn.Module).
 
     Bytes and FLOPs are measured on a two-layer meta-device twin of the model (a plain nn.Module that is
     no PreTrainedModel is measured itself). For each precision in `timing`, per-block forward/backward seconds
-    are measured on `timing_device` too: on the module itself when one is passed, else on a two-layer copy."""
+    are measured on `timing_device` too: on the module itself when one is passed, else on a two-layer copy.
+    `adapters`: also measure the activations with LoRA adapters attached (`BlockProfile.adapted`), for every
+    target set, plain and NF4 base and precision; a live module that is no PreTrainedModel gets none."""
     started = time.perf_counter()
     live = model if isinstance(model, nn.Module) else None
     if live is not None:
@@ -66,7 +63,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
     subject_model = twin if twin is not None else live
     with fake if twin is not None else nullcontext(), \
             prepared(subject_model, find_layout(subject_model), task) as subject:
-        samples, held_out, unpadded = _memory_samples(subject, _device_of(subject_model))
+        samples, held_out, unpadded = memory_samples(subject, _device_of(subject_model))
         params = _block_params(subject, num_layers)
         tied = _tied_head_bytes(subject_model)
         linears = layer_linears(find_layout(subject_model).layers[-1])
@@ -78,6 +75,12 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         with prepared(timed, find_layout(timed), task) as subject:
             times = {p: _time_samples(subject, p, _device_of(timed)) for p in timing}
     blocks, checks = _blocks(params, samples, unpadded, held_out, times)
+    adapted: dict[str, dict[str, BlockActivations]] = {kind: {} for kind in WINDOWS}
+    if adapters and twin is not None:
+        adapted, adapted_checks = adapted_fits(lambda: _meta_twin(live, config, task, attn_implementation), task,
+                                               _device_of(live) if live is not None else "cpu")
+        checks += adapted_checks
+    blocks = [b.model_copy(update={"adapted": adapted[b.kind]}) for b in blocks]
     blocks = [b.model_copy(update={"linears": linears}) if b.kind == "layer" else b for b in blocks]
     blocks[-1] = blocks[-1].model_copy(update={"tied_embedding_bytes": tied, "task_head_numels": task_head})
     return Profile(
@@ -88,7 +91,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         device=(_device_of(live) if live is not None else timing_device) if timing else "meta",
         blocks=blocks, optimizer_transient_per_param=optimizer_transient(params["layer"][0]),
         profile_shapes=[(s.batch, s.seq) for s in samples["fp32"]], fit_checks=checks,
-        seconds=time.perf_counter() - started,
+        lora_profile_rank=LORA_PROFILE_RANK if any(adapted.values()) else 0, seconds=time.perf_counter() - started,
         versions=package_versions(),
     )
 
@@ -139,38 +142,19 @@ def _fake_twin(live: nn.Module | None, config: PretrainedConfig, task: str, attn
             return type(live)._from_config(small, dtype=first.dtype, **kwargs)
 
 
-def _memory_samples(subject: Subject, device: str) -> tuple[dict, dict, dict]:
-    """ShapeSamples at the fit and held-out shapes, per precision, of padded batches; and of batches
-    without padding where the model treats those differently (skips its attention mask), else none.
-    fp16 and bf16 autocast cast the same ops to a 2-byte type, so fp16 reuses bf16's bytes."""
-    limit = _max_seq(subject.model)
-    held_out_shapes = [(b, s) for b, s in HELD_OUT_SHAPES if s <= limit]
-    seqs = [s for s in FIT_SEQS if s <= limit]
-    if len(seqs) < 3:  # a model for short sequences: fit at a quarter, half and all of them
-        seqs = [max(1, limit // 4), max(1, limit // 2), limit]
-    shapes = [(b, s) for b in (1, *FIT_BATCHES) for s in seqs]
-    samples, held_out, unpadded = {}, {}, {}
-    for precision in ("fp32", "bf16"):
-        samples[precision] = [measure_memory(subject, precision, shape, device, count_flops=precision == "fp32")
-                              for shape in shapes]
-        held_out[precision] = [(shape, measure_saved(subject, precision, shape, device)) for shape in held_out_shapes]
-        # One probe at the largest shape decides whether padding changes anything for this model.
-        probe = measure_memory(subject, precision, shapes[-1], device, padded=False)
-        if probe.model_dump(exclude={"flops"}) != samples[precision][-1].model_dump(exclude={"flops"}):
-            unpadded[precision] = [measure_memory(subject, precision, shape, device, padded=False)
-                                   for shape in shapes[:-1]] + [probe]
-    samples["fp16"], held_out["fp16"] = samples["bf16"], held_out["bf16"]
-    if "bf16" in unpadded:
-        unpadded["fp16"] = unpadded["bf16"]
-    return samples, held_out, unpadded
-
-
-def _max_seq(model: nn.Module) -> int:
-    return max_sequence_length(model.config) or 4096
+def _meta_twin(live: nn.Module | None, config: PretrainedConfig, task: str, attn: str | None) -> nn.Module:
+    """A two-layer fp32 copy of the model on the meta device (peft adapts it there: its Module.to calls refuse
+    fake tensors)."""
+    small = _two_layer_config(config)
+    if live is None:
+        return build_model(small, task, device="meta", attn_implementation=attn)
+    kwargs = {"attn_implementation": attn} if attn else {}
+    with torch.device("meta"):
+        return type(live)._from_config(small, dtype=torch.float32, **kwargs)
 
 
 def _time_samples(subject: Subject, precision: str, device: str) -> list[TimeSample]:
-    limit = _max_seq(subject.model)
+    limit = max_seq(subject.model)
     shapes = [(b, min(s, limit)) for b, s in TIME_SHAPES]
     measure_time(subject, precision, shapes[0], device, repeats=1)  # warm-up: first calls pay set-up costs
     return [measure_time(subject, precision, shape, device) for shape in shapes]
@@ -212,9 +196,7 @@ def _blocks(params: dict, samples: dict, unpadded: dict, held_out: dict,
     """Fit every block's quantities over the shapes, and check the fits of `saved` on the held-out shapes."""
     blocks, checks = [], []
     for kind in WINDOWS:
-        activations = {p: _fit_activations(ss, kind) for p, ss in samples.items()}
-        for p, ss in unpadded.items():
-            activations[p] = activations[p].model_copy(update={"unpadded": _fit_activations(ss, kind)})
+        activations = fit_precisions(samples, unpadded, kind)
         time_fits = {p: TimeFit(**{d: fit_shape([(t.batch, t.seq) for t in ts], [getattr(t, d)[kind] for t in ts],
                                                 TIME_TERMS) for d in ("forward", "backward")})
                      for p, ts in times.items()}
@@ -224,22 +206,8 @@ def _blocks(params: dict, samples: dict, unpadded: dict, held_out: dict,
             embedding_numels=embedding_numels, param_bytes=sum(t.numel() * t.element_size() for t in tensors),
             flops_forward=fit_shape([(x.batch, x.seq) for x in samples["fp32"]], [x.flops[kind] for x in samples["fp32"]]),
             activations=activations, time=time_fits))
-        checks += [FitCheck(batch=b, seq=s, precision=p, quantity=f"{kind}.saved",
-                            predicted_bytes=activations[p].at(b).saved(b, s), measured_bytes=saved[kind])
-                   for p in ("fp32", "bf16") for (b, s), saved in held_out[p]]
+        checks += fit_checks(kind, activations, held_out)
     return blocks, checks
-
-
-def _fit_activations(samples: list, kind: str) -> BlockActivations:
-    """The fits at micro-batches > 1, with the batch-1 fits as `single`."""
-    return _fit_one(kind, [x for x in samples if x.batch > 1]).model_copy(
-        update={"single": _fit_one(kind, [x for x in samples if x.batch == 1])})
-
-
-def _fit_one(kind: str, samples: list) -> BlockActivations:
-    shapes = [(x.batch, x.seq) for x in samples]
-    return BlockActivations(**{q: fit_shape(shapes, [getattr(x, q)[kind] for x in samples],
-                                            envelope=q.endswith("transient")) for q in MEASURED_QUANTITIES})
 
 
 def optimizer_transient(layer_params: list[torch.Tensor]) -> dict[str, float]:
