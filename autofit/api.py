@@ -3,7 +3,6 @@ wires them together."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -27,7 +26,9 @@ from autofit.policy import Policy, check_adapter_choice, load_policy
 from autofit.profiler import Profile
 from autofit.profiler.cache import cached_profile
 from autofit.profiler.profile import PRECISIONS, package_versions
-from autofit.search import SearchResult, alternatives, search
+from autofit.search import NoPlanFitsError, SearchResult, alternatives, search
+from autofit.search.adapter_bound import adapters_could_win
+from autofit.search.space import adapted_keys
 from autofit.search.space import PAD_MULTIPLE
 from autofit.techniques import lora
 from autofit.techniques.accumulation import eval_micro_batches
@@ -40,8 +41,6 @@ DEFAULT_MAX_LENGTH = 512
 """Tokens kept per example when the model sets no position limit and none is asked for."""
 DEFAULT_NUM_SAMPLES = 10_000
 """Examples per epoch assumed when planning without data (only the epoch time depends on it)."""
-_PROFILER_TAKES_ADAPTERS = "adapters" in inspect.signature(cached_profile).parameters
-"""Until the profiler's `adapters=True` (LoRA fits) is on main, profiles carry none and no adapter is searched."""
 
 
 def target_device(device: str | DeviceSpec | None, *, train: bool = False) -> DeviceSpec:
@@ -118,9 +117,10 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     spec = target_device(device)
     config = _config(model)
     seq_len = check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=PAD_MULTIPLE, flag="seq_len")
+    given = profile is not None
     if profile is None:  # the task spelled out, as train() asks for it: one cached profile serves both
         task = task or default_task(config)
-        profile = _profile(model, task, spec, adapters=chosen.searches_adapters)
+        profile = _profile(model, task, spec, adapters=chosen.adapters.mode == "always")
     lengths = None
     if data is not None:
         if tokenizer is None and not isinstance(model, nn.Module | PretrainedConfig):
@@ -128,17 +128,35 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
         lengths = _lengths(data, tokenizer, text_column, seq_len)
     workload = make_workload(profile.task, seq_len=seq_len, batch_size=batch_size, lengths=lengths,
                              num_samples=num_samples)
-    found = search(profile, workload, spec, budget_bytes, chosen, n_trials=n_trials, storage=storage)
+    profile, found = _search_lazily(model, profile, workload, spec, budget_bytes, chosen, measure=not given,
+                                    n_trials=n_trials, storage=storage)
     return Planned(plan_from_search(profile, workload, budget_bytes, spec, found), profile, found)
+
+
+def _search_lazily(model: ModelSpec, profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int,
+                   policy: Policy, *, measure: bool, **options: Any) -> tuple[Profile, SearchResult]:
+    """(the profile, the search on it). A profile without adapter fits is searched first; the fits are
+    measured (`measure`), and the search run again, only when adapters could beat what it found or nothing
+    fits (search/adapter_bound.py): measuring them is most of a cold profile's time."""
+    found, failure = None, None
+    try:
+        found = search(profile, workload, device, budget_bytes, policy, **options)
+    except NoPlanFitsError as error:
+        failure = error
+    best = found.best if found is not None else None
+    if measure and not adapted_keys(profile) and adapters_could_win(profile, workload, device, policy, best):
+        profile = _profile(model, profile.task, device, adapters=True)
+        return profile, search(profile, workload, device, budget_bytes, policy, **options)
+    if found is None:
+        raise failure
+    return profile, found
 
 
 def _profile(model: ModelSpec, task: str, device: DeviceSpec, *, adapters: bool) -> Profile:
     """The model's cached profile (block times measured when planning for the CPU), with LoRA fits when the
     search may choose adapters: they cost profiling time, so only then."""
     timing = PRECISIONS if device.kind == "cpu" else ()
-    if adapters and _PROFILER_TAKES_ADAPTERS:
-        return cached_profile(model, task=task, timing=timing, adapters=True)
-    return cached_profile(model, task=task, timing=timing)
+    return cached_profile(model, task=task, timing=timing, adapters=adapters)
 
 
 def _lengths(data: Any, tokenizer: Any, text_column: str | None, seq_len: int) -> list[int]:
@@ -235,13 +253,15 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
     spec = plan.device if plan is not None else target_device(device, train=True)
     if plan is None and resume and output_dir is not None:
         plan = _plan_in_force(output_dir, parse_budget(budget), batch_size, spec, policy, adapter)
-    adapters = plan.knobs.adapter == "lora" if plan is not None else chosen.searches_adapters
+    adapters = plan.knobs.adapter == "lora" if plan is not None else chosen.adapters.mode == "always"
     # a model loaded in 4 bits is profiled from its id (the profiler measures a full-precision twin)
     profile = _profile(source if nf4 and model is not source else model, task, spec, adapters=adapters)
     if plan is None:
         workload = make_workload(task, seq_len=max(train_data.lengths), batch_size=batch_size,
                                  lengths=train_data.lengths)
-        plan = plan_from_profile(profile, workload, parse_budget(budget), spec, chosen)
+        budget_bytes = parse_budget(budget)
+        profile, found = _search_lazily(model, profile, workload, spec, budget_bytes, chosen, measure=True)
+        plan = plan_from_search(profile, workload, budget_bytes, spec, found)
     else:
         plan = replan_for_data(plan, profile, train_data.lengths)
     eval_prediction = None

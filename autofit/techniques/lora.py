@@ -112,19 +112,30 @@ def block_fits(block: BlockProfile, knobs: Knobs, profile_rank: int) -> BlockAct
     if block.kind != "layer" or delta == 0:
         return fits
     element = 4 if knobs.precision.value == "fp32" else 2  # A's output, under autocast in half precision
-    return _shift_saved(fits, rank_activation_bytes(num_targets(block, knobs.lora_targets), 1, element, delta))
+    per_token = rank_activation_bytes(num_targets(block, knobs.lora_targets), 1, element, delta)
+    return _shift_saved(fits, per_token, autocast_weight_bytes(block, knobs, delta))
 
 
-def _shift_saved(fits: BlockActivations, per_token: float) -> BlockActivations:
-    """`fits` with `per_token` bytes per token more saved for backward (also in its batch-1 and unpadded fits)."""
+def autocast_weight_bytes(block: BlockProfile, knobs: Knobs, rank: int) -> int:
+    """What autocast saves for backward of one layer copy's adapters of rank `rank`: a half copy of each A and
+    B (measured: the saved bytes' rank slope under bf16 is this plus `rank_activation_bytes`); none in fp32."""
+    if knobs.precision.value == "fp32":
+        return 0
+    chosen = [x for x in block.linears if is_target(x.attention, knobs.lora_targets)]
+    return 2 * adapter_numel([(x.out_features, x.in_features) for x in chosen], rank)
+
+
+def _shift_saved(fits: BlockActivations, per_token: float, const: float = 0.0) -> BlockActivations:
+    """`fits` with `per_token` bytes per token and `const` bytes more saved for backward (also in its batch-1
+    and unpadded fits)."""
     def shift(fit: ShapeFit) -> ShapeFit:
-        moved = fit.model_copy(update={"per_token": fit.per_token + per_token})
+        moved = fit.model_copy(update={"per_token": fit.per_token + per_token, "const": fit.const + const})
         return moved if fit.small is None else moved.model_copy(update={"small": shift(fit.small)})
 
     update = {"saved": shift(fits.saved), "saved_first_trainable": shift(fits.saved_first_trainable)}
     for nested in ("single", "unpadded"):
         if getattr(fits, nested) is not None:
-            update[nested] = _shift_saved(getattr(fits, nested), per_token)
+            update[nested] = _shift_saved(getattr(fits, nested), per_token, const)
     return fits.model_copy(update=update)
 
 

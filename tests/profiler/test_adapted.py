@@ -13,6 +13,7 @@ from autofit.profiler import cache, measure_blocks, profile_model
 from autofit.profiler.adapted import COMPUTE_DTYPES, LORA_PROFILE_RANK, attach_adapters, materialized
 from autofit.profiler.measure_blocks import measure_memory, prepared
 from autofit.profiler.schema import MEASURED_QUANTITIES
+from autofit.knobs import Knobs
 from autofit.techniques import lora, quantization
 
 from _tiny import tiny_model
@@ -151,13 +152,15 @@ def test_saved_bytes_grow_with_the_rank_by_the_memory_models_term(adapted_profil
     fit = layer.adapted[lora.activation_key(targets, base_kind, precision)].at(shape[0]).saved
     measured = _twin_measurement("llama", "causal-lm", targets, base_kind, precision, rank=rank, shape=shape)
     chosen = [(x.out_features, x.in_features) for x in layer.linears if lora.is_target(x.attention, targets)]
-    element = 4 if precision == "fp32" else 2  # A's output: autocast computes it in bf16
-    term = lora.rank_activation_bytes(len(chosen), shape[0] * shape[1], element, rank - LORA_PROFILE_RANK)
-    # Under autocast the adapters' bf16 weight copies are saved for backward too: a constant per layer that
-    # rank_activation_bytes leaves out (2 bytes per extra adapter parameter).
+    knobs = Knobs(adapter="lora", lora_rank=rank, lora_targets=targets, precision=precision,
+                  base_dtype="nf4" if base_kind == "nf4" else precision)
+    predicted = lora.block_fits(layer, knobs, profile.lora_profile_rank).at(shape[0]).saved(*shape)
+    # the memory model's rank terms: A's outputs, and under autocast the adapters' half weight copies
     copies = 0 if precision == "fp32" else 2 * lora.adapter_numel(chosen, rank - LORA_PROFILE_RANK)
-    assert term > 0
-    assert measured.saved["layer"] == pytest.approx(fit(*shape) + term + copies, rel=1e-6, abs=1)
+    assert predicted - fit(*shape) == pytest.approx(
+        lora.rank_activation_bytes(len(chosen), shape[0] * shape[1], 4 if precision == "fp32" else 2,
+                                   rank - LORA_PROFILE_RANK) + copies)
+    assert measured.saved["layer"] == pytest.approx(predicted, rel=1e-6, abs=1)
 
 
 def test_a_profile_with_adapters_is_cached_apart_and_serves_one_without(monkeypatch, tmp_path):
