@@ -61,7 +61,20 @@ def _accuracy(r: dict[str, Any]) -> list[Row]:
         (f"  worst knob set ({worst_knob[6:]}): median / worst",
          f"{_pct(s[worst_knob]['autofit']['median_abs_pct'])} / {_pct(s[worst_knob]['autofit']['max_abs_pct'])}",
          "≤ 3% / ≤ 8%"),
+        *_adapter_rows(r),
     ]
+
+
+def _adapter_rows(r: dict[str, Any]) -> list[Row]:
+    """The LoRA (fp32 or half base) and QLoRA (4-bit base) cells on their own: median / worst |error|."""
+    rows = []
+    for label, prefix in (("LoRA", "lora"), ("QLoRA", "qlora")):
+        errors = [abs(c["error"]) * 100 for c in r["cells"] if c["knobs"].startswith(prefix + "-")]
+        if errors:
+            archs = sorted({c["arch"] for c in r["cells"] if c["knobs"].startswith(prefix + "-")})
+            rows.append((f"  {label} cells ({len(errors)}, {', '.join(archs)}): median / worst",
+                         f"{_pct(statistics.median(errors))} / {_pct(max(errors))}", "≤ 3% / ≤ 8%"))
+    return rows
 
 
 def _planning(r: dict[str, Any]) -> list[Row]:

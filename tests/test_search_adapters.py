@@ -190,3 +190,11 @@ def test_what_changed_names_the_adapter_once():
     assert changed_techniques(lora, fp32, 4) == ["precision"]
     assert changed_techniques(lora, lora.model_copy(update=dict(base_dtype="nf4")), 4) == ["adapter"]
     assert changed_techniques(lora, lora.model_copy(update=dict(lora_rank=64)), 4) == ["adapter"]
+
+
+def test_a_4_bit_base_is_not_offered_where_the_model_cannot_run_it_under_half_precision():
+    deberta = PROFILE.model_copy(update={"model_type": "deberta-v2"})
+    keys = adapted_keys(deberta)
+    assert activation_key("attention", "nf4", "fp32") in keys and activation_key("attention", "plain", "bf16") in keys
+    assert not {activation_key(t, "nf4", p) for t in ("attention", "all-linear") for p in ("bf16", "fp16")} & keys
+    assert adapted_keys(PROFILE) > keys

@@ -31,6 +31,7 @@ from autofit.knobs import Knobs, Precision
 from autofit.policy import Policy, PolicyError
 from autofit.profiler.schema import Profile
 from autofit.techniques.bucketing import choose_boundaries
+from autofit.techniques.quantization import nf4_runs
 from autofit.techniques.lora import activation_key
 from autofit.workload import Workload
 
@@ -51,7 +52,9 @@ def adapted_keys(profile: Profile) -> frozenset[str]:
     """The LoRA fits a profile carries (`lora.activation_key`s of its layers); none when it was made without."""
     if not profile.lora_profile_rank:
         return frozenset()
-    return frozenset(next(b for b in profile.blocks if b.kind == "layer").adapted)
+    keys = next(b for b in profile.blocks if b.kind == "layer").adapted
+    # a 4-bit base the model cannot run under half precision is not offered (quantization.NF4_FP32_ONLY)
+    return frozenset(k for k in keys if "-nf4-" not in k or nf4_runs(profile.model_type, k.rsplit("-", 1)[1]))
 
 
 def micro_batch_sizes(batch_size: int, cap: int | None = None) -> list[int]:

@@ -88,6 +88,11 @@ def check_model(model: nn.Module, knobs: Knobs, device: torch.device) -> None:
         raise AdapterError(f"a LoRA plan needs linear layers in the model's blocks, and this "
                            f"{type(model).__name__} has none to put adapters on")
     if knobs.quantized:
+        model_type = getattr(getattr(model, "config", None), "model_type", "")
+        if not quantization.nf4_runs(model_type, knobs.precision.value):
+            raise AdapterError(f"a 4-bit base under {knobs.precision.value} fails in {model_type}'s attention "
+                               "(fp32 queries into half-precision scores): plan it with precision fp32 or a "
+                               f"{knobs.precision.value} base")
         problem = quantization.nf4_unavailable(device)
         if problem:
             raise AdapterError(f"the plan stores the base in 4-bit NF4, but bitsandbytes cannot run on "

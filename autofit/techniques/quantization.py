@@ -33,6 +33,15 @@ NESTED_CODE_VALUES = 256
 
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
 
+NF4_FP32_ONLY = frozenset({"deberta-v2"})
+"""Model types whose attention fails with a 4-bit base under half precision: Linear4bit hands back fp32
+queries and keys, and DeBERTa's masked_fill into half-precision scores overflows. Their NF4 plans use fp32."""
+
+
+def nf4_runs(model_type: str, precision: str) -> bool:
+    """Whether a 4-bit base can train this model type under `precision` (see NF4_FP32_ONLY)."""
+    return precision == "fp32" or model_type not in NF4_FP32_ONLY
+
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)

@@ -232,6 +232,9 @@ def test_models_that_cannot_take_the_plan_are_refused_in_one_line(monkeypatch):
     assert run_plan(quantized, plan, train, quiet=True, measure_memory=False).optimizer_steps == 1
 
     refused(quantized, "already has peft adapters", base_dtype="nf4", **LORA)  # the run above put them in
+    deberta = tiny_model("deberta-v2", "classification")
+    refused(deberta, "4-bit base under bf16 fails in deberta-v2's attention", base_dtype="nf4", precision="bf16",
+            **LORA)
     monkeypatch.setattr(quantization, "nf4_unavailable", lambda device: "RuntimeError: no 4-bit kernels")
     refused(model_for("classification"), "bitsandbytes cannot run on cpu: RuntimeError", base_dtype="nf4", **LORA)
     monkeypatch.setattr(adapter, "block_linears", lambda model: [])
