@@ -6,7 +6,6 @@ Exit codes: 0 success; 2 no plan fits the budget (the message names the smallest
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable

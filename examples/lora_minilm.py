@@ -22,8 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import autofit
-from autofit.budget import format_bytes
-from train_small import default_model, make_examples
+from train_small import default_model, make_examples, report
 
 
 def evaluate_reloaded(model_dir: str, adapter_dir: str, rows: list[dict], max_length: int = 256) -> float:
@@ -63,14 +62,7 @@ def main() -> None:
     knobs = result.plan.knobs
     print(f"plan: LoRA rank {knobs.lora_rank} on {knobs.lora_targets} layers, base {knobs.base_dtype}, "
           f"precision {knobs.precision.value}, micro-batches of up to {knobs.micro_batch_size}")
-    losses = [r.loss for r in result.history]
-    k = max(1, len(losses) // 5)
-    print(f"loss: first {k} steps {sum(losses[:k]) / k:.4f} -> last {k} steps {sum(losses[-k:]) / k:.4f}")
-    for e in result.eval:
-        print(f"eval after epoch {e.epoch}: loss {e.loss:.4f}, accuracy {e.accuracy:.1%}")
-    measured, predicted = result.measured_peak_bytes, result.predicted_allocated_bytes
-    print(f"peak memory: predicted {format_bytes(predicted)}, measured {format_bytes(measured)}, "
-          f"error {(predicted - measured) / measured:+.1%}")
+    report(result)
     print(f"adapter saved to {result.adapter_dir}")
     accuracy = evaluate_reloaded(model_dir, result.adapter_dir, val)
     print(f"reloaded base + adapter: accuracy {accuracy:.1%} on the {len(val)} held-out examples")

@@ -59,8 +59,12 @@ def main() -> None:
     train, val = make_examples(args.train_size, seed=0), make_examples(128, seed=1)
     result = autofit.train(args.model or default_model(), train, budget=args.budget, device="cpu", epochs=args.epochs,
                            batch_size=16, lr=1e-4, eval_data=val, max_length=256)
-    plan = result.plan
-    print(f"plan: {plan.knobs.model_dump(mode='json')}")
+    print(f"plan: {result.plan.knobs.model_dump(mode='json')}")
+    report(result)
+
+
+def report(result) -> None:
+    """The run's loss, evaluations, predicted against measured peak, and throughput."""
     losses = [r.loss for r in result.history]
     k = max(1, len(losses) // 5)
     print(f"loss: first {k} steps {sum(losses[:k]) / k:.4f} -> last {k} steps {sum(losses[-k:]) / k:.4f}")

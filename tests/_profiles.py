@@ -99,3 +99,23 @@ def adapted_profile(hidden=256, layers=4, vocab=30000) -> Profile:
     """`make_profile` with what adapters are planned from: LoRA fits for both target sets and bases under
     every precision."""
     return make_profile(hidden=hidden, layers=layers, vocab=vocab, adapters=True)
+
+
+def cached_models():
+    """dict(predict_memory=..., predict_time=...) for `search`: the real memory and time models, which are
+    pure, memoised per (profile, workload, device, knobs) so brute forces and studies share predictions."""
+    from autofit.cost import predict_time
+    from autofit.memory import predict_peak
+
+    def cached(fn):
+        memo = {}
+
+        def wrapped(profile, knobs, workload, device):
+            key = (id(profile), id(workload), device.name, knobs)
+            if key not in memo:
+                memo[key] = fn(profile, knobs, workload, device)
+            return memo[key]
+
+        return wrapped
+
+    return dict(predict_memory=cached(predict_peak), predict_time=cached(predict_time))

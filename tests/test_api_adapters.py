@@ -15,7 +15,6 @@ from autofit.policy import PolicyError
 from autofit.policy import load_policy
 from autofit.search import NoPlanFitsError, search
 from autofit.profiler import profile_model
-from autofit.techniques.lora import BASE_KINDS, TARGET_CHOICES, activation_key
 
 from _tiny import make_plan, short_model, token_data
 

@@ -11,7 +11,7 @@ import huggingface_hub.constants
 import huggingface_hub.utils._detect_agent
 import pytest
 import torch
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from autofit import models
 from autofit.models import (

@@ -4,10 +4,8 @@ the space it searches, ranking, alternatives, and resuming a stored study. Hand-
 import pytest
 
 from autofit.budget import format_bytes
-from autofit.cost import predict_time
 from autofit.devices import get_device
 from autofit.knobs import Knobs, Precision
-from autofit.memory import predict_peak
 from autofit.plan import MemoryBreakdown, TimePrediction
 from autofit.policy import Policy, PolicyError, load_policy
 from autofit.report import knobs_line
@@ -28,7 +26,7 @@ from autofit.search.space import adapted_keys
 from autofit.techniques import freeze
 from autofit.workload import LengthHistogram, Workload
 
-from _profiles import make_profile, skewed_workload
+from _profiles import cached_models, make_profile, skewed_workload
 
 MB = 2**20
 A100 = get_device("a100")
@@ -36,21 +34,7 @@ WORKLOAD = skewed_workload(n=500, batch_size=16)
 PROFILES = {n: make_profile(hidden=256, layers=n, vocab=30000) for n in (4, 6)}
 
 
-def _cached(fn):
-    """The memory and time models are pure: share their predictions between the brute force and the study
-    of every test here (the same profiles and workload), so only the search itself costs time."""
-    memo = {}
-
-    def wrapped(profile, knobs, workload, device):
-        key = (id(profile), id(workload), device.name, knobs)
-        if key not in memo:
-            memo[key] = fn(profile, knobs, workload, device)
-        return memo[key]
-
-    return wrapped
-
-
-MODELS = dict(predict_memory=_cached(predict_peak), predict_time=_cached(predict_time))
+MODELS = cached_models()
 
 
 def run(layers, budget_mb, policy, **kw):

@@ -4,16 +4,14 @@ profiles with LoRA fits (tests/_profiles.py), priced by the real memory and time
 
 import pytest
 
-from autofit.cost import predict_time
 from autofit.devices import get_device
 from autofit.knobs import Knobs, Precision
-from autofit.memory import predict_peak
 from autofit.policy import Policy, PolicyError, load_policy
 from autofit.search import NoPlanFitsError, SearchSpace, exhaustive_best, search
 from autofit.search.space import adapted_keys
 from autofit.techniques.lora import activation_key
 
-from _profiles import adapted_profile, make_profile, skewed_workload
+from _profiles import cached_models, adapted_profile, make_profile, skewed_workload
 
 MB = 2**20
 A100 = get_device("a100")
@@ -21,20 +19,7 @@ WORKLOAD = skewed_workload(n=300, batch_size=8)
 PROFILE = adapted_profile(hidden=512, layers=4, vocab=4000)
 
 
-def _cached(fn):
-    """The models are pure: the brute forces and studies of every test here share their predictions."""
-    memo = {}
-
-    def wrapped(profile, knobs, workload, device):
-        key = (id(profile), id(workload), device.name, knobs)
-        if key not in memo:
-            memo[key] = fn(profile, knobs, workload, device)
-        return memo[key]
-
-    return wrapped
-
-
-MODELS = dict(predict_memory=_cached(predict_peak), predict_time=_cached(predict_time))
+MODELS = cached_models()
 SMALL = Policy(name="small-lora", freeze={"embeddings": True, "max_layers": 1},
                precisions=[Precision.bf16, Precision.fp32], optimizer_bits=[32, 8], bucketing={"counts": [0, 4]},
                risk_price=1.0, adapters={"mode": "allowed", "ranks": [8, 32]})
