@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -182,7 +183,8 @@ def apply(model: nn.Module, *, rank: int, targets: LoraTargets, task: str, alpha
           dropout: float = 0.0) -> nn.Module:
     """`model` wrapped by peft with LoRA adapters on the layers `targets` selects (exact names, so what
     `target_layers` counts is what peft adapts); the base is frozen, the task head trains."""
-    from peft import LoraConfig, get_peft_model
+    with quantization.bitsandbytes_quiet():  # peft imports bitsandbytes
+        from peft import LoraConfig, get_peft_model
 
     names = [name for name, _ in target_layers(model, targets)]
     conv1d = any(isinstance(model.get_submodule(name), Conv1D) for name in names)  # GPT-2 stores W as (in, out)
@@ -191,7 +193,9 @@ def apply(model: nn.Module, *, rank: int, targets: LoraTargets, task: str, alpha
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, bias="none", fan_in_fan_out=conv1d,
                         target_modules="|".join(re.escape(n) for n in names),  # full-matched by peft
                         task_type=PEFT_TASK_TYPES[task])
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; nothing for the user
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:

@@ -7,7 +7,6 @@ HF Trainer does the same) and bitsandbytes leaves tensors under 4096 elements at
 
 from __future__ import annotations
 
-import logging
 import warnings
 from functools import lru_cache
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from autofit.intmath import ceil_div
 from autofit.knobs import Knobs
+from autofit.techniques.quantization import bitsandbytes_quiet
 
 BNB_BLOCK_SIZE = 256
 BNB_MIN_8BIT_SIZE = 4096
@@ -105,15 +105,11 @@ def build_optimizer(model: nn.Module, knobs: Knobs, *, lr: float, weight_decay: 
 @lru_cache(maxsize=None)
 def _bnb_adamw8bit(device_type: str) -> type:
     """bitsandbytes' AdamW8bit, honouring a per-group `optim_bits`, after a probe step on `device_type`."""
-    quiet = logging.getLogger("bitsandbytes")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its import warns about 4-bit CPU kernels, which 8-bit AdamW never uses
     try:
-        import bitsandbytes as bnb
+        with bitsandbytes_quiet():
+            import bitsandbytes as bnb
     except Exception as error:  # ImportError, or a broken native library raising anything at import
         raise OptimizerUnavailableError(f"8-bit AdamW needs bitsandbytes, which cannot be imported: {error}") from None
-    finally:
-        quiet.setLevel(level)
 
     class AdamW8bitGroupBits(bnb.optim.AdamW8bit):
         # bitsandbytes reads per-parameter overrides from a process-wide manager keyed by (group, index),

@@ -11,6 +11,9 @@ norms and the task head keep their dtype, as transformers' own bitsandbytes load
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -32,6 +35,19 @@ NESTED_CODE_VALUES = 256
 """The 8-bit dynamic code book of the nested (double) quantization: 256 fp32 levels."""
 
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@contextmanager
+def bitsandbytes_quiet() -> Iterator[None]:
+    """Around a first import of bitsandbytes (or of peft, which imports it): on AVX512-bf16 CPUs its import
+    logs a warning that an optional kernel package is missing; it works without, so the user need not see it."""
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 NF4_FP32_ONLY = frozenset({"deberta-v2"})
 """Model types whose attention fails with a 4-bit base under half precision: Linear4bit hands back fp32
@@ -95,7 +111,8 @@ def quantize_block_linears(model: nn.Module, *, double_quant: bool = True,
     """Replace the blocks' linear layers with bitsandbytes Linear4bit (NF4) holding the same weights,
     quantized where the model sits. For a model already in memory; a model loaded by id or path gets the
     same from transformers' BitsAndBytesConfig. Returns how many layers were quantized."""
-    from bitsandbytes.nn import Linear4bit, Params4bit
+    with bitsandbytes_quiet():
+        from bitsandbytes.nn import Linear4bit, Params4bit
 
     found = [(name, linear) for name, linear in block_linears(model) if not isinstance(linear, Linear4bit)]
     for name, linear in found:
@@ -163,7 +180,8 @@ def nf4_unavailable(device: torch.device) -> str | None:
 @functools.cache
 def _nf4_probe(device_type: str, index: int | None) -> str | None:
     try:
-        import bitsandbytes.functional as bnb_functional
+        with bitsandbytes_quiet():
+            import bitsandbytes.functional as bnb_functional
 
         weight = torch.ones(64, 64, device=torch.device(device_type, index) if index is not None else device_type)
         packed, state = bnb_functional.quantize_4bit(weight, quant_type="nf4")
