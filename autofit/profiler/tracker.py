@@ -95,18 +95,35 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self._counter.live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # Most ops a fake-tensor step dispatches are C++ kernels asking a fake tensor its device: answered
+        # here, as FakeTensorMode answers them, without a second trip through Python dispatch.
+        if func is _DEVICE and isinstance(args[0], FakeTensor):
+            return args[0].fake_device
+        if func is _UNSAFE_VIEW and isinstance(args[0], FakeTensor):
+            # What matmul reshapes its fresh result with: FakeTensorMode's cache refuses it (a slow path) but
+            # takes a plain view, which below autograd is the same tensor (same storage, sizes and strides).
+            func = aten.view.default
         kwargs = kwargs or {}
-        if _is_shape_only(args) and func in (aten._local_scalar_dense.default, aten.nonzero.default):
+        if func in _DATA_QUESTIONS and _is_shape_only(args):
             out = _shape_only_answer(func, args[0])
         else:
             out = func(*args, **kwargs)
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and (storage := _storage(leaf)) is not None:
+        if isinstance(out, torch.Tensor):  # the common case, without flattening
+            if (storage := _storage(out)) is not None:
                 self._counter.add(storage)
+        else:
+            for leaf in tree_leaves(out):
+                if isinstance(leaf, torch.Tensor) and (storage := _storage(leaf)) is not None:
+                    self._counter.add(storage)
         self.peak = max(self.peak, self._counter.live)
         if self.count_flops and func.overloadpacket in _FLOP_FORMULAS:
             self.flops += _FLOP_FORMULAS[func.overloadpacket](*args, **kwargs, out_val=out)
         return out
+
+
+_DEVICE = torch.ops.prim.device.default
+_UNSAFE_VIEW = aten._unsafe_view.default
+_DATA_QUESTIONS = (aten._local_scalar_dense.default, aten.nonzero.default)
 
 
 def _is_shape_only(args) -> bool:
