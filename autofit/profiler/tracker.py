@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
@@ -99,12 +99,10 @@ class LiveBytes(TorchDispatchMode):
         # here, as FakeTensorMode answers them, without a second trip through Python dispatch.
         if func is _DEVICE and isinstance(args[0], FakeTensor):
             return args[0].fake_device
-        if func is _UNSAFE_VIEW and isinstance(args[0], FakeTensor):
-            # What matmul reshapes its fresh result with: FakeTensorMode's cache refuses it (a slow path) but
-            # takes a plain view, which below autograd is the same tensor (same storage, sizes and strides).
-            func = aten.view.default
         kwargs = kwargs or {}
-        if func in _DATA_QUESTIONS and _is_shape_only(args):
+        if func in _VIEWS and _plain_fake(args) and not kwargs:
+            out = _fake_view(func, args)
+        elif func in _DATA_QUESTIONS and _is_shape_only(args):
             out = _shape_only_answer(func, args[0])
         else:
             out = func(*args, **kwargs)
@@ -122,7 +120,26 @@ class LiveBytes(TorchDispatchMode):
 
 
 _DEVICE = torch.ops.prim.device.default
-_UNSAFE_VIEW = aten._unsafe_view.default
+_VIEWS = {aten.t.default, aten.view.default, aten._unsafe_view.default, aten.transpose.int, aten.expand.default,
+          aten.unsqueeze.default, aten.detach.default, aten.permute.default, aten.slice.Tensor, aten.select.int}
+"""Ops that only view their one tensor argument (matmul's _unsafe_view too: a view below autograd)."""
+
+
+def _plain_fake(args) -> bool:
+    """One FakeTensor (no constant behind it) first, and no other tensor."""
+    first = args[0] if args else None
+    return (type(first) is FakeTensor and first.constant is None
+            and not any(isinstance(a, torch.Tensor) for a in args[1:]))
+
+
+def _fake_view(func, args) -> FakeTensor:
+    """A view of a fake tensor made as FakeTensorMode makes one, without its cache: the meta kernel on the
+    fake tensor's meta data, wrapped on the same fake device. Views are half the ops of a step and the cache's
+    key costs far more than the kernel (and refuses _unsafe_view outright: its slow path costs more still)."""
+    tensor = args[0]
+    with in_kernel_invocation_manager(tensor.fake_mode):
+        out = func(*args)
+    return FakeTensor(tensor.fake_mode, out, tensor.fake_device)
 _DATA_QUESTIONS = (aten._local_scalar_dense.default, aten.nonzero.default)
 
 
