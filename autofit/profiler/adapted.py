@@ -12,7 +12,7 @@ against real bitsandbytes layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -145,12 +145,14 @@ def materialized(model: nn.Module, fake: FakeTensorMode, device: str | torch.dev
     return model
 
 
-def adapted_fits(meta_twin: Callable[[], nn.Module], task: str, device: str
+def adapted_fits(meta_twin: Callable[[], nn.Module], task: str, device: str,
+                 padding_matters: Collection[str] | None = None
                  ) -> tuple[dict[str, dict[str, BlockActivations]], list[FitCheck]]:
     """Per block kind, the fits with LoRA adapters of rank LORA_PROFILE_RANK attached, keyed by
     lora.activation_key; and their held-out checks. `meta_twin` makes a fresh two-layer fp32 copy of the model on
     the meta device; one is adapted per target set, base kind and precision (fp16 reuses bf16), as the base's
-    dtype and storage differ between them, and measured as fake tensors on `device`."""
+    dtype and storage differ between them, and measured as fake tensors on `device`. `padding_matters`: the
+    precisions at which padding changed the plain twin's bytes (None: unknown, probed)."""
     fits: dict[str, dict[str, BlockActivations]] = {kind: {} for kind in WINDOWS}
     checks = []
     for targets in lora.TARGET_CHOICES:
@@ -161,7 +163,7 @@ def adapted_fits(meta_twin: Callable[[], nn.Module], task: str, device: str
                                         task=task)
                 materialized(model, fake, device)
                 with fake, prepared(model, find_layout(model), task) as subject:
-                    samples, held_out, unpadded = memory_samples(subject, device, (precision,))
+                    samples, held_out, unpadded = memory_samples(subject, device, (precision,), padding_matters)
                 label = lora.activation_key(targets, base_kind, "{precision}")
                 for kind in WINDOWS:
                     activations = fit_precisions(samples, unpadded, kind)

@@ -10,6 +10,7 @@ extrapolation to long sequences from running negative.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -37,6 +38,21 @@ def _features(shapes: Sequence[tuple[int, int]], terms: Sequence[str]) -> np.nda
 def fit_shape(shapes: Sequence[tuple[int, int]], values: Sequence[float],
               terms: Sequence[str] = TERMS, *, envelope: bool = False) -> ShapeFit:
     """The non-negative least-squares ShapeFit of `values` measured at `shapes` over `terms`.
+
+    Memoized (a ShapeFit is immutable): a profile fits the same series many times over (fp16 reuses bf16's
+    measurements, many quantities are zero for most blocks). The key holds each value's exact bits."""
+    key = (tuple((b, s) for b, s in shapes), tuple(float(v).hex() for v in values), tuple(terms), envelope)
+    return _memoized_fit(*key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _memoized_fit(shapes: tuple, values: tuple[str, ...], terms: tuple[str, ...], envelope: bool) -> ShapeFit:
+    return _fit_shape(list(shapes), [float.fromhex(v) for v in values], terms, envelope=envelope)
+
+
+def _fit_shape(shapes: Sequence[tuple[int, int]], values: Sequence[float],
+               terms: Sequence[str], *, envelope: bool) -> ShapeFit:
+    """fit_shape, computed.
 
     envelope: fit at or above every measured value. Transients are the maximum over a block's ops, which
     switches from op to op as shapes grow, so the larger and the smaller half of the shapes (by tokens) get

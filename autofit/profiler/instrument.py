@@ -43,12 +43,23 @@ class Window:
     """Bytes of the hidden state the block hands on (forward windows)."""
 
 
+class StepStopped(Exception):
+    """Raised out of a step when the window a Timeline was asked to stop after closes."""
+
+
 class Timeline:
-    """The windows of one step. `enter(name)` closes the open window and opens the next one."""
+    """The windows of one step. `enter(name)` closes the open window and opens the next one.
+
+    `backward_reads`: the backward windows the caller reads (None: all). Once each of them that this step
+    opens has closed, StepStopped ends the step: nothing done after a window changes what it measured, so a
+    run that reads only the first windows of a backward need not run the rest."""
 
     def __init__(self, params: list[nn.Parameter], tracker: LiveBytes | None = None,
-                 sync: Callable[[], None] = lambda: None) -> None:
+                 sync: Callable[[], None] = lambda: None, backward_reads: set[str] | None = None) -> None:
         self.params = params
+        self.backward_reads = backward_reads
+        self.expected: set[str] = set()
+        """Backward windows a gradient hook will open."""
         self.tracker = tracker
         self.saved: SavedBytes | None = None
         self.sync = sync
@@ -64,6 +75,10 @@ class Timeline:
 
     def enter(self, name: str) -> None:
         self.close()
+        if name.startswith("bwd:") and self.backward_reads is not None and name not in self.backward_reads:
+            coming = (self.backward_reads & self.expected) - self.windows.keys()
+            if not coming:
+                raise StepStopped(name)
         self.sync()
         window = self.windows.setdefault(name, Window())
         if self.tracker is not None:
@@ -126,6 +141,7 @@ def _detached(output, hidden: torch.Tensor):
 def _on_grad(timeline: Timeline, tensor: torch.Tensor | None, name: str) -> None:
     """Open window `name` when the gradient of `tensor` is complete (its producer's backward is next)."""
     if tensor is not None and tensor.requires_grad:
+        timeline.expected.add(name)
         tensor.register_hook(lambda grad: timeline.enter(name))
 
 

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from autofit.layers import ModelLayout
 from autofit.models import UnsupportedTaskError
-from autofit.profiler.instrument import Timeline, Window, run_step
+from autofit.profiler.instrument import StepStopped, Timeline, Window, run_step
 from autofit.profiler.schema import MEASURED_QUANTITIES
 from autofit.profiler.tracker import LiveBytes, SavedBytes
 from autofit.techniques import checkpointing
@@ -146,12 +146,16 @@ def make_batch(config, task: str, batch: int, seq: int, device: str) -> dict[str
 
 
 def _memory_run(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,
-                *, count_flops: bool, below_frozen: bool, padded: bool, checkpointed: bool = False) -> Timeline:
+                *, count_flops: bool, below_frozen: bool, padded: bool, checkpointed: bool = False,
+                backward_reads: set[str] | None = None, backward: bool = True) -> Timeline:
+    """One windowed step; its backward only until the windows in `backward_reads` have closed (None: all of
+    it), none without `backward` (or `below_frozen`: a forward only)."""
     if checkpointed:  # the executor's own checkpointing, on the measured layer only
         checkpointing.apply(subject.model, [len(subject.layers) - 1])
         try:
             return _memory_run(subject, precision, shape, device_type, count_flops=count_flops,
-                               below_frozen=below_frozen, padded=padded)
+                               below_frozen=below_frozen, padded=padded, backward_reads=backward_reads,
+                               backward=backward)
         finally:
             checkpointing.remove(subject.model)
     params = list(subject.model.parameters())
@@ -159,20 +163,25 @@ def _memory_run(subject: Subject, precision: str, shape: tuple[int, int], device
         p.grad = None
     tracker = LiveBytes(count_flops=count_flops,
                         existing=[*params, *subject.model.buffers()])
-    timeline = Timeline(params, tracker)
+    timeline = Timeline(params, tracker, backward_reads=backward_reads)
     with tracker, masks_readable(not padded):
         timeline.saved = SavedBytes(params, timeline.phase)
         batch = make_batch(subject.model.config, subject.task, *shape, device_type)
-        run_step(subject.model, subject.layers, batch, timeline, precision=precision, device_type=device_type,
-                 backward=not below_frozen, detach_last=below_frozen)
+        try:
+            run_step(subject.model, subject.layers, batch, timeline, precision=precision,
+                     device_type=device_type, backward=backward and not below_frozen,
+                     detach_last=below_frozen)
+        except StepStopped:
+            pass
         del batch
     return timeline
 
 
 def measure_saved(subject: Subject, precision: str, shape: tuple[int, int], device_type: str) -> dict[str, float]:
     """Bytes each block kind saves for backward at one shape: one full step, no other quantity."""
+    # Saved tensors are all counted by the forward's end: no backward needed.
     return _saved_by_kind(subject, _memory_run(subject, precision, shape, device_type, count_flops=False,
-                                               below_frozen=False, padded=True))
+                                               below_frozen=False, padded=True, backward=False))
 
 
 def _saved_by_kind(subject: Subject, full: Timeline) -> dict[str, float]:
@@ -188,11 +197,13 @@ def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], dev
     a forward with the embeddings and layer 0 frozen and the last layer's output detached (layer 1 and the
     head then sit right above a frozen boundary).
     `padded`: a batch with pad tokens, or one of equal lengths (see masks_readable)."""
-    full = _memory_run(subject, precision, shape, device_type, count_flops=count_flops, below_frozen=False,
-                       padded=padded)
-    recomputing = _memory_run(subject, precision, shape, device_type, count_flops=False, below_frozen=False,
-                              padded=padded, checkpointed=True)
     layer = subject.layer_window
+    # Backward windows read from each run: below them, the layers' backward (and the embeddings', in the
+    # checkpointed run, or when frozen as under LoRA) need not run.
+    full = _memory_run(subject, precision, shape, device_type, count_flops=count_flops, below_frozen=False,
+                       padded=padded, backward_reads={f"bwd:{subject.window(k)}" for k in WINDOWS})
+    recomputing = _memory_run(subject, precision, shape, device_type, count_flops=False, below_frozen=False,
+                              padded=padded, checkpointed=True, backward_reads={f"bwd:{layer}"})
     two_layers = layer != "layer0"
     with frozen(subject.embedding_params + (list(subject.layers[0].parameters()) if two_layers else [])):
         first = _memory_run(subject, precision, shape, device_type, count_flops=False, below_frozen=True,

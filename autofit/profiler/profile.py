@@ -78,7 +78,8 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
     adapted: dict[str, dict[str, BlockActivations]] = {kind: {} for kind in WINDOWS}
     if adapters and twin is not None:
         adapted, adapted_checks = adapted_fits(lambda: _meta_twin(live, config, task, attn_implementation), task,
-                                               _device_of(live) if live is not None else "cpu")
+                                               _device_of(live) if live is not None else "cpu",
+                                               padding_matters=set(unpadded))
         checks += adapted_checks
     blocks = [b.model_copy(update={"adapted": adapted[b.kind]}) for b in blocks]
     blocks = [b.model_copy(update={"linears": linears}) if b.kind == "layer" else b for b in blocks]

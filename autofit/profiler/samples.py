@@ -3,6 +3,8 @@ the plain and the adapted twins are measured with alike."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from torch import nn
 
 from autofit.limits import max_sequence_length
@@ -17,11 +19,13 @@ HELD_OUT_SHAPES = ((3, 96), (4, 384))
 """Shapes measured but not fitted: the Profile reports the fits' error there."""
 
 
-def memory_samples(subject: Subject, device: str, precisions: tuple[str, ...] = ("fp32", "bf16")
-                    ) -> tuple[dict, dict, dict]:
+def memory_samples(subject: Subject, device: str, precisions: tuple[str, ...] = ("fp32", "bf16"),
+                   padding_matters: Collection[str] | None = None) -> tuple[dict, dict, dict]:
     """ShapeSamples at the fit and held-out shapes, per precision, of padded batches; and of batches
     without padding where the model treats those differently (skips its attention mask), else none.
-    fp16 and bf16 autocast cast the same ops to a 2-byte type, so fp16 reuses bf16's bytes."""
+    fp16 and bf16 autocast cast the same ops to a 2-byte type, so fp16 reuses bf16's bytes.
+    `padding_matters`: the precisions at which padding may change anything, known from a twin of the same
+    model (adapters change no mask code); None: probed at every precision."""
     limit = max_seq(subject.model)
     held_out_shapes = [(b, s) for b, s in HELD_OUT_SHAPES if s <= limit]
     seqs = [s for s in FIT_SEQS if s <= limit]
@@ -33,6 +37,8 @@ def memory_samples(subject: Subject, device: str, precisions: tuple[str, ...] = 
         samples[precision] = [measure_memory(subject, precision, shape, device, count_flops=precision == "fp32")
                               for shape in shapes]
         held_out[precision] = [(shape, measure_saved(subject, precision, shape, device)) for shape in held_out_shapes]
+        if padding_matters is not None and precision not in padding_matters:
+            continue
         # One probe at the largest shape decides whether padding changes anything for this model.
         probe = measure_memory(subject, precision, shapes[-1], device, padded=False)
         if probe.model_dump(exclude={"flops"}) != samples[precision][-1].model_dump(exclude={"flops"}):

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
@@ -95,18 +95,52 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self._counter.live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # Most ops a fake-tensor step dispatches are C++ kernels asking a fake tensor its device: answered
+        # here, as FakeTensorMode answers them, without a second trip through Python dispatch.
+        if func is _DEVICE and isinstance(args[0], FakeTensor):
+            return args[0].fake_device
         kwargs = kwargs or {}
-        if _is_shape_only(args) and func in (aten._local_scalar_dense.default, aten.nonzero.default):
+        if func in _VIEWS and _plain_fake(args) and not kwargs:
+            out = _fake_view(func, args)
+        elif func in _DATA_QUESTIONS and _is_shape_only(args):
             out = _shape_only_answer(func, args[0])
         else:
             out = func(*args, **kwargs)
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and (storage := _storage(leaf)) is not None:
+        if isinstance(out, torch.Tensor):  # the common case, without flattening
+            if (storage := _storage(out)) is not None:
                 self._counter.add(storage)
+        else:
+            for leaf in tree_leaves(out):
+                if isinstance(leaf, torch.Tensor) and (storage := _storage(leaf)) is not None:
+                    self._counter.add(storage)
         self.peak = max(self.peak, self._counter.live)
         if self.count_flops and func.overloadpacket in _FLOP_FORMULAS:
             self.flops += _FLOP_FORMULAS[func.overloadpacket](*args, **kwargs, out_val=out)
         return out
+
+
+_DEVICE = torch.ops.prim.device.default
+_VIEWS = {aten.t.default, aten.view.default, aten._unsafe_view.default, aten.transpose.int, aten.expand.default,
+          aten.unsqueeze.default, aten.detach.default, aten.permute.default, aten.slice.Tensor, aten.select.int}
+"""Ops that only view their one tensor argument (matmul's _unsafe_view too: a view below autograd)."""
+
+
+def _plain_fake(args) -> bool:
+    """One FakeTensor (no constant behind it) first, and no other tensor."""
+    first = args[0] if args else None
+    return (type(first) is FakeTensor and first.constant is None
+            and not any(isinstance(a, torch.Tensor) for a in args[1:]))
+
+
+def _fake_view(func, args) -> FakeTensor:
+    """A view of a fake tensor made as FakeTensorMode makes one, without its cache: the meta kernel on the
+    fake tensor's meta data, wrapped on the same fake device. Views are half the ops of a step and the cache's
+    key costs far more than the kernel (and refuses _unsafe_view outright: its slow path costs more still)."""
+    tensor = args[0]
+    with in_kernel_invocation_manager(tensor.fake_mode):
+        out = func(*args)
+    return FakeTensor(tensor.fake_mode, out, tensor.fake_device)
+_DATA_QUESTIONS = (aten._local_scalar_dense.default, aten.nonzero.default)
 
 
 def _is_shape_only(args) -> bool:
