@@ -46,7 +46,10 @@ def _one(model: str, cache: str) -> dict[str, Any]:
         plan, error = None, str(e).splitlines()[0]
     wall = time.perf_counter() - started
     profile = cached_profile(model)  # read back from the cache: its `seconds` is the cold profiling time
-    row: dict[str, Any] = {"model": model, "wall_seconds": round(wall, 3), "profile_seconds": round(profile.seconds, 3),
+    seconds = profile.seconds
+    if plan is not None and plan.knobs.adapter == "lora":  # the adapters' fits were measured too (cached now)
+        seconds = cached_profile(model, adapters=True).seconds + (seconds if not profile.lora_profile_rank else 0)
+    row: dict[str, Any] = {"model": model, "wall_seconds": round(wall, 3), "profile_seconds": round(seconds, 3),
                            "num_params": profile.num_params, "error": error}
     if plan is not None:
         k = plan.knobs
@@ -67,9 +70,10 @@ def knobs_summary(plan) -> str:
     k = plan.knobs
     low, high = plan.step.micro_batches_per_step
     per_step = f"x{low}" if low == high else f"x{low}-{high}"
+    adapter = f", LoRA r{k.lora_rank} {k.lora_targets} on a {k.base_dtype} base" if k.adapter == "lora" else ""
     return (f"mb {k.micro_batch_size} ({per_step}/step of {plan.batch_size}), {k.precision.value}, "
             f"{k.optimizer_bits}-bit, ckpt {len(k.checkpoint_layers)}/{plan.num_layers}, "
-            f"freeze {'emb+' if k.freeze_embeddings else ''}{k.freeze_layers}")
+            f"freeze {'emb+' if k.freeze_embeddings else ''}{k.freeze_layers}{adapter}")
 
 
 def measure(model: str, repeats: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from autofit.models import resolve_config
-from autofit.profiler.profile import package_versions, profile_model
+from autofit.profiler.profile import add_adapters, package_versions, profile_model
 from autofit.profiler.schema import Profile
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parent.parent / name for name in (
@@ -80,14 +80,16 @@ def cached_profile(spec: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
     with_adapters = folder / f"{key}{ADAPTERS_SUFFIX}.json"
     candidates = [with_adapters] if adapters else [folder / f"{key}.json", with_adapters]
     for path in candidates:
-        if path.is_file():
-            try:
-                return Profile.model_validate_json(path.read_text())
-            except (ValidationError, OSError):
-                pass  # unreadable or from an older schema: profile again
+        found = _read(path)
+        if found is not None:
+            return found
     path = candidates[0]
-    profile = profile_model(spec, task=task, timing=timing, attn_implementation=attn_implementation,
-                            adapters=adapters)
+    plain = _read(folder / f"{key}.json") if adapters else None
+    if plain is not None:  # made earlier without adapters: measure only what they add
+        profile = add_adapters(plain, spec, attn_implementation=attn_implementation)
+    else:
+        profile = profile_model(spec, task=task, timing=timing, attn_implementation=attn_implementation,
+                                adapters=adapters)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -96,3 +98,13 @@ def cached_profile(spec: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
     except OSError:
         pass  # a read-only home: planning still works, only slower
     return profile
+
+
+def _read(path: Path) -> Profile | None:
+    """The profile stored at `path`; None when there is none, or it is unreadable or of an older schema."""
+    if not path.is_file():
+        return None
+    try:
+        return Profile.model_validate_json(path.read_text())
+    except (ValidationError, OSError):
+        return None

@@ -28,7 +28,7 @@ from autofit.profiler.adapted import LORA_PROFILE_RANK, adapted_fits
 from autofit.profiler.fit import TIME_TERMS, fit_shape
 from autofit.profiler.measure_blocks import KEEP_LAYERS, WINDOWS, Subject, TimeSample, measure_time, prepared
 from autofit.profiler.samples import fit_checks, fit_precisions, max_seq, memory_samples
-from autofit.profiler.schema import BlockActivations, BlockProfile, FitCheck, LinearLayer, Profile, TimeFit
+from autofit.profiler.schema import BlockProfile, FitCheck, LinearLayer, Profile, TimeFit
 from autofit.profiler.tracker import LiveBytes
 from autofit.techniques import optimizer as optim
 
@@ -75,16 +75,9 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         with prepared(timed, find_layout(timed), task) as subject:
             times = {p: _time_samples(subject, p, _device_of(timed)) for p in timing}
     blocks, checks = _blocks(params, samples, unpadded, held_out, times)
-    adapted: dict[str, dict[str, BlockActivations]] = {kind: {} for kind in WINDOWS}
-    if adapters and twin is not None:
-        adapted, adapted_checks = adapted_fits(lambda: _meta_twin(live, config, task, attn_implementation), task,
-                                               _device_of(live) if live is not None else "cpu",
-                                               padding_matters=set(unpadded))
-        checks += adapted_checks
-    blocks = [b.model_copy(update={"adapted": adapted[b.kind]}) for b in blocks]
     blocks = [b.model_copy(update={"linears": linears}) if b.kind == "layer" else b for b in blocks]
     blocks[-1] = blocks[-1].model_copy(update={"tied_embedding_bytes": tied, "task_head_numels": task_head})
-    return Profile(
+    profile = Profile(
         model_id=model_id, model_type=config.model_type, task=task, num_layers=num_layers,
         hidden_size=config.hidden_size, vocab_size=config.vocab_size,
         max_positions=max_sequence_length(config),
@@ -92,9 +85,35 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         device=(_device_of(live) if live is not None else timing_device) if timing else "meta",
         blocks=blocks, optimizer_transient_per_param=optimizer_transient(params["layer"][0]),
         profile_shapes=[(s.batch, s.seq) for s in samples["fp32"]], fit_checks=checks,
-        lora_profile_rank=LORA_PROFILE_RANK if any(adapted.values()) else 0, seconds=time.perf_counter() - started,
-        versions=package_versions(),
+        seconds=time.perf_counter() - started, versions=package_versions(),
     )
+    return add_adapters(profile, model, attn_implementation=attn_implementation) if adapters else profile
+
+
+def add_adapters(profile: Profile, model: str | os.PathLike | PretrainedConfig | nn.Module, *,
+                 attn_implementation: str | None = None) -> Profile:
+    """`profile` (of `model`, made without adapters) with the LoRA fits measured too, for every target set,
+    plain and NF4 base and precision: what `profile_model(..., adapters=True)` adds, without measuring the
+    rest again. A live module that is no PreTrainedModel gets none."""
+    started = time.perf_counter()
+    live = model if isinstance(model, nn.Module) else None
+    if live is not None and not isinstance(live, PreTrainedModel):
+        return profile
+    if live is not None:
+        config = live.config
+        attn_implementation = getattr(config, "_attn_implementation", None) or attn_implementation
+    else:
+        config = model if isinstance(model, PretrainedConfig) else resolve_config(model)[1]
+    task = profile.task
+    # where padding changed nothing for the plain model it changes nothing with adapters (no mask code touched)
+    padding = {p for b in profile.blocks for p, acts in b.activations.items() if acts.unpadded is not None}
+    adapted, checks = adapted_fits(lambda: _meta_twin(live, config, task, attn_implementation), task,
+                                   _device_of(live) if live is not None else "cpu", padding_matters=padding)
+    return profile.model_copy(update={
+        "blocks": [b.model_copy(update={"adapted": adapted[b.kind]}) for b in profile.blocks],
+        "fit_checks": profile.fit_checks + checks,
+        "lora_profile_rank": LORA_PROFILE_RANK if any(adapted.values()) else 0,
+        "seconds": profile.seconds + time.perf_counter() - started})
 
 
 def package_versions() -> dict[str, str]:

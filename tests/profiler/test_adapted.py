@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from autofit.layers import find_layout
 from autofit.profiler import cache, measure_blocks, profile_model
+from autofit.profiler.profile import add_adapters
 from autofit.profiler.adapted import COMPUTE_DTYPES, LORA_PROFILE_RANK, attach_adapters, materialized
 from autofit.profiler.measure_blocks import measure_memory, prepared
 from autofit.profiler.schema import MEASURED_QUANTITIES
@@ -180,6 +181,17 @@ def test_a_profile_with_adapters_is_cached_apart_and_serves_one_without(monkeypa
     assert cache.cached_profile(config, task="classification") is stub  # served by the adapted profile
     assert cache.cached_profile(config, task="classification", adapters=True) is stub
     assert calls == [True]
+    added = []
+    monkeypatch.setattr(cache, "add_adapters", lambda profile, spec, **kwargs: added.append(profile) or stub)
     cache.cached_profile(tiny_model("llama", "causal-lm").config, task="causal-lm")
     cache.cached_profile(tiny_model("llama", "causal-lm").config, task="causal-lm", adapters=True)
-    assert calls == [True, False, True]  # one without adapters does not serve a request with them
+    # one without adapters does not serve a request with them: its adapters are measured and added to it
+    assert calls == [True, False] and added == [stub]
+
+
+@pytest.mark.slow
+def test_adding_adapters_to_a_plain_profile_equals_profiling_with_them(adapted_profile):
+    model, profile, plain = adapted_profile
+    added = add_adapters(plain, model)
+    assert added.model_dump(exclude={"seconds"}) == profile.model_dump(exclude={"seconds"})
+    assert added.seconds > plain.seconds
