@@ -47,8 +47,8 @@ def _one(model: str, cache: str) -> dict[str, Any]:
     wall = time.perf_counter() - started
     profile = cached_profile(model)  # read back from the cache: its `seconds` is the cold profiling time
     seconds = profile.seconds
-    if plan is not None and plan.knobs.adapter == "lora":  # the adapters' fits were measured too (cached now)
-        seconds = cached_profile(model, adapters=True).seconds + (seconds if not profile.lora_profile_rank else 0)
+    if plan is not None and plan.knobs.adapter == "lora":  # the adapters' fits were measured too (cached now):
+        seconds = cached_profile(model, adapters=True).seconds  # its seconds include the plain profile's
     row: dict[str, Any] = {"model": model, "wall_seconds": round(wall, 3), "profile_seconds": round(seconds, 3),
                            "num_params": profile.num_params, "error": error}
     if plan is not None:
