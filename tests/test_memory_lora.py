@@ -17,7 +17,6 @@ from autofit.techniques import lora, quantization
 from _profiles import make_profile
 from _tiny import tiny_model
 
-pytest.importorskip("peft")
 
 CASES = [("bert", "classification"), ("llama", "causal-lm"), ("gpt2", "causal-lm"), ("llama", "classification")]
 BASES = [("fp32", "fp32"), ("bf16", "bf16"), ("nf4", "fp32"), ("nf4", "bf16")]

@@ -17,7 +17,6 @@ from autofit.techniques import adapter, quantization
 
 from _tiny import make_plan, short_model, token_data
 
-pytest.importorskip("peft")
 N, EPOCHS, LR = 12, 2, 1e-2  # steps of 4 examples in micro-batches of 2: 3 steps per epoch, 6 in all
 
 

@@ -16,7 +16,6 @@ from autofit.techniques import adapter, lora, quantization
 
 from _tiny import make_plan, short_model, tiny_model
 
-pytest.importorskip("peft")
 LORA = dict(adapter="lora", lora_rank=8, lora_targets="all-linear")
 
 

@@ -19,7 +19,6 @@ from autofit.techniques import lora, quantization
 
 from _tiny import tiny_model
 
-pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 SHAPE = (3, 40)

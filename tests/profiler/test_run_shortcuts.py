@@ -15,7 +15,6 @@ from autofit.profiler.measure_blocks import WINDOWS, _memory_run, measure_memory
 
 from _tiny import tiny_model
 
-pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 SHAPE = (2, 40)

@@ -11,7 +11,6 @@ from autofit.techniques import lora, quantization
 
 from _tiny import random_batch, tiny_model
 
-pytest.importorskip("peft")
 
 CASES = [("bert", "classification"), ("deberta-v2", "classification"), ("gpt2", "causal-lm"),
          ("llama", "causal-lm"), ("llama", "classification")]
