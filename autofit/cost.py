@@ -166,7 +166,7 @@ def adapter_pass_seconds(block: BlockProfile, knobs: Knobs, device: DeviceSpec, 
     dequantization reads 0.5 B/weight and writes the compute dtype."""
     element = 4 if knobs.precision == Precision.fp32 else 2
     bandwidth = device.memory_bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY
-    chosen = [x for x in block.linears if lora.is_target(x.attention, knobs.lora_targets)]
+    chosen = lora.targeted_linears(block, knobs.lora_targets)
     traffic = sum(tokens * (x.in_features + 2 * knobs.lora_rank + 2 * x.out_features) * element for x in chosen)
     flops = sum(2 * tokens * knobs.lora_rank * (x.in_features + x.out_features) for x in chosen)
     peak = (device.tflops_fp32 if knobs.precision == Precision.fp32 else device.tflops_half) * 1e12

@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from autofit.knobs import Knobs, LoraTargets
 from autofit.layers import block_linears, is_attention, linear_shape
 from autofit.plan import AdapterWeights
-from autofit.profiler.schema import BlockActivations, BlockProfile, Profile, ShapeFit
+from autofit.profiler.schema import BlockActivations, BlockProfile, LinearLayer, Profile, ShapeFit
 from autofit.techniques import quantization
 
 ADAPTER_BYTES = 4
@@ -50,6 +50,11 @@ def is_target(attention: bool, targets: LoraTargets) -> bool:
     return targets == "all-linear" or attention
 
 
+def targeted_linears(block: BlockProfile, targets: LoraTargets) -> list[LinearLayer]:
+    """The linear layers of one copy of `block` that get adapters under `targets`."""
+    return [x for x in block.linears if is_target(x.attention, targets)]
+
+
 def adapter_tensor_numels(out_features: int, in_features: int, rank: int) -> tuple[int, int]:
     """The element counts of one layer's adapter: A is r x in, B is out x r."""
     return rank * in_features, out_features * rank
@@ -66,7 +71,7 @@ def trainable_numels(profile: Profile, rank: int, targets: LoraTargets) -> list[
     optimizer's state are sized from."""
     found = []
     for block in profile.blocks:
-        chosen = [x for x in block.linears if is_target(x.attention, targets)]
+        chosen = targeted_linears(block, targets)
         found += [n for x in chosen for n in adapter_tensor_numels(x.out_features, x.in_features, rank)] * block.count
     return found + list(profile.blocks[-1].task_head_numels)
 
@@ -80,7 +85,7 @@ def block_trainable_numels(block: BlockProfile, knobs: Knobs) -> list[int]:
     """The tensors one copy of `block` trains under LoRA: A and B of its targeted layers, the head's copy."""
     if block.kind == "head":
         return list(block.task_head_numels)
-    chosen = [x for x in block.linears if is_target(x.attention, knobs.lora_targets)]
+    chosen = targeted_linears(block, knobs.lora_targets)
     return [n for x in chosen for n in adapter_tensor_numels(x.out_features, x.in_features, knobs.lora_rank)]
 
 
@@ -99,7 +104,7 @@ def base_weight_bytes(profile: Profile, knobs: Knobs) -> int:
 
 def num_targets(block: BlockProfile, targets: LoraTargets) -> int:
     """Targeted linear layers in one copy of `block`."""
-    return sum(is_target(x.attention, targets) for x in block.linears)
+    return len(targeted_linears(block, targets))
 
 
 def block_fits(block: BlockProfile, knobs: Knobs, profile_rank: int) -> BlockActivations:
@@ -122,7 +127,7 @@ def autocast_weight_bytes(block: BlockProfile, knobs: Knobs, rank: int) -> int:
     B (measured: the saved bytes' rank slope under bf16 is this plus `rank_activation_bytes`); none in fp32."""
     if knobs.precision.value == "fp32":
         return 0
-    chosen = [x for x in block.linears if is_target(x.attention, knobs.lora_targets)]
+    chosen = targeted_linears(block, knobs.lora_targets)
     return 2 * adapter_numel([(x.out_features, x.in_features) for x in chosen], rank)
 
 

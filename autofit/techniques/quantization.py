@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from autofit.intmath import ceil_div
 from autofit.layers import block_linears, linear_shape
 from autofit.profiler.schema import Profile
 
@@ -59,10 +60,6 @@ def nf4_runs(model_type: str, precision: str) -> bool:
     return precision == "fp32" or model_type not in NF4_FP32_ONLY
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # ---- pure side -------------------------------------------------------------------------------------------
 
 
@@ -70,12 +67,12 @@ def nf4_bytes(numel: int, *, double_quant: bool) -> int:
     """Bytes of one weight of `numel` elements stored as bitsandbytes NF4: two weights per byte, an absmax per
     64 weights (fp32, or uint8 plus an fp32 per 256 blocks and an fp32 offset with double quantization) and
     the code books. Equals the bytes of a real Params4bit and its quant_state's tensors."""
-    blocks = _ceil_div(numel, NF4_BLOCK)
-    packed = _ceil_div(numel, 2)
+    blocks = ceil_div(numel, NF4_BLOCK)
+    packed = ceil_div(numel, 2)
     code = 4 * NF4_CODE_VALUES
     if not double_quant:
         return packed + 4 * blocks + code
-    nested = 4 * _ceil_div(blocks, NESTED_BLOCK) + 4 * NESTED_CODE_VALUES + 4  # scales, code book, offset
+    nested = 4 * ceil_div(blocks, NESTED_BLOCK) + 4 * NESTED_CODE_VALUES + 4  # scales, code book, offset
     return packed + blocks + nested + code
 
 
