@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from autofit.budget import format_bytes, parse_budget
+from autofit.cluster import SINGLE, Cluster, make_cluster
 from autofit.cost import predict_time
 from autofit.data import LABEL_COLUMNS, TokenizedData, column_names, prepare_examples, text_lengths
 from autofit.devices import DEVICES, DeviceSpec, get_device
@@ -30,7 +31,7 @@ from autofit.search import NoPlanFitsError, SearchResult, alternatives, search
 from autofit.search.adapter_bound import adapters_could_win
 from autofit.search.space import adapted_keys
 from autofit.search.space import PAD_MULTIPLE
-from autofit.techniques import lora
+from autofit.techniques import lora, sharding
 from autofit.techniques.accumulation import eval_micro_batches
 from autofit.techniques.bucketing import padded_length
 from autofit.workload import MAX_BATCH_SIZE, LengthHistogram, Workload
@@ -79,18 +80,22 @@ def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, bat
          data: Any = None, policy: str = "balanced", task: str | None = None,
          device: str | DeviceSpec | None = None, tokenizer: Any = None, text_column: str | None = None,
          num_samples: int | None = None, n_trials: int | None = None, storage: str | None = None,
-         profile: Profile | None = None, adapter: str = "auto") -> Plan:
+         profile: Profile | None = None, adapter: str = "auto", gpus: int = 1, machines: int = 1,
+         interconnect: str | None = None, network: str = "ethernet", host_memory: str | int | None = None) -> Plan:
     """The fastest plan whose predicted peak fits `budget` (e.g. "16GB"; GB = 2**30 bytes, as nvidia-smi).
 
     `data` (examples with text, or tokenized) gives the real length distribution, cut at `seq_len`;
     without it every example is `seq_len` tokens (default: the model's limit, at most 512; a longer
     `seq_len` than the model takes is refused). `adapter` (auto | none | lora) overrides when the policy
     trains LoRA adapters: auto lets it decide, none searches full fine-tuning only, lora adapter plans only.
-    Raises search.NoPlanFitsError (with the smallest budget that fits) when nothing does."""
+    `gpus` processes on `machines` machines (linked by `interconnect`: nvlink | pcie, and `network`:
+    infiniband | ethernet) plan DDP or FSDP; `budget` is each GPU's and `host_memory` each machine's CPU RAM
+    (for CPU offload). Raises search.NoPlanFitsError (with the smallest budget that fits) when nothing does."""
     return plan_and_search(model, budget, seq_len=seq_len, batch_size=batch_size, data=data, policy=policy,
                            task=task, device=device, tokenizer=tokenizer, text_column=text_column,
                            num_samples=num_samples, n_trials=n_trials, storage=storage, profile=profile,
-                           adapter=adapter).plan
+                           adapter=adapter, gpus=gpus, machines=machines, interconnect=interconnect,
+                           network=network, host_memory=host_memory).plan
 
 
 class Planned(NamedTuple):
@@ -107,7 +112,9 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
                     data: Any = None, policy: str = "balanced", task: str | None = None,
                     device: str | DeviceSpec | None = None, tokenizer: Any = None,
                     text_column: str | None = None, num_samples: int | None = None, n_trials: int | None = None,
-                    storage: str | None = None, profile: Profile | None = None, adapter: str = "auto") -> Planned:
+                    storage: str | None = None, profile: Profile | None = None, adapter: str = "auto",
+                    gpus: int = 1, machines: int = 1, interconnect: str | None = None, network: str = "ethernet",
+                    host_memory: str | int | None = None) -> Planned:
     """`plan`, returning the profile and the search result with the plan."""
     chosen = load_policy(policy).with_adapter(adapter)
     budget_bytes = parse_budget(budget)
@@ -115,6 +122,11 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     if n_trials is not None and n_trials < 1:
         raise ValueError(f"n_trials must be at least 1, not {n_trials}")
     spec = target_device(device)
+    cluster = make_cluster(gpus, machines, interconnect=interconnect, network=network, device_kind=spec.kind,
+                           host_memory_bytes=None if host_memory is None else parse_budget(host_memory))
+    if batch_size < cluster.processes:
+        raise ValueError(f"a batch of {batch_size} examples cannot give each of {cluster.processes} GPUs one: "
+                         f"use --batch-size {cluster.processes} or more")
     config = _config(model)
     seq_len = check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=PAD_MULTIPLE, flag="seq_len")
     given = profile is not None
@@ -129,8 +141,8 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     workload = make_workload(profile.task, seq_len=seq_len, batch_size=batch_size, lengths=lengths,
                              num_samples=num_samples)
     profile, found = _search_lazily(model, profile, workload, spec, budget_bytes, chosen, measure=not given,
-                                    n_trials=n_trials, storage=storage)
-    return Planned(plan_from_search(profile, workload, budget_bytes, spec, found), profile, found)
+                                    n_trials=n_trials, storage=storage, cluster=cluster)
+    return Planned(plan_from_search(profile, workload, budget_bytes, spec, found, cluster), profile, found)
 
 
 def _search_lazily(model: ModelSpec, profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int,
@@ -144,7 +156,8 @@ def _search_lazily(model: ModelSpec, profile: Profile, workload: Workload, devic
     except NoPlanFitsError as error:
         failure = error
     best = found.best if found is not None else None
-    if measure and not adapted_keys(profile) and adapters_could_win(profile, workload, device, policy, best):
+    if measure and not adapted_keys(profile) and adapters_could_win(profile, workload, device, policy, best,
+                                                                    options.get("cluster", SINGLE)):
         profile = _profile(model, profile.task, device, adapters=True)
         return profile, search(profile, workload, device, budget_bytes, policy, **options)
     if found is None:
@@ -174,11 +187,12 @@ def plan_from_profile(profile: Profile, workload: Workload, budget_bytes: int, d
 
 
 def plan_from_search(profile: Profile, workload: Workload, budget_bytes: int, device: DeviceSpec,
-                     result: SearchResult) -> Plan:
+                     result: SearchResult, cluster: Cluster = SINGLE) -> Plan:
     """The Plan a search's answer makes."""
     return Plan(
         model_id=profile.model_id, model_type=profile.model_type, num_layers=profile.num_layers,
         num_params=profile.num_params, task=profile.task, budget_bytes=budget_bytes, device=device,
+        cluster=cluster, offloaded_bytes=sharding.host_bytes_per_machine(profile, result.knobs, cluster),
         policy=result.policy + (" (relaxed)" if result.relaxed else ""), headroom_bytes=result.headroom_bytes,
         knobs=result.knobs, predicted=result.memory, time=result.time, workload=workload,
         alternatives=alternatives(result), search=result.info(), profile_device=profile.device,
@@ -192,12 +206,12 @@ def replan_for_data(plan: Plan, profile: Profile, lengths: list[int]) -> Plan:
     again from its knobs: what a plan file claims about its peak is not believed. Raises PlanNoLongerFitsError
     when the knobs' peak on this data is over the plan's budget (an edited file, or longer data)."""
     workload = make_workload(plan.task, seq_len=max(lengths), batch_size=plan.batch_size, lengths=lengths)
-    memory = predict_peak(profile, plan.knobs, workload, plan.device)
+    memory = predict_peak(profile, plan.knobs, workload, plan.device, cluster=plan.cluster)
     if memory.peak_bytes > plan.budget_bytes:
         raise PlanNoLongerFitsError(
             f"this plan's knobs need {format_bytes(memory.peak_bytes)} on this data (predicted again from "
             f"them), over its {format_bytes(plan.budget_bytes)} budget: plan again for this data and budget")
-    time = predict_time(profile, plan.knobs, workload, plan.device)
+    time = predict_time(profile, plan.knobs, workload, plan.device, cluster=plan.cluster)
     return plan.model_copy(update=dict(workload=workload, predicted=memory, time=time))
 
 

@@ -36,6 +36,11 @@ every linear layer (QLoRA's choice: better quality, more memory)."""
 
 MAX_LORA_RANK = 4096
 
+Strategy = Literal["ddp", "fsdp"]
+"""How several processes share the training: `ddp` keeps a full replica on each and all-reduces gradients
+(with one process: plain training); `fsdp` shards weights, gradients and optimizer state across them
+(PyTorch FSDP2, `fully_shard`) and gathers each unit's weights just before it runs."""
+
 
 class Knobs(BaseModel):
     """One point in the search space: a full description of how to run a training step."""
@@ -94,9 +99,29 @@ class Knobs(BaseModel):
     lora_targets: LoraTargets = "attention"
     """Which linear layers get adapters (see LoraTargets)."""
 
+    strategy: Strategy = "ddp"
+    """See Strategy. Trade-off: FSDP divides the weights, gradients and optimizer state by the number of
+    processes; it costs an all-gather of every unit's weights per forward (and per backward when resharded)
+    and a reduce-scatter of its gradients per micro-batch, where DDP all-reduces gradients once a step."""
+
+    reshard_after_forward: bool = True
+    """FSDP only: free a unit's gathered weights after its forward and gather them again for its backward.
+    False keeps every unit's full weights from its forward to its backward (a full replica at the peak):
+    one all-gather fewer per micro-batch for that memory."""
+
+    cpu_offload: bool = False
+    """FSDP only: sharded weights, gradients and optimizer state live in CPU RAM (FSDP2's CPUOffloadPolicy)
+    and AdamW steps on the CPU. The device keeps only the gathered units and activations; every gather
+    crosses PCIe and the optimizer runs at CPU speed."""
+
+    fsdp_unit_layers: int = Field(1, ge=1)
+    """FSDP only: transformer layers sharded together as one unit (gathered and freed together). One layer
+    keeps the least gathered at once; coarser units mean fewer, larger collectives (less latency)."""
+
     @model_validator(mode="after")
     def _check(self) -> Knobs:
         self._check_adapter()
+        self._check_strategy()
         if self.freeze_layers and not self.freeze_embeddings:
             raise ValueError("freeze_layers > 0 requires freeze_embeddings=True")
         if self.optimizer_bits not in (8, 32):
@@ -122,6 +147,18 @@ class Knobs(BaseModel):
             raise ValueError(f"an fp32 base under {self.precision.value} autocast keeps a half copy of every "
                              f"weight: use base_dtype={self.precision.value} or nf4")
 
+    def _check_strategy(self) -> None:
+        if self.strategy == "fsdp":
+            if self.optimizer_bits == 8:
+                raise ValueError("8-bit AdamW does not step FSDP's sharded (DTensor) parameters: "
+                                 "use optimizer_bits=32 with strategy=fsdp")
+            return
+        fsdp_only = {"reshard_after_forward": not self.reshard_after_forward, "cpu_offload": self.cpu_offload,
+                     "fsdp_unit_layers": self.fsdp_unit_layers != 1}
+        changed = [name for name, set_ in fsdp_only.items() if set_]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} only apply with strategy=fsdp")
+
     @property
     def quantized(self) -> bool:
         """The base's linear weights are stored in 4 bits."""
@@ -131,6 +168,8 @@ class Knobs(BaseModel):
         """Raise ValueError when these knobs cannot apply to a model with `num_layers` layers."""
         if self.freeze_layers > num_layers:
             raise ValueError(f"freeze_layers={self.freeze_layers} but the model has {num_layers} layers")
+        if self.fsdp_unit_layers > num_layers:
+            raise ValueError(f"fsdp_unit_layers={self.fsdp_unit_layers} but the model has {num_layers} layers")
         bad = [i for i in self.checkpoint_layers if i >= num_layers]
         if bad:
             raise ValueError(f"checkpoint_layers {bad} out of range for a model with {num_layers} layers")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
 from autofit.budget import MAX_BUDGET_BYTES, MIN_BUDGET_BYTES
+from autofit.cluster import SINGLE, Cluster
 from autofit.devices import DeviceSpec
 from autofit.intmath import ceil_div
 from autofit.knobs import Knobs, Precision
@@ -32,7 +33,8 @@ class _Checked(BaseModel):
 
 
 class MemoryBreakdown(_Checked):
-    """Predicted bytes live at the peak moment of a training step, by what holds them."""
+    """Predicted bytes live at the peak moment of a training step, by what holds them: on one process (with
+    several, on the one whose peak is highest)."""
 
     weights: int = Field(ge=0)
     gradients: int = Field(ge=0)
@@ -43,6 +45,10 @@ class MemoryBreakdown(_Checked):
     """Transient buffers at the peak: a block's forward/backward workspace, logits/loss, optimizer temps."""
     overhead: int = Field(ge=0)
     """Device overhead: CUDA context and caching-allocator reserve (0 on CPU)."""
+    gathered: int = Field(0, ge=0)
+    """FSDP: units' full weights gathered from their shards at the peak, and the gradients of a unit before
+    they are reduce-scattered (0 with one process or DDP). `weights`, `gradients` and `optimizer_state`
+    are then one process's shards."""
     peak_phase: Phase
     """Which moment of the step is the peak."""
     peak_shape: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = (0, 0)
@@ -54,8 +60,8 @@ class MemoryBreakdown(_Checked):
         """The JSON carries the totals for its readers; on the way in they must equal the sum of the parts."""
         if isinstance(data, dict) and ("peak_bytes" in data or "allocated_bytes" in data):
             data = dict(data)
-            parts = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead")
-            values = [data.get(name) for name in parts]
+            parts = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead", "gathered")
+            values = [data.get(name, 0 if name == "gathered" else None) for name in parts]
             totals = {name: data.pop(name) for name in ("peak_bytes", "allocated_bytes") if name in data}
             if all(isinstance(v, int) and v >= 0 for v in values):  # else the fields' own checks speak
                 expected = {"peak_bytes": sum(values), "allocated_bytes": sum(values) - data["overhead"]}
@@ -70,7 +76,7 @@ class MemoryBreakdown(_Checked):
     def peak_bytes(self) -> int:
         """The predicted peak: every part together."""
         return (self.weights + self.gradients + self.optimizer_state + self.activations
-                + self.temporaries + self.overhead)
+                + self.temporaries + self.overhead + self.gathered)
 
     @computed_field
     @property
@@ -141,6 +147,9 @@ class Plan(_Checked):
     task: Task
     budget_bytes: int = Field(ge=MIN_BUDGET_BYTES, le=MAX_BUDGET_BYTES)
     device: DeviceSpec
+    cluster: Cluster = SINGLE
+    """How many processes (GPUs) on how many machines; `device`, the budget and the predicted peak are one
+    process's."""
     policy: str
     headroom_bytes: int = Field(ge=0)
     """Bytes the policy keeps free below the budget."""
@@ -176,6 +185,9 @@ class Plan(_Checked):
             raise ValueError(f"headroom_bytes {self.headroom_bytes} leaves nothing of budget_bytes {self.budget_bytes}")
         if self.workload.task != self.task:
             raise ValueError(f"workload.task {self.workload.task!r} differs from task {self.task!r}")
+        if self.workload.batch_size < self.cluster.processes:
+            raise ValueError(f"a step of {self.workload.batch_size} examples cannot give each of "
+                             f"{self.cluster.processes} processes one")
         self.knobs.validate_for(self.num_layers)
         return self
 
@@ -183,7 +195,7 @@ class Plan(_Checked):
     @property
     def step(self) -> StepLayout:
         """The optimizer step as it runs: `workload.batch_size` examples, each bucket's micro-batches."""
-        return step_layout(self.knobs, self.workload.lengths, self.workload.batch_size)
+        return step_layout(self.knobs, self.workload.lengths, self.workload.batch_size, self.cluster.processes)
 
     # --- persistence -------------------------------------------------------------------------------------
     def to_json(self) -> str:

@@ -199,6 +199,24 @@ class Relaxation(_Strict):
     optimizer_bits: list[Literal[8, 32]] | None = None
 
 
+SHARDINGS = ("ddp", "fsdp", "fsdp:2", "fsdp:keep", "fsdp:offload")
+"""How several processes may share the training, as the search names it: DDP replicas; FSDP with one layer
+per unit, two layers per unit, units kept gathered from forward to backward, or shards offloaded to CPU RAM."""
+
+
+class ShardingRule(_Strict):
+    """Which ways of sharing a step over several processes the search may try (read only when there are)."""
+
+    choices: list[Literal[SHARDINGS]] = list(SHARDINGS)
+
+    @field_validator("choices")
+    @classmethod
+    def _non_empty(cls, values: list) -> list:
+        if not values:
+            raise ValueError("must list at least one choice")
+        return list(dict.fromkeys(values))
+
+
 class Policy(_Strict):
     name: str
     description: str = ""
@@ -221,6 +239,8 @@ class Policy(_Strict):
     fallback: Relaxation | None = None
     adapters: AdapterRule = AdapterRule()
     """LoRA/QLoRA: whether and when the search may train adapters instead of the whole model."""
+    sharding: ShardingRule = ShardingRule()
+    """With several processes: DDP and the FSDP variants the search may try."""
 
     @field_validator("precisions", "optimizer_bits")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 
+from autofit.cluster import SINGLE, Cluster
 from autofit.cost import predict_time
 from autofit.devices import DeviceSpec
 from autofit.policy import Policy
@@ -22,7 +23,7 @@ from autofit.workload import Workload
 
 
 def adapters_could_win(profile: Profile, workload: Workload, device: DeviceSpec, policy: Policy,
-                       best: Candidate | None) -> bool:
+                       best: Candidate | None, cluster: Cluster = SINGLE) -> bool:
     """Whether `policy` might choose adapters over `best`, the best full fine-tuning plan (None: none fits)."""
     rule = policy.adapters
     if rule.mode == "never":
@@ -31,18 +32,19 @@ def adapters_could_win(profile: Profile, workload: Workload, device: DeviceSpec,
         return True
     if rule.mode == "fallback" or policy.objective != "time":
         return False  # adapters only when nothing fits, or a memory objective (scores are not seconds)
-    return best_adapter_score_bound(profile, workload, device, policy) < best.score
+    return best_adapter_score_bound(profile, workload, device, policy, cluster) < best.score
 
 
-def best_adapter_score_bound(profile: Profile, workload: Workload, device: DeviceSpec, policy: Policy) -> float:
+def best_adapter_score_bound(profile: Profile, workload: Workload, device: DeviceSpec, policy: Policy,
+                             cluster: Cluster = SINGLE) -> float:
     """The lowest score any adapter plan of `policy` can have: epoch seconds x (1 + risk price x risk) of the
     unchecked, plain-base adapter plans over every batching, precision, optimizer, rank and target set."""
-    space = SearchSpace(policy.with_adapter("lora"), profile.num_layers, workload, device)
+    space = SearchSpace(policy.with_adapter("lora"), profile.num_layers, workload, device, cluster=cluster)
     dims = dict(space.full_dims, freeze_depth=[0], checkpoint=[0], adapter=["lora"],
                 lora_base=["plain"] if "plain" in space.full_dims.get("lora_base", ["plain"]) else space.full_dims["lora_base"])
     best = float("inf")
     for values in itertools.product(*dims.values()):
         knobs = space.knobs(dict(zip(dims, values)))
-        seconds = predict_time(profile, knobs, workload, device).epoch_seconds
+        seconds = predict_time(profile, knobs, workload, device, cluster=cluster).epoch_seconds
         best = min(best, seconds * (1.0 + policy.risk_price * policy.risk(knobs, profile.num_layers)))
     return best

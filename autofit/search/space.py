@@ -13,6 +13,9 @@ Parameters (each a categorical choice; the names are what optuna-dashboard shows
   buckets take fewer sequences (never less than one of the longest). The memory model checks every bucket.
 - only when the policy's adapter rule allows them and the profile has their fits: `adapter` (none | lora),
   `lora_rank`, `lora_targets` and `lora_base` (plain: the base in the precision's dtype; nf4: 4 bits).
+- only with several processes: `sharding` (policy.SHARDINGS: ddp, fsdp, fsdp:2, fsdp:keep, fsdp:offload;
+  offload only on a GPU). FSDP steps 32-bit AdamW and shards no 4-bit base: its 8-bit and NF4 points fall
+  back to 32-bit states and the precision's half base.
 
 Different parameters can give the same Knobs (checkpoint counts beyond the trainable layers, a token budget
 on micro-batch 1, freezing or LoRA settings under the other adapter); `enumerate` and `size` count distinct
@@ -26,6 +29,7 @@ import math
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
+from autofit.cluster import SINGLE, Cluster
 from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs, Precision
 from autofit.policy import Policy, PolicyError
@@ -45,6 +49,12 @@ ORDINAL = ("freeze_depth", "checkpoint")
 """Parameters drawn as integers (consecutive choices); the rest are categorical."""
 
 FULL_FINE_TUNING = ("none", "fp32", Knobs().lora_rank, Knobs().lora_targets, True)
+
+SHARDING_KNOBS = {"ddp": dict(strategy="ddp"), "fsdp": dict(strategy="fsdp"),
+                  "fsdp:2": dict(strategy="fsdp", fsdp_unit_layers=2),
+                  "fsdp:keep": dict(strategy="fsdp", reshard_after_forward=False),
+                  "fsdp:offload": dict(strategy="fsdp", cpu_offload=True)}
+"""The knobs each `sharding` choice sets (policy.SHARDINGS)."""
 """The adapter part of a distinct-Knobs key without an adapter: the LoRA knobs at their (unused) defaults."""
 
 
@@ -69,11 +79,12 @@ class SearchSpace:
     """The space of Knobs `policy` allows for a model with `num_layers` layers on `workload`."""
 
     def __init__(self, policy: Policy, num_layers: int, workload: Workload, device: DeviceSpec | None = None,
-                 *, solve_checkpoint: bool | None = None, adapted: Collection[str] | None = None):
+                 *, solve_checkpoint: bool | None = None, adapted: Collection[str] | None = None,
+                 cluster: Cluster = SINGLE):
         """`adapted`: the profile's LoRA fits (`adapted_keys`); adapters the profile has no fits for are left
         out, and None (no profile at hand) leaves in every one the policy allows."""
         self.policy, self.num_layers, self.workload = policy, num_layers, workload
-        self._args = dict(device=device, solve_checkpoint=solve_checkpoint, adapted=adapted)
+        self._args = dict(device=device, solve_checkpoint=solve_checkpoint, adapted=adapted, cluster=cluster)
         self.boundaries = self._bucket_boundaries()
         precisions = self._precisions(device)
         adapter_dims = self._adapter_dims(precisions, adapted)
@@ -87,6 +98,7 @@ class SearchSpace:
             "token_budget": [0, *TOKEN_BUDGET_SCALES] if policy.bucketing.token_budget and len(self.boundaries) > 1
             else [0],
             **adapter_dims,
+            **self._sharding_dims(cluster, device),
         }
         if solve_checkpoint is None:
             solve_checkpoint = policy.objective == "time"
@@ -94,6 +106,14 @@ class SearchSpace:
         """When set, the study does not sample `checkpoint`: the objective solves it (see study.py)."""
         self.dims = {k: v for k, v in self.full_dims.items() if not (k == "checkpoint" and self.solve_checkpoint)}
         """The parameters the study samples."""
+
+    def _sharding_dims(self, cluster: Cluster, device: DeviceSpec | None) -> dict[str, list[str]]:
+        if not cluster.distributed:
+            return {}
+        choices = [c for c in self.policy.sharding.choices
+                   if not (c == "fsdp:2" and self.num_layers < 2)
+                   and not (c == "fsdp:offload" and (device is None or device.kind != "cuda"))]
+        return {"sharding": choices or ["ddp"]}
 
     def _freeze_depths(self) -> list[int]:
         if not self.policy.freeze.embeddings:
@@ -172,8 +192,14 @@ class SearchSpace:
         tokens = None
         if params["token_budget"] and boundaries and micro_batch > 1:
             tokens = max(params["token_budget"] * micro_batch * boundaries[0], boundaries[-1])
-        return (depth >= 1, frozen, checkpoint, params["precision"], params["optimizer_bits"], micro_batch,
-                boundaries, tokens, *self._adapter_key(params))
+        sharding = params.get("sharding", "ddp")
+        fsdp = sharding != "ddp"
+        adapter = self._adapter_key(params)
+        if fsdp and adapter[1] == "nf4":  # FSDP shards no 4-bit base: the precision's half base instead
+            adapter = (adapter[0], params["precision"], *adapter[2:4], True)
+        bits = 32 if fsdp else params["optimizer_bits"]  # 8-bit AdamW does not step FSDP's DTensors
+        return (depth >= 1, frozen, checkpoint, params["precision"], bits, micro_batch,
+                boundaries, tokens, *adapter, sharding)
 
     def _adapter_key(self, params: Mapping[str, Any]) -> tuple:
         """(adapter, base_dtype, lora_rank, lora_targets, double_quant): a plain base takes the precision's
@@ -189,7 +215,7 @@ class SearchSpace:
 
     def _knobs_from_key(self, key: tuple) -> Knobs:
         freeze_embeddings, frozen, checkpoint, precision, bits, micro_batch, boundaries, tokens = key[:8]
-        adapter, base_dtype, rank, targets, double_quant = key[8:]
+        adapter, base_dtype, rank, targets, double_quant, sharding = key[8:]
         return Knobs(
             freeze_embeddings=freeze_embeddings,
             freeze_layers=frozen,
@@ -201,6 +227,7 @@ class SearchSpace:
             bucket_boundaries=boundaries,
             pad_to_multiple_of=PAD_MULTIPLE,
             adapter=adapter, base_dtype=base_dtype, lora_rank=rank, lora_targets=targets, double_quant=double_quant,
+            **SHARDING_KNOBS[sharding],
         )
 
     # --- size and enumeration ----------------------------------------------------------------------------
@@ -261,6 +288,9 @@ class SearchSpace:
                           buckets=d["buckets"][-1], token_budget=d["token_budget"][min(1, len(d["token_budget"]) - 1)])
         fast = dict(plain, precision=half, buckets=d["buckets"][-1], token_budget=d["token_budget"][-1])
         points = [plain, everything, fast]
+        if "sharding" in d:  # replicas where they fit, every shard saving at once, the usual FSDP recipe
+            plain["sharding"] = fast["sharding"] = pick("sharding", ["ddp", "fsdp"], d["sharding"][0])
+            everything["sharding"] = pick("sharding", ["fsdp:offload", "fsdp"], d["sharding"][-1])
         if "adapter" in d:
             usual = dict(lora_rank=pick("lora_rank", [16], d["lora_rank"][0]),
                          lora_targets=pick("lora_targets", ["all-linear"], d["lora_targets"][0]))
@@ -273,10 +303,12 @@ class SearchSpace:
             lora = dict(fast, adapter="lora", lora_base=d["lora_base"][0])
             qlora = dict(lora, lora_base=pick("lora_base", ["nf4"], d["lora_base"][0]), checkpoint=d["checkpoint"][-1])
             points += [lora, qlora]
+        if "sharding" in d:
+            points.append(dict(fast, sharding=pick("sharding", ["fsdp"], d["sharding"][-1])))
         return [{k: v for k, v in point.items() if k in self.dims} for point in points]
 
 
 def enumerate_space(policy: Policy, num_layers: int, workload: Workload, device: DeviceSpec | None = None,
-                    *, adapted: Collection[str] | None = None) -> Iterator[Knobs]:
+                    *, adapted: Collection[str] | None = None, cluster: Cluster = SINGLE) -> Iterator[Knobs]:
     """Every distinct Knobs `policy` allows (the exhaustive reference the study is tested against)."""
-    return SearchSpace(policy, num_layers, workload, device, adapted=adapted).enumerate()
+    return SearchSpace(policy, num_layers, workload, device, adapted=adapted, cluster=cluster).enumerate()

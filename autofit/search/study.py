@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import optuna
 
+from autofit.cluster import SINGLE, Cluster
 from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs
 from autofit.plan import MemoryBreakdown, TimePrediction
@@ -38,19 +39,22 @@ class Evaluator:
     """Predicts (memory, time) for knobs once and scores them under a policy."""
 
     def __init__(self, profile: Profile, workload: Workload, device: DeviceSpec,
-                 predict_memory: MemoryFn | None = None, predict_time: TimeFn | None = None):
+                 predict_memory: MemoryFn | None = None, predict_time: TimeFn | None = None,
+                 cluster: Cluster = SINGLE):
         if predict_memory is None:
             from autofit.memory import predict_peak as predict_memory
         if predict_time is None:
             from autofit.cost import predict_time
-        self.profile, self.workload, self.device = profile, workload, device
+        self.profile, self.workload, self.device, self.cluster = profile, workload, device, cluster
         self.predict_memory, self.predict_time = predict_memory, predict_time
         self._cache: dict[Knobs, tuple[MemoryBreakdown, TimePrediction]] = {}
 
     def __call__(self, knobs: Knobs, policy: Policy) -> Candidate:
         if knobs not in self._cache:
             args = (self.profile, knobs, self.workload, self.device)
-            self._cache[knobs] = (self.predict_memory(*args), self.predict_time(*args))
+            # several processes: the predictors are told how many (one-process predictors need not know)
+            extra = {"cluster": self.cluster} if self.cluster.distributed else {}
+            self._cache[knobs] = (self.predict_memory(*args, **extra), self.predict_time(*args, **extra))
         memory, prediction = self._cache[knobs]
         risk = policy.risk(knobs, self.profile.num_layers)
         if policy.objective == "memory":
@@ -176,18 +180,20 @@ def least_checkpointing(space: SearchSpace, params: dict, policy: Policy, evalua
     return best
 
 
-def _spaces(policy: Policy, profile: Profile, workload: Workload,
-            device: DeviceSpec) -> list[tuple[str, Policy, SearchSpace]]:
+def _spaces(policy: Policy, profile: Profile, workload: Workload, device: DeviceSpec,
+            cluster: Cluster = SINGLE) -> list[tuple[str, Policy, SearchSpace]]:
     """Each stage of the search with its space; adapters only where the profile has their fits."""
     adapted = adapted_keys(profile)
-    return [(suffix, stage, SearchSpace(stage, profile.num_layers, workload, device, adapted=adapted))
+    return [(suffix, stage, SearchSpace(stage, profile.num_layers, workload, device, adapted=adapted,
+                                        cluster=cluster))
             for suffix, stage in policy.stages(adapters=bool(adapted))]
 
 
 def _default_study_name(profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int,
-                        policy: Policy) -> str:
+                        policy: Policy, cluster: Cluster = SINGLE) -> str:
     text = "|".join([profile.model_id, str(profile.num_layers), workload.model_dump_json(), device.name,
-                     str(budget_bytes), policy.model_dump_json()])
+                     str(budget_bytes), policy.model_dump_json()]
+                    + ([cluster.model_dump_json()] if cluster.distributed else []))
     digest = hashlib.sha1(text.encode()).hexdigest()[:10]
     return f"autofit-{profile.model_id.replace('/', '--')}-{policy.name}-{digest}"
 
@@ -207,17 +213,18 @@ def quiet_optuna() -> Iterator[None]:
 def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int, policy: Policy | str,
            *, n_trials: int | None = None, storage: str | None = None, study_name: str | None = None,
            seed: int = 0, predict_memory: MemoryFn | None = None,
-           predict_time: TimeFn | None = None) -> SearchResult:
-    """The fastest (or smallest, per the policy) knobs whose predicted peak fits budget - headroom.
+           predict_time: TimeFn | None = None, cluster: Cluster = SINGLE) -> SearchResult:
+    """The fastest (or smallest, per the policy) knobs whose predicted peak fits budget - headroom on each of
+    `cluster`'s processes.
 
     Raises NoPlanFitsError with the smallest budget that would fit when none does."""
     policy = load_policy(policy)
     started = time.perf_counter()
-    evaluate = Evaluator(profile, workload, device, predict_memory, predict_time)
+    evaluate = Evaluator(profile, workload, device, predict_memory, predict_time, cluster)
     headroom = policy.headroom.for_budget(budget_bytes)
     limit = budget_bytes - headroom
     if storage and not study_name:
-        study_name = _default_study_name(profile, workload, device, budget_bytes, policy)
+        study_name = _default_study_name(profile, workload, device, budget_bytes, policy, cluster)
     trials = 0
     common = dict(n_trials=n_trials, storage=storage, seed=seed)
 
@@ -228,7 +235,7 @@ def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_byte
                             trials=trials, seconds=time.perf_counter() - started, space_size=space.size,
                             storage=storage, study_name=study_name)
 
-    spaces = _spaces(policy, profile, workload, device)
+    spaces = _spaces(policy, profile, workload, device, cluster)
     for suffix, stage, space in spaces:
         name = study_name and study_name + suffix
         candidates, ran = run_study(space, stage, evaluate, limit, study_name=name, **common)
@@ -259,12 +266,12 @@ def minimal_memory(space: SearchSpace, policy: Policy, evaluate: Evaluator,
 
 def exhaustive_best(profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int,
                     policy: Policy | str, *, predict_memory: MemoryFn | None = None,
-                    predict_time: TimeFn | None = None) -> Candidate | None:
+                    predict_time: TimeFn | None = None, cluster: Cluster = SINGLE) -> Candidate | None:
     """The best plan by brute force over every distinct Knobs of each stage (the study's reference)."""
     policy = load_policy(policy)
-    evaluate = Evaluator(profile, workload, device, predict_memory, predict_time)
+    evaluate = Evaluator(profile, workload, device, predict_memory, predict_time, cluster)
     limit = budget_bytes - policy.headroom.for_budget(budget_bytes)
-    for _, stage, space in _spaces(policy, profile, workload, device):
+    for _, stage, space in _spaces(policy, profile, workload, device, cluster):
         ranked = rank([evaluate(k, stage) for k in space.enumerate()], stage, limit)
         if ranked:
             return ranked[0]

@@ -11,6 +11,11 @@ micro-batch is weighted by its share of the step's units (examples, or label tok
 gradient is exactly the big batch's gradient: length bucketing changes how a step is computed, never which
 examples train together.
 
+With several processes a step's examples are dealt out first (`deal_step`): sorted by length, longest first,
+the p-th of every `processes` goes to process p, so each process gets the same share of long and short
+examples (at most ceil(batch_size / processes)) and cuts its share as above. Every process's micro-batches
+are those of a one-process step of that per-process batch: the memory model checks that batch.
+
 Trade-off: saves activation memory (only one micro-batch is live, the effective batch is unchanged); costs
 device efficiency, since smaller micro-batches use it less well and run one after another.
 """
@@ -77,17 +82,30 @@ class StepLayout(BaseModel):
 
     batch_size: int = Field(ge=1)
     """Examples per optimizer step (the effective batch); only an epoch's last step may hold fewer."""
+    processes: int = Field(1, ge=1)
+    """Processes the step's examples are dealt to (`deal_step`); the buckets and micro-batch counts below are
+    one process's, for its share of at most `process_batch_size` examples."""
+    process_batch_size: int = Field(1, ge=1)
     steps_per_epoch: int = Field(ge=1)
     buckets: list[BucketSteps]
     micro_batches_per_step: tuple[int, int]
-    """(fewest, most) micro-batches a full step ran in, over simulated random steps of this data."""
+    """(fewest, most) micro-batches one process's share of a full step ran in, over simulated random steps."""
     mean_micro_batches_per_step: float = Field(ge=1)
 
 
-def step_layout(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> StepLayout:
-    """The step of `batch_size` random examples that `knobs` make of data with lengths `hist`."""
+def process_batch_size(batch_size: int, processes: int = 1) -> int:
+    """Most examples of a step one of `processes` trains (`deal_step` gives out at most this many)."""
+    if not 1 <= processes <= batch_size:
+        raise AccumulationError(f"a step of {batch_size} examples cannot give each of {processes} processes one")
+    return ceil_div(batch_size, processes)
+
+
+def step_layout(knobs: Knobs, hist: LengthHistogram, batch_size: int, processes: int = 1) -> StepLayout:
+    """The step of `batch_size` random examples that `knobs` make of data with lengths `hist`, as each of
+    `processes` runs its share of it."""
     if batch_size < 1:
         raise AccumulationError(f"batch_size must be >= 1, not {batch_size}")
+    total, batch_size = batch_size, process_batch_size(batch_size, processes)
     parts = split_buckets(hist, knobs)
     sizes = [b.hist.num_samples for b in parts]
     exact = [b.hist.lengths == [b.upper_length] for b in parts]
@@ -107,7 +125,8 @@ def step_layout(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> StepLay
                                    micro_batch_size=min(cap, joining), padded=not exact[k],
                                    grads_held=sum(sizes[k + 1:]) > 0, later_length=later))
     counts = [count for _, _, count in _simulated_steps(knobs, hist, batch_size)[1]]
-    return StepLayout(batch_size=batch_size, steps_per_epoch=steps_per_epoch(hist.num_samples, batch_size),
+    return StepLayout(batch_size=total, processes=processes, process_batch_size=batch_size,
+                      steps_per_epoch=steps_per_epoch(hist.num_samples, total),
                       buckets=buckets, micro_batches_per_step=(min(counts), max(counts)),
                       mean_micro_batches_per_step=sum(counts) / len(counts))
 
@@ -235,6 +254,14 @@ class StepSampler:
 
     def __len__(self) -> int:
         return steps_per_epoch(self.num_examples, self.batch_size, self.drop_last)
+
+
+def deal_step(step: Sequence[int], lengths: Sequence[int], processes: int) -> list[list[int]]:
+    """One step's examples shared out among `processes`: sorted longest first, the p-th of every `processes`
+    to process p. Each share mirrors the step's lengths, so the processes' micro-batches, and their times,
+    match; a share is empty only when the step holds fewer examples than there are processes."""
+    ordered = sorted(step, key=lambda i: (-lengths[i], i))
+    return [ordered[p::processes] for p in range(processes)]
 
 
 def bucket_uppers(lengths: Sequence[int], knobs: Knobs) -> tuple[dict[int, int], frozenset[int]]:
