@@ -19,7 +19,7 @@ from autofit.cluster import SINGLE, Cluster, make_cluster
 from autofit.cost import predict_time
 from autofit.data import LABEL_COLUMNS, TokenizedData, column_names, prepare_examples, text_lengths
 from autofit.devices import DEVICES, DeviceSpec, get_device
-from autofit.memory import predict_eval_peak, predict_peak
+from autofit.memory import offloaded_bytes_per_machine, predict_eval_peak, predict_peak
 from autofit.limits import check_config, check_seq_len, max_sequence_length
 from autofit.models import default_task, load_model, load_tokenizer, resolve_config
 from autofit.plan import Plan
@@ -31,7 +31,7 @@ from autofit.search import NoPlanFitsError, SearchResult, alternatives, search
 from autofit.search.adapter_bound import adapters_could_win
 from autofit.search.space import adapted_keys
 from autofit.search.space import PAD_MULTIPLE
-from autofit.techniques import lora, sharding
+from autofit.techniques import lora
 from autofit.techniques.accumulation import eval_micro_batches
 from autofit.techniques.bucketing import padded_length
 from autofit.workload import MAX_BATCH_SIZE, LengthHistogram, Workload
@@ -81,7 +81,7 @@ def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, bat
          device: str | DeviceSpec | None = None, tokenizer: Any = None, text_column: str | None = None,
          num_samples: int | None = None, n_trials: int | None = None, storage: str | None = None,
          profile: Profile | None = None, adapter: str = "auto", gpus: int = 1, machines: int = 1,
-         interconnect: str | None = None, network: str = "ethernet", host_memory: str | int | None = None) -> Plan:
+         interconnect: str | None = None, network: str = "ethernet") -> Plan:
     """The fastest plan whose predicted peak fits `budget` (e.g. "16GB"; GB = 2**30 bytes, as nvidia-smi).
 
     `data` (examples with text, or tokenized) gives the real length distribution, cut at `seq_len`;
@@ -89,13 +89,12 @@ def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, bat
     `seq_len` than the model takes is refused). `adapter` (auto | none | lora) overrides when the policy
     trains LoRA adapters: auto lets it decide, none searches full fine-tuning only, lora adapter plans only.
     `gpus` processes on `machines` machines (linked by `interconnect`: nvlink | pcie, and `network`:
-    infiniband | ethernet) plan DDP or FSDP; `budget` is each GPU's and `host_memory` each machine's CPU RAM
-    (for CPU offload). Raises search.NoPlanFitsError (with the smallest budget that fits) when nothing does."""
+    infiniband | ethernet) plan DDP or FSDP, and `budget` is each GPU's. Raises search.NoPlanFitsError (with the smallest budget that fits) when nothing does."""
     return plan_and_search(model, budget, seq_len=seq_len, batch_size=batch_size, data=data, policy=policy,
                            task=task, device=device, tokenizer=tokenizer, text_column=text_column,
                            num_samples=num_samples, n_trials=n_trials, storage=storage, profile=profile,
                            adapter=adapter, gpus=gpus, machines=machines, interconnect=interconnect,
-                           network=network, host_memory=host_memory).plan
+                           network=network).plan
 
 
 class Planned(NamedTuple):
@@ -113,8 +112,8 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
                     device: str | DeviceSpec | None = None, tokenizer: Any = None,
                     text_column: str | None = None, num_samples: int | None = None, n_trials: int | None = None,
                     storage: str | None = None, profile: Profile | None = None, adapter: str = "auto",
-                    gpus: int = 1, machines: int = 1, interconnect: str | None = None, network: str = "ethernet",
-                    host_memory: str | int | None = None) -> Planned:
+                    gpus: int = 1, machines: int = 1, interconnect: str | None = None,
+                    network: str = "ethernet") -> Planned:
     """`plan`, returning the profile and the search result with the plan."""
     chosen = load_policy(policy).with_adapter(adapter)
     budget_bytes = parse_budget(budget)
@@ -122,8 +121,7 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     if n_trials is not None and n_trials < 1:
         raise ValueError(f"n_trials must be at least 1, not {n_trials}")
     spec = target_device(device)
-    cluster = make_cluster(gpus, machines, interconnect=interconnect, network=network, device_kind=spec.kind,
-                           host_memory_bytes=None if host_memory is None else parse_budget(host_memory))
+    cluster = make_cluster(gpus, machines, interconnect=interconnect, network=network, device_kind=spec.kind)
     if batch_size < cluster.processes:
         raise ValueError(f"a batch of {batch_size} examples cannot give each of {cluster.processes} GPUs one: "
                          f"use --batch-size {cluster.processes} or more")
@@ -192,7 +190,7 @@ def plan_from_search(profile: Profile, workload: Workload, budget_bytes: int, de
     return Plan(
         model_id=profile.model_id, model_type=profile.model_type, num_layers=profile.num_layers,
         num_params=profile.num_params, task=profile.task, budget_bytes=budget_bytes, device=device,
-        cluster=cluster, offloaded_bytes=sharding.host_bytes_per_machine(profile, result.knobs, cluster),
+        cluster=cluster, offloaded_bytes=offloaded_bytes_per_machine(profile, result.knobs, cluster),
         policy=result.policy + (" (relaxed)" if result.relaxed else ""), headroom_bytes=result.headroom_bytes,
         knobs=result.knobs, predicted=result.memory, time=result.time, workload=workload,
         alternatives=alternatives(result), search=result.info(), profile_device=profile.device,

@@ -162,6 +162,13 @@ def plan(
     task: Optional[str] = typer.Option(None, "--task", help="classification | causal-lm (default: by model)."),
     device: Optional[str] = typer.Option(None, "--device", help="Target card: h100, a100, a10g, l4, t4, "
                                                                 "rtx4090, rtx3090, v100, cuda, cpu."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs in all (one process each); --vram is each one's."),
+    machines: int = typer.Option(1, "--machines", min=1, help="Machines the GPUs are spread over, evenly."),
+    interconnect: Optional[str] = typer.Option(None, "--interconnect", help="Between a machine's GPUs: nvlink or "
+                                               "pcie (default)."),
+    network: str = typer.Option("ethernet", "--network", help="Between machines: infiniband or ethernet."),
+    accelerate_config: Optional[Path] = typer.Option(None, "--accelerate-config", help="Write accelerate's config "
+                                                     "for the plan here (for `accelerate launch`)."),
     trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Optuna trials for large spaces."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage, e.g. sqlite:///study.db."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
@@ -187,16 +194,20 @@ def plan(
             raise ValueError(f"--data needs a tokenizer and none for {model!r} is on this machine: pass --tokenizer")
     found = plan_and_search(model, vram, seq_len=seq_len, batch_size=batch_size, data=rows, policy=policy,
                             task=task, device=device, tokenizer=tok, text_column=text_column, n_trials=trials,
-                            storage=storage, adapter=adapter)
+                            storage=storage, adapter=adapter, gpus=gpus, machines=machines,
+                            interconnect=interconnect, network=network)
     result = found.plan
     if out_path is not None:
         result.save(out_path)
+    if accelerate_config is not None:
+        result.to_accelerate_config(accelerate_config)
     drawn = plots.save_plan_pictures(found, plot, pareto)
     if as_json:
         print(result.to_json())
     else:
         out.print(plan_report(result))
-        for path in ([out_path] if out_path is not None else []) + drawn:
+        written = [p for p in (out_path, accelerate_config) if p is not None]
+        for path in written + drawn:
             out.print(f"saved to {path}", style="dim")
 
 

@@ -37,8 +37,6 @@ class Cluster(BaseModel):
     interconnect: Interconnect = "pcie"
     network: Network = "ethernet"
     """Only read when there are several machines."""
-    host_memory_bytes: int | None = Field(None, ge=0)
-    """CPU RAM of one machine, when known: CPU offload must fit in it (None: not checked, only reported)."""
 
     @model_validator(mode="after")
     def _even(self) -> Cluster:
@@ -76,7 +74,7 @@ SINGLE = Cluster()
 
 
 def make_cluster(gpus: int = 1, machines: int = 1, *, interconnect: str | None = None, network: str = "ethernet",
-                 host_memory_bytes: int | None = None, device_kind: str = "cuda") -> Cluster:
+                 device_kind: str = "cuda") -> Cluster:
     """A Cluster from user input, with one-line errors: `interconnect` defaults to PCIe between GPUs and to
     shared memory between CPU processes."""
     if interconnect is None:
@@ -92,5 +90,4 @@ def make_cluster(gpus: int = 1, machines: int = 1, *, interconnect: str | None =
         raise ValueError(f"{machines} machines need at least {machines} GPUs, not {gpus}")
     if gpus % machines:
         raise ValueError(f"{gpus} GPUs do not spread evenly over {machines} machines")
-    return Cluster(processes=gpus, machines=machines, interconnect=interconnect, network=network,
-                   host_memory_bytes=host_memory_bytes)
+    return Cluster(processes=gpus, machines=machines, interconnect=interconnect, network=network)

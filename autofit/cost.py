@@ -21,12 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from autofit.cluster import SINGLE, Cluster
 from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs, Precision
 from autofit.plan import TimePrediction
 from autofit.profiler.schema import BlockProfile, Profile
-from autofit.techniques.accumulation import epoch_micro_batches, padding_efficiency, steps_per_epoch
-from autofit.techniques import checkpointing, freeze, lora
+from autofit.techniques.accumulation import (epoch_micro_batches, padding_efficiency, process_batch_size,
+                                             steps_per_epoch)
+from autofit.techniques import checkpointing, freeze, lora, sharding
 from autofit.techniques.optimizer import state_bytes
 from autofit.workload import LengthHistogram, Workload
 
@@ -48,6 +50,20 @@ ADAPTER_KERNEL_SECONDS = {"cuda": 1e-5, "cpu": 5e-6}
 """Launch cost of one of a LoRA adapter's small kernels (an estimate, not calibrated on a card yet)."""
 WEIGHT_GRAD_SHARE = 0.5
 """Share of a measured (full) backward spent on weight gradients: what the first trainable block pays."""
+COLLECTIVE_EFFICIENCY = 0.7
+"""Fraction of a link's spec-sheet bandwidth a ring all-gather / reduce-scatter / all-reduce reaches."""
+COLLECTIVE_SECONDS = {"cuda": 5e-5, "cpu": 2e-4}
+"""Fixed cost of one collective (launch and synchronisation)."""
+PCIE_GBS = 25.0
+"""Host-device copies of offloaded shards (PCIe 4.0 x16, pinned)."""
+HOST_OPTIMIZER_GBS = 10.0
+"""Memory traffic a CPU AdamW over offloaded shards sustains (vectorised, several cores)."""
+OVERLAPS_COMMUNICATION = {"cuda": True, "cpu": False}
+"""GPUs run collectives on their own streams while compute goes on (FSDP prefetches the next unit, DDP
+reduces buckets during backward); gloo on the CPU runs them in line."""
+OVERLAP_LEAK = 0.15
+"""Share of overlapped communication time that still slows compute (collective kernels take SMs and memory
+bandwidth): an estimate, like the other GPU constants."""
 
 
 @dataclass(frozen=True)
@@ -189,14 +205,19 @@ def trainable_tensors(profile: Profile, knobs: Knobs) -> tuple[list[int], list[i
     return numels, embeddings
 
 
-def optimizer_step_seconds(profile: Profile, knobs: Knobs, device: DeviceSpec) -> float:
-    """One AdamW step: read+write fp32 weights, read grads, read+write state (fp16 also unscales grads)."""
+def optimizer_step_seconds(profile: Profile, knobs: Knobs, device: DeviceSpec, cluster: Cluster = SINGLE) -> float:
+    """One AdamW step: read+write fp32 weights, read grads, read+write state (fp16 also unscales grads). Under
+    FSDP each process steps its shard; offloaded, on the CPU."""
     numels, embeddings = trainable_tensors(profile, knobs)
     params = sum(numels)
     traffic = params * (8 + 4) + 2 * state_bytes(numels, embeddings, knobs.optimizer_bits)
     if knobs.precision == Precision.fp16:
         traffic += params * 4  # GradScaler's unscale + inf check reads every gradient once more
     bandwidth = device.memory_bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY
+    if sharding.is_sharded(knobs, cluster):
+        traffic /= cluster.processes
+        if knobs.cpu_offload:
+            bandwidth = HOST_OPTIMIZER_GBS * 1e9
     return traffic / bandwidth + OPTIMIZER_STEP_SECONDS.get(device.kind, 2e-3)
 
 
@@ -218,14 +239,22 @@ def _epoch_shapes(lengths: tuple[int, ...], counts: tuple[int, ...], batch_size:
     return tuple((b, round(length), count) for b, length, count in shapes), padding_efficiency(knobs, hist, batch_size)
 
 
-def predict_time(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec) -> TimePrediction:
-    """Predicted step and epoch time of training `profile`'s model with `knobs` on `workload`."""
+def predict_time(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec,
+                 cluster: Cluster = SINGLE) -> TimePrediction:
+    """Predicted step and epoch time of training `profile`'s model with `knobs` on `workload`; with several
+    processes, of the busiest one (each runs its share of every step, `process_batch_size` examples)."""
     knobs.validate_for(profile.num_layers)
     hist = workload.lengths
-    shapes, efficiency = epoch_shapes(knobs, workload)
-    compute = sum(count * micro_batch_seconds(profile, knobs, device, batch, seq) for batch, seq, count in shapes)
+    share = process_batch_size(workload.batch_size, cluster.processes)
+    shapes, efficiency = epoch_shapes(knobs, workload.model_copy(update={"batch_size": share}))
+    scale = share / workload.batch_size  # the shapes are of an epoch of all examples in steps of `share`
+    seconds = [(count * scale, micro_batch_seconds(profile, knobs, device, batch, seq)) for batch, seq, count in shapes]
+    micro_batches = sum(count for count, _ in seconds)
     steps = steps_per_epoch(hist.num_samples, workload.batch_size)
-    epoch = compute + steps * optimizer_step_seconds(profile, knobs, device)
+    compute = sum(count * t for count, t in seconds)
+    per_micro, per_step = communication_seconds(profile, knobs, device, cluster, compute / max(micro_batches, 1e-9))
+    epoch = compute + micro_batches * per_micro + steps * (optimizer_step_seconds(profile, knobs, device, cluster)
+                                                          + per_step)
     return TimePrediction(
         step_seconds=epoch / steps,
         epoch_seconds=epoch,
@@ -233,3 +262,29 @@ def predict_time(profile: Profile, knobs: Knobs, workload: Workload, device: Dev
         padding_efficiency=efficiency,
         measured=is_measured(profile, knobs, device),
     )
+
+
+def communication_seconds(profile: Profile, knobs: Knobs, device: DeviceSpec, cluster: Cluster,
+                          micro_batch_compute: float) -> tuple[float, float]:
+    """(exposed seconds per micro-batch, per step) of the processes' collectives: bytes over the slowest
+    link a ring crosses. On a GPU they overlap compute: FSDP's gathers hide behind a micro-batch's compute but
+    the first (the root's and a unit's); DDP's all-reduce behind the last micro-batch's backward."""
+    if not cluster.distributed and not knobs.cpu_offload:
+        return 0.0, 0.0
+    bandwidth = cluster.bandwidth_gbs * 1e9 * COLLECTIVE_EFFICIENCY
+    latency = COLLECTIVE_SECONDS.get(device.kind, 1e-4)
+    moved = sharding.traffic(profile, knobs, cluster)
+    micro = moved.micro_batch_bytes / bandwidth + latency * moved.micro_batch_collectives
+    micro += moved.offload_bytes / (PCIE_GBS * 1e9 * COLLECTIVE_EFFICIENCY)
+    step = moved.step_bytes / bandwidth + latency * moved.step_collectives
+    if OVERLAPS_COMMUNICATION.get(device.kind, False):
+        micro = _exposed(micro, micro_batch_compute, micro / max(1, moved.micro_batch_collectives))
+        step = _exposed(step, (2 / 3) * micro_batch_compute, 0.1 * step)  # the last bucket waits for backward
+    return micro, step
+
+
+def _exposed(communication: float, window: float, unhidden: float) -> float:
+    """Seconds `communication` adds when it overlaps `window` seconds of compute, of which `unhidden` cannot
+    overlap at all (the first gather, the last bucket)."""
+    hidden = min(communication - unhidden, window)
+    return communication - hidden + OVERLAP_LEAK * hidden

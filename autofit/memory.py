@@ -31,13 +31,14 @@ Glossary (the profile's BlockActivations fields carry the same names):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from autofit.cluster import SINGLE, Cluster
 from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs
 from autofit.plan import MemoryBreakdown
 from autofit.profiler.schema import BlockActivations, BlockProfile, Profile
-from autofit.techniques import accumulation, checkpointing, freeze, lora, optimizer
+from autofit.techniques import accumulation, checkpointing, freeze, lora, optimizer, sharding
 from autofit.workload import Workload
 
 INDEX_BYTES = 8  # input_ids / attention_mask / token labels are int64
@@ -58,6 +59,8 @@ class _Block:
     grad_bytes: int = 0
     """Bytes of the gradients one copy has when it trains: its parameters', or under LoRA its adapters' and
     task head copy's."""
+    layer: int | None = None
+    """Its index in the layer stack (None for the embeddings and the head)."""
     frozen_tied_bytes: int = 0
     """A layer below a tied LM head whose embeddings are frozen: the head's share of the tied weight's
     gradient, which autograd holds pending from the head's backward until the embeddings' (a live tensor in
@@ -81,7 +84,7 @@ def _expand(profile: Profile, knobs: Knobs) -> list[_Block]:
         tied = head_tied if knobs.freeze_embeddings and is_layer else 0
         blocks.append(_Block(copy.block, copy.trains, copy.needs_input_grad, is_layer and copy.index in recomputed,
                              fits=fits[copy.block.name], grad_bytes=grad_bytes[copy.block.name],
-                             frozen_tied_bytes=tied))
+                             layer=copy.index if is_layer else None, frozen_tied_bytes=tied))
     lowest = next((b for b in blocks if b.checkpointed), None)
     if lowest is not None:
         lowest.keeps_checkpoint_args = True
@@ -167,10 +170,12 @@ class PeakMoment:
     """Parameter gradients that exist at this moment."""
     phase: str
     """"forward" or "backward"."""
+    gathered: float = 0.0
+    """FSDP: weights gathered from shards and gradients waiting for their reduce-scatter (sharding.py)."""
 
     @property
     def total(self) -> float:
-        return self.activations + self.temporaries + self.gradients
+        return self.activations + self.temporaries + self.gradients + self.gathered
 
 
 def _block_names(blocks: list[_Block]) -> list[str]:
@@ -182,12 +187,16 @@ def _block_names(blocks: list[_Block]) -> list[str]:
     return names
 
 
-def _step_moments(blocks: list[_Block], adapter: str, batch: int, seq: int, padded: bool,
-                  grads_held: bool) -> list[tuple[str, PeakMoment]]:
-    """Replay forward then backward: every moment that can be the peak, labelled, in the order they happen."""
+def _step_moments(blocks: list[_Block], adapter: str, batch: int, seq: int, padded: bool, grads_held: bool,
+                  share: sharding.Share = sharding.ALONE) -> list[tuple[str, PeakMoment]]:
+    """Replay forward then backward: every moment that can be the peak, labelled, in the order they happen.
+    A moment's `gradients` are those its micro-batch made so far (none of the gradients kept from earlier
+    micro-batches, `grads_held`: the caller adds those), plus, under FSDP, the root's unsharded ones."""
     names = _block_names(blocks)
     kept, outputs, forward = _forward_walk(blocks, adapter, batch, seq, padded)
-    moments = [("start", forward[0])] + [(f"forward {n}", m) for n, m in zip(names, forward[1:])]
+    moments = [("start", forward[0])]
+    for block, name, m in zip(blocks, names, forward[1:]):
+        moments.append((f"forward {name}", replace(m, gathered=share.gathered.forward(block.layer))))
     live, grads = sum(kept), 0.0
     for i in range(len(blocks) - 1, -1, -1):
         block = blocks[i]
@@ -197,9 +206,10 @@ def _step_moments(blocks: list[_Block], adapter: str, batch: int, seq: int, padd
         # grads: those that exist before the block's backward; its transient includes the ones it makes (its
         # .grad, or, accumulating, fresh gradients waiting to be added in place)
         moments.append((f"backward {names[i]}", PeakMoment(
-            live, _backward_transient(block, acts, outputs[i], batch, seq), grads, "backward")))
-        if block.trainable and not grads_held:
-            grads += block.grad_bytes
+            live, _backward_transient(block, acts, outputs[i], batch, seq), grads, "backward",
+            share.gathered.backward(block.layer, head=block.profile.kind == "head"))))
+        if block.trainable:
+            grads += share.fresh_grad_bytes(block.grad_bytes, block.layer is None, grads_held)
         live -= kept[i]
     return moments
 
@@ -239,56 +249,82 @@ def _forward_walk(blocks: list[_Block], adapter: str, batch: int, seq: int,
 
 
 def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int, device: DeviceSpec,
-                      padded: bool = True, grads_held: bool = False) -> MemoryBreakdown:
+                      padded: bool = True, grads_held: bool = False, cluster: Cluster = SINGLE) -> MemoryBreakdown:
     """Predicted peak of one steady-state micro-batch of shape (batch, seq), with pad tokens (`padded`) or of
-    sequences all exactly `seq` long; `grads_held` when earlier micro-batches of its step left gradients."""
-    weights, grads, state, trainable = param_state(profile, knobs)
+    sequences all exactly `seq` long; `grads_held` when earlier micro-batches of its step left gradients. With
+    several processes, one process's peak (the one training this micro-batch)."""
+    share = sharding.share(profile, knobs, cluster)
+    weights, grads, state, opt_temps = _device_states(profile, knobs, share)
+    grads_held = grads_held or share.grads_resident
     blocks = _expand(profile, knobs)
-    peak = max((m for _, m in _step_moments(blocks, knobs.adapter, batch, seq, padded, grads_held)),
+    peak = max((m for _, m in _step_moments(blocks, knobs.adapter, batch, seq, padded, grads_held, share)),
                key=lambda m: m.total)
-    acts, temps, walk_grads, phase = peak.activations, peak.temporaries, peak.gradients, peak.phase
+    acts, temps, gathered, phase = peak.activations, peak.temporaries, peak.gathered, peak.phase
     acts += input_bytes(profile, batch, seq)
-    step_grads = grads if grads_held else walk_grads
-    opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
-    if grads + opt_temps > step_grads + acts + temps:
+    step_grads = peak.gradients + (grads if grads_held else 0.0)
+    if grads + opt_temps > step_grads + acts + temps + gathered:
         # the optimizer step (all grads present, activations gone) is the peak
-        acts, temps, step_grads, phase = 0.0, opt_temps, grads, "optimizer"
-    allocated = weights + step_grads + state + acts + temps
+        acts, temps, step_grads, gathered, phase = 0.0, opt_temps, grads, 0.0, "optimizer"
+    allocated = weights + step_grads + state + acts + temps + gathered
     overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
     return MemoryBreakdown(
         weights=int(weights), gradients=int(step_grads), optimizer_state=int(state),
-        activations=int(acts), temporaries=int(temps), overhead=int(overhead),
+        activations=int(acts), temporaries=int(temps), overhead=int(overhead), gathered=int(gathered),
         peak_phase=phase, peak_shape=(batch, seq),
     )
 
 
-def predict_peak(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec) -> MemoryBreakdown:
+def offloaded_bytes_per_machine(profile: Profile, knobs: Knobs, cluster: Cluster) -> int:
+    """CPU RAM one machine needs for its processes' offloaded shards (weights, gradients, optimizer state);
+    0 without CPU offload."""
+    if not knobs.cpu_offload:
+        return 0
+    weights, grads, state, _ = param_state(profile, knobs)
+    return int(sharding.shard(weights + grads + state, cluster.processes) * cluster.per_machine)
+
+
+def _device_states(profile: Profile, knobs: Knobs, share: sharding.Share) -> tuple[float, float, float, float]:
+    """(weights, gradients, optimizer state, optimizer temporaries) one process keeps on its device."""
+    weights, grads, state, trainable = param_state(profile, knobs)
+    opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
+    return tuple(share.on_device(x) for x in (weights, grads, state, opt_temps))
+
+
+def predict_peak(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec,
+                 cluster: Cluster = SINGLE) -> MemoryBreakdown:
     """Predicted peak over every micro-batch these knobs form on this workload: each bucket's largest, with
     the gradients of earlier micro-batches of its step where it can follow them (the worst bucket wins).
-    Lengths assumed from --seq-len stand for data of at most that length, so their batches count as padded."""
-    return _worst_micro_batch(profile, knobs, workload, device)[0]
+    Lengths assumed from --seq-len stand for data of at most that length, so their batches count as padded.
+    With several processes: the peak of the process whose share of a step peaks highest."""
+    return _worst_micro_batch(profile, knobs, workload, device, cluster)[0]
 
 
-def _worst_micro_batch(profile: Profile, knobs: Knobs, workload: Workload,
-                       device: DeviceSpec) -> tuple[MemoryBreakdown, accumulation.MicroBatchShape, bool]:
+def _worst_micro_batch(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec,
+                       cluster: Cluster = SINGLE) -> tuple[MemoryBreakdown, accumulation.MicroBatchShape, bool]:
     """(its predicted peak, its shape, whether it counts as padded) of the micro-batch that sets the peak:
-    the first of equal peaks."""
+    the first of equal peaks. Each process cuts its share of a step (at most `process_batch_size` examples)
+    as one process cuts a whole step."""
     candidates = []
-    for shape in accumulation.memory_shapes(knobs, workload.lengths, workload.batch_size):
+    share = accumulation.process_batch_size(workload.batch_size, cluster.processes)
+    for shape in accumulation.memory_shapes(knobs, workload.lengths, share):
         padded = shape.padded or not workload.from_data
-        peak = predict_step_peak(profile, knobs, shape.batch, shape.length, device, padded, shape.grads_held)
+        peak = predict_step_peak(profile, knobs, shape.batch, shape.length, device, padded, shape.grads_held,
+                                 cluster)
         candidates.append((peak, shape, padded))
     return max(candidates, key=lambda c: c[0].peak_bytes)
 
 
 def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, int]],
-                      device: DeviceSpec) -> MemoryBreakdown:
+                      device: DeviceSpec, cluster: Cluster = SINGLE) -> MemoryBreakdown:
     """Predicted peak of forward-only evaluation on micro-batches of the given (batch, padded length) shapes.
 
     No gradients exist (the last step cleared them) and nothing is saved for backward; a block's forward
     is bounded by what it would save, its output, transient and unsaved references, on top of its input
-    and the embeddings' output the model's code keeps. Optimizer state stays."""
-    weights, _, state, _ = param_state(profile, knobs)
+    and the embeddings' output the model's code keeps. Optimizer state stays; under FSDP the root and two
+    layer units are gathered while the top layer runs (its most)."""
+    share = sharding.share(profile, knobs, cluster)
+    weights, _, state, _ = _device_states(profile, knobs, share)
+    gathered = share.gathered.forward(profile.num_layers - 1)
     fits = {b.profile.name: b.fits for b in _expand(profile, knobs)}
     worst, at = 0.0, (0, 0)
     for batch, seq in shapes:
@@ -302,33 +338,36 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
                 worst, at = inputs + live, (batch, seq)
             previous = acts.output(batch, seq)
             held = held or previous  # the embeddings' output stays referenced until the forward returns
-    allocated = weights + state + worst
+    allocated = weights + state + worst + gathered
     overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
     return MemoryBreakdown(weights=int(weights), gradients=0, optimizer_state=int(state), activations=0,
-                           temporaries=int(worst), overhead=int(overhead), peak_phase="forward", peak_shape=at)
+                           temporaries=int(worst), overhead=int(overhead), gathered=int(gathered),
+                           peak_phase="forward", peak_shape=at)
 
 
-def step_timeline(profile: Profile, knobs: Knobs, workload: Workload,
-                  device: DeviceSpec) -> list[tuple[str, MemoryBreakdown]]:
+def step_timeline(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec,
+                  cluster: Cluster = SINGLE) -> list[tuple[str, MemoryBreakdown]]:
     """Every moment `predict_peak` weighs for the micro-batch that sets its peak, in the order they happen:
     the step's start, the end of each block's forward, each block's backward (top-down, down to the frozen
     boundary), the optimizer step. Each comes with a label ("forward layer 3") and the bytes live then, by
     what holds them; its peak_phase is the moment's own phase. The largest total is predict_peak's
     peak_bytes: these are predict_step_peak's candidates, all kept instead of only the largest."""
-    _, shape, padded = _worst_micro_batch(profile, knobs, workload, device)
-    batch, seq, grads_held = shape.batch, shape.length, shape.grads_held
-    weights, grads, state, trainable = param_state(profile, knobs)
-    moments = _step_moments(_expand(profile, knobs), knobs.adapter, batch, seq, padded, grads_held)
-    opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
+    _, shape, padded = _worst_micro_batch(profile, knobs, workload, device, cluster)
+    batch, seq = shape.batch, shape.length
+    share = sharding.share(profile, knobs, cluster)
+    weights, grads, state, opt_temps = _device_states(profile, knobs, share)
+    grads_held = shape.grads_held or share.grads_resident
+    moments = _step_moments(_expand(profile, knobs), knobs.adapter, batch, seq, padded, grads_held, share)
     # the same sums, in the same order, as predict_step_peak: the peak's total must match to the byte
     parts = [(label, m.activations + input_bytes(profile, batch, seq), m.temporaries,
-              grads if grads_held else m.gradients, m.phase) for label, m in moments]
-    parts.append(("optimizer step", 0.0, opt_temps, grads, "optimizer"))  # activations and batch are gone
+              m.gradients + (grads if grads_held else 0.0), m.gathered, m.phase) for label, m in moments]
+    parts.append(("optimizer step", 0.0, opt_temps, grads, 0.0, "optimizer"))  # activations and batch are gone
     timeline = []
-    for label, acts, temps, step_grads, phase in parts:
-        allocated = weights + step_grads + state + acts + temps
+    for label, acts, temps, step_grads, gathered, phase in parts:
+        allocated = weights + step_grads + state + acts + temps + gathered
         overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
         timeline.append((label, MemoryBreakdown(
             weights=int(weights), gradients=int(step_grads), optimizer_state=int(state), activations=int(acts),
-            temporaries=int(temps), overhead=int(overhead), peak_phase=phase, peak_shape=(batch, seq))))
+            temporaries=int(temps), overhead=int(overhead), gathered=int(gathered), peak_phase=phase,
+            peak_shape=(batch, seq))))
     return timeline

@@ -96,7 +96,8 @@ class TimePrediction(_Checked):
     """True when per-block times were measured on the target device kind; False when estimated from FLOPs."""
 
 
-Technique = Literal["adapter", "freezing", "checkpointing", "precision", "optimizer", "micro-batch", "padding"]
+Technique = Literal["adapter", "freezing", "checkpointing", "precision", "optimizer", "micro-batch", "padding",
+                    "sharding"]
 """The knobs grouped by the technique that owns them, as a plan reports them."""
 
 
@@ -150,6 +151,8 @@ class Plan(_Checked):
     cluster: Cluster = SINGLE
     """How many processes (GPUs) on how many machines; `device`, the budget and the predicted peak are one
     process's."""
+    offloaded_bytes: int = Field(0, ge=0)
+    """CPU offload: the CPU RAM one machine needs for its processes' shards (0 without offload)."""
     policy: str
     headroom_bytes: int = Field(ge=0)
     """Bytes the policy keeps free below the budget."""
@@ -230,6 +233,14 @@ class Plan(_Checked):
     @property
     def headroom_left_bytes(self) -> int:
         return self.budget_bytes - self.predicted.peak_bytes
+
+    def to_accelerate_config(self, path: str | Path) -> Path:
+        """Write accelerate's config for this plan (distributed type, FSDP2 settings, precision, processes and
+        machines) to `path`; train with `accelerate launch --config_file path -m autofit train --plan ...`."""
+        from autofit.launch import write_accelerate_config
+
+        return write_accelerate_config(path, self.knobs, processes=self.cluster.processes,
+                                       machines=self.cluster.machines, device_kind=self.device.kind)
 
     def to_training_arguments(self, output_dir: str = "out", **overrides: Any):
         """transformers.TrainingArguments with the settings HF Trainer can express.

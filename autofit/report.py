@@ -35,7 +35,17 @@ def describe_adapter(k: Knobs) -> str:
     return f"LoRA rank {k.lora_rank} on {targets}, {base}"
 
 
-def describe_knobs(k: Knobs, num_layers: int) -> dict[Technique, str]:
+def describe_sharding(k: Knobs, processes: int = 1) -> str:
+    """e.g. "FSDP: shards over 4 processes, 1 layer per unit, CPU offload", or "DDP replicas"."""
+    if k.strategy == "ddp":
+        return "one process" if processes == 1 else f"DDP: a full replica on each of {processes} processes"
+    unit = f"{k.fsdp_unit_layers} layer{'s' if k.fsdp_unit_layers > 1 else ''} per unit"
+    extras = [unit] + (["units kept gathered from forward to backward"] if not k.reshard_after_forward else []) \
+        + (["shards offloaded to CPU RAM"] if k.cpu_offload else [])
+    return f"FSDP2: weights, gradients and AdamW state sharded over {processes} processes, " + ", ".join(extras)
+
+
+def describe_knobs(k: Knobs, num_layers: int, processes: int = 1) -> dict[Technique, str]:
     """Each technique's setting in words, keyed by technique: the one place a plan's knobs are phrased."""
     freezing = "base frozen (adapters train)" if k.adapter == "lora" else "no freezing"
     if k.freeze_embeddings:
@@ -56,6 +66,7 @@ def describe_knobs(k: Knobs, num_layers: int) -> dict[Technique, str]:
         "optimizer": "8-bit AdamW (bitsandbytes)" if k.optimizer_bits == 8 else "32-bit AdamW",
         "micro-batch": f"micro-batches of up to {k.micro_batch_size}",
         "padding": padding,
+        "sharding": describe_sharding(k, processes),
     }
 
 
@@ -63,8 +74,8 @@ def knobs_line(k: Knobs, num_layers: int) -> str:
     """All knobs on one line, e.g. "freeze embeddings, checkpoint 6/6 layers (0-5), bf16, 8-bit AdamW ...";
     an adapter plan starts with its adapter (and leaves out the frozen base it implies)."""
     words = describe_knobs(k, num_layers)
-    silent = "adapter" if k.adapter == "none" else "freezing"
-    return ", ".join(v for t, v in words.items() if t != silent)
+    silent = ("adapter" if k.adapter == "none" else "freezing", "sharding")
+    return ", ".join(v for t, v in words.items() if t not in silent)
 
 
 def describe_weights(weights: AdapterWeights, precision: str) -> str:
@@ -96,7 +107,7 @@ def _speed(ratio: float) -> str:
 
 def describe_alternative(alternative: Alternative, plan: Plan) -> str:
     """One line weighing a runner-up against the chosen plan, e.g. "with 8-bit AdamW: 1.20x slower, 14.1 GB"."""
-    words = describe_knobs(alternative.knobs, plan.num_layers)
+    words = describe_knobs(alternative.knobs, plan.num_layers, plan.cluster.processes)
     changes = " and ".join(words[t] for t in alternative.changed)
     speed = _speed(alternative.epoch_seconds / plan.time.epoch_seconds) if plan.time.epoch_seconds else "?"
     return f"with {changes}: {speed}, {format_bytes(alternative.peak_bytes)}"
@@ -117,17 +128,24 @@ def describe_step(plan: Plan) -> str:
         count = f"{most} per step"
     else:
         count = f"{fewest}-{most} per step by the step's lengths ({layout.mean_micro_batches_per_step:.1f} on average)"
-    return f"effective batch {layout.batch_size}: micro-batches of {caps}, {count}"
+    if layout.processes == 1:
+        return f"effective batch {layout.batch_size}: micro-batches of {caps}, {count}"
+    return (f"effective batch {layout.batch_size} = {layout.processes} processes x up to {layout.process_batch_size} "
+            f"examples each: micro-batches of {caps}, {count} on each process")
 
 
 def plan_report(plan: Plan) -> Group:
     """The plan as a person reads it: knobs, peak breakdown, time, alternatives."""
     m, t = plan.predicted, plan.time
-    title = (f"[bold]{plan.model_id}[/] ({plan.num_params / 1e6:.0f}M params) on {plan.device.name}, "
-             f"budget {format_bytes(plan.budget_bytes)}, policy {plan.policy}")
+    where = plan.device.name if not plan.cluster.distributed else f"{plan.cluster.describe()}, {plan.device.name} each"
+    each = " per GPU" if plan.cluster.distributed else ""
+    title = (f"[bold]{plan.model_id}[/] ({plan.num_params / 1e6:.0f}M params) on {where}, "
+             f"budget {format_bytes(plan.budget_bytes)}{each}, policy {plan.policy}")
     knobs = Table(title="knobs", show_header=False, box=None, padding=(0, 2))
-    words = describe_knobs(plan.knobs, plan.num_layers)
+    words = describe_knobs(plan.knobs, plan.num_layers, plan.cluster.processes)
     for technique, value in words.items():
+        if technique == "sharding" and not (plan.cluster.distributed or plan.knobs.strategy == "fsdp"):
+            continue
         if technique == "micro-batch":
             knobs.add_row("step", describe_step(plan))
         elif technique == "adapter" and plan.adapter is not None:
@@ -136,13 +154,22 @@ def plan_report(plan: Plan) -> Group:
                                      f"({share:.2%} of the model's)")
         else:
             knobs.add_row(technique, value)
-    mem = Table(title=f"predicted peak ({m.peak_phase}, micro-batch {m.peak_shape[0]}x{m.peak_shape[1]})",
+    rank = " per process" if plan.cluster.distributed else ""
+    mem = Table(title=f"predicted peak{rank} ({m.peak_phase}, micro-batch {m.peak_shape[0]}x{m.peak_shape[1]})",
                 show_header=False, box=None, padding=(0, 2))
     detail = {"weights": f": {describe_weights(plan.adapter, plan.knobs.base_dtype)}"} if plan.adapter else {}
-    for name in ("weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead"):
-        mem.add_row(name.replace("_", " "), format_bytes(getattr(m, name)) + detail.get(name, ""))
+    if plan.knobs.strategy == "fsdp":
+        detail = {name: f" (1/{plan.cluster.processes} shard)" for name in ("weights", "gradients", "optimizer_state")}
+        if plan.knobs.cpu_offload:
+            detail = {name: " (in CPU RAM)" for name in detail}
+    names = ["weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead"]
+    for name in names[:3] + (["gathered"] if plan.knobs.strategy == "fsdp" else []) + names[3:]:
+        label = "gathered units" if name == "gathered" else name.replace("_", " ")
+        mem.add_row(label, format_bytes(getattr(m, name)) + detail.get(name, ""))
     mem.add_row("[bold]peak[/]", f"[bold]{format_bytes(m.peak_bytes)}[/]")
     mem.add_row("headroom left", f"{format_bytes(plan.headroom_left_bytes)} of {format_bytes(plan.budget_bytes)}")
+    if plan.offloaded_bytes:
+        mem.add_row("CPU RAM", f"{format_bytes(plan.offloaded_bytes)} per machine for the offloaded shards")
     kind = "measured" if t.measured else "estimated from FLOPs"
     speed = Table(title=f"predicted time ({kind})", show_header=False, box=None, padding=(0, 2))
     speed.add_row("per optimizer step", _seconds(t.step_seconds))

@@ -110,10 +110,10 @@ def cached_models():
     def cached(fn):
         memo = {}
 
-        def wrapped(profile, knobs, workload, device):
-            key = (id(profile), id(workload), device.name, knobs)
+        def wrapped(profile, knobs, workload, device, **cluster):
+            key = (id(profile), id(workload), device.name, knobs, tuple(cluster.items()))
             if key not in memo:
-                memo[key] = fn(profile, knobs, workload, device)
+                memo[key] = fn(profile, knobs, workload, device, **cluster)
             return memo[key]
 
         return wrapped

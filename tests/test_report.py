@@ -21,7 +21,12 @@ def test_describe_knobs_words_every_technique():
         "optimizer": "8-bit AdamW (bitsandbytes)",
         "micro-batch": "micro-batches of up to 2",
         "padding": "2 length buckets (64, 512), 512-token budget",
+        "sharding": "one process",
     }
+    assert describe_knobs(Knobs(strategy="fsdp", cpu_offload=True), 6, processes=4)["sharding"] == (
+        "FSDP2: weights, gradients and AdamW state sharded over 4 processes, 1 layer per unit, "
+        "shards offloaded to CPU RAM")
+    assert describe_knobs(Knobs(), 6, processes=2)["sharding"] == "DDP: a full replica on each of 2 processes"
     assert knobs_line(Knobs(checkpoint_layers=(0, 2), micro_batch_size=16), 6) == (
         "no freezing, checkpoint 2/6 layers (0,2), fp32, 32-bit AdamW, micro-batches of up to 16, dynamic padding")
 
@@ -46,7 +51,7 @@ def test_the_plan_report_shows_knobs_step_and_alternatives():
     console.print(plan_report(plan))
     text = console.export_text()
     words = describe_knobs(plan.knobs, plan.num_layers)
-    assert all(words[t] in text for t in words if t != "micro-batch")  # the step row says more than the cap
+    assert all(words[t] in text for t in words if t not in ("micro-batch", "sharding"))  # one process: no sharding row
     assert "effective batch 16" in text
     assert describe_alternative(plan.alternatives[0], plan) in text
 

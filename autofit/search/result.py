@@ -117,6 +117,7 @@ def knob_settings(k: Knobs, num_layers: int) -> dict[Technique, tuple]:
         "micro-batch": (k.micro_batch_size,),
         "padding": (k.bucket_boundaries and len(k.bucket_boundaries),
                     k.tokens_per_micro_batch if k.bucket_boundaries else None),
+        "sharding": (k.strategy, k.reshard_after_forward, k.cpu_offload, k.fsdp_unit_layers),
     }
 
 

@@ -20,6 +20,7 @@ AdamW runs on the CPU); keeping units gathered after forward saves the backward'
 What is gathered at each moment (measured with 2 processes on the CPU, tests/techniques/test_sharding.py):
   forward of unit u   the root, unit u, and the flat all-gather buffer kept until the next gather (or, on
                       a GPU, the next unit being prefetched): 2 units;
+  backward of the head  the root and the top unit being prefetched;
   backward of unit u  the root, unit u, unit u-1 being prefetched, and unit u+1's reduce-scatter input (its
                       gradients, flat, kept until the next reduce-scatter);
   kept after forward  every unit gathered so far stays until its backward.
@@ -100,10 +101,10 @@ class Gathered:
         earlier = unit * self.unit if self.keep else 0.0
         return self.root + earlier + 2 * self.unit
 
-    def backward(self, layer: int | None) -> float:
-        """Gathered while layer `layer`'s backward runs (None: the head's or the embeddings')."""
-        if layer is None:
-            return self.root + (self._last_unit + 1) * self.unit * self.keep
+    def backward(self, layer: int | None, head: bool = False) -> float:
+        """Gathered while layer `layer`'s backward runs (None: the head's, `head`, or the embeddings')."""
+        if layer is None:  # the head's backward prefetches the top unit; all units are freed by the embeddings'
+            return self.root + ((self._last_unit + 1) * self.keep + (not self.keep)) * self.unit if head else self.root
         unit = self._unit_of(layer)
         earlier = (unit - 1) * self.unit if self.keep and unit > 0 else 0.0
         prefetched = self.unit if unit > 0 else 0.0
@@ -126,12 +127,43 @@ def gathered(profile: Profile, knobs: Knobs, cluster: Cluster) -> Gathered:
                     num_layers=profile.num_layers, keep=not knobs.reshard_after_forward)
 
 
-def host_bytes_per_machine(profile: Profile, knobs: Knobs, cluster: Cluster, states: int) -> int:
-    """CPU RAM one machine needs for offloaded shards: its processes' weights, gradients and optimizer state
-    (`states`: those bytes of one process); 0 without offload."""
-    if not knobs.cpu_offload:
-        return 0
-    return int(states) * cluster.per_machine
+@dataclass(frozen=True)
+class Share:
+    """What one process holds of the model's states under a strategy: the memory model's view of it."""
+
+    processes: int = 1
+    sharded: bool = False
+    offload: bool = False
+    grads_resident: bool = False
+    """DDP with several processes: the gradients are DDP's buckets, allocated for the whole run."""
+    gathered: Gathered = NONE_GATHERED
+
+    def on_device(self, nbytes: float) -> float:
+        """One process's device bytes of a state that totals `nbytes` on one process: its shard under FSDP,
+        nothing when offloaded to CPU RAM."""
+        if self.offload:
+            return 0.0
+        return shard(nbytes, self.processes) if self.sharded else nbytes
+
+    def fresh_grad_bytes(self, nbytes: float, root: bool, grads_held: bool) -> float:
+        """Device bytes a trainable block's backward leaves: its gradients (`nbytes`) added to the step's,
+        which the caller counts apart when earlier micro-batches left them (`grads_held`). Under FSDP a layer
+        leaves its shard, the root its unsharded gradients until the root's reduce-scatter ends backward."""
+        if self.sharded and root:
+            return nbytes
+        return 0.0 if grads_held else self.on_device(nbytes)
+
+
+ALONE = Share()
+"""One process, or DDP as far as a single moment of a step is concerned."""
+
+
+def share(profile: Profile, knobs: Knobs, cluster: Cluster) -> Share:
+    """How one of `cluster`'s processes holds the model under `knobs`."""
+    if is_sharded(knobs, cluster):
+        return Share(processes=cluster.processes, sharded=True, offload=knobs.cpu_offload,
+                     gathered=gathered(profile, knobs, cluster))
+    return Share(grads_resident=cluster.distributed)
 
 
 # ---- communication (the time model's input) ---------------------------------------------------------------
