@@ -16,6 +16,7 @@ from transformers import PretrainedConfig
 
 from autofit.budget import format_bytes, parse_budget
 from autofit.cluster import SINGLE, Cluster, make_cluster
+from autofit.processes import launched_processes, main_process_first, on_main_process
 from autofit.cost import predict_time
 from autofit.data import LABEL_COLUMNS, TokenizedData, column_names, prepare_examples, text_lengths
 from autofit.devices import DEVICES, DeviceSpec, get_device
@@ -222,14 +223,17 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
           batch_size: int = 32, eval_data: Any = None, policy: str = "balanced", task: str | None = None,
           max_length: int | None = None, text_column: str | None = None, device: str | None = None,
           output_dir: str | None = None, checkpoint_every: int | None = None, resume: bool = False,
-          seed: int = 0, quiet: bool = False, num_labels: int | None = None, adapter: str = "auto"):
+          seed: int = 0, quiet: bool = False, num_labels: int | None = None, adapter: str = "auto",
+          gpus: int | None = None, machines: int = 1, interconnect: str | None = None, network: str = "ethernet"):
     """Plan (unless `plan` is given) and train `model` on `data`; returns an executor.TrainResult with the
     plan, the measured peak next to the predicted one, and the loss/eval history.
 
     A given plan's peak is predicted again from its knobs on this data (its profile is cached), and a plan
     that no longer fits its budget is refused. Everything random (a new head, the steps' order, dropout)
     follows `seed`: the same seed, data and plan give the same losses. `adapter` is plan()'s; with a plan it
-    must be auto or what the plan chose."""
+    must be auto or what the plan chose. Under a launcher (`accelerate launch`, `torchrun`) every process
+    calls train: the main process plans (for `gpus` processes, default: as many as were launched on
+    `machines` machines) and the others train its plan."""
     from autofit.executor import run_plan  # the executor is the last stage: imported only to train
     from autofit.executor.checkpoint import prepare_output_dir
 
@@ -267,13 +271,18 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
         plan = _plan_in_force(output_dir, parse_budget(budget), batch_size, spec, policy, adapter)
     adapters = plan.knobs.adapter == "lora" if plan is not None else chosen.adapters.mode == "always"
     # a model loaded in 4 bits is profiled from its id (the profiler measures a full-precision twin)
-    profile = _profile(source if nf4 and model is not source else model, task, spec, adapters=adapters)
+    profiled = source if nf4 and model is not source else model
+    with main_process_first(cpu=spec.kind == "cpu"):  # several processes: one profiles, the rest read its cache
+        profile = _profile(profiled, task, spec, adapters=adapters)
     if plan is None:
         workload = make_workload(task, seq_len=max(train_data.lengths), batch_size=batch_size,
                                  lengths=train_data.lengths)
-        budget_bytes = parse_budget(budget)
-        profile, found = _search_lazily(model, profile, workload, spec, budget_bytes, chosen, measure=True)
-        plan = plan_from_search(profile, workload, budget_bytes, spec, found)
+        cluster = make_cluster(gpus or launched_processes(), machines, interconnect=interconnect, network=network,
+                               device_kind=spec.kind)
+        plan = on_main_process(lambda: _search_plan(model, profile, workload, spec, parse_budget(budget), chosen,
+                                                    cluster), cpu=spec.kind == "cpu")
+        if plan.knobs.adapter == "lora" and not adapted_keys(profile):  # measured into the cache by the search
+            profile = _profile(profiled, task, spec, adapters=True)
     else:
         plan = replan_for_data(plan, profile, train_data.lengths)
     eval_prediction = None
@@ -281,11 +290,21 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
         largest = max(b.micro_batch_size * b.upper_length for b in plan.step.buckets)
         pieces = eval_micro_batches(eval_tokens.lengths, plan.knobs, largest)
         shapes = sorted({(len(p), padded_length(max(eval_tokens.lengths[i] for i in p), multiple)) for p in pieces})
-        eval_prediction = predict_eval_peak(profile, plan.knobs, shapes, plan.device)
+        eval_prediction = predict_eval_peak(profile, plan.knobs, shapes, plan.device, plan.cluster)
     return run_plan(model, plan, train_data, eval=eval_tokens, epochs=epochs, max_steps=max_steps, lr=lr,
                     seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
                     quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None),
                     eval_prediction=eval_prediction)
+
+
+def _search_plan(model: ModelSpec, profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int,
+                 policy: Policy, cluster: Cluster) -> Plan:
+    if workload.batch_size < cluster.processes:
+        raise ValueError(f"a batch of {workload.batch_size} examples cannot give each of {cluster.processes} "
+                         f"processes one: use a batch size of {cluster.processes} or more")
+    profile, found = _search_lazily(model, profile, workload, device, budget_bytes, policy, measure=True,
+                                    cluster=cluster)
+    return plan_from_search(profile, workload, budget_bytes, device, found, cluster)
 
 
 def _nf4_loading(plan: Plan | None) -> dict | None:
