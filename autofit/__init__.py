@@ -4,7 +4,8 @@
     result = autofit.train(model, data, budget="16GB", tokenizer=tok, epochs=1)
 """
 
-from autofit.api import plan, train
+from autofit.api import plan
+from autofit.training import train
 from autofit.budget import BudgetError, format_bytes, parse_budget
 from autofit.knobs import Knobs, Precision
 from autofit.plan import MemoryBreakdown, Plan, TimePrediction

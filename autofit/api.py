@@ -4,27 +4,23 @@ wires them together."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 import torch
-from accelerate.utils import set_seed
 from torch import nn
 from transformers import PretrainedConfig
 
-from autofit.budget import format_bytes, parse_budget
+from autofit.budget import parse_budget
 from autofit.cluster import SINGLE, Cluster, make_cluster
-from autofit.processes import launched_processes, main_process_first, on_main_process
-from autofit.cost import predict_time
-from autofit.data import LABEL_COLUMNS, TokenizedData, column_names, prepare_examples, text_lengths
+from autofit.data import TokenizedData, text_lengths
 from autofit.devices import DEVICES, DeviceSpec, get_device
-from autofit.memory import offloaded_bytes_per_machine, predict_eval_peak, predict_peak
-from autofit.limits import check_config, check_seq_len, max_sequence_length
-from autofit.models import default_task, load_model, load_tokenizer, resolve_config
+from autofit.memory import offloaded_bytes_per_machine
+from autofit.limits import check_config, check_seq_len
+from autofit.models import default_task, load_tokenizer, resolve_config
 from autofit.plan import Plan
-from autofit.policy import Policy, check_adapter_choice, load_policy
+from autofit.policy import Policy, load_policy
 from autofit.profiler import Profile
 from autofit.profiler.cache import cached_profile
 from autofit.profiler.profile import PRECISIONS, package_versions
@@ -33,8 +29,6 @@ from autofit.search.adapter_bound import adapters_could_win
 from autofit.search.space import adapted_keys
 from autofit.search.space import PAD_MULTIPLE
 from autofit.techniques import lora
-from autofit.techniques.accumulation import eval_micro_batches
-from autofit.techniques.bucketing import padded_length
 from autofit.workload import MAX_BATCH_SIZE, LengthHistogram, Workload
 
 log = logging.getLogger("autofit")
@@ -198,167 +192,6 @@ def plan_from_search(profile: Profile, workload: Workload, budget_bytes: int, de
         adapter=lora.weights_summary(profile, result.knobs),
         versions=package_versions(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-
-
-def replan_for_data(plan: Plan, profile: Profile, lengths: list[int]) -> Plan:
-    """`plan` with its workload replaced by the data it will train on, and its memory and time predicted
-    again from its knobs: what a plan file claims about its peak is not believed. Raises PlanNoLongerFitsError
-    when the knobs' peak on this data is over the plan's budget (an edited file, or longer data)."""
-    workload = make_workload(plan.task, seq_len=max(lengths), batch_size=plan.batch_size, lengths=lengths)
-    memory = predict_peak(profile, plan.knobs, workload, plan.device, cluster=plan.cluster)
-    if memory.peak_bytes > plan.budget_bytes:
-        raise PlanNoLongerFitsError(
-            f"this plan's knobs need {format_bytes(memory.peak_bytes)} on this data (predicted again from "
-            f"them), over its {format_bytes(plan.budget_bytes)} budget: plan again for this data and budget")
-    time = predict_time(profile, plan.knobs, workload, plan.device, cluster=plan.cluster)
-    return plan.model_copy(update=dict(workload=workload, predicted=memory, time=time))
-
-
-class PlanNoLongerFitsError(ValueError):
-    """A plan whose knobs, predicted again on the data it is given, do not fit its own budget."""
-
-
-def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan: Plan | None = None,
-          tokenizer: Any = None, epochs: int = 1, max_steps: int | None = None, lr: float = 2e-5,
-          batch_size: int = 32, eval_data: Any = None, policy: str = "balanced", task: str | None = None,
-          max_length: int | None = None, text_column: str | None = None, device: str | None = None,
-          output_dir: str | None = None, checkpoint_every: int | None = None, resume: bool = False,
-          seed: int = 0, quiet: bool = False, num_labels: int | None = None, adapter: str = "auto",
-          gpus: int | None = None, machines: int = 1, interconnect: str | None = None, network: str = "ethernet"):
-    """Plan (unless `plan` is given) and train `model` on `data`; returns an executor.TrainResult with the
-    plan, the measured peak next to the predicted one, and the loss/eval history.
-
-    A given plan's peak is predicted again from its knobs on this data (its profile is cached), and a plan
-    that no longer fits its budget is refused. Everything random (a new head, the steps' order, dropout)
-    follows `seed`: the same seed, data and plan give the same losses. `adapter` is plan()'s; with a plan it
-    must be auto or what the plan chose. Under a launcher (`accelerate launch`, `torchrun`) every process
-    calls train: the main process plans (for `gpus` processes, default: as many as were launched on
-    `machines` machines) and the others train its plan."""
-    from autofit.executor import run_plan  # the executor is the last stage: imported only to train
-    from autofit.executor.checkpoint import prepare_output_dir
-
-    if (plan is None) == (budget is None):
-        raise ValueError("give either a memory budget (e.g. budget='16GB') or a plan, not both")
-    if plan is not None and check_adapter_choice(adapter) not in ("auto", plan.knobs.adapter):
-        raise ValueError(f"the plan was made with adapter={plan.knobs.adapter}, not {adapter}: plan again with "
-                         f"adapter={adapter}, or leave adapter=auto")
-    chosen = load_policy(policy).with_adapter(adapter)  # a bad policy or adapter fails before any work
-    check_batch_size(batch_size)
-    if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"the learning rate must be a positive number, not {lr}")
-    if output_dir is not None:
-        prepare_output_dir(output_dir)  # a bad --output-dir fails now, not after profiling and training
-    config = _config(model)
-    if task is None:
-        task = plan.task if plan is not None else default_task(config)
-    _check_task_fits_data(task, data)
-    if tokenizer is None and isinstance(model, str | os.PathLike):
-        tokenizer = load_tokenizer(model)
-    multiple = plan.knobs.pad_to_multiple_of if plan is not None else PAD_MULTIPLE
-    # default: all the positions the model takes, less what padding to `multiple` would push past them
-    asked = max_length if max_length is not None else max_sequence_length(config) or DEFAULT_MAX_LENGTH
-    max_length = check_seq_len(config, asked, explicit=max_length is not None, multiple=multiple, flag="max_length")
-    train_data = _tokenized(data, tokenizer, task, max_length, text_column)
-    _say_data_notes(train_data, max_length)
-    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column, train=train_data) \
-        if eval_data is not None else None
-    set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
-    source, nf4 = model, _nf4_loading(plan)
-    if not isinstance(model, nn.Module):
-        model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2, nf4=nf4)
-    spec = plan.device if plan is not None else target_device(device, train=True)
-    if plan is None and resume and output_dir is not None:
-        plan = _plan_in_force(output_dir, parse_budget(budget), batch_size, spec, policy, adapter)
-    adapters = plan.knobs.adapter == "lora" if plan is not None else chosen.adapters.mode == "always"
-    # a model loaded in 4 bits is profiled from its id (the profiler measures a full-precision twin)
-    profiled = source if nf4 and model is not source else model
-    with main_process_first(cpu=spec.kind == "cpu"):  # several processes: one profiles, the rest read its cache
-        profile = _profile(profiled, task, spec, adapters=adapters)
-    if plan is None:
-        workload = make_workload(task, seq_len=max(train_data.lengths), batch_size=batch_size,
-                                 lengths=train_data.lengths)
-        cluster = make_cluster(gpus or launched_processes(), machines, interconnect=interconnect, network=network,
-                               device_kind=spec.kind)
-        plan = on_main_process(lambda: _search_plan(model, profile, workload, spec, parse_budget(budget), chosen,
-                                                    cluster), cpu=spec.kind == "cpu")
-        if plan.knobs.adapter == "lora" and not adapted_keys(profile):  # measured into the cache by the search
-            profile = _profile(profiled, task, spec, adapters=True)
-    else:
-        plan = replan_for_data(plan, profile, train_data.lengths)
-    eval_prediction = None
-    if eval_tokens is not None:
-        largest = max(b.micro_batch_size * b.upper_length for b in plan.step.buckets)
-        pieces = eval_micro_batches(eval_tokens.lengths, plan.knobs, largest)
-        shapes = sorted({(len(p), padded_length(max(eval_tokens.lengths[i] for i in p), multiple)) for p in pieces})
-        eval_prediction = predict_eval_peak(profile, plan.knobs, shapes, plan.device, plan.cluster)
-    return run_plan(model, plan, train_data, eval=eval_tokens, epochs=epochs, max_steps=max_steps, lr=lr,
-                    seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
-                    quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None),
-                    eval_prediction=eval_prediction)
-
-
-def _search_plan(model: ModelSpec, profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int,
-                 policy: Policy, cluster: Cluster) -> Plan:
-    if workload.batch_size < cluster.processes:
-        raise ValueError(f"a batch of {workload.batch_size} examples cannot give each of {cluster.processes} "
-                         f"processes one: use a batch size of {cluster.processes} or more")
-    profile, found = _search_lazily(model, profile, workload, device, budget_bytes, policy, measure=True,
-                                    cluster=cluster)
-    return plan_from_search(profile, workload, budget_bytes, device, found, cluster)
-
-
-def _nf4_loading(plan: Plan | None) -> dict | None:
-    """How to load a model by id for a plan that stores its base in NF4 (else None: loaded as it is)."""
-    if plan is None or not plan.knobs.quantized:
-        return None
-    from autofit.techniques.precision import autocast_dtype
-
-    return {"double_quant": plan.knobs.double_quant, "compute_dtype": autocast_dtype(plan.knobs.precision)
-            or torch.float32}
-
-
-def _plan_in_force(output_dir: str, budget_bytes: int, batch_size: int, device: DeviceSpec,
-                   policy: str, adapter: str) -> Plan | None:
-    """The plan of the run being resumed, when it was asked for with the same budget, batch, device and
-    policy, and an adapter choice it meets: planning again could choose other knobs (a CPU target's block
-    times are measured, not looked up), and a resume must continue the run it finished, not refuse it."""
-    from autofit.executor.checkpoint import latest_checkpoint, load_plan_and_state
-
-    path = latest_checkpoint(output_dir)
-    if path is None:
-        return None
-    found, _ = load_plan_and_state(path)
-    same = (found.budget_bytes, found.batch_size, found.device, found.policy) == \
-        (budget_bytes, batch_size, device, policy) and adapter in ("auto", found.knobs.adapter)
-    return found if same else None  # asked differently: plan anew, and the resume names what changed
-
-
-def _say_data_notes(data: TokenizedData, max_length: int) -> None:
-    """What was inferred or changed about the data, one line each: a regression head is worth a warning."""
-    if data.label_note:
-        (log.warning if data.num_labels == 1 else log.info)(data.label_note)
-    if data.num_truncated:
-        log.info(f"{data.num_truncated} of {len(data)} examples were longer than {max_length} tokens and were "
-                 "truncated")
-
-
-def _check_task_fits_data(task: str, data: Any) -> None:
-    """A causal LM learns from text alone: labelled rows mean the plan or --task is for another model."""
-    if task == "causal-lm" and any(name in LABEL_COLUMNS for name in column_names(data)):
-        raise ValueError("the task is causal-lm, but the data has labels: a causal LM trains on text alone "
-                         "(is the plan for another task, or was it edited?)")
-
-
-def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_column: str | None,
-               train: TokenizedData | None = None) -> TokenizedData:
-    """Tokenized training data, or (given `train`) evaluation data: that may hold a single class, and its
-    string labels take the training data's class ids."""
-    if isinstance(data, TokenizedData):
-        return data
-    if train is None:
-        return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column)
-    return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column,
-                            min_classes=1, label_names=train.label_names)
 
 
 def _config(model: ModelSpec) -> PretrainedConfig:

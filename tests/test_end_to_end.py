@@ -13,7 +13,7 @@ import torch
 from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
 import autofit
-from autofit.api import PlanNoLongerFitsError
+from autofit.training import PlanNoLongerFitsError
 from autofit.profiler import cache
 
 from test_api import BERT, WORDS, make_tokenizer, tiny_model
@@ -171,7 +171,7 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(tok, tmp_path, monkeypatc
     autofit.train(model, rows, budget="1GB", tokenizer=tok, batch_size=8, max_steps=2, output_dir=str(tmp_path),
                   quiet=True, device="cpu")
     checkpoint = next(tmp_path.glob("checkpoint-*"))
-    monkeypatch.setattr(autofit.api, "plan_from_profile", None)  # a resume trains the plan in force, not a new one
+    monkeypatch.setattr(autofit.training, "_search_plan", None)  # a resume trains the plan in force, not a new one
     (checkpoint / "model.safetensors").write_bytes(b"\0" * 16)
     with pytest.raises(ValueError, match=f"{checkpoint.name} is damaged: SafetensorError") as info:
         autofit.train(model, rows, budget="1GB", tokenizer=tok, batch_size=8, output_dir=str(tmp_path),
