@@ -63,7 +63,8 @@ def describe_knobs(k: Knobs, num_layers: int, processes: int = 1) -> dict[Techni
         "freezing": freezing,
         "checkpointing": checkpointing,
         "precision": k.precision.value + (" + grad scaler" if k.precision.value == "fp16" else ""),
-        "optimizer": "8-bit AdamW (bitsandbytes)" if k.optimizer_bits == 8 else "32-bit AdamW",
+        "optimizer": "8-bit AdamW (bitsandbytes)" if k.optimizer_bits == 8 else "32-bit AdamW" + (
+            " (bitsandbytes' 8-bit AdamW does not step FSDP's sharded parameters)" if k.strategy == "fsdp" else ""),
         "micro-batch": f"micro-batches of up to {k.micro_batch_size}",
         "padding": padding,
         "sharding": describe_sharding(k, processes),
