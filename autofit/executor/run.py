@@ -76,7 +76,9 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     TrainingInterruptedError. `eval_prediction` is the predicted peak of evaluation, compared with what
     evaluation measures. The model comes back trained, its requires_grad flags and forward restored; under
     LoRA it comes back with its base stored as planned and the trained adapters in it (`TrainResult.model`
-    is peft's wrapper, to save or merge with techniques/lora.py)."""
+    is peft's wrapper, to save or merge with techniques/lora.py). A plan for several processes runs under
+    torchrun or accelerate launch (each process calls run_plan with the same model, data and settings); every
+    process gets the trained model back, on the CPU under FSDP, and a TrainResult with each one's peak."""
     check_inputs(model, plan, train, eval, epochs=epochs, max_steps=max_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, resume=resume)
     check_plan(plan)

@@ -62,8 +62,9 @@ def set_up(model: nn.Module, plan: Plan, world: World, *, seed: int, lr: float, 
         freeze.apply(model, knobs)
     checkpointing.apply(model, knobs.checkpoint_layers)
     sharded = world.distributed and knobs.strategy == "fsdp"
-    if not sharded:  # fully_shard moves only the shards to the device
-        trained.to(accelerator.device)
+    # FSDP shards a twin aliasing the model's tensors, and fully_shard moves only the shards to the device:
+    # the whole model waits on the CPU (on the device it would be the replica FSDP saves)
+    trained.to("cpu" if sharded else accelerator.device)
     trained.train()
     wrapped = sharding.wrap(trained, knobs, world.size, accelerator.device) if world.distributed else trained
     try:

@@ -192,8 +192,6 @@ def wrap(model: nn.Module, knobs: Knobs, processes: int, device: torch.device) -
     fully_shard rebuilds in place every module it touches: `model` itself stays an ordinary module, and
     `gather_into` copies the trained weights back into it. Weights are broadcast from process 0 first (as DDP
     does), so every shard comes from the same model."""
-    if processes < 2:
-        raise ValueError(f"wrap is for several processes, not {processes}")
     if knobs.strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         # gradients as views of DDP's buckets: one resident copy of the gradients, not two

@@ -26,6 +26,8 @@ CASES = {
     # name: (model kind, task, knobs)
     "bert-fsdp": ("bert", "classification", dict(strategy="fsdp", checkpoint_layers=(1,))),
     "bert-ddp": ("bert", "classification", dict(strategy="ddp", checkpoint_layers=(1,))),
+    "bert-fsdp-kept": ("bert", "classification", dict(strategy="fsdp", reshard_after_forward=False,
+                                                      cpu_offload=True)),
     "llama-fsdp": ("llama", "causal-lm", dict(strategy="fsdp", fsdp_unit_layers=2, freeze_embeddings=True)),
     "llama-ddp": ("llama", "causal-lm", dict(strategy="ddp", freeze_embeddings=True)),
     "lora-fsdp": ("bert", "classification", dict(strategy="fsdp", adapter="lora", lora_rank=4)),
@@ -78,3 +80,16 @@ def recorded_grad_norms():
 
 def steps(case: str) -> int:
     return LORA_STEPS if CASES[case][2].get("adapter") == "lora" else STEPS
+
+
+def run(case: str, processes: int, **settings):
+    """run_plan on the case (each process of `processes` calls it): a fresh model; a whole epoch is evaluated."""
+    from autofit.executor import run_plan
+
+    kind, task, _ = CASES[case]
+    m = model(kind, task)
+    whole_epoch = steps(case) == STEPS
+    with recorded_grad_norms() as norms:
+        result = run_plan(m, plan(case, processes, m), data(task), eval=data(task) if whole_epoch else None,
+                          lr=LR, quiet=True, max_steps=steps(case), **settings)
+    return m, result, norms

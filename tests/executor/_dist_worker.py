@@ -23,17 +23,14 @@ from autofit.techniques import checkpointing  # noqa: E402
 
 def train_case(name: str, out: Path, rank: int) -> dict:
     kind, task, _ = cases.CASES[name]
-    model = cases.model(kind, task)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    output_dir = str(out / "runs" / name)
-    with cases.recorded_grad_norms() as norms:
-        result = run_plan(model, cases.plan(name, cases.PROCESSES, model), cases.data(task), lr=cases.LR,
-                          quiet=True, max_steps=cases.steps(name), output_dir=output_dir)
+    flags = {n: p.requires_grad for n, p in cases.model(kind, task).named_parameters()}
+    model, result, norms = cases.run(name, cases.PROCESSES, output_dir=str(out / "runs" / name))
     trained = result.model
     if rank == 0:
         torch.save({n: p.detach().cpu() for n, p in trained.named_parameters()}, out / f"{name}.pt")
     return dict(
-        losses=[r.loss for r in result.history], grad_norms=norms, micro_batches=[r.micro_batches for r in result.history],
+        losses=[r.loss for r in result.history], grad_norms=norms, eval=[(e.loss, e.accuracy) for e in result.eval],
+        micro_batches=[r.micro_batches for r in result.history],
         samples=[r.samples for r in result.history], measured=result.measured_peak_bytes,
         rank_peaks=result.rank_peak_bytes, processes=result.processes, rank=result.rank,
         checksum=float(sum(p.detach().double().sum() for p in trained.parameters())),

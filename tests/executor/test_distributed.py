@@ -46,14 +46,11 @@ def launched(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references():
     """Each case trained by one process with the same knobs and effective batch: (losses, gradient norms,
-    final weights)."""
+    evaluation, final weights)."""
     found = {}
-    for name, (kind, task, _) in cases.CASES.items():
-        model = cases.model(kind, task)
-        with cases.recorded_grad_norms() as norms:
-            result = run_plan(model, cases.plan(name, 1, model), cases.data(task), lr=cases.LR, quiet=True,
-                              max_steps=cases.steps(name))
-        found[name] = ([r.loss for r in result.history], norms,
+    for name in cases.CASES:
+        _, result, norms = cases.run(name, 1)
+        found[name] = ([r.loss for r in result.history], norms, [(e.loss, e.accuracy) for e in result.eval],
                        {n: p.detach().clone() for n, p in result.model.named_parameters()})
     return found
 
@@ -63,13 +60,16 @@ pytestmark = pytest.mark.distributed
 
 @pytest.mark.parametrize("case", list(cases.CASES))
 def test_two_processes_train_exactly_like_one(launched, references, case):
-    """Same losses (the whole step's mean), gradient norms and trained weights, gathered whole on every
-    process."""
+    """Same losses (the whole step's mean), gradient norms, evaluation and trained weights, gathered whole on
+    every process."""
     seen, out = launched
-    losses, norms, weights = references[case]
+    losses, norms, evaluation, weights = references[case]
     for rank in seen:
         assert rank[case]["losses"] == pytest.approx(losses, rel=1e-4)
         assert rank[case]["grad_norms"] == pytest.approx(norms, rel=1e-4)  # the gradients' scale, not only Adam's
+        assert [loss for loss, _ in rank[case]["eval"]] == pytest.approx([loss for loss, _ in evaluation], rel=1e-4)
+        assert [accuracy for _, accuracy in rank[case]["eval"]] == [accuracy for _, accuracy in evaluation]
+        assert len(rank[case]["eval"]) == (len(losses) == cases.STEPS)
         assert rank[case]["samples"] == ([4, 4, 4, 1] if len(losses) == 4 else [4, 4])
         assert rank[case]["flags_restored"] and rank[case]["forward_restored"]
     assert seen[0][case]["checksum"] == seen[1][case]["checksum"]  # every process holds the same model
