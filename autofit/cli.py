@@ -258,6 +258,8 @@ def train(
                            policy=policy, max_length=max_length, text_column=text_column, output_dir=output_dir,
                            checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, seed=seed,
                            adapter=adapter)
+    if result.rank != 0:
+        return  # under torchrun every process trains; process 0 reports (its result holds every peak)
     out.print(_train_summary(result))
     if plot is not None:
         out.print(f"saved to {result.plot(plot)}", style="dim")

@@ -8,6 +8,13 @@ registers each *storage* once with its size, and subtracts it when the storage d
 base's storage, so they are never counted twice. Tensors that exist before the meter starts (weights,
 buffers, grads, optimizer state) are found by walking what `track` names.
 
+FSDP2 (sharded parameters, torch.distributed.fsdp.fully_shard) needs three things more: a DTensor counts
+as its local shard (its own storage is a data-less wrapper sized like the *global* tensor); the mode lets
+DTensor ops desugar into local-tensor ops, which it then sees; and FSDP2 frees and re-allocates gathered
+parameters with `storage.resize_(0)` / `resize_(n)`, which no dispatch mode sees, so `resize_` is watched
+while the meter is open. Memory a collective backend allocates on its own threads stays invisible (modes
+are thread-local).
+
 This module deliberately imports nothing from autofit's profiler or memory model: it is the verifier.
 """
 
@@ -21,7 +28,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support has no sharded tensors to meet
+    DTensor = None
+
 Trackable = torch.Tensor | nn.Module | torch.optim.Optimizer
+
+
+def _is_dtensor_type(kind: type) -> bool:
+    return DTensor is not None and issubclass(kind, DTensor)
 
 
 class _LiveStorageCounter:
@@ -34,6 +50,8 @@ class _LiveStorageCounter:
         self._sizes: dict[int, int] = {}  # StorageImpl address -> bytes counted for it
 
     def add(self, tensor: object) -> None:
+        if DTensor is not None and isinstance(tensor, DTensor):
+            tensor = tensor._local_tensor  # the memory is the local shard's storage
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
             return
         try:
@@ -57,6 +75,15 @@ class _LiveStorageCounter:
     def _release(self, key: int) -> None:
         self.current -= self._sizes.pop(key, 0)
 
+    def resized(self, storage: torch.UntypedStorage) -> None:
+        """A known storage resized in place (FSDP2 frees and re-allocates gathered parameters so)."""
+        key = storage._cdata
+        if key in self._sizes:
+            nbytes = storage.nbytes()
+            self.current += nbytes - self._sizes[key]
+            self._sizes[key] = nbytes
+            self.peak = max(self.peak, self.current)
+
 
 class _TensorTracker(TorchDispatchMode):
     """Registers every tensor an op reads or returns (inputs catch tensors made outside the dispatcher)."""
@@ -66,6 +93,8 @@ class _TensorTracker(TorchDispatchMode):
         self.counter = counter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(_is_dtensor_type(t) for t in types):
+            return NotImplemented  # DTensor then runs its local-tensor ops, which this mode sees
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten((out, args, kwargs))[0]:
             self.counter.add(tensor)
@@ -121,6 +150,7 @@ class PeakMemoryMeter:
         self._counter = _LiveStorageCounter(self.device.type)
         self._mode: _TensorTracker | None = None
         self._hooks: list = []
+        self._resize = None
 
     @property
     def is_cuda(self) -> bool:
@@ -137,9 +167,22 @@ class PeakMemoryMeter:
                 # State made by the first step outside the dispatcher (e.g. from numpy) is found here.
                 self._hooks.append(thing.register_step_post_hook(lambda opt, *_: self._walk(opt)))
         self._counter.peak = self._counter.current
+        self._watch_resizes()
         self._mode = _TensorTracker(self._counter)
         self._mode.__enter__()
         return self
+
+    def _watch_resizes(self) -> None:
+        """Count `UntypedStorage.resize_` while open: no dispatch mode sees it (FSDP2 uses it)."""
+        self._resize = original = torch.UntypedStorage.resize_
+        counter = self._counter
+
+        def resize_(storage, size):
+            result = original(storage, size)
+            counter.resized(storage)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
 
     def __exit__(self, *exc) -> None:
         if self.is_cuda:
@@ -148,6 +191,9 @@ class PeakMemoryMeter:
         if self._mode is not None:
             self._mode.__exit__(*exc)
             self._mode = None
+        if self._resize is not None:
+            torch.UntypedStorage.resize_ = self._resize
+            self._resize = None
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()

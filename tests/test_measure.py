@@ -157,3 +157,68 @@ def test_cuda_peak_uses_allocator_statistics():
         del x
     assert meter.peak_bytes - before >= 4 << 20
     assert meter.peak_reserved_bytes >= meter.peak_bytes
+
+
+# ---- FSDP2: DTensors and resized storages ------------------------------------------------------------------
+
+
+def test_resized_storage_is_counted():
+    """FSDP2 frees and re-gathers parameters with storage.resize_, which no dispatch mode sees."""
+    original = torch.UntypedStorage.resize_
+    with PeakMemoryMeter("cpu") as meter:
+        x = torch.empty(1000)
+        x.untyped_storage().resize_(0)
+        assert meter.current_bytes == 0
+        x.untyped_storage().resize_(8000)
+        assert meter.current_bytes == 8000
+        del x
+        assert meter.current_bytes == 0
+    assert meter.peak_bytes == 8000
+    assert torch.UntypedStorage.resize_ is original  # the watch ends with the meter
+
+
+def test_dtensor_counts_as_its_local_shard():
+    """A DTensor's own storage is a data-less wrapper of its *global* size: the memory is the local shard."""
+    from _dist import single_process_group
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    with single_process_group():
+        mesh = init_device_mesh("cpu", (1,))
+        local = torch.ones(10, 4)  # 160 B, claimed to be one half of a (20, 4) tensor
+        sharded = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size([20, 4]),
+                                     stride=(4, 1))
+        assert sharded.untyped_storage().nbytes() == 320
+        with PeakMemoryMeter("cpu", track=[sharded]) as meter:
+            assert meter.current_bytes == 160
+            doubled = sharded * 2  # a DTensor op: seen as the local multiply it runs
+            assert isinstance(doubled, DTensor)
+            assert meter.current_bytes == 320
+            del doubled
+            assert meter.current_bytes == 160
+
+
+def test_fsdp2_steps_leave_nothing_behind():
+    """fully_shard on a 1-process group: gathered parameters are freed by resize_ after each unit, so what
+    is live after every step is the same (without the resize_ watch each step leaked the gathered weights)."""
+    from _dist import single_process_group
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    batch = torch.randn(8, 64)
+    param_bytes = sum(p.numel() for p in model.parameters()) * 4
+    with single_process_group():
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        ends = []
+        with PeakMemoryMeter("cpu", track=[model, optimizer]) as meter:
+            assert meter.current_bytes == param_bytes  # the shards (all of it on one process)
+            for _ in range(3):
+                _training_step(model, optimizer, batch)
+                ends.append(meter.current_bytes)
+    assert ends[1] == ends[2]
+    assert ends[1] <= 3 * param_bytes + 4 * 4 + batch.numel() * 4 + 2 * 128 * 64 * 4
+    assert meter.peak_bytes >= 4 * param_bytes  # shards, gathered weights, grads and AdamW state at step()

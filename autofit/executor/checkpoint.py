@@ -6,6 +6,10 @@ passes again, rebuilt the same way (same base storage, adapters put on), so a ch
 Each checkpoint is written into a temporary directory and renamed into place (`checkpoint-<step>`), so a
 kill during a save leaves the previous checkpoint whole; older checkpoints are removed only after the new
 one exists. A resumed run restores every random generator, so it continues exactly where it stopped.
+
+A multi-process run (dist_checkpoint.py) stores every process's generators in `rng.pt`, and under FSDP
+its weights and optimizer state as torch.distributed.checkpoint shards in `sharded/` instead of the two
+tensor files.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"
 TRAINABLE_ONLY = {"autofit_tensors": "trainable"}
 """safetensors metadata of a checkpoint that holds only the trainable tensors (a LoRA run)."""
 FILES = ("model.safetensors", "optimizer.pt", "scaler.pt", "rng.pt", "trainer_state.json", "plan.json")
+SHARDED = "sharded"
+"""The folder of an FSDP checkpoint's weights and optimizer state (torch.distributed.checkpoint)."""
+SHARDED_FILES = (f"{SHARDED}/.metadata",) + FILES[2:]
 
 
 class CheckpointError(ValueError):
@@ -59,23 +66,37 @@ class TrainerState(BaseModel):
 
 def save_checkpoint(output_dir: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, plan: Plan, state: TrainerState, keep: int = 1,
-                    trainable_only: bool = False) -> Path:
+                    trainable_only: bool = False, rng: dict | None = None) -> Path:
     """Write `checkpoint-<step>` atomically and keep only the newest `keep` checkpoints; with `trainable_only`
-    the weights are only the tensors that train."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    final = output_dir / f"{PREFIX}{state.step:08d}"
-    tmp = output_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    the weights are only the tensors that train. `rng`: the generators to store (default: this process's)."""
+    tmp, final = begin_checkpoint(output_dir, state.step)
     if trainable_only:
         save_file({name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad},
                   str(tmp / "model.safetensors"), metadata=TRAINABLE_ONLY)
     else:
         save_model(model, str(tmp / "model.safetensors"))  # tied weights are stored once
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    return finish_checkpoint(tmp, final, scaler=scaler, plan=plan, state=state, keep=keep, rng=rng)
+
+
+def begin_checkpoint(output_dir: str | Path, step: int) -> tuple[Path, Path]:
+    """(an empty temporary folder to write the checkpoint of `step` into, its final name)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"{PREFIX}{step:08d}"
+    tmp = output_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp, final
+
+
+def finish_checkpoint(tmp: Path, final: Path, *, scaler: torch.amp.GradScaler, plan: Plan, state: TrainerState,
+                      keep: int = 1, rng: dict | None = None) -> Path:
+    """Write the rest (scaler, generators, counters, plan) beside the tensors in `tmp`, rename it into place
+    and drop all but the newest `keep` checkpoints."""
+    output_dir = final.parent
     torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(state.model_dump_json(indent=1))
     plan.save(tmp / "plan.json")
     if final.exists():  # the same step saved again (e.g. at the end, after evaluation)
@@ -120,7 +141,7 @@ def prepare_output_dir(output_dir: str | Path) -> list[str]:
 
 
 def _complete(path: Path) -> bool:
-    return path.is_dir() and all((path / f).exists() for f in FILES)
+    return path.is_dir() and any(all((path / f).exists() for f in files) for files in (FILES, SHARDED_FILES))
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -152,9 +173,9 @@ def load_plan_and_state(path: str | Path) -> tuple[Plan, TrainerState]:
 
 
 def load_tensors(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, trainable_only: bool = False) -> None:
+                 scaler: torch.amp.GradScaler, trainable_only: bool = False, rank: int = 0) -> None:
     """Restore weights (with `trainable_only`: only the trainable ones, which must be all there), optimizer and
-    scaler state, then every RNG (last, so nothing consumes it)."""
+    scaler state, then every RNG (last, so nothing consumes it; `rank`'s of a multi-process checkpoint)."""
     path = Path(path)
     device = next(model.parameters()).device
     try:
@@ -163,11 +184,26 @@ def load_tensors(path: str | Path, *, model: torch.nn.Module, optimizer: torch.o
         else:
             load_model(model, path / "model.safetensors", device=str(device))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    except Exception as error:  # noqa: BLE001 - safetensors, pickle and torch each raise their own kinds
+        raise damaged(path, error) from None
+    load_scaler_and_rng(path, scaler, rank)
+
+
+def damaged(path: Path, error: BaseException) -> CheckpointError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return CheckpointError(f"{path} is damaged: {type(error).__name__}: {first}")
+
+
+def load_scaler_and_rng(path: str | Path, scaler: torch.amp.GradScaler, rank: int = 0) -> None:
+    """Restore the GradScaler, then this process's generators (last, so nothing consumes them)."""
+    path = Path(path)
+    try:
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         rng = torch.load(path / "rng.pt", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - safetensors, pickle and torch each raise their own kinds
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(f"{path} is damaged: {type(error).__name__}: {first}") from None
+        if "ranks" in rng:  # a multi-process checkpoint: every process's generators
+            rng = rng["ranks"][rank]
+    except Exception as error:  # noqa: BLE001
+        raise damaged(path, error) from None
     _set_rng_state(rng)
 
 
@@ -184,7 +220,7 @@ def _load_trainable(model: torch.nn.Module, file: Path, device: torch.device) ->
             trainable[name].copy_(tensor)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     version, keys, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {

@@ -3,11 +3,16 @@
 Everything here was decided up front (techniques applied, batches cut); these functions make no
 decisions. The forward is exactly what the profiler measured: `loss = model(**batch).loss` under
 autocast, with the ModelOutput dropped at once so the logits are freed before backward.
+
+With several processes (`StepContext.processes`), each runs its share of the step with weights from
+executor/distributed.py; DDP and FSDP average gradients over the processes, so each loss is scaled by their
+number to make the average the whole step's gradient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -31,29 +36,41 @@ class StepContext:
     device: torch.device
     task: str
     max_grad_norm: float | None
+    processes: int = 1
+    """Processes whose gradients DDP/FSDP average: each loss is scaled by it."""
+    no_sync: Callable[[], AbstractContextManager] | None = None
+    """DDP's `no_sync`: gradients of all but a step's last micro-batch accumulate locally."""
+    grads_to_none: bool = True
+    """Free gradients after each step; False under DDP, whose gradients are views of its resident buckets
+    (so the meter keeps seeing them through p.grad)."""
 
     @property
     def trainable(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
-def accumulate(ctx: StepContext, step: list[Batch]) -> torch.Tensor:
-    """Forward and backward of each micro-batch of one optimizer step; returns the step's mean loss.
+def accumulate(ctx: StepContext, step: list[Batch], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Forward and backward of each micro-batch of one optimizer step; returns the step's mean loss (with
+    `weights`, this process's part of it).
 
     Each micro-batch's mean loss is weighted by its share of the step's units (samples or label tokens),
-    so the summed gradients are those of the whole step's mean, even for uneven micro-batches."""
-    total = step_units(step, ctx.task)
+    so the summed gradients are those of the whole step's mean, even for uneven micro-batches. `weights`
+    gives those shares instead (several processes: shares of the whole step over all processes; a weight
+    0 runs forward and backward only to keep FSDP's collectives in step with the other processes)."""
+    if weights is None:
+        total = step_units(step, ctx.task)
+        weights = [loss_scale(units, total) if units else None for units in (count_units(b, ctx.task) for b in step)]
     step_loss = torch.zeros((), device=ctx.device)
-    for batch in step:
-        units = count_units(batch, ctx.task)
-        if units == 0:
+    for i, (batch, weight) in enumerate(zip(step, weights, strict=True)):
+        if weight is None:
             continue  # no label token in this micro-batch: its mean loss would be NaN
         batch = {name: tensor.to(ctx.device, non_blocking=True) for name, tensor in batch.items()}
-        with amp.autocast(ctx.precision, ctx.device.type):
-            loss = ctx.model(**batch).loss
-        loss = loss * loss_scale(units, total)
-        ctx.scaler.scale(loss).backward()
-        step_loss += loss.detach()
+        last = i == len(step) - 1
+        with ctx.no_sync() if ctx.no_sync is not None and not last else nullcontext():
+            with amp.autocast(ctx.precision, ctx.device.type):
+                loss = ctx.model(**batch).loss
+            ctx.scaler.scale(loss * (weight * ctx.processes)).backward()
+        step_loss += loss.detach() * weight
     return step_loss
 
 
@@ -67,15 +84,29 @@ def optimizer_step(ctx: StepContext) -> bool:
     Outside fp16, non-finite gradients raise NonFiniteGradientError before the weights change."""
     if ctx.max_grad_norm is not None:
         ctx.scaler.unscale_(ctx.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.max_grad_norm)
+        norm = _local(torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.max_grad_norm))
         if ctx.precision is not Precision.fp16 and not torch.isfinite(norm):
             ctx.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteGradientError(f"the gradient norm is {float(norm)}")
     scale = ctx.scaler.get_scale()
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
-    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.optimizer.zero_grad(set_to_none=ctx.grads_to_none)
     return ctx.scaler.get_scale() >= scale  # the scaler lowers its scale exactly when it skips
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local value (FSDP's gradient norm is a replicated DTensor), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def weights_finite(params: list) -> bool:
+    """Whether every trainable weight (this process's shard of it) is finite: one fused norm per tensor and a
+    single device sync."""
+    if not params:
+        return True
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    return bool(torch.stack(torch._foreach_norm([p.detach() for p in local])).isfinite().all())
 
 
 @torch.no_grad()

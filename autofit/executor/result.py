@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, PrivateAttr
 from torch import nn
@@ -27,7 +28,8 @@ class StepRecord(BaseModel):
     samples: int
     """Examples the step trained: the plan's effective batch, except maybe an epoch's last step."""
     micro_batches: int = 1
-    """Forward/backward passes the step's examples were cut into."""
+    """Forward/backward passes the step's examples were cut into (with several processes: each process's,
+    the zero-weight passes that keep their counts equal included)."""
     seconds: float
     skipped: bool = False
     """True when fp16's GradScaler found inf/NaN gradients and skipped the update."""
@@ -62,9 +64,16 @@ class TrainResult(BaseModel):
     """The plan in force at the end (differs from the input plan after an out-of-memory fallback)."""
     measured_peak_bytes: int | None
     """Peak allocated bytes of the steady-state run (after the first optimizer step, evaluation included):
-    CUDA allocator statistics, or the CPU live-tensor tracker. None when not measured."""
+    CUDA allocator statistics, or the CPU live-tensor tracker. None when not measured. With several
+    processes: the highest of theirs (`rank_peak_bytes`), what the plan's per-process prediction is for."""
     measured_reserved_bytes: int | None = None
-    """CUDA only: the caching allocator's reserved peak."""
+    """CUDA only: the caching allocator's reserved peak (with several processes, the highest)."""
+    rank_peak_bytes: list[int] = []
+    """Each process's measured peak, in rank order (one entry for a one-process run; empty when not measured)."""
+    processes: int = 1
+    """Processes that trained together (`plan.cluster.processes`)."""
+    rank: int = 0
+    """Which of them returned this result (every process gets one; process 0's is the one to report)."""
     predicted_peak_bytes: int
     """The predicted peak including device overhead (the larger of training's and evaluation's); compare
     `predicted_allocated_bytes` with the measured peak."""
@@ -106,6 +115,29 @@ class TrainResult(BaseModel):
         from autofit.plots import save_training
 
         return save_training(self, path)
+
+
+def summarize(state: Any, *, plan: Plan, input_plan: Plan, eval_prediction: MemoryBreakdown | None,
+              peaks: list[tuple[int | None, int | None]], cuda: bool, epochs: int, seconds: float,
+              output_dir: Path | None, adapter_dir: Path | None, rank: int = 0) -> TrainResult:
+    """The TrainResult of a run whose counters are `state` (a checkpoint.TrainerState), with every process's
+    (measured peak, reserved peak): the worst process is the one the plan's per-process prediction must hold."""
+    measured_all = [m for m, _ in peaks if m is not None]
+    measured = max(measured_all) if measured_all else None
+    reserved = max((r for _, r in peaks if r is not None), default=None) if cuda else None
+    predictions = [input_plan.predicted] + ([eval_prediction] if eval_prediction and state.eval else [])
+    predicted = max(predictions, key=lambda m: m.peak_bytes)
+    seconds_trained = max(state.train_seconds, 1e-9)
+    return TrainResult(
+        plan=plan, measured_peak_bytes=measured, measured_reserved_bytes=reserved, rank_peak_bytes=measured_all,
+        processes=len(peaks), rank=rank, predicted_peak_bytes=predicted.peak_bytes,
+        predicted_allocated_bytes=predicted.allocated_bytes, budget_bytes=input_plan.budget_bytes,
+        memory_warning=memory_warning(measured, reserved, predicted, input_plan),
+        history=state.history, eval=state.eval, tokens_per_second=state.real_tokens / seconds_trained,
+        samples_per_second=state.samples / seconds_trained,
+        padding_efficiency=state.real_tokens / max(state.computed_tokens, 1), fallbacks=state.fallbacks,
+        optimizer_steps=state.step, epochs_completed=min(state.epoch, epochs), seconds=seconds,
+        output_dir=str(output_dir) if output_dir else None, adapter_dir=str(adapter_dir) if adapter_dir else None)
 
 
 def memory_warning(measured: int | None, reserved: int | None, predicted: MemoryBreakdown, plan: Plan) -> str | None:

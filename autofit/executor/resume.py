@@ -30,6 +30,8 @@ def run_fingerprint(plan: Plan, **settings: object) -> dict[str, str]:
     """What defines the run's steps, as text: the model, the effective batch, every knob, the settings."""
     found = {"model": f"{plan.model_type} {plan.num_params:,} parameters, {plan.num_layers} layers",
              "task": plan.task, "batch_size": str(plan.batch_size), "device": plan.device.kind}
+    if plan.cluster.processes > 1:  # (absent for one process, as in checkpoints from before multi-process runs)
+        found["processes"] = str(plan.cluster.processes)
     found.update({f"knobs.{name}": repr(value) for name, value in plan.knobs.model_dump(mode="json").items()})
     found.update({name: repr(settings[name]) for name in RUN_SETTINGS if name in settings})
     return found

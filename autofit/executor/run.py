@@ -14,6 +14,12 @@ CPU without autocast or scaler; our autocast and `precision.grad_scaler` cover i
 A LoRA plan (`knobs.adapter == "lora"`) stores the base and puts adapters on it in place (techniques/adapter.py)
 before anything else; the peft wrapper is what trains, checkpoints (trainable tensors only) and, at the end of
 a run with an output_dir, saves its adapters to `<output_dir>/adapter` (`TrainResult.adapter_dir`).
+
+A plan for several processes (`plan.cluster.processes`) runs under a launcher, one process per device: each
+trains its share of every step (executor/distributed.py) through DDP or FSDP2 (techniques/sharding.py, applied
+after freezing, adapters and checkpointing), measures its own peak, and checkpoints with the others
+(dist_checkpoint.py); process 0 alone writes files and shows progress. At the end every process holds the
+trained model, gathered whole. An out-of-memory error then stops the run: the processes cannot fall back apart.
 """
 
 from __future__ import annotations
@@ -26,28 +32,28 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 from transformers import PreTrainedModel
 
 from autofit.data import TokenizedData
 from autofit.executor import checkpoint as ckpt
+from autofit.executor import dist_checkpoint
+from autofit.executor.distributed import World, check_plan, share_step, start
+from autofit.executor.setup import set_up
 from autofit.executor.fallback import (TrainingOutOfMemoryError, check_changeable, default_fallback,
                                        describe_change, free_memory, is_out_of_memory)
 from autofit.executor.interrupt import GracefulInterrupt, TrainingDivergedError, TrainingInterruptedError
-from autofit.executor.loop import NonFiniteGradientError, StepContext, accumulate, evaluate, optimizer_step
+from autofit.executor.loop import (NonFiniteGradientError, StepContext, accumulate, evaluate, optimizer_step,
+                                   weights_finite)
 from autofit.executor.progress import TrainingProgress
 from autofit.executor.resume import data_fingerprint, resume_point, run_fingerprint
-from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord, TrainResult, memory_warning
-from autofit.executor.validate import ExecutorInputError, check_inputs, run_device
+from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord, TrainResult, summarize
+from autofit.executor.validate import check_inputs, run_device
 from autofit.knobs import Precision
 from autofit.measure import PeakMemoryMeter, SteadyStatePeak
 from autofit.plan import MemoryBreakdown, Plan
-from autofit.techniques import adapter, checkpointing, freeze, lora
-from autofit.techniques import optimizer as optim
-from autofit.techniques import precision as amp
-from autofit.techniques.accumulation import StepSampler, bucket_uppers, cut_step, eval_micro_batches
+from autofit.techniques import checkpointing, lora, sharding
+from autofit.techniques.accumulation import StepSampler, bucket_uppers, count_units, eval_micro_batches
 from autofit.techniques.padding import PaddingCollator
 
 log = logging.getLogger("autofit")
@@ -70,10 +76,14 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     TrainingInterruptedError. `eval_prediction` is the predicted peak of evaluation, compared with what
     evaluation measures. The model comes back trained, its requires_grad flags and forward restored; under
     LoRA it comes back with its base stored as planned and the trained adapters in it (`TrainResult.model`
-    is peft's wrapper, to save or merge with techniques/lora.py)."""
+    is peft's wrapper, to save or merge with techniques/lora.py). A plan for several processes runs under
+    torchrun or accelerate launch (each process calls run_plan with the same model, data and settings); every
+    process gets the trained model back, on the CPU under FSDP, and a TrainResult with each one's peak."""
     check_inputs(model, plan, train, eval, epochs=epochs, max_steps=max_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, resume=resume)
-    notes = ckpt.prepare_output_dir(output_dir) if output_dir is not None else []
+    check_plan(plan)
+    world = start(plan, run_device(plan).type)  # every process checks that it is one of the plan's
+    notes = world.first(lambda: ckpt.prepare_output_dir(output_dir), []) if output_dir is not None else []
     data_print = data_fingerprint(train)
     run_print = run_fingerprint(plan, seed=seed, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                                 drop_last=drop_last)
@@ -83,32 +93,21 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     state = saved[2] if saved else ckpt.TrainerState(data_fingerprint=data_print, run_fingerprint=run_print)
     run = _Run(model, saved[1] if saved else plan, train, eval, state=state, epochs=epochs, max_steps=max_steps,
                seed=seed, drop_last=drop_last, output_dir=output_dir, checkpoint_every=checkpoint_every,
-               fallback=fallback or default_fallback)
+               fallback=fallback or default_fallback, world=world)
     try:
         run.build(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, pad_token_id=pad_token_id,
                   resume_from=saved[0] if saved else None)
-        meter = PeakMemoryMeter(run.ctx.device, track=[model, run.ctx.optimizer]) if measure_memory else None
+        meter = PeakMemoryMeter(run.ctx.device, track=[run.wrapped, run.ctx.optimizer]) if measure_memory else None
         total = epochs * len(run.sampler) if max_steps is None else min(epochs * len(run.sampler), max_steps)
-        with meter or nullcontext(), TrainingProgress(total, quiet=quiet, completed=state.step) as bar, \
-                GracefulInterrupt() as interrupt:
-            for line in notes:
+        with meter or nullcontext(), TrainingProgress(total, quiet=quiet or not world.main, completed=state.step) \
+                as bar, GracefulInterrupt() as interrupt:
+            for line in notes if world.main else ():
                 log.warning(line)
             run.train(meter, bar, interrupt)
     finally:
-        run.restore_model()
+        run.restore_model()  # the meter is closed: gathering FSDP's weights is no part of the training's peak
+    run.save_adapter()
     return run.result(meter, input_plan=plan, eval_prediction=eval_prediction)
-
-
-def make_accelerator(mixed_precision: str, *, cpu: bool) -> Accelerator:
-    """An Accelerator for this run. accelerate's state is a process-wide singleton fixed by the first
-    Accelerator; a later run in the same process (a notebook) with another precision resets it."""
-    try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-    except ValueError:
-        if PartialState._shared_state and PartialState().num_processes > 1:
-            raise
-        AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 class _Run:
@@ -118,8 +117,9 @@ class _Run:
     def __init__(self, model: PreTrainedModel, plan: Plan, train: TokenizedData, eval: TokenizedData | None, *,
                  state: ckpt.TrainerState, epochs: int, max_steps: int | None, seed: int, drop_last: bool,
                  output_dir: str | None, checkpoint_every: int | None,
-                 fallback: Callable[[Plan], Plan | None]) -> None:
+                 fallback: Callable[[Plan], Plan | None], world: World) -> None:
         self.model, self.plan, self.train_data, self.eval_data, self.state = model, plan, train, eval, state
+        self.world = world
         self.epochs, self.max_steps, self.seed = epochs, max_steps, seed
         self.output_dir, self.checkpoint_every, self.fallback = output_dir, checkpoint_every, fallback
         self.lengths = train.lengths
@@ -131,44 +131,27 @@ class _Run:
         self.last_checkpoint: Path | None = None
         self.ctx: StepContext | None = None
         self.lora = plan.knobs.adapter == "lora"
-        self.trained: torch.nn.Module = model
-        """What trains: `model`, or under LoRA peft's wrapper around it."""
+        self.trained: torch.nn.Module = model  # what trains, and what runs forward (setup.Setup)
+        self.wrapped: torch.nn.Module = model
+        self.unit_counts: dict[int, int] = {}
+        self.stopped_together = False
+        """All processes finished the same step and stopped (the end, or Ctrl-C): FSDP's weights can be gathered."""
         self.adapter_dir: Path | None = None
         self.collator: PaddingCollator | None = None
         self.meter: PeakMemoryMeter | None = None
         self.bar: TrainingProgress | None = None
         self.peak = SteadyStatePeak(None)
 
-    def build(self, *, lr: float, weight_decay: float, max_grad_norm: float | None, pad_token_id: int | None,
-              resume_from: Path | None) -> None:
-        """Apply freezing and checkpointing, build the optimizer, scaler and collator, restore a checkpoint."""
-        knobs, device_type = self.plan.knobs, run_device(self.plan).type
-        precision = amp.resolve(knobs.precision, device_type)  # bf16 on an old card runs as fp16
-        accelerator = make_accelerator(amp.accelerate_mixed_precision(precision), cpu=device_type == "cpu")
-        if accelerator.num_processes > 1:
-            raise ExecutorInputError("multi-process training is not supported yet: launch a single process")
-        if self.lora:
-            set_seed(self.seed)  # the adapters' initial weights follow the seed
-            self.trained = adapter.prepare(self.model, knobs, self.plan.task,
-                                           precision_dtype=amp.autocast_dtype(precision))
-        else:
-            freeze.apply(self.model, knobs)
-        checkpointing.apply(self.model, knobs.checkpoint_layers)
-        self.trained.to(accelerator.device).train()
-        try:
-            optimizer = optim.build_optimizer(self.trained, knobs, lr=lr, weight_decay=weight_decay)
-        except (optim.OptimizerUnavailableError, optim.NoTrainableParametersError) as error:
-            raise ExecutorInputError(str(error)) from None
-        scaler = accelerator.scaler or amp.grad_scaler(precision, device_type)
-        self.ctx = StepContext(self.trained, optimizer, scaler, precision, accelerator.device, self.plan.task,
-                               max_grad_norm)
-        if pad_token_id is None:
-            pad_token_id = getattr(self.model.config, "pad_token_id", None) or 0
-        self.collator = PaddingCollator(pad_token_id, knobs.pad_to_multiple_of, task=self.plan.task)
-        set_seed(self.seed)
-        if resume_from is not None:
-            ckpt.load_tensors(resume_from, model=self.trained, optimizer=optimizer, scaler=scaler,
-                              trainable_only=self.lora)
+    def build(self, *, resume_from: Path | None, **settings) -> None:
+        """Apply the techniques and build the optimizer, scaler and collator (setup.py); restore a checkpoint."""
+        made = set_up(self.model, self.plan, self.world, seed=self.seed, **settings)
+        self.trained, self.wrapped, self.ctx, self.collator = made.trained, made.wrapped, made.ctx, made.collator
+        set_seed(self.seed + self.world.rank)  # each process draws its own dropout masks
+        tensors = dict(model=self.trained, optimizer=self.ctx.optimizer, scaler=self.ctx.scaler)
+        if resume_from is not None and self.world.distributed:
+            dist_checkpoint.load(self.world, resume_from, wrapped=self.wrapped, lora=self.lora, **tensors)
+        elif resume_from is not None:
+            ckpt.load_tensors(resume_from, trainable_only=self.lora, **tensors)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def train(self, meter: PeakMemoryMeter | None, bar: TrainingProgress, interrupt: GracefulInterrupt) -> None:
@@ -186,8 +169,7 @@ class _Run:
             self.end_epoch()
         if self.output_dir is not None:
             self.save()
-            if self.lora:
-                self.adapter_dir = lora.save_adapter(self.trained, Path(self.output_dir) / "adapter")
+        self.stopped_together = True
 
     @property
     def finished(self) -> bool:
@@ -196,8 +178,10 @@ class _Run:
     def train_step(self, step: list[int]) -> None:
         """One optimizer step over the examples `step`."""
         started = time.perf_counter()
-        batches, loss = self.forward_backward(step)
-        loss_value = float(loss)  # float() waits for the device
+        batches, padding, loss = self.forward_backward(step)
+        real = sum(int(b["attention_mask"].sum()) for b in batches[:len(batches) - padding])
+        computed = sum(b["input_ids"].numel() for b in batches)
+        loss_value, real, computed = self.world.sum(float(loss), real, computed)  # float() waits for the device
         if not math.isfinite(loss_value) and self.ctx.precision is not Precision.fp16:
             self.ctx.optimizer.zero_grad(set_to_none=True)
             raise self.diverged(f"the loss is {loss_value}")
@@ -205,31 +189,35 @@ class _Run:
             applied = optimizer_step(self.ctx)
         except NonFiniteGradientError as error:
             raise self.diverged(str(error)) from None
-        if not weights_finite(self.ctx.trainable):
+        if self.world.any(not weights_finite(self.ctx.trainable)):
             raise self.diverged("the update made the weights inf or NaN", updated=True)
-        self.record_step(step, batches, loss_value, time.perf_counter() - started, skipped=not applied)
+        self.record_step(step, len(batches), int(real), int(computed), loss_value, time.perf_counter() - started,
+                         skipped=not applied)
 
-    def record_step(self, step: list[int], batches: list, loss: float, seconds: float, skipped: bool) -> None:
-        """Count a finished step in the run state (checkpointed with it) and its history."""
-        real = sum(int(b["attention_mask"].sum()) for b in batches)
+    def record_step(self, step: list[int], micro_batches: int, real: int, computed: int, loss: float, seconds: float,
+                    skipped: bool) -> None:
+        """Count a finished step (real and computed tokens of all processes) in the run state and history."""
         s = self.state
         s.step += 1
         s.real_tokens += real
-        s.computed_tokens += sum(b["input_ids"].numel() for b in batches)
+        s.computed_tokens += computed
         s.samples += len(step)
         s.train_seconds += seconds
         s.history.append(StepRecord(step=s.step, epoch=s.epoch, loss=loss,
                                     lr=self.ctx.optimizer.param_groups[0]["lr"],
                                     tokens_per_second=real / max(seconds, 1e-9), samples=len(step),
-                                    micro_batches=len(batches), seconds=seconds, skipped=skipped))
+                                    micro_batches=micro_batches, seconds=seconds, skipped=skipped))
 
     def forward_backward(self, step: list[int]):
-        """(the step's micro-batches, its loss); out of memory falls back and cuts the same examples again."""
+        """(this process's micro-batches of the step, how many of them at the end are zero-weight passes, the
+        step's loss); out of memory falls back and cuts the same examples again."""
         while True:
-            pieces = cut_step(step, self.lengths, self.plan.knobs, self.uppers, self.exact_buckets)
-            batches = [self.collator([self.train_data.example(i) for i in piece]) for piece in pieces]
+            share = share_step(step, self.lengths, self.units, self.plan.knobs, self.uppers, self.exact_buckets,
+                               self.world)
+            batches = [self.collator([self.train_data.example(i) for i in piece]) for piece in share.pieces]
             try:
-                return batches, accumulate(self.ctx, batches)
+                weights = () if share.weights is None else (share.weights,)  # one process: accumulate weighs
+                return batches, share.padding, accumulate(self.ctx, batches, *weights)
             except Exception as error:  # only out-of-memory is handled; the traceback dies with the block
                 if not is_out_of_memory(error):
                     raise
@@ -237,12 +225,19 @@ class _Run:
             del batches
             self.fall_back(message)
 
+    def units(self, index: int) -> int:
+        """Units (samples, or label tokens) of one training example: what its loss averages over."""
+        if index not in self.unit_counts:
+            self.unit_counts[index] = count_units(self.collator([self.train_data.example(index)]), self.plan.task)
+        return self.unit_counts[index]
+
     def after_step(self, interrupt: GracefulInterrupt) -> None:
         self.peak.after_step()
         record = self.state.history[-1]
         self.bar.update(record.step, loss=record.loss, tokens_per_second=record.tokens_per_second,
                         peak_bytes=self.meter.peak_bytes if self.meter else None)
-        if interrupt.requested:
+        if self.world.any(interrupt.requested):  # every process stops after the same step
+            self.stopped_together = True
             where = f"; the checkpoint is {self.save()}, run again with resume to continue" \
                 if self.output_dir is not None else " (no output_dir: nothing was saved)"
             raise TrainingInterruptedError(f"interrupted after step {self.state.step}{where}")
@@ -268,6 +263,9 @@ class _Run:
         self.ctx.optimizer.zero_grad(set_to_none=True)
         free_memory(self.ctx.device)
         old = self.plan.knobs
+        if self.world.distributed:
+            raise TrainingOutOfMemoryError(f"out of memory at step {self.state.step + 1} on process {self.world.rank}"
+                                           f" of {self.world.size}: plan again with a lower budget ({message})")
         new = self.fallback(self.plan)
         if new is None or new.knobs == old:
             advice = "lower the LoRA rank, store the base in nf4" if self.lora else "freeze more layers"
@@ -292,46 +290,42 @@ class _Run:
 
     # ---- ends ----------------------------------------------------------------------------------------
     def save(self) -> Path:
-        self.last_checkpoint = ckpt.save_checkpoint(self.output_dir, model=self.trained, optimizer=self.ctx.optimizer,
-                                                    scaler=self.ctx.scaler, plan=self.plan, state=self.state,
-                                                    trainable_only=self.lora)
+        tensors = dict(model=self.trained, optimizer=self.ctx.optimizer, scaler=self.ctx.scaler, plan=self.plan,
+                       state=self.state)
+        if self.world.distributed:
+            self.last_checkpoint = dist_checkpoint.save(self.world, self.output_dir, wrapped=self.wrapped,
+                                                        lora=self.lora, **tensors)
+        else:
+            self.last_checkpoint = ckpt.save_checkpoint(self.output_dir, trainable_only=self.lora, **tensors)
         return self.last_checkpoint
 
     def restore_model(self) -> None:
         """Give the caller its model back: own forward on every layer, its requires_grad flags (not under
-        LoRA: the adapters it now holds train, its base stays frozen, as peft left them), its mode."""
+        LoRA: the adapters it now holds train, its base stays frozen, as peft left them), its mode. Under
+        FSDP its weights are the trained ones gathered whole when the processes stopped together (after an
+        error they are those it came with: the trained shards are in the last checkpoint)."""
         checkpointing.remove(self.model)
         for param, flag in [] if self.lora else self.flags:
             param.requires_grad_(flag)
         self.model.train(self.was_training)
+        if self.world.distributed:  # DDP's gradients are views of its buckets
+            for param in self.trained.parameters():
+                param.grad = None
+        if self.stopped_together:
+            sharding.gather_into(self.wrapped, self.trained)
+
+    def save_adapter(self) -> None:
+        """A LoRA run with an output_dir: process 0 saves the trained adapters beside the checkpoints."""
+        if self.lora and self.output_dir is not None:
+            self.adapter_dir = Path(self.output_dir) / "adapter"
+            self.world.first(lambda: lora.save_adapter(self.trained, self.adapter_dir), None)
 
     def result(self, meter: PeakMemoryMeter | None, *, input_plan: Plan,
                eval_prediction: MemoryBreakdown | None) -> TrainResult:
-        s = self.state
         measured, reserved = self.peak.result()
-        predictions = [input_plan.predicted] + ([eval_prediction] if eval_prediction and s.eval else [])
-        predicted = max(predictions, key=lambda m: m.peak_bytes)
-        result = TrainResult(
-            plan=self.plan, measured_peak_bytes=measured,
-            measured_reserved_bytes=reserved if meter is not None and meter.is_cuda else None,
-            predicted_peak_bytes=predicted.peak_bytes, predicted_allocated_bytes=predicted.allocated_bytes,
-            budget_bytes=input_plan.budget_bytes,
-            memory_warning=memory_warning(measured, reserved if meter is not None and meter.is_cuda else None,
-                                          predicted, input_plan),
-            history=s.history, eval=s.eval,
-            tokens_per_second=s.real_tokens / max(s.train_seconds, 1e-9),
-            samples_per_second=s.samples / max(s.train_seconds, 1e-9),
-            padding_efficiency=s.real_tokens / max(s.computed_tokens, 1),
-            fallbacks=s.fallbacks, optimizer_steps=s.step, epochs_completed=min(s.epoch, self.epochs),
-            seconds=time.perf_counter() - self.started,
-            output_dir=str(self.last_checkpoint) if self.last_checkpoint else None,
-            adapter_dir=str(self.adapter_dir) if self.adapter_dir else None)
+        result = summarize(self.state, plan=self.plan, input_plan=input_plan, eval_prediction=eval_prediction,
+                           peaks=self.world.gather((measured, reserved)), cuda=meter is not None and meter.is_cuda,
+                           epochs=self.epochs, seconds=time.perf_counter() - self.started,
+                           output_dir=self.last_checkpoint, adapter_dir=self.adapter_dir, rank=self.world.rank)
         result._model = self.trained
         return result
-
-
-def weights_finite(params: list) -> bool:
-    """Whether every trainable weight is finite: one fused norm per tensor and a single device sync."""
-    if not params:
-        return True
-    return bool(torch.stack(torch._foreach_norm([p.detach() for p in params])).isfinite().all())

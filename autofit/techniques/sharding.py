@@ -28,11 +28,19 @@ What is gathered at each moment (measured with 2 processes on the CPU, tests/tec
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from autofit.cluster import Cluster
 from autofit.intmath import ceil_div
 from autofit.knobs import Knobs
+from autofit.layers import find_layout
 from autofit.profiler.schema import BlockProfile, Profile
 from autofit.techniques import freeze, lora, quantization
 
@@ -198,3 +206,102 @@ def traffic(profile: Profile, knobs: Knobs, cluster: Cluster) -> Traffic:
         offload = (weights + backward + trainable) / n
     return Traffic(ring * (weights + backward + trainable), gathers + 1 + units, 0.0, 0, offload)
 
+
+
+# ---- apply side ------------------------------------------------------------------------------------------
+# Why not `accelerator.prepare(model)` for FSDP (measured with accelerate 1.15, /tmp/fsdp_research): on the CPU
+# it silently falls back to independent processes (a FSDP config with use_cpu trains full replicas that never
+# talk); where it does shard, it wraps differently from what the memory model counts (input embeddings as a
+# unit of their own), and under mixed precision it replaces autocast by a bf16 parameter/reduce policy, which
+# is not what the profiler measured. accelerate still launches and sets up the processes; the wrapping is ours.
+
+
+def wrap(model: nn.Module, knobs: Knobs, processes: int, device: torch.device) -> nn.Module:
+    """The module that trains `model` on `processes` processes (the default process group): DDP around it,
+    or FSDP2 shards of a twin of it. Apply freezing, adapters and checkpointing to `model` first.
+
+    FSDP shards a twin (same modules, its parameters new Parameter objects aliasing `model`'s tensors), since
+    fully_shard rebuilds in place every module it touches: `model` itself stays an ordinary module, and
+    `gather_into` copies the trained weights back into it. Weights are broadcast from process 0 first (as DDP
+    does), so every shard comes from the same model."""
+    if knobs.strategy == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        # gradients as views of DDP's buckets: one resident copy of the gradients, not two
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    twin = _twin(model)
+    _broadcast_from_first(twin, device)
+    mesh = init_device_mesh(device.type, (processes,))
+    # pinned host memory needs CUDA (pin_memory fails on a CPU-only machine)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if knobs.cpu_offload else OffloadPolicy()
+    for unit in units(find_layout(twin).layers, knobs.fsdp_unit_layers):
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, offload_policy=offload,
+                    reshard_after_forward=knobs.reshard_after_forward)
+    # the root (embeddings, head) stays gathered from the forward's start to the backward's end, as the
+    # memory model's Gathered.root counts it (fully_shard's default for the root)
+    fully_shard(twin, mesh=mesh, offload_policy=offload, reshard_after_forward=False)
+    return twin
+
+
+def units(layers: nn.ModuleList, unit_layers: int) -> list[list[nn.Module]]:
+    """The layers in FSDP units of `unit_layers` consecutive layers (the last may hold fewer)."""
+    layers = list(layers)
+    return [layers[start:start + unit_layers] for start in range(0, len(layers), unit_layers)]
+
+
+def _twin(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters and buffers alias `model`'s tensors (no weight is copied; tied
+    weights stay tied): what fully_shard may rebuild while `model` stays as it is."""
+    memo: dict[int, torch.Tensor] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(param.detach(), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.detach()
+    return copy.deepcopy(model, memo)
+
+
+@torch.no_grad()
+def _broadcast_from_first(model: nn.Module, device: torch.device) -> None:
+    """Make every process's weights and buffers process 0's (a head initialised with another seed on one
+    process would otherwise be sharded from different models)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        moved = tensor.detach().to(device)
+        dist.broadcast(moved, src=0)
+        if moved is not tensor:
+            tensor.copy_(moved)
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def unwrapped(wrapped: nn.Module) -> nn.Module:
+    """DDP's own module; an FSDP twin is itself (its weights are sharded: see `gather_into`)."""
+    return wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
+
+
+@torch.no_grad()
+def gather_into(wrapped: nn.Module, model: nn.Module) -> None:
+    """Copy an FSDP twin's trained weights, gathered whole, into `model` on every process (a collective: every
+    process calls it). Only what trains changes, so frozen weights are not gathered. DDP trained `model`
+    itself: nothing to do."""
+    if not is_fsdp(wrapped):
+        return
+    from torch.distributed.tensor import DTensor
+
+    targets = dict(model.named_parameters())
+    for name, param in wrapped.named_parameters():
+        if param.requires_grad:
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            targets[name].copy_(full)
+
+
+def state_dict_options(lora: bool):
+    """torch.distributed.checkpoint's options: sharded tensors; a LoRA run keeps only what trains."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
