@@ -152,6 +152,9 @@ class Knobs(BaseModel):
             if self.optimizer_bits == 8:
                 raise ValueError("8-bit AdamW does not step FSDP's sharded (DTensor) parameters: "
                                  "use optimizer_bits=32 with strategy=fsdp")
+            if self.adapter == "lora" and self.base_dtype != "fp32":
+                raise ValueError(f"FSDP gathers each unit in one dtype: a {self.base_dtype} base with fp32 "
+                                 "adapters does not shard (use base_dtype=fp32, or strategy=ddp)")
             return
         fsdp_only = {"reshard_after_forward": not self.reshard_after_forward, "cpu_offload": self.cpu_offload,
                      "fsdp_unit_layers": self.fsdp_unit_layers != 1}

@@ -27,13 +27,13 @@ from autofit.techniques.padding import PaddingCollator
 
 def make_accelerator(mixed_precision: str, *, cpu: bool) -> Accelerator:
     """An Accelerator for this run. accelerate's state is a process-wide singleton fixed by the first
-    Accelerator; a later run in the same process (a notebook) with another precision resets it."""
+    Accelerator; a later run in the same process (a notebook) with another precision resets it, keeping the
+    process group of a launched run (its processes are still the same)."""
     try:
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     except ValueError:
-        if PartialState._shared_state and PartialState().num_processes > 1:
-            raise
-        AcceleratorState._reset_state(reset_partial_state=True)
+        launched = bool(PartialState._shared_state) and PartialState().num_processes > 1
+        AcceleratorState._reset_state(reset_partial_state=not launched)
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 

@@ -14,8 +14,8 @@ Parameters (each a categorical choice; the names are what optuna-dashboard shows
 - only when the policy's adapter rule allows them and the profile has their fits: `adapter` (none | lora),
   `lora_rank`, `lora_targets` and `lora_base` (plain: the base in the precision's dtype; nf4: 4 bits).
 - only with several processes: `sharding` (policy.SHARDINGS: ddp, fsdp, fsdp:2, fsdp:keep, fsdp:offload;
-  offload only on a GPU). FSDP steps 32-bit AdamW and shards no 4-bit base: its 8-bit and NF4 points fall
-  back to 32-bit states and the precision's half base.
+  offload only on a GPU). FSDP steps 32-bit AdamW and gathers a unit in one dtype: its 8-bit points fall
+  back to 32-bit states, its adapter points to an fp32 base under fp32.
 
 Different parameters can give the same Knobs (checkpoint counts beyond the trainable layers, a token budget
 on micro-batch 1, freezing or LoRA settings under the other adapter); `enumerate` and `size` count distinct
@@ -194,11 +194,14 @@ class SearchSpace:
             tokens = max(params["token_budget"] * micro_batch * boundaries[0], boundaries[-1])
         sharding = params.get("sharding", "ddp")
         fsdp = sharding != "ddp"
-        adapter = self._adapter_key(params)
-        if fsdp and adapter[1] == "nf4":  # FSDP shards no 4-bit base: the precision's half base instead
-            adapter = (adapter[0], params["precision"], *adapter[2:4], True)
+        adapter, precision = self._adapter_key(params), params["precision"]
+        if fsdp and adapter[0] == "lora":  # FSDP gathers a unit in one dtype: an fp32 base, under fp32
+            if "fp32" in self.full_dims["precision"]:
+                adapter, precision = (adapter[0], "fp32", *adapter[2:4], True), "fp32"
+            else:  # the policy allows no fp32: replicas instead
+                sharding, fsdp = "ddp", False
         bits = 32 if fsdp else params["optimizer_bits"]  # 8-bit AdamW does not step FSDP's DTensors
-        return (depth >= 1, frozen, checkpoint, params["precision"], bits, micro_batch,
+        return (depth >= 1, frozen, checkpoint, precision, bits, micro_batch,
                 boundaries, tokens, *adapter, sharding)
 
     def _adapter_key(self, params: Mapping[str, Any]) -> tuple:
