@@ -277,8 +277,11 @@ def _train_summary(result) -> str:
         lines.append(f"every step trained {max(samples)} examples" + (
             f" (the last of an epoch {min(samples)})" if min(samples) < max(samples) else ""))
     if result.measured_peak_bytes is not None:
-        lines.append(f"peak memory {format_bytes(result.measured_peak_bytes)} measured, "
-                     f"{format_bytes(result.predicted_allocated_bytes)} predicted, "
+        each = ""
+        if result.processes > 1:  # the worst process's peak, each one's after it
+            each = f" by the busiest of {result.processes} processes ({', '.join(map(format_bytes, result.rank_peak_bytes))})"
+        lines.append(f"peak memory {format_bytes(result.measured_peak_bytes)} measured{each}, "
+                     f"{format_bytes(result.predicted_allocated_bytes)} predicted per process, "
                      f"budget {format_bytes(result.budget_bytes)}")
     lines.append(f"{result.tokens_per_second:,.0f} tokens/s, padding efficiency {result.padding_efficiency:.0%}")
     lines += [f"eval epoch {e.epoch}: loss {e.loss:.4f}" + (f", accuracy {e.accuracy:.1%}" if e.accuracy is not None

@@ -318,12 +318,13 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
                       device: DeviceSpec, cluster: Cluster = SINGLE) -> MemoryBreakdown:
     """Predicted peak of forward-only evaluation on micro-batches of the given (batch, padded length) shapes.
 
-    No gradients exist (the last step cleared them) and nothing is saved for backward; a block's forward
+    No gradients exist (the last step cleared them; DDP's buckets stay) and nothing is saved for backward; a block's forward
     is bounded by what it would save, its output, transient and unsaved references, on top of its input
     and the embeddings' output the model's code keeps. Optimizer state stays; under FSDP the root and two
     layer units are gathered while the top layer runs (its most)."""
     share = sharding.share(profile, knobs, cluster)
-    weights, _, state, _ = _device_states(profile, knobs, share)
+    weights, grads, state, _ = _device_states(profile, knobs, share)
+    grads = grads if share.grads_resident else 0.0  # DDP's buckets stay through evaluation
     gathered = share.gathered.forward(profile.num_layers - 1)
     fits = {b.profile.name: b.fits for b in _expand(profile, knobs)}
     worst, at = 0.0, (0, 0)
@@ -338,9 +339,9 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
                 worst, at = inputs + live, (batch, seq)
             previous = acts.output(batch, seq)
             held = held or previous  # the embeddings' output stays referenced until the forward returns
-    allocated = weights + state + worst + gathered
+    allocated = weights + grads + state + worst + gathered
     overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
-    return MemoryBreakdown(weights=int(weights), gradients=0, optimizer_state=int(state), activations=0,
+    return MemoryBreakdown(weights=int(weights), gradients=int(grads), optimizer_state=int(state), activations=0,
                            temporaries=int(worst), overhead=int(overhead), gathered=int(gathered),
                            peak_phase="forward", peak_shape=at)
 
