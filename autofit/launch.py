@@ -18,20 +18,20 @@ from autofit.knobs import Knobs
 DEFAULT_PORT = 29500
 
 
-def distributed_type(knobs: Knobs, processes: int, device_kind: str) -> str:
-    """accelerate's name for how the processes share the work."""
+def distributed_type(knobs: Knobs, processes: int) -> str:
+    """accelerate's name for how the processes share the work. Replicas are MULTI_GPU even for CPU processes:
+    `accelerate launch` starts several processes (through torchrun) for it, while MULTI_CPU wants mpirun;
+    `use_cpu` and autofit's executor join them with gloo."""
     if knobs.strategy == "fsdp":
         return "FSDP"
-    if processes == 1:
-        return "NO"
-    return "MULTI_CPU" if device_kind == "cpu" else "MULTI_GPU"
+    return "NO" if processes == 1 else "MULTI_GPU"
 
 
 def accelerate_config(knobs: Knobs, *, processes: int, machines: int, device_kind: str) -> dict[str, Any]:
     """The contents of an accelerate config file (`accelerate config` writes the same keys)."""
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": distributed_type(knobs, processes, device_kind),
+        "distributed_type": distributed_type(knobs, processes),
         "mixed_precision": "no" if knobs.precision.value == "fp32" else knobs.precision.value,
         "num_processes": processes,
         "num_machines": machines,

@@ -226,8 +226,9 @@ def wrap(model: nn.Module, knobs: Knobs, processes: int, device: torch.device) -
     does), so every shard comes from the same model."""
     if knobs.strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
-        # gradients as views of DDP's buckets: one resident copy of the gradients, not two
-        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
+        # gradients as views of DDP's buckets: one resident copy of the gradients, not two; no buffer broadcast
+        # in forward (a collective every process would have to reach, evaluation included)
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, forward_sync_buffers=False)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
