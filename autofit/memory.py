@@ -318,32 +318,35 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
                       device: DeviceSpec, cluster: Cluster = SINGLE) -> MemoryBreakdown:
     """Predicted peak of forward-only evaluation on micro-batches of the given (batch, padded length) shapes.
 
-    No gradients exist (the last step cleared them; DDP's buckets stay) and nothing is saved for backward; a block's forward
-    is bounded by what it would save, its output, transient and unsaved references, on top of its input
-    and the embeddings' output the model's code keeps. Optimizer state stays; under FSDP the root and two
-    layer units are gathered while the top layer runs (its most)."""
+    No gradients exist (the last step cleared them; DDP's buckets stay) and nothing is saved for backward; a
+    block's forward is bounded by what it would save, its output, transient and unsaved references, on top of
+    its input, the embeddings' output the layers' code keeps, and autocast's half copies of the trainable
+    layers' weights (kept until the forward returns, as a checkpointed layer leaves them). Optimizer state
+    stays; under FSDP the root stays gathered, with the running unit and the last gather's flat buffer."""
     share = sharding.share(profile, knobs, cluster)
     weights, grads, state, _ = _device_states(profile, knobs, share)
     grads = grads if share.grads_resident else 0.0  # DDP's buckets stay through evaluation
-    gathered = share.gathered.forward(profile.num_layers - 1)
-    fits = {b.profile.name: b.fits for b in _expand(profile, knobs)}
-    worst, at = 0.0, (0, 0)
+    g = share.gathered
+    worst, at, worst_gathered = 0.0, (0, 0), 0.0
     for batch, seq in shapes:
         inputs = input_bytes(profile, batch, seq)
-        previous = held = 0.0
-        for block in profile.blocks:
-            acts = fits[block.name].at(batch, True)
-            live = (previous + held + acts.saved(batch, seq) + acts.output(batch, seq)
+        previous = held = casts = 0.0
+        for block in _expand(profile, knobs):
+            acts, layer = block.fits.at(batch, True), block.layer is not None
+            gathered = g.forward(block.layer) if layer else g.forward(None) + (0.0 if g.keep else g.unit)
+            live = (previous + (held if layer else 0.0) + casts + acts.saved(batch, seq) + acts.output(batch, seq)
                     + acts.forward_transient(batch, seq) + acts.resident(batch, seq))
-            if inputs + live > worst:
-                worst, at = inputs + live, (batch, seq)
+            if inputs + live + gathered > worst:
+                worst, at, worst_gathered = inputs + live + gathered, (batch, seq), gathered
+            if layer and block.trainable:
+                casts += checkpointing.forward_leftover_bytes(acts, batch, seq)
             previous = acts.output(batch, seq)
-            held = held or previous  # the embeddings' output stays referenced until the forward returns
-    allocated = weights + grads + state + worst + gathered
+            held = held or previous  # the embeddings' output stays referenced until the layers' loop ends
+    allocated = weights + grads + state + worst
     overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
     return MemoryBreakdown(weights=int(weights), gradients=int(grads), optimizer_state=int(state), activations=0,
-                           temporaries=int(worst), overhead=int(overhead), gathered=int(gathered),
-                           peak_phase="forward", peak_shape=at)
+                           temporaries=int(worst - worst_gathered), overhead=int(overhead),
+                           gathered=int(worst_gathered), peak_phase="forward", peak_shape=at)
 
 
 def step_timeline(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec,

@@ -59,8 +59,22 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
         "rank_median_abs_error_pct": round(100 * statistics.median(every), 2) if ran else None,
         "rank_max_abs_error_pct": round(100 * max(every), 2) if ran else None,
         "over_budget": sum(1 for c in ran if c["over_budget"]),
+        "time_rank_correlation": _spearman([c["predicted_step_seconds"] for c in ran],
+                                           [c["measured_step_seconds"] for c in ran]) if len(ran) > 2 else None,
         "over_3pct": [f"{c['family']}/{c['sharding']}@{c['budget']}" for c in ran if abs(c["error"]) > 0.03],
     }
+
+
+def _spearman(xs: list[float], ys: list[float]) -> float:
+    """Rank correlation of predicted and measured step times (the live-tensor meter slows the CPU steps: the
+    order is what counts)."""
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        for position, index in enumerate(order):
+            out[index] = float(position)
+        return out
+    return round(statistics.correlation(ranks(xs), ranks(ys)), 3)
 
 
 # ---- inside each of the launched processes ----------------------------------------------------------------
@@ -129,6 +143,8 @@ def run_cells(family: str, shardings: list[str], points: list[float]) -> list[di
                         measured_bytes=max(ranks), error=(predicted - max(ranks)) / max(ranks),
                         rank_errors=[(predicted - m) / m for m in ranks], over_budget=max(ranks) > budget,
                         memory_warning=result.memory_warning, steps=len(result.history),
+                        predicted_step_seconds=plan.time.step_seconds,
+                        measured_step_seconds=statistics.median(r.seconds for r in result.history[1:] or result.history),
                         samples_per_step=[r.samples for r in result.history],
                         seconds=round(time.perf_counter() - t, 1))
             cells.append(cell)
@@ -185,7 +201,8 @@ def report(result: dict[str, Any]) -> str:
     return cells + "\n\n" + (
         f"{s['trained']} of {s['cells']} cells trained on {PROCESSES} processes; |error| of the worst process: "
         f"median {s['median_abs_error_pct']}%, worst {s['max_abs_error_pct']}%; of every process: median "
-        f"{s['rank_median_abs_error_pct']}%, worst {s['rank_max_abs_error_pct']}%; over budget: {s['over_budget']}")
+        f"{s['rank_median_abs_error_pct']}%, worst {s['rank_max_abs_error_pct']}%; over budget: {s['over_budget']}; "
+        f"step time rank correlation (predicted vs measured) {s['time_rank_correlation']}")
 
 
 def main(quick: bool = False, families: list[str] | None = None, shardings: list[str] | None = None,

@@ -11,8 +11,8 @@ number to make the average the whole step's gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -116,17 +116,33 @@ def evaluate(ctx: StepContext, batches: Iterable[Batch]) -> tuple[float, float |
     ctx.model.eval()
     loss_sum, units_sum, correct, samples = 0.0, 0, 0, 0
     classify = ctx.task == "classification"
-    for batch in batches:
-        units = count_units(batch, ctx.task)
-        batch = {name: tensor.to(ctx.device, non_blocking=True) for name, tensor in batch.items()}
-        with amp.autocast(ctx.precision, ctx.device.type):
-            output = ctx.model(**batch)
-        if units:
-            loss_sum += float(output.loss) * units
-            units_sum += units
-        classify = classify and output.logits.shape[-1] > 1 and not batch["labels"].is_floating_point()
-        if classify:
-            correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
-        samples += len(batch["input_ids"])
+    with _no_kv_cache(ctx.model):  # a single forward never reads its key/value cache: not building it saves memory
+        for batch in batches:
+            units = count_units(batch, ctx.task)
+            batch = {name: tensor.to(ctx.device, non_blocking=True) for name, tensor in batch.items()}
+            with amp.autocast(ctx.precision, ctx.device.type):
+                output = ctx.model(**batch)
+            if units:
+                loss_sum += float(output.loss) * units
+                units_sum += units
+            classify = classify and output.logits.shape[-1] > 1 and not batch["labels"].is_floating_point()
+            if classify:
+                correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
+            samples += len(batch["input_ids"])
+            del output  # its logits would otherwise live through the next batch's forward
     ctx.model.train(was_training)
     return loss_sum / max(units_sum, 1), (correct / samples if classify else None), samples
+
+
+@contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """`use_cache` off on every config of `model` (a wrapper's, peft's and the base model's) while the block runs."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "use_cache", None)}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
