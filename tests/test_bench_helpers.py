@@ -189,3 +189,16 @@ def test_run_plan_quality_rows_skip_budgets_without_a_grid_point():
               "any_measured_peak_over_budget": False}
     rows = bench_run._plan_quality({"summary": {"balanced": policy}})
     assert rows[0][1] == "0.97"
+
+
+def test_accuracy_ranks_summary_weighs_the_busier_process():
+    from benchmarks import accuracy_ranks
+
+    cells = [dict(family="bert", sharding="fsdp", budget="p0", measured_bytes=110, error=-0.1,
+                  rank_errors=[-0.1, 0.05], over_budget=False, predicted_step_seconds=s, measured_step_seconds=2 * s)
+             for s in (1.0, 2.0, 3.0)]
+    summary = accuracy_ranks.summarize(cells)
+    assert summary["median_abs_error_pct"] == 10.0 and summary["rank_median_abs_error_pct"] == 7.5
+    assert summary["time_rank_correlation"] == 1.0 and summary["over_3pct"] == ["bert/fsdp@p0"] * 3
+    rows = bench_run.EXTRACTORS["accuracy_ranks"]({"summary": summary})
+    assert rows[0][1] == "10.0% / 10.0%"
