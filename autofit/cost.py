@@ -269,7 +269,7 @@ def communication_seconds(profile: Profile, knobs: Knobs, device: DeviceSpec, cl
     """(exposed seconds per micro-batch, per step) of the processes' collectives: bytes over the slowest
     link a ring crosses. On a GPU they overlap compute: FSDP's gathers hide behind a micro-batch's compute but
     the first (the root's and a unit's); DDP's all-reduce behind the last micro-batch's backward."""
-    if not cluster.distributed and not knobs.cpu_offload:
+    if not cluster.distributed:
         return 0.0, 0.0
     bandwidth = cluster.bandwidth_gbs * 1e9 * COLLECTIVE_EFFICIENCY
     latency = COLLECTIVE_SECONDS.get(device.kind, 1e-4)

@@ -37,9 +37,9 @@ every linear layer (QLoRA's choice: better quality, more memory)."""
 MAX_LORA_RANK = 4096
 
 Strategy = Literal["ddp", "fsdp"]
-"""How several processes share the training: `ddp` keeps a full replica on each and all-reduces gradients
-(with one process: plain training); `fsdp` shards weights, gradients and optimizer state across them
-(PyTorch FSDP2, `fully_shard`) and gathers each unit's weights just before it runs."""
+"""How several processes share the training: `ddp` keeps a full replica on each and all-reduces gradients;
+`fsdp` shards weights, gradients and optimizer state across them (PyTorch FSDP2, `fully_shard`) and gathers
+each unit's weights just before it runs. With one process neither applies: it trains the model as it is."""
 
 
 class Knobs(BaseModel):

@@ -277,7 +277,7 @@ def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int, devi
 def offloaded_bytes_per_machine(profile: Profile, knobs: Knobs, cluster: Cluster) -> int:
     """CPU RAM one machine needs for its processes' offloaded shards (weights, gradients, optimizer state);
     0 without CPU offload."""
-    if not knobs.cpu_offload:
+    if not (knobs.cpu_offload and sharding.is_sharded(knobs, cluster)):
         return 0
     weights, grads, state, _ = param_state(profile, knobs)
     return int(sharding.shard(weights + grads + state, cluster.processes) * cluster.per_machine)

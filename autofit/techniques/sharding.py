@@ -52,8 +52,9 @@ ROOT_KINDS = ("embeddings", "head")
 
 
 def is_sharded(knobs: Knobs, cluster: Cluster) -> bool:
-    """Whether weights, gradients and optimizer state are split over processes (FSDP, even on one)."""
-    return knobs.strategy == "fsdp"
+    """Whether weights, gradients and optimizer state are split over processes: FSDP with several of them
+    (the executor applies no FSDP to a one-process run, so neither does the model)."""
+    return knobs.strategy == "fsdp" and cluster.distributed
 
 
 def shard(nbytes: float, processes: int) -> float:
