@@ -196,7 +196,8 @@ def _step_moments(blocks: list[_Block], adapter: str, batch: int, seq: int, padd
     kept, outputs, forward = _forward_walk(blocks, adapter, batch, seq, padded)
     moments = [("start", forward[0])]
     for block, name, m in zip(blocks, names, forward[1:]):
-        moments.append((f"forward {name}", replace(m, gathered=share.gathered.forward(block.layer))))
+        moments.append((f"forward {name}", replace(m, gathered=share.gathered.forward(
+            block.layer, head=block.profile.kind == "head"))))
     live, grads = sum(kept), 0.0
     for i in range(len(blocks) - 1, -1, -1):
         block = blocks[i]
@@ -333,7 +334,7 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
         previous = held = casts = 0.0
         for block in _expand(profile, knobs):
             acts, layer = block.fits.at(batch, True), block.layer is not None
-            gathered = g.forward(block.layer) if layer else g.forward(None) + (0.0 if g.keep else g.unit)
+            gathered = g.forward(block.layer) if layer else g.between_blocks()
             live = (previous + (held if layer else 0.0) + casts + acts.saved(batch, seq) + acts.output(batch, seq)
                     + acts.forward_transient(batch, seq) + acts.resident(batch, seq))
             if inputs + live + gathered > worst:

@@ -45,6 +45,16 @@ def test_fsdp_gathers_the_root_and_two_units_at_most_while_a_layer_runs(profile)
     assert g.backward(0) == root + 2 * layer.param_bytes  # nothing below to prefetch
     assert g.backward(None, head=True) == root + layer.param_bytes
     assert g.backward(None) == root
+    assert g.forward(None) == 2 * root  # the root's own flat buffer, until the first layer's gather
+    assert g.forward(None, head=True) == root + layer.param_bytes  # the top unit's flat buffer
+
+
+def test_a_coarse_units_upper_layers_keep_their_gradients_until_it_is_reduced(profile):
+    g = sharding.gathered(profile, Knobs(strategy="fsdp", fsdp_unit_layers=2), TWO)
+    layer = next(b for b in profile.blocks if b.kind == "layer").param_bytes
+    # layer 2, the lower layer of the top unit (2, 3): layer 3's gradients wait for the unit's reduce-scatter
+    assert g.backward(2) == g.root + 2 * layer + 2 * layer + layer
+    assert g.backward(3) == g.root + 2 * layer + 2 * layer  # the unit itself and the prefetched one below
 
 
 def test_keeping_units_gathered_after_forward_costs_memory_and_saves_traffic(profile):

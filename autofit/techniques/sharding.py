@@ -102,13 +102,22 @@ class Gathered:
     def _last_unit(self) -> int:
         return self._unit_of(self.num_layers - 1)
 
-    def forward(self, layer: int | None) -> float:
-        """Gathered while layer `layer`'s forward runs (None: the embeddings or head)."""
+    def forward(self, layer: int | None, head: bool = False) -> float:
+        """Gathered while layer `layer`'s forward runs (None: the embeddings', or the head's with `head`).
+        A gather's flat buffer stays until the next gather: the root's own through the embeddings, the top
+        unit's through the head (and the loss) until the backward's first gather."""
         if layer is None:
-            return self.root + (self._last_unit + 1) * self.unit * self.keep
+            if not head:
+                return 2 * self.root
+            return self.root + self.unit + (self._last_unit + 1) * self.unit * self.keep
         unit = self._unit_of(layer)
         earlier = unit * self.unit if self.keep else 0.0
         return self.root + earlier + 2 * self.unit
+
+    def between_blocks(self) -> float:
+        """Gathered outside the layers once the forward passed them (evaluation's head): the root and the last
+        gather's flat buffer, or with units kept, every unit."""
+        return self.root + self.unit * ((self._last_unit + 1) if self.keep else 1)
 
     def backward(self, layer: int | None, head: bool = False) -> float:
         """Gathered while layer `layer`'s backward runs (None: the head's, `head`, or the embeddings')."""
@@ -118,7 +127,11 @@ class Gathered:
         earlier = (unit - 1) * self.unit if self.keep and unit > 0 else 0.0
         prefetched = self.unit if unit > 0 else 0.0
         reducing = self.unit_grads if unit < self._last_unit else 0.0
-        return self.root + self.unit + prefetched + earlier + reducing
+        # the unit's layers above `layer` ran their backward already: their gradients stay unsharded (on the
+        # unit's parameters) until the unit's reduce-scatter, after its lowest layer's backward
+        top = min((unit + 1) * self.unit_layers, self.num_layers) - 1
+        pending = (top - layer) * self.unit_grads / self.unit_layers
+        return self.root + self.unit + prefetched + earlier + reducing + pending
 
 
 NONE_GATHERED = Gathered(root=0.0, unit=0.0, unit_grads=0.0, unit_layers=1, num_layers=1, keep=False)

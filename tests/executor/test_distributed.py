@@ -171,12 +171,16 @@ def test_8bit_adamw_with_fsdp_is_refused(tmp_path):
 
 
 def test_fsdp_refuses_a_half_precision_base_under_lora():
+    """FSDP2 gathers a unit in one dtype: the knobs refuse a bf16 base with fp32 adapters, and the executor
+    refuses such a plan made around them (a file edited by hand) in one line."""
     from _tiny import make_plan
 
+    with pytest.raises(ValueError, match="a bf16 base with fp32 adapters does not shard"):
+        Knobs(strategy="fsdp", adapter="lora", base_dtype="bf16", precision="bf16")
     kind, task, _ = cases.CASES["lora-fsdp"]
     model = cases.model(kind, task)
-    plan = make_plan(model, task, cases.data(task), batch_size=4, strategy="fsdp", adapter="lora",
-                     base_dtype="bf16", precision="bf16")
-    plan = plan.model_copy(update={"cluster": plan.cluster.model_copy(update={"processes": 2})})
+    plan = make_plan(model, task, cases.data(task), batch_size=4, adapter="lora", base_dtype="bf16", precision="bf16")
+    knobs = Knobs.model_construct(**{**plan.knobs.model_dump(), "strategy": "fsdp"})  # past the knobs' check
+    plan = plan.model_copy(update={"knobs": knobs, "cluster": plan.cluster.model_copy(update={"processes": 2})})
     with pytest.raises(ExecutorInputError, match="FSDP cannot shard a bf16 base with fp32 adapters"):
         run_plan(model, plan, cases.data(task), quiet=True, max_steps=1)
