@@ -38,7 +38,7 @@ def test_fsdp_gathers_the_root_and_two_units_at_most_while_a_layer_runs(profile)
     g = sharding.gathered(profile, Knobs(strategy="fsdp"), TWO)
     layer = next(b for b in profile.blocks if b.kind == "layer")
     root = sum(b.param_bytes for b in profile.blocks if b.kind != "layer")
-    assert (g.root, g.unit, g.unit_grads) == (root, layer.param_bytes, layer.param_bytes)
+    assert (g.root, g.layer, g.layer_grads) == (root, layer.param_bytes, layer.param_bytes)
     assert g.forward(0) == root + 2 * layer.param_bytes
     assert g.backward(3) == root + 2 * layer.param_bytes  # the top unit: nothing reduced before it
     assert g.backward(1) == root + 3 * layer.param_bytes  # unit 2's reduce-scatter input still waits
@@ -64,6 +64,13 @@ def test_keeping_units_gathered_after_forward_costs_memory_and_saves_traffic(pro
         predict_peak(profile, resharded, workload, CPU, TWO).peak_bytes
     assert sharding.traffic(profile, kept, TWO).micro_batch_bytes < \
         sharding.traffic(profile, resharded, TWO).micro_batch_bytes
+
+
+def test_the_top_unit_holds_the_layers_left(profile):
+    """Four layers in units of three: (0, 1, 2) and (3). The top unit gathers one layer, not three."""
+    g = sharding.gathered(profile, Knobs(strategy="fsdp", fsdp_unit_layers=3), TWO)
+    assert g.forward(3) == g.root + 2 * g.layer and g.forward(0) == g.root + 6 * g.layer
+    assert g.backward(None, head=True) == g.root + g.layer
 
 
 def test_coarser_units_gather_more_at_once(profile):

@@ -85,12 +85,11 @@ class Gathered:
 
     root: float
     """The root unit's weights (embeddings and head), gathered from the micro-batch's start to its end."""
-    unit: float
-    """One layer unit's weights."""
-    unit_grads: float
-    """One layer unit's gradients, flat: the reduce-scatter input kept until the next one."""
+    layer: float
+    """One layer's weights (a unit holds `unit_layers` of them; the top unit what is left)."""
+    layer_grads: float
+    """One layer's gradients: a unit's, flat, are the reduce-scatter input kept until the next one."""
     unit_layers: int
-    """Layers per unit."""
     num_layers: int
     keep: bool
     """Units stay gathered from their forward to their backward (reshard_after_forward off)."""
@@ -102,39 +101,46 @@ class Gathered:
     def _last_unit(self) -> int:
         return self._unit_of(self.num_layers - 1)
 
+    def _layers_in(self, unit: int) -> int:
+        return min(self.num_layers, (unit + 1) * self.unit_layers) - unit * self.unit_layers
+
+    def _size(self, unit: int) -> float:
+        return self._layers_in(unit) * self.layer
+
+    def _below(self, unit: int) -> float:
+        """Every unit under `unit`, gathered (units kept after their forward)."""
+        return min(unit * self.unit_layers, self.num_layers) * self.layer if self.keep and unit > 0 else 0.0
+
     def forward(self, layer: int | None, head: bool = False) -> float:
         """Gathered while layer `layer`'s forward runs (None: the embeddings', or the head's with `head`).
         A gather's flat buffer stays until the next gather: the root's own through the embeddings, the top
         unit's through the head (and the loss) until the backward's first gather."""
         if layer is None:
-            if not head:
-                return 2 * self.root
-            return self.root + self.unit + (self._last_unit + 1) * self.unit * self.keep
+            return self.between_blocks() if head else 2 * self.root
         unit = self._unit_of(layer)
-        earlier = unit * self.unit if self.keep else 0.0
-        return self.root + earlier + 2 * self.unit
+        return self.root + self._below(unit) + 2 * self._size(unit)
 
     def between_blocks(self) -> float:
-        """Gathered outside the layers once the forward passed them (evaluation's head): the root and the last
+        """Gathered outside the layers once the forward passed them (the head): the root and the last
         gather's flat buffer, or with units kept, every unit."""
-        return self.root + self.unit * ((self._last_unit + 1) if self.keep else 1)
+        return self.root + (self.num_layers * self.layer if self.keep else self._size(self._last_unit))
 
     def backward(self, layer: int | None, head: bool = False) -> float:
         """Gathered while layer `layer`'s backward runs (None: the head's, `head`, or the embeddings')."""
         if layer is None:  # the head's backward prefetches the top unit; all units are freed by the embeddings'
-            return self.root + ((self._last_unit + 1) * self.keep + (not self.keep)) * self.unit if head else self.root
+            return self.between_blocks() if head else self.root
         unit = self._unit_of(layer)
-        earlier = (unit - 1) * self.unit if self.keep and unit > 0 else 0.0
-        prefetched = self.unit if unit > 0 else 0.0
-        reducing = self.unit_grads if unit < self._last_unit else 0.0
+        prefetched = self._size(unit - 1) if unit > 0 else 0.0
+        earlier = self._below(unit - 1) if unit > 0 else 0.0
+        reducing = self._layers_in(unit + 1) * self.layer_grads if unit < self._last_unit else 0.0
         # the unit's layers above `layer` ran their backward already: their gradients stay unsharded (on the
         # unit's parameters) until the unit's reduce-scatter, after its lowest layer's backward
         top = min((unit + 1) * self.unit_layers, self.num_layers) - 1
-        pending = (top - layer) * self.unit_grads / self.unit_layers
-        return self.root + self.unit + prefetched + earlier + reducing + pending
+        pending = (top - layer) * self.layer_grads
+        return self.root + self._size(unit) + prefetched + earlier + reducing + pending
 
 
-NONE_GATHERED = Gathered(root=0.0, unit=0.0, unit_grads=0.0, unit_layers=1, num_layers=1, keep=False)
+NONE_GATHERED = Gathered(root=0.0, layer=0.0, layer_grads=0.0, unit_layers=1, num_layers=1, keep=False)
 
 
 def gathered(profile: Profile, knobs: Knobs, cluster: Cluster) -> Gathered:
@@ -143,9 +149,8 @@ def gathered(profile: Profile, knobs: Knobs, cluster: Cluster) -> Gathered:
         return NONE_GATHERED
     layer = next(b for b in profile.blocks if b.kind == "layer")
     root = sum(block_weight_bytes(b, knobs) * b.count for b in profile.blocks if b.kind in ROOT_KINDS)
-    units = knobs.fsdp_unit_layers
-    return Gathered(root=float(root), unit=float(units * block_weight_bytes(layer, knobs)),
-                    unit_grads=float(units * block_grad_bytes(layer, knobs)), unit_layers=units,
+    return Gathered(root=float(root), layer=float(block_weight_bytes(layer, knobs)),
+                    layer_grads=float(block_grad_bytes(layer, knobs)), unit_layers=knobs.fsdp_unit_layers,
                     num_layers=profile.num_layers, keep=not knobs.reshard_after_forward)
 
 
@@ -212,8 +217,9 @@ def traffic(profile: Profile, knobs: Knobs, cluster: Cluster) -> Traffic:
         return Traffic(0.0, 0, 2 * ring * trainable, 1 if n > 1 else 0)  # all-reduce: reduce-scatter + gather
     g = gathered(profile, knobs, cluster)
     units = ceil_div(profile.num_layers, knobs.fsdp_unit_layers)
-    weights = g.root + units * g.unit
-    backward = 0.0 if g.keep else units * g.unit  # the root stays gathered for its backward
+    layers = profile.num_layers * g.layer
+    weights = g.root + layers
+    backward = 0.0 if g.keep else layers  # the root stays gathered for its backward
     gathers = 1 + units + (0 if g.keep else units)
     offload = 0.0
     if knobs.cpu_offload:  # each gather copies the shard in, each reduce-scatter copies its output out
