@@ -165,6 +165,9 @@ def worker(family: str, shardings: list[str], points: list[float], out: str) -> 
     cells = run_cells(family, shardings, points)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps(cells))
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()  # gloo's threads left running abort the process at exit
 
 
 # ---- the driver --------------------------------------------------------------------------------------------

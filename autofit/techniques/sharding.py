@@ -116,13 +116,15 @@ class Gathered:
         A gather's flat buffer stays until the next gather: the root's own through the embeddings, the top
         unit's through the head (and the loss) until the backward's first gather."""
         if layer is None:
-            return self.between_blocks() if head else 2 * self.root
+            if not head:
+                return 2 * self.root
+            return self.root + self._size(self._last_unit) + (self.num_layers * self.layer if self.keep else 0.0)
         unit = self._unit_of(layer)
         return self.root + self._below(unit) + 2 * self._size(unit)
 
     def between_blocks(self) -> float:
-        """Gathered outside the layers once the forward passed them (the head): the root and the last
-        gather's flat buffer, or with units kept, every unit."""
+        """Gathered outside the layers once the forward passed them (evaluation's head, the head's backward):
+        the root and the last gather's unit, or with units kept, every unit."""
         return self.root + (self.num_layers * self.layer if self.keep else self._size(self._last_unit))
 
     def backward(self, layer: int | None, head: bool = False) -> float:
