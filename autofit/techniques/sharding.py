@@ -29,6 +29,7 @@ What is gathered at each moment (measured with 2 processes on the CPU, tests/tec
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 from dataclasses import dataclass
 
@@ -238,6 +239,12 @@ def traffic(profile: Profile, knobs: Knobs, cluster: Cluster) -> Traffic:
 # is not what the profiler measured. accelerate still launches and sets up the processes; the wrapping is ours.
 
 
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+"""DDP's switch for the buffer broadcast in forward, by its name in this torch (renamed in 2.13)."""
+
+
 def wrap(model: nn.Module, knobs: Knobs, processes: int, device: torch.device) -> nn.Module:
     """The module that trains `model` on `processes` processes (the default process group): DDP around it,
     or FSDP2 shards of a twin of it. Apply freezing, adapters and checkpointing to `model` first.
@@ -250,7 +257,7 @@ def wrap(model: nn.Module, knobs: Knobs, processes: int, device: torch.device) -
         ids = [device.index] if device.type == "cuda" else None
         # gradients as views of DDP's buckets: one resident copy of the gradients, not two; no buffer broadcast
         # in forward (a collective every process would have to reach, evaluation included)
-        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, forward_sync_buffers=False)
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, **_NO_BUFFER_SYNC)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
