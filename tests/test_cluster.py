@@ -57,7 +57,7 @@ def test_sharding_knob_rules(knobs, message):
 
 
 def test_the_search_space_offers_sharding_only_with_several_processes():
-    profile, workload = make_profile(hidden=64, layers=2, vocab=1000), skewed_workload(n=100, batch_size=8)
+    workload = skewed_workload(n=100, batch_size=8)
     from autofit.policy import load_policy
 
     policy = load_policy("fastest")

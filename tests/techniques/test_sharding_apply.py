@@ -12,7 +12,6 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from autofit.knobs import Knobs
-from autofit.layers import find_layout
 from autofit.techniques import checkpointing, sharding
 
 CPU = torch.device("cpu")
