@@ -258,6 +258,10 @@ def train(
                            policy=policy, max_length=max_length, text_column=text_column, output_dir=output_dir,
                            checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, seed=seed,
                            adapter=adapter)
+    if result.processes > 1:  # left open, gloo's threads can abort the process at exit, after a good run
+        from accelerate import PartialState
+
+        PartialState().destroy_process_group()
     if result.rank != 0:
         return  # under torchrun every process trains; process 0 reports (its result holds every peak)
     out.print(_train_summary(result))
