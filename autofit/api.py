@@ -76,7 +76,7 @@ def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, bat
          device: str | DeviceSpec | None = None, tokenizer: Any = None, text_column: str | None = None,
          num_samples: int | None = None, n_trials: int | None = None, storage: str | None = None,
          profile: Profile | None = None, adapter: str = "auto", gpus: int = 1, machines: int = 1,
-         interconnect: str | None = None, network: str = "ethernet") -> Plan:
+         interconnect: str | None = None, network: str = "ethernet", host_memory: str | int | None = None) -> Plan:
     """The fastest plan whose predicted peak fits `budget` (e.g. "16GB"; GB = 2**30 bytes, as nvidia-smi).
 
     `data` (examples with text, or tokenized) gives the real length distribution, cut at `seq_len`;
@@ -84,12 +84,13 @@ def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, bat
     `seq_len` than the model takes is refused). `adapter` (auto | none | lora) overrides when the policy
     trains LoRA adapters: auto lets it decide, none searches full fine-tuning only, lora adapter plans only.
     `gpus` processes on `machines` machines (linked by `interconnect`: nvlink | pcie, and `network`:
-    infiniband | ethernet) plan DDP or FSDP, and `budget` is each GPU's. Raises search.NoPlanFitsError (with the smallest budget that fits) when nothing does."""
+    infiniband | ethernet) plan DDP or FSDP, and `budget` is each GPU's; `host_memory` (each machine's CPU RAM,
+    e.g. "512GB") rules out CPU offload that needs more. Raises search.NoPlanFitsError (with the smallest budget that fits) when nothing does."""
     return plan_and_search(model, budget, seq_len=seq_len, batch_size=batch_size, data=data, policy=policy,
                            task=task, device=device, tokenizer=tokenizer, text_column=text_column,
                            num_samples=num_samples, n_trials=n_trials, storage=storage, profile=profile,
                            adapter=adapter, gpus=gpus, machines=machines, interconnect=interconnect,
-                           network=network).plan
+                           network=network, host_memory=host_memory).plan
 
 
 class Planned(NamedTuple):
@@ -108,7 +109,7 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
                     text_column: str | None = None, num_samples: int | None = None, n_trials: int | None = None,
                     storage: str | None = None, profile: Profile | None = None, adapter: str = "auto",
                     gpus: int = 1, machines: int = 1, interconnect: str | None = None,
-                    network: str = "ethernet") -> Planned:
+                    network: str = "ethernet", host_memory: str | int | None = None) -> Planned:
     """`plan`, returning the profile and the search result with the plan."""
     chosen = load_policy(policy).with_adapter(adapter)
     budget_bytes = parse_budget(budget)
@@ -116,7 +117,8 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     if n_trials is not None and n_trials < 1:
         raise ValueError(f"n_trials must be at least 1, not {n_trials}")
     spec = target_device(device)
-    cluster = make_cluster(gpus, machines, interconnect=interconnect, network=network, device_kind=spec.kind)
+    cluster = make_cluster(gpus, machines, interconnect=interconnect, network=network, device_kind=spec.kind,
+                           host_memory_bytes=None if host_memory is None else parse_budget(host_memory))
     if batch_size < cluster.processes:
         raise ValueError(f"a batch of {batch_size} examples cannot give each of {cluster.processes} GPUs one: "
                          f"use --batch-size {cluster.processes} or more")

@@ -167,6 +167,8 @@ def plan(
     interconnect: Optional[str] = typer.Option(None, "--interconnect", help="Between a machine's GPUs: nvlink or "
                                                "pcie (default)."),
     network: str = typer.Option("ethernet", "--network", help="Between machines: infiniband or ethernet."),
+    host_memory: Optional[str] = typer.Option(None, "--host-memory", help="CPU RAM of each machine (e.g. 512GB): "
+                                              "CPU offload must fit in it."),
     accelerate_config: Optional[Path] = typer.Option(None, "--accelerate-config", help="Write accelerate's config "
                                                      "for the plan here (for `accelerate launch`)."),
     trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Optuna trials for large spaces."),
@@ -195,7 +197,7 @@ def plan(
     found = plan_and_search(model, vram, seq_len=seq_len, batch_size=batch_size, data=rows, policy=policy,
                             task=task, device=device, tokenizer=tok, text_column=text_column, n_trials=trials,
                             storage=storage, adapter=adapter, gpus=gpus, machines=machines,
-                            interconnect=interconnect, network=network)
+                            interconnect=interconnect, network=network, host_memory=host_memory)
     result = found.plan
     if out_path is not None:
         result.save(out_path)

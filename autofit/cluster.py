@@ -37,6 +37,8 @@ class Cluster(BaseModel):
     interconnect: Interconnect = "pcie"
     network: Network = "ethernet"
     """Only read when there are several machines."""
+    host_memory_bytes: int | None = Field(None, ge=0)
+    """CPU RAM of one machine, when given: a plan whose offloaded shards need more is not chosen."""
 
     @model_validator(mode="after")
     def _even(self) -> Cluster:
@@ -74,7 +76,7 @@ SINGLE = Cluster()
 
 
 def make_cluster(gpus: int = 1, machines: int = 1, *, interconnect: str | None = None, network: str = "ethernet",
-                 device_kind: str = "cuda") -> Cluster:
+                 device_kind: str = "cuda", host_memory_bytes: int | None = None) -> Cluster:
     """A Cluster from user input, with one-line errors: `interconnect` defaults to PCIe between GPUs and to
     shared memory between CPU processes."""
     if interconnect is None:
@@ -90,4 +92,5 @@ def make_cluster(gpus: int = 1, machines: int = 1, *, interconnect: str | None =
         raise ValueError(f"{machines} machines need at least {machines} GPUs, not {gpus}")
     if gpus % machines:
         raise ValueError(f"{gpus} GPUs do not spread evenly over {machines} machines")
-    return Cluster(processes=gpus, machines=machines, interconnect=interconnect, network=network)
+    return Cluster(processes=gpus, machines=machines, interconnect=interconnect, network=network,
+                   host_memory_bytes=host_memory_bytes)

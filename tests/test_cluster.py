@@ -2,6 +2,7 @@
 DDP/FSDP, the CLI's --gpus/--machines and the accelerate config a plan writes."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -144,3 +145,19 @@ def test_cli_refuses_a_batch_smaller_than_the_gpus():
     result = runner.invoke(app, ["plan", "--model", "bert-base-uncased", "--vram", "16GB", "--gpus", "3",
                                  "--machines", "2"])
     assert result.exit_code == 1 and "do not spread evenly" in result.stderr
+
+
+def test_cpu_offload_must_fit_the_machines_ram():
+    """Llama-2-7B on four 24 GB GPUs fits only with offload (a replica's states do not fit); with 64 GB of CPU RAM
+    per machine its ~100 GB of shards do not fit either: no plan fits, and the smallest budget named is one the
+    machines can hold."""
+    args = ["plan", "--model", "meta-llama/Llama-2-7b-hf", "--vram", "24GB", "--gpus", "4", "--policy",
+            "quality-first", "--adapter", "none", "--json"]
+    roomy = runner.invoke(app, args + ["--host-memory", "512GB"])
+    assert roomy.exit_code == 0, roomy.output
+    plan = Plan.model_validate_json(roomy.stdout)
+    assert plan.knobs.cpu_offload and plan.offloaded_bytes <= 512 * 2**30
+    tight = runner.invoke(app, args + ["--host-memory", "64GB"])
+    assert tight.exit_code == 2 and "no plan fits" in tight.stderr
+    needed = re.search(r"smallest budget that fits is ([0-9.]+) GB", tight.stderr)
+    assert needed and float(needed.group(1)) > 24  # not the offload plan's, which the RAM cannot hold

@@ -21,6 +21,8 @@ class Candidate(BaseModel):
     risk: float
     score: float
     """What the policy minimises: epoch seconds x (1 + risk_price x risk), or peak bytes."""
+    fits_host: bool = True
+    """False when the plan's offloaded shards need more CPU RAM than the machines have (Cluster)."""
 
     @property
     def peak_bytes(self) -> int:
@@ -89,7 +91,7 @@ def round_up_budget(n: int) -> int:
 def rank(candidates: list[Candidate], policy: Policy, limit_bytes: int) -> list[Candidate]:
     """Feasible candidates, best first: the least risky of those within the tie tolerance of the best
     score, then the rest by score."""
-    feasible = sorted((c for c in candidates if c.peak_bytes <= limit_bytes), key=lambda c: c.score)
+    feasible = sorted((c for c in candidates if c.peak_bytes <= limit_bytes and c.fits_host), key=lambda c: c.score)
     if not feasible:
         return []
     cutoff = feasible[0].score * (1.0 + policy.tie_tolerance)

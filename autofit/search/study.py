@@ -61,7 +61,16 @@ class Evaluator:
             score = float(memory.peak_bytes)
         else:
             score = prediction.epoch_seconds * (1.0 + policy.risk_price * risk)
-        return Candidate(knobs=knobs, memory=memory, time=prediction, risk=risk, score=score)
+        return Candidate(knobs=knobs, memory=memory, time=prediction, risk=risk, score=score,
+                         fits_host=self._fits_host(knobs))
+
+    def _fits_host(self, knobs: Knobs) -> bool:
+        """Whether CPU offload's shards fit the machines' RAM (always, when it is not given)."""
+        if self.cluster.host_memory_bytes is None or not knobs.cpu_offload:
+            return True
+        from autofit.memory import offloaded_bytes_per_machine
+
+        return offloaded_bytes_per_machine(self.profile, knobs, self.cluster) <= self.cluster.host_memory_bytes
 
     def evaluated(self, policy: Policy) -> list[Candidate]:
         """Every distinct knobs predicted so far, in the order first seen, scored by `policy`."""
@@ -250,7 +259,8 @@ def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_byte
     ranked = rank(smallest, stage, limit)
     if ranked:  # the time study missed a corner that fits; these plans do
         return result(ranked, space, relaxed=len(spaces) > 1)
-    least = min(smallest, key=lambda c: c.peak_bytes)
+    # the smallest budget for a plan the machines' RAM can hold too (offload's shards), when there is one
+    least = min([c for c in smallest if c.fits_host] or smallest, key=lambda c: c.peak_bytes)
     needed = round_up_budget(policy.headroom.smallest_budget_for(least.peak_bytes))
     raise NoPlanFitsError(budget_bytes, needed, least.knobs, least.peak_bytes, profile.num_layers)
 
