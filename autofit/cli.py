@@ -261,9 +261,7 @@ def train(
                            checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, seed=seed,
                            adapter=adapter)
     if result.processes > 1:  # left open, gloo's threads can abort the process at exit, after a good run
-        from accelerate import PartialState
-
-        PartialState().destroy_process_group()
+        _end_process_group()
     if result.rank != 0:
         return  # under torchrun every process trains; process 0 reports (its result holds every peak)
     out.print(_train_summary(result))
@@ -271,6 +269,15 @@ def train(
         out.print(f"saved to {result.plot(plot)}", style="dim")
     if result.memory_warning:
         err.print("[red]warning:[/] " + _escape(result.memory_warning), soft_wrap=True, highlight=False)
+
+
+def _end_process_group() -> None:
+    """Every process waits for the others to finish their collectives, then closes the group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _train_summary(result) -> str:

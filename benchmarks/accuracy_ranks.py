@@ -165,9 +165,10 @@ def worker(family: str, shardings: list[str], points: list[float], out: str) -> 
     cells = run_cells(family, shardings, points)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps(cells))
-    from accelerate import PartialState
+    import torch.distributed as dist
 
-    PartialState().destroy_process_group()  # gloo's threads left running abort the process at exit
+    dist.barrier()  # nobody leaves while another still talks: gloo's threads would abort the exit
+    dist.destroy_process_group()
 
 
 # ---- the driver --------------------------------------------------------------------------------------------
