@@ -510,7 +510,8 @@ REQUIRED = {"model_id", "model_type", "num_layers", "num_params", "task", "budge
             "predicted.optimizer_state", "predicted.activations", "predicted.temporaries", "predicted.overhead",
             "predicted.peak_phase", "time.step_seconds", "time.epoch_seconds", "time.samples_per_second"}
 OPTIONAL = {"device.memory_bytes", "knobs.tokens_per_micro_batch", "knobs.pad_to_multiple_of", "search",
-            "search.space_size", "search.storage"}
+            "search.space_size", "search.storage", "adapter", "cluster", "cluster.host_memory_bytes",
+            "offloaded_bytes", "predicted.gathered"}
 
 # kind -> {mutation: expectation} for the mutations beyond the common ones (type/null/missing/negative/NaN/inf,
 # refused for every numeric field: no count, size, time or rate is negative or NaN).
@@ -534,6 +535,7 @@ KIND_RULES: dict[str, dict[str, str]] = {
     "workload_batch": {"zero": REFUSE, "huge": REFUSE},
     "count_info": {"zero": EITHER, "huge": EITHER},
     "shape_dim": {"zero": EITHER, "huge": EITHER},
+    "processes": {"zero": REFUSE, "huge": REFUSE},
 }
 STRING_RULES: dict[str, dict[str, tuple[Any, str]]] = {  # kind -> {mutation: (value, expectation)}
     "model_id": {"empty": ("", REFUSE), "bogus": ("no-such-org/no-such-model", REFUSE)},
@@ -542,6 +544,7 @@ STRING_RULES: dict[str, dict[str, tuple[Any, str]]] = {  # kind -> {mutation: (v
     "device_kind": {"empty": ("", REFUSE), "tpu": ("tpu", REFUSE), "cuda": ("cuda", WARN)},
     "precision": {"empty": ("", REFUSE), "fp8": ("fp8", REFUSE), "bf16": ("bf16", EITHER)},
     "phase": {"bogus": ("sideways", REFUSE)},
+    "choice": {"empty": ("", REFUSE), "bogus": ("sideways", REFUSE)},
     "info": {"empty": ("", EITHER), "bogus": ("x" * 10_000, EITHER)},
 }
 LIST_RULES: dict[str, dict[str, tuple[Any, str]]] = {
@@ -581,6 +584,13 @@ FIELD_KINDS: dict[str, str] = {
     "alternatives": "alternatives", "alternatives.0.peak_bytes": "pred_bytes",
     "alternatives.0.epoch_seconds": "seconds",
     "alternatives.0.changed": "info",
+    # adapters and several processes
+    "knobs.adapter": "choice", "knobs.base_dtype": "choice", "knobs.lora_targets": "choice",
+    "knobs.double_quant": "bool", "knobs.lora_rank": "micro_batch", "knobs.strategy": "choice",
+    "knobs.reshard_after_forward": "bool", "knobs.cpu_offload": "bool", "knobs.fsdp_unit_layers": "micro_batch",
+    "adapter": "info", "predicted.gathered": "pred_bytes", "offloaded_bytes": "card_bytes",
+    "cluster": "info", "cluster.processes": "processes", "cluster.machines": "processes",
+    "cluster.interconnect": "choice", "cluster.network": "choice", "cluster.host_memory_bytes": "card_bytes",
 }
 # Sections the run is driven by: their fields get the CLI too (the others, reports, through the API only,
 # except the NaN/negative mutations, which the CLI checks everywhere).

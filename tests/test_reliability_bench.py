@@ -152,3 +152,18 @@ def test_command_lines_translate_to_api_calls():
 def test_cli_builder():
     assert rc.cli("train", data="d", plan=None, resume=True, quiet=False, max_steps=2) == (
         "train", "--data", "d", "--resume", "--max-steps", "2")
+
+
+def test_every_field_of_todays_plans_has_a_kind():
+    """A plan as the planner writes it now (adapters, several processes): every field gets its mutations."""
+    from _profiles import searched_plan
+
+    from autofit.cluster import Cluster
+    from autofit.knobs import Knobs
+
+    plan = searched_plan().model_copy(update={"cluster": Cluster(processes=2),
+                                              "knobs": Knobs(strategy="fsdp", micro_batch_size=2)})
+    cases = rc.all_cases(json.loads(plan.to_json()))
+    names = {c.name for c in cases}
+    for path in ("cluster.processes", "knobs.strategy", "predicted.gathered", "knobs.lora_rank"):
+        assert any(n.startswith(f"plan/{path}=") for n in names), path
