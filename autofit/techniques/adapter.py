@@ -64,7 +64,8 @@ def keep_4bit_layout(model: nn.Module) -> None:
 def has_adapters(model: nn.Module) -> bool:
     """Whether peft already put adapter layers into `model` (an earlier run, or a PeftModel passed in)."""
     try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        with quantization.bitsandbytes_quiet():  # peft imports bitsandbytes, which prints on some CPUs
+            from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
         return False
     return any(isinstance(module, BaseTunerLayer) for module in model.modules())
@@ -81,7 +82,8 @@ def check_model(model: nn.Module, knobs: Knobs, device: torch.device) -> None:
     if knobs.adapter == "none":
         return
     try:
-        import peft  # noqa: F401
+        with quantization.bitsandbytes_quiet():
+            import peft  # noqa: F401
     except ImportError:
         raise AdapterError("a LoRA plan needs peft: pip install peft") from None
     if not block_linears(model):
