@@ -71,13 +71,9 @@ def _expand(profile: Profile, knobs: Knobs) -> list[_Block]:
     recomputed = set(checkpointing.recomputed_layers(knobs, profile.num_layers))
     # under LoRA the adapted fits were measured with the embeddings frozen: the tied share is already out
     head_tied = profile.blocks[-1].tied_embedding_bytes if knobs.adapter == "none" else 0
-    fits, grad_bytes = {}, {}
-    for block in profile.blocks:
-        if knobs.adapter == "lora":
-            fits[block.name] = lora.block_fits(block, knobs, profile.lora_profile_rank)
-            grad_bytes[block.name] = lora.ADAPTER_BYTES * sum(lora.block_trainable_numels(block, knobs))
-        else:
-            fits[block.name], grad_bytes[block.name] = block.activations[knobs.precision.value], block.param_bytes
+    fits = {block.name: lora.block_fits(block, knobs, profile.lora_profile_rank) if knobs.adapter == "lora"
+            else block.activations[knobs.precision.value] for block in profile.blocks}
+    grad_bytes = {block.name: lora.block_grad_bytes(block, knobs) for block in profile.blocks}
     blocks: list[_Block] = []
     for copy in freeze.block_copies(profile.blocks, knobs):
         is_layer = copy.block.kind == "layer"

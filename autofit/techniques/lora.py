@@ -89,6 +89,14 @@ def block_trainable_numels(block: BlockProfile, knobs: Knobs) -> list[int]:
     return [n for x in chosen for n in adapter_tensor_numels(x.out_features, x.in_features, knobs.lora_rank)]
 
 
+def block_grad_bytes(block: BlockProfile, knobs: Knobs) -> int:
+    """Gradient bytes of one copy of `block` when it trains: all its weights' under full fine-tuning, its
+    adapters' and the head's trainable copy's (fp32) under LoRA."""
+    if knobs.adapter == "none":
+        return block.param_bytes
+    return ADAPTER_BYTES * sum(block_trainable_numels(block, knobs))
+
+
 def base_weight_bytes(profile: Profile, knobs: Knobs) -> int:
     """The frozen base at `knobs.base_dtype` (linears in 4 bits with their constants for nf4, the whole
     model in half precision for bf16/fp16), plus the adapters and the head's trainable copy in fp32."""

@@ -73,13 +73,6 @@ def block_weight_bytes(block: BlockProfile, knobs: Knobs) -> int:
     return base + lora.ADAPTER_BYTES * sum(lora.block_trainable_numels(block, knobs))
 
 
-def block_grad_bytes(block: BlockProfile, knobs: Knobs) -> int:
-    """One copy's gradients when it trains: every weight's, or under LoRA its adapters' and head copy's."""
-    if knobs.adapter == "none":
-        return block.param_bytes
-    return lora.ADAPTER_BYTES * sum(lora.block_trainable_numels(block, knobs))
-
-
 @dataclass(frozen=True)
 class Gathered:
     """Bytes FSDP holds gathered from shards on one process at each moment of a micro-batch."""
@@ -153,7 +146,7 @@ def gathered(profile: Profile, knobs: Knobs, cluster: Cluster) -> Gathered:
     layer = next(b for b in profile.blocks if b.kind == "layer")
     root = sum(block_weight_bytes(b, knobs) * b.count for b in profile.blocks if b.kind in ROOT_KINDS)
     return Gathered(root=float(root), layer=float(block_weight_bytes(layer, knobs)),
-                    layer_grads=float(block_grad_bytes(layer, knobs)), unit_layers=knobs.fsdp_unit_layers,
+                    layer_grads=float(lora.block_grad_bytes(layer, knobs)), unit_layers=knobs.fsdp_unit_layers,
                     num_layers=profile.num_layers, keep=not knobs.reshard_after_forward)
 
 
@@ -215,7 +208,7 @@ def traffic(profile: Profile, knobs: Knobs, cluster: Cluster) -> Traffic:
     """What the processes exchange: ring collectives send (n-1)/n of their data from each process."""
     n = cluster.processes
     ring = (n - 1) / n if n > 1 else 0.0
-    trainable = sum(block_grad_bytes(c.block, knobs) for c in freeze.block_copies(profile.blocks, knobs) if c.trains)
+    trainable = sum(lora.block_grad_bytes(c.block, knobs) for c in freeze.block_copies(profile.blocks, knobs) if c.trains)
     if not is_sharded(knobs, cluster):
         return Traffic(0.0, 0, 2 * ring * trainable, 1 if n > 1 else 0)  # all-reduce: reduce-scatter + gather
     g = gathered(profile, knobs, cluster)
