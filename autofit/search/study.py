@@ -47,22 +47,22 @@ class Evaluator:
             from autofit.cost import predict_time
         self.profile, self.workload, self.device, self.cluster = profile, workload, device, cluster
         self.predict_memory, self.predict_time = predict_memory, predict_time
-        self._cache: dict[Knobs, tuple[MemoryBreakdown, TimePrediction]] = {}
+        self._cache: dict[Knobs, tuple[MemoryBreakdown, TimePrediction, bool]] = {}
 
     def __call__(self, knobs: Knobs, policy: Policy) -> Candidate:
         if knobs not in self._cache:
             args = (self.profile, knobs, self.workload, self.device)
             # several processes: the predictors are told how many (one-process predictors need not know)
             extra = {"cluster": self.cluster} if self.cluster.distributed else {}
-            self._cache[knobs] = (self.predict_memory(*args, **extra), self.predict_time(*args, **extra))
-        memory, prediction = self._cache[knobs]
+            self._cache[knobs] = (self.predict_memory(*args, **extra), self.predict_time(*args, **extra),
+                                  self._fits_host(knobs))
+        memory, prediction, fits_host = self._cache[knobs]
         risk = policy.risk(knobs, self.profile.num_layers)
         if policy.objective == "memory":
             score = float(memory.peak_bytes)
         else:
             score = prediction.epoch_seconds * (1.0 + policy.risk_price * risk)
-        return Candidate(knobs=knobs, memory=memory, time=prediction, risk=risk, score=score,
-                         fits_host=self._fits_host(knobs))
+        return Candidate(knobs=knobs, memory=memory, time=prediction, risk=risk, score=score, fits_host=fits_host)
 
     def _fits_host(self, knobs: Knobs) -> bool:
         """Whether CPU offload's shards fit the machines' RAM (always, when it is not given)."""
