@@ -53,10 +53,14 @@ def target_device(device: str | DeviceSpec | None, *, train: bool = False) -> De
     return get_device("cpu" if train else "cuda")
 
 
-def check_batch_size(batch_size: int) -> None:
-    """A one-line ValueError for an effective batch no plan can have."""
+def check_batch_size(batch_size: int, processes: int = 1) -> None:
+    """A one-line ValueError for an effective batch no plan can have, or that cannot give each of `processes`
+    an example."""
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"batch_size must be from 1 to {MAX_BATCH_SIZE}, not {batch_size}")
+    if batch_size < processes:
+        raise ValueError(f"a batch of {batch_size} examples cannot give each of {processes} GPUs one: "
+                         f"use --batch-size {processes} or more")
 
 
 def make_workload(task: str, *, seq_len: int, batch_size: int, lengths: list[int] | None,
@@ -119,9 +123,7 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     spec = target_device(device)
     cluster = make_cluster(gpus, machines, interconnect=interconnect, network=network, device_kind=spec.kind,
                            host_memory_bytes=None if host_memory is None else parse_budget(host_memory))
-    if batch_size < cluster.processes:
-        raise ValueError(f"a batch of {batch_size} examples cannot give each of {cluster.processes} GPUs one: "
-                         f"use --batch-size {cluster.processes} or more")
+    check_batch_size(batch_size, cluster.processes)
     config = _config(model)
     seq_len = check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=PAD_MULTIPLE, flag="seq_len")
     given = profile is not None

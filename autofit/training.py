@@ -78,7 +78,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
         raise ValueError(f"the plan was made with adapter={plan.knobs.adapter}, not {adapter}: plan again with "
                          f"adapter={adapter}, or leave adapter=auto")
     chosen = load_policy(policy).with_adapter(adapter)  # a bad policy or adapter fails before any work
-    check_batch_size(batch_size)
+    check_batch_size(batch_size, (gpus or launched_processes()) if plan is None else 1)
     if not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"the learning rate must be a positive number, not {lr}")
     if output_dir is not None:
@@ -134,9 +134,6 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
 
 def _search_plan(model: ModelSpec, profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int,
                  policy: Policy, cluster: Cluster) -> Plan:
-    if workload.batch_size < cluster.processes:
-        raise ValueError(f"a batch of {workload.batch_size} examples cannot give each of {cluster.processes} "
-                         f"processes one: use a batch size of {cluster.processes} or more")
     profile, found = _search_lazily(model, profile, workload, device, budget_bytes, policy, measure=True,
                                     cluster=cluster)
     return plan_from_search(profile, workload, budget_bytes, device, found, cluster)
