@@ -8,14 +8,14 @@ import os
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from autofit.budget import parse_budget
+from autofit.card import card_profile, card_spec, on_card, visible_as
 from autofit.cluster import SINGLE, Cluster, make_cluster
 from autofit.data import TokenizedData, text_lengths
-from autofit.devices import DEVICES, DeviceSpec, get_device
+from autofit.devices import DeviceSpec, get_device
 from autofit.memory import offloaded_bytes_per_machine
 from autofit.limits import check_config, check_seq_len
 from autofit.models import default_task, load_tokenizer, resolve_config
@@ -40,17 +40,14 @@ DEFAULT_NUM_SAMPLES = 10_000
 
 
 def target_device(device: str | DeviceSpec | None, *, train: bool = False) -> DeviceSpec:
-    """The device a plan is for: a name from autofit.devices, the visible GPU, or (no GPU) a generic CUDA
-    card when planning and the CPU when training."""
+    """The device a plan is for: a name from autofit.devices, the visible GPU (with its calibration, measured
+    on first use), or (no GPU) a generic CUDA card when planning and the CPU when training."""
     if isinstance(device, DeviceSpec):
         return device
-    if device is not None:
-        return get_device(device)
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name().lower()
-        known = next((spec for key, spec in DEVICES.items() if key != "cuda" and key in name), DEVICES["cuda"])
-        return known.model_copy(update={"memory_bytes": torch.cuda.get_device_properties(0).total_memory})
-    return get_device("cpu" if train else "cuda")
+    if device is not None:  # the visible card when it is the one named: measured, not the spec sheet
+        return visible_as(device) or get_device(device)
+    visible = card_spec()  # calibrated on first use of the card
+    return visible if visible is not None else get_device("cpu" if train else "cuda")
 
 
 def check_batch_size(batch_size: int, processes: int = 1) -> None:
@@ -163,8 +160,11 @@ def _search_lazily(model: ModelSpec, profile: Profile, workload: Workload, devic
 
 
 def _profile(model: ModelSpec, task: str, device: DeviceSpec, *, adapters: bool) -> Profile:
-    """The model's cached profile (block times measured when planning for the CPU), with LoRA fits when the
-    search may choose adapters: they cost profiling time, so only then."""
+    """The model's cached profile, with LoRA fits when the search may choose adapters (they cost profiling
+    time, so only then). Block times are measured when planning for the CPU or for the visible GPU (whose
+    kernels then correct the layers' saved bytes too); for another card they are estimated from FLOPs."""
+    if on_card(device):
+        return card_profile(model, task, device, adapters=adapters)
     timing = PRECISIONS if device.kind == "cpu" else ()
     return cached_profile(model, task=task, timing=timing, adapters=adapters)
 
@@ -193,6 +193,7 @@ def plan_from_search(profile: Profile, workload: Workload, budget_bytes: int, de
         policy=result.policy + (" (relaxed)" if result.relaxed else ""), headroom_bytes=result.headroom_bytes,
         knobs=result.knobs, predicted=result.memory, time=result.time, workload=workload,
         alternatives=alternatives(result), search=result.info(), profile_device=profile.device,
+        profile_device_name=profile.device_name,
         adapter=lora.weights_summary(profile, result.knobs),
         versions=package_versions(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

@@ -75,13 +75,38 @@ def _shown(text: object) -> str:
 
 
 def detect_device_memory() -> int:
-    """Free plus already-used-by-us memory of the current CUDA device, in bytes."""
+    """Bytes a process may use on the current CUDA device: what the driver reports free (other processes'
+    memory already taken off) plus what this process holds itself (its context and allocator pool, which
+    its own training reuses and a later `autofit train` process gets back)."""
     import torch
 
     if not torch.cuda.is_available():
         raise BudgetError("--vram auto needs a CUDA device, and none is visible; pass a size such as 16GB")
     free, _total = torch.cuda.mem_get_info()
-    return int(free + torch.cuda.memory_reserved())
+    own = process_used_bytes()
+    return int(free + (own if own is not None else torch.cuda.memory_reserved()))
+
+
+def process_used_bytes() -> int | None:
+    """This process's memory on the current CUDA device as the driver counts it (NVML: context + allocator
+    pool), None where NVML cannot say (no pynvml, no entry for this process)."""
+    import os
+
+    import torch
+
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        handle = next(h for h in handles if uuid.removeprefix("GPU-") in str(pynvml.nvmlDeviceGetUUID(h)))
+        return next((p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                     if p.pid == os.getpid() and p.usedGpuMemory), None)
+    except Exception:  # noqa: BLE001 - NVML's errors vary by driver and container; the caller falls back
+        return None
 
 
 def format_bytes(n: float) -> str:

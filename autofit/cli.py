@@ -1,4 +1,4 @@
-"""The `autofit` command: plan | train | profile | explain. Formatting only; the work happens in autofit.api.
+"""The `autofit` command: plan | train | profile | calibrate | explain. Formatting only; the work happens in autofit.api.
 
 Exit codes: 0 success; 2 no plan fits the budget (the message names the smallest budget that would);
 1 any other bad input, with a one-line reason and no traceback (AUTOFIT_DEBUG=1 shows it).
@@ -242,6 +242,7 @@ def train(
     import autofit
     from autofit.models import load_tokenizer, resolve_config
     from autofit.policy import check_adapter_choice
+    from autofit.report import train_summary
 
     plots.check_paths(plot)
     check_adapter_choice(adapter)
@@ -264,7 +265,7 @@ def train(
         _end_process_group()
     if result.rank != 0:
         return  # under torchrun every process trains; process 0 reports (its result holds every peak)
-    out.print(_train_summary(result))
+    out.print(train_summary(result))
     if plot is not None:
         out.print(f"saved to {result.plot(plot)}", style="dim")
     if result.memory_warning:
@@ -278,31 +279,6 @@ def _end_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def _train_summary(result) -> str:
-    from autofit.budget import format_bytes
-
-    lines = [f"{result.optimizer_steps} optimizer steps, final loss {result.final_loss:.4f}"
-             if result.final_loss is not None else f"{result.optimizer_steps} optimizer steps"]
-    if result.history:
-        samples = [r.samples for r in result.history]
-        lines.append(f"every step trained {max(samples)} examples" + (
-            f" (the last of an epoch {min(samples)})" if min(samples) < max(samples) else ""))
-    if result.measured_peak_bytes is not None:
-        each = ""
-        if result.processes > 1:  # the worst process's peak, each one's after it
-            each = f" by the busiest of {result.processes} processes ({', '.join(map(format_bytes, result.rank_peak_bytes))})"
-        lines.append(f"peak memory {format_bytes(result.measured_peak_bytes)} measured{each}, "
-                     f"{format_bytes(result.predicted_allocated_bytes)} predicted per process, "
-                     f"budget {format_bytes(result.budget_bytes)}")
-    lines.append(f"{result.tokens_per_second:,.0f} tokens/s, padding efficiency {result.padding_efficiency:.0%}")
-    lines += [f"eval epoch {e.epoch}: loss {e.loss:.4f}" + (f", accuracy {e.accuracy:.1%}" if e.accuracy is not None
-                                                          else "") for e in result.eval]
-    lines += [f"fallback at step {f.step}: {f.summary}" for f in result.fallbacks]
-    if result.output_dir:
-        lines.append(f"checkpoint: {result.output_dir}")
-    return "\n".join(lines)
 
 
 @app.command()
@@ -319,7 +295,11 @@ def profile(
     from autofit.report import profile_table
 
     plots.check_paths(plot)
-    result = profile_model(model, task=task, timing=() if as_json and plot is None else ("fp32",))
+    import torch
+
+    timed_on = "cuda" if torch.cuda.is_available() else "cpu"  # the visible GPU's own times where there is one
+    result = profile_model(model, task=task, timing=() if as_json and plot is None else ("fp32",),
+                           timing_device=timed_on)
     if as_json:
         print(result.model_dump_json(indent=2))
     else:
@@ -328,6 +308,35 @@ def profile(
         path = plots.save_layers(result, plot, seq=seq_len)
         if not as_json:  # stdout holds only the JSON
             out.print(f"saved to {path}", style="dim")
+
+
+@app.command()
+@friendly_errors
+def calibrate(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Run the same steps on the CPU (no GPU needed); "
+                                                          "nothing is saved."),
+    force: bool = typer.Option(False, "--force", help="Measure again though this card has a calibration."),
+    as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
+) -> None:
+    """Measure this GPU's memory overheads (CUDA context, cuBLAS workspace, allocator reserve) and cache them
+    for its plans. `autofit plan` does it on a card's first use."""
+    import torch
+
+    from autofit.calibration import calibration_path
+    from autofit.card import calibration
+    from autofit.report import calibration_table
+
+    if not dry_run and not torch.cuda.is_available():
+        raise ValueError("no CUDA device is visible: calibrate runs on the GPU it measures "
+                         "(--dry-run runs its steps on the CPU)")
+    found = calibration("cpu" if dry_run else "cuda", force=force or dry_run,
+                        report=lambda line: err.print(line, style="dim", highlight=False))
+    if as_json:
+        print(found.model_dump_json(indent=2))
+        return
+    out.print(calibration_table(found))
+    where = "dry run: not saved" if dry_run else f"saved to {calibration_path(found) or '(cache off)'}"
+    out.print(where, style="dim")
 
 
 @app.command()

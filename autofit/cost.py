@@ -121,8 +121,8 @@ def timing_source(profile: Profile, knobs: Knobs, device: DeviceSpec) -> str | N
     """The precision whose measured block times the estimate starts from: the knobs' own when the profile
     timed it on the target's device kind, else another timed one (scaled by the device's throughput ratio,
     so that measured and estimated precisions stay comparable), else None (FLOPs alone)."""
-    if profile.device != device.kind:
-        return None
+    if profile.device != device.kind or (device.kind == "cuda" and profile.device_name != (device.hardware or "")):
+        return None  # times of another kind of device, or of another card
     timed = [p.value for p in Precision if all(p.value in b.time for b in profile.blocks)]
     if knobs.precision.value in timed:
         return knobs.precision.value

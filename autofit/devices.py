@@ -1,6 +1,6 @@
 """Target devices: what the time model needs (throughput, bf16 support) and the memory model's per-device
-overhead terms. Values are public spec-sheet figures; the CUDA overhead terms are defaults that no real card
-has calibrated yet (no GPU was lent to this project so far)."""
+overhead terms. Values are public spec-sheet figures; the CUDA overhead terms are defaults until
+`autofit calibrate` measures them on a card (autofit/calibration.py), which replaces them for that card."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ class DeviceSpec(BaseModel):
     the budget because the budget is the card's total memory."""
     allocator_reserve_fraction: float = Field(0.0, ge=0, lt=1)
     """Caching-allocator slack: reserved bytes above allocated bytes at the peak, as a fraction of it."""
+    allocator_reserve_bytes: int = Field(0, ge=0)
+    """Caching-allocator slack that does not grow with the peak (a segment rounded up, a small-block pool)."""
+    workspace_bytes: int = Field(0, ge=0)
+    """Library workspaces allocated through the caching allocator once per process (cuBLAS, cuBLASLt): they
+    count in `max_memory_allocated` though no tensor of the model holds them. 0 where uncalibrated: the
+    default `context_bytes` then covers them."""
+    hardware: str | None = None
+    """The card's own name (`torch.cuda.get_device_name()`) when this spec is the visible GPU: measured block
+    times and calibrations are only reused on the same hardware."""
+    calibration: str | None = None
+    """Where the overhead terms come from when measured: "NVIDIA H200, torch 2.13.0, CUDA 12.8, 2026-12-02";
+    None for the defaults above."""
     matmul_efficiency: float = Field(0.6, gt=0, le=1)
     """Fraction of peak FLOPs a large transformer matmul reaches; small micro-batches reach less."""
 
@@ -44,6 +56,8 @@ DEVICES: dict[str, DeviceSpec] = {
         # A generic current CUDA card: Ampere-class throughput, bf16 available.
         DeviceSpec(name="cuda", kind="cuda", tflops_fp32=19.5, tflops_half=78.0, memory_bandwidth_gbs=900,
                    context_bytes=500 * 2**20, allocator_reserve_fraction=0.05),
+        DeviceSpec(name="h200", kind="cuda", memory_bytes=143771 * 2**20, tflops_fp32=67.0, tflops_half=495.0,
+                   memory_bandwidth_gbs=4800, context_bytes=520 * 2**20, allocator_reserve_fraction=0.05),
         DeviceSpec(name="h100", kind="cuda", memory_bytes=80 * _GIB, tflops_fp32=67.0, tflops_half=495.0,
                    memory_bandwidth_gbs=3350, context_bytes=520 * 2**20, allocator_reserve_fraction=0.05),
         DeviceSpec(name="a100", kind="cuda", memory_bytes=40 * _GIB, tflops_fp32=19.5, tflops_half=156.0,

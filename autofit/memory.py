@@ -263,12 +263,21 @@ def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int, devi
         # the optimizer step (all grads present, activations gone) is the peak
         acts, temps, step_grads, gathered, phase = 0.0, opt_temps, grads, 0.0, "optimizer"
     allocated = weights + step_grads + state + acts + temps + gathered
-    overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
     return MemoryBreakdown(
         weights=int(weights), gradients=int(step_grads), optimizer_state=int(state),
-        activations=int(acts), temporaries=int(temps), overhead=int(overhead), gathered=int(gathered),
-        peak_phase=phase, peak_shape=(batch, seq),
+        activations=int(acts), temporaries=int(temps), gathered=int(gathered),
+        peak_phase=phase, peak_shape=(batch, seq), **device_terms(device, allocated),
     )
+
+
+def device_terms(device: DeviceSpec, allocated: float) -> dict[str, int]:
+    """What the device adds to `allocated` bytes of tensors: library workspaces (allocated too), and the
+    overhead no allocation holds: the caching allocator's reserve above what is allocated (a fraction of it
+    plus a fixed slack) and the CUDA context."""
+    workspace = device.workspace_bytes
+    reserve = device.allocator_reserve_fraction * (allocated + workspace) + device.allocator_reserve_bytes
+    return {"workspace": int(workspace), "overhead": int(device.context_bytes + reserve),
+            "context": int(device.context_bytes)}
 
 
 def offloaded_bytes_per_machine(profile: Profile, knobs: Knobs, cluster: Cluster) -> int:
@@ -340,10 +349,9 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
             previous = acts.output(batch, seq)
             held = held or previous  # the embeddings' output stays referenced until the layers' loop ends
     allocated = weights + grads + state + worst
-    overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
     return MemoryBreakdown(weights=int(weights), gradients=int(grads), optimizer_state=int(state), activations=0,
-                           temporaries=int(worst - worst_gathered), overhead=int(overhead),
-                           gathered=int(worst_gathered), peak_phase="forward", peak_shape=at)
+                           temporaries=int(worst - worst_gathered), gathered=int(worst_gathered),
+                           peak_phase="forward", peak_shape=at, **device_terms(device, allocated))
 
 
 def step_timeline(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec,
@@ -366,9 +374,8 @@ def step_timeline(profile: Profile, knobs: Knobs, workload: Workload, device: De
     timeline = []
     for label, acts, temps, step_grads, gathered, phase in parts:
         allocated = weights + step_grads + state + acts + temps + gathered
-        overhead = device.context_bytes + device.allocator_reserve_fraction * allocated
         timeline.append((label, MemoryBreakdown(
             weights=int(weights), gradients=int(step_grads), optimizer_state=int(state), activations=int(acts),
-            temporaries=int(temps), overhead=int(overhead), gathered=int(gathered), peak_phase=phase,
-            peak_shape=(batch, seq))))
+            temporaries=int(temps), gathered=int(gathered), peak_phase=phase, peak_shape=(batch, seq),
+            **device_terms(device, allocated))))
     return timeline

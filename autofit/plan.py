@@ -44,7 +44,13 @@ class MemoryBreakdown(_Checked):
     temporaries: int = Field(ge=0)
     """Transient buffers at the peak: a block's forward/backward workspace, logits/loss, optimizer temps."""
     overhead: int = Field(ge=0)
-    """Device overhead: CUDA context and caching-allocator reserve (0 on CPU)."""
+    """Device overhead that no allocation holds: the CUDA context and the caching allocator's reserve above
+    what is allocated (0 on CPU)."""
+    context: int = Field(0, ge=0)
+    """The part of `overhead` that is the CUDA context (outside the allocator); the rest is its reserve."""
+    workspace: int = Field(0, ge=0)
+    """Library workspaces (cuBLAS) the caching allocator holds for the whole run (0 on CPU, and where the
+    device is uncalibrated: its default context covers them)."""
     gathered: int = Field(0, ge=0)
     """FSDP: units' full weights gathered from their shards at the peak, and the gradients of a unit before
     they are reduce-scattered (0 with one process or DDP). `weights`, `gradients` and `optimizer_state`
@@ -60,11 +66,14 @@ class MemoryBreakdown(_Checked):
         """The JSON carries the totals for its readers; on the way in they must equal the sum of the parts."""
         if isinstance(data, dict) and ("peak_bytes" in data or "allocated_bytes" in data):
             data = dict(data)
-            parts = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead", "gathered")
-            values = [data.get(name, 0 if name == "gathered" else None) for name in parts]
-            totals = {name: data.pop(name) for name in ("peak_bytes", "allocated_bytes") if name in data}
+            parts = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead", "gathered",
+                     "workspace")
+            values = [data.get(name, 0 if name in ("gathered", "workspace") else None) for name in parts]
+            totals = {name: data.pop(name) for name in ("peak_bytes", "allocated_bytes", "reserved_bytes")
+                      if name in data}
             if all(isinstance(v, int) and v >= 0 for v in values):  # else the fields' own checks speak
-                expected = {"peak_bytes": sum(values), "allocated_bytes": sum(values) - data["overhead"]}
+                expected = {"peak_bytes": sum(values), "allocated_bytes": sum(values) - data["overhead"],
+                            "reserved_bytes": sum(values) - data.get("context", 0)}
                 for name, value in totals.items():
                     if value != expected[name]:
                         raise ValueError(f"{name} is not the sum of the breakdown ({expected[name]}): "
@@ -76,13 +85,26 @@ class MemoryBreakdown(_Checked):
     def peak_bytes(self) -> int:
         """The predicted peak: every part together."""
         return (self.weights + self.gradients + self.optimizer_state + self.activations
-                + self.temporaries + self.overhead + self.gathered)
+                + self.temporaries + self.overhead + self.gathered + self.workspace)
 
     @computed_field
     @property
     def allocated_bytes(self) -> int:
-        """Peak without the device overhead: what torch's allocator statistics report."""
+        """Peak without the device overhead: what `torch.cuda.max_memory_allocated` reports."""
         return self.peak_bytes - self.overhead
+
+    @computed_field
+    @property
+    def reserved_bytes(self) -> int:
+        """Peak without the CUDA context: what `torch.cuda.max_memory_reserved` reports, the figure an
+        out-of-memory error is raised at (with the context, it must stay within the card)."""
+        return self.peak_bytes - self.context
+
+    @model_validator(mode="after")
+    def _context_within_overhead(self) -> MemoryBreakdown:
+        if self.context > self.overhead:
+            raise ValueError(f"context {self.context} is part of overhead {self.overhead}, yet larger")
+        return self
 
 
 class TimePrediction(_Checked):
@@ -165,6 +187,9 @@ class Plan(_Checked):
     adapter: AdapterWeights | None = None
     """An adapter plan's weights in detail (None for full fine-tuning, and in plans from before adapters)."""
     profile_device: str = "cpu"
+    """Where the profile's block times were measured: "cpu", "cuda" or "meta" (nothing ran)."""
+    profile_device_name: str = ""
+    """The card they were measured on, when "cuda"."""
     versions: dict[str, str] = {}
     created: str = ""
 
@@ -193,6 +218,11 @@ class Plan(_Checked):
                              f"{self.cluster.processes} processes one")
         self.knobs.validate_for(self.num_layers)
         return self
+
+    @property
+    def timed_on(self) -> str:
+        """What the predicted times were measured on, in words: "NVIDIA H200", "the CPU"."""
+        return self.profile_device_name or ("the CPU" if self.profile_device == "cpu" else self.profile_device)
 
     @computed_field
     @property

@@ -26,10 +26,10 @@ if TYPE_CHECKING:
     from autofit.search import SearchResult
 
 INSTALL = "pip install 'autofit[plot]'"
-PARTS = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead")
+PARTS = ("weights", "gradients", "optimizer_state", "activations", "temporaries", "workspace", "overhead")
 """What holds memory, bottom to top of a stack (MemoryBreakdown's fields)."""
 COLORS = dict(weights="#4c72b0", gradients="#dd8452", optimizer_state="#55a868", activations="#c44e52",
-              temporaries="#8172b3", overhead="#937860")
+              temporaries="#8172b3", workspace="#da8bc3", overhead="#937860")
 DPI = 90  # small files: the README's pictures are committed
 
 

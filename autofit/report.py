@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from autofit.budget import format_bytes
+from autofit.calibration import Calibration
 from autofit.knobs import Knobs
 from autofit.plan import AdapterWeights, Alternative, Plan, Technique
 from autofit.profiler.schema import Profile
+
+if TYPE_CHECKING:
+    from autofit.executor.result import TrainResult
 
 
 def _seconds(s: float) -> str:
@@ -163,7 +169,11 @@ def plan_report(plan: Plan) -> Group:
         detail = {name: f" (1/{plan.cluster.processes} shard)" for name in ("weights", "gradients", "optimizer_state")}
         if plan.knobs.cpu_offload:
             detail = {name: " (in CPU RAM)" for name in detail}
-    names = ["weights", "gradients", "optimizer_state", "activations", "temporaries", "overhead"]
+    names = ["weights", "gradients", "optimizer_state", "activations", "temporaries"]
+    names += ["workspace"] * bool(m.workspace) + ["overhead"]
+    if m.context:
+        detail["overhead"] = (f" (CUDA context {format_bytes(m.context)}, allocator reserve "
+                              f"{format_bytes(m.overhead - m.context)})")
     for name in names[:3] + (["gathered"] if plan.knobs.strategy == "fsdp" else []) + names[3:]:
         label = "gathered units" if name == "gathered" else name.replace("_", " ")
         mem.add_row(label, format_bytes(getattr(m, name)) + detail.get(name, ""))
@@ -171,7 +181,7 @@ def plan_report(plan: Plan) -> Group:
     mem.add_row("headroom left", f"{format_bytes(plan.headroom_left_bytes)} of {format_bytes(plan.budget_bytes)}")
     if plan.offloaded_bytes:
         mem.add_row("CPU RAM", f"{format_bytes(plan.offloaded_bytes)} per machine for the offloaded shards")
-    kind = "measured" if t.measured else "estimated from FLOPs"
+    kind = f"measured on {plan.timed_on}" if t.measured else "estimated from FLOPs"
     speed = Table(title=f"predicted time ({kind})", show_header=False, box=None, padding=(0, 2))
     speed.add_row("per optimizer step", _seconds(t.step_seconds))
     speed.add_row("per epoch", f"{_seconds(t.epoch_seconds)} ({plan.workload.lengths.num_samples} samples)")
@@ -189,7 +199,7 @@ def plan_report(plan: Plan) -> Group:
 
 def profile_table(profile: Profile, seq: int = 512) -> Table:
     """Per-block table: params, grads, optimizer state, activation bytes per token, forward/backward time."""
-    table = Table(title=f"{profile.model_id}: per-block profile (measured on {profile.device}, seq {seq})")
+    table = Table(title=f"{profile.model_id}: per-block profile (measured on {profile.device_name or profile.device}, seq {seq})")
     for col in ("block", "count", "params", "grads", "adam state", "act/token fp32", "act/token bf16",
                 "fwd ms (b1)", "bwd ms (b1)"):
         table.add_column(col, justify="right" if col != "block" else "left")
@@ -204,3 +214,58 @@ def profile_table(profile: Profile, seq: int = 512) -> Table:
             format_bytes(per_token.get("fp32", 0)), format_bytes(per_token.get("bf16", 0)), fwd, bwd,
         )
     return table
+
+
+def calibration_table(calibration: Calibration) -> Group:
+    """A card's measured overhead terms, and the allocator samples they were fitted to."""
+    c = calibration
+    terms = Table(title=f"calibration of {c.hardware} (torch {c.torch_version}, CUDA {c.cuda_version or '-'})",
+                  show_header=False, box=None, padding=(0, 2))
+    terms.add_row("CUDA context", f"{format_bytes(c.context_bytes)} ({c.context_source or 'none'})")
+    terms.add_row("cuBLAS workspace", format_bytes(c.workspace_bytes))
+    terms.add_row("allocator reserve", f"{c.reserve_fraction:.1%} of allocated + {format_bytes(c.reserve_bytes)}")
+    if c.allocator_config:
+        terms.add_row("allocator config", c.allocator_config)
+    samples = Table(title="steps measured", box=None, padding=(0, 2))
+    for column in ("run", "allocated", "reserved", "slack"):
+        samples.add_column(column, justify="left" if column == "run" else "right")
+    for x in c.samples:
+        samples.add_row(x.label, format_bytes(x.allocated), format_bytes(x.reserved),
+                        f"{(x.reserved - x.allocated) / max(x.allocated, 1):.1%}")
+    parts = [terms, samples]
+    if c.saved:
+        fixes = Table(title="saved-bytes corrections (one layer, batch 4 x 256)", box=None, padding=(0, 2))
+        for column in ("architecture", "precision", "real - twin"):
+            fixes.add_column(column)
+        for key, by_precision in sorted(c.saved.items()):
+            for precision, fix in by_precision.items():
+                fixes.add_row(key, precision, format_bytes(fix(4, 256)))
+        parts.append(fixes)
+    return Group(*parts)
+
+
+def train_summary(result: TrainResult) -> str:
+    """What `autofit train` prints at the end: steps, loss, the measured peaks beside the predicted ones, speed."""
+    lines = [f"{result.optimizer_steps} optimizer steps, final loss {result.final_loss:.4f}"
+             if result.final_loss is not None else f"{result.optimizer_steps} optimizer steps"]
+    if result.history:
+        samples = [r.samples for r in result.history]
+        lines.append(f"every step trained {max(samples)} examples" + (
+            f" (the last of an epoch {min(samples)})" if min(samples) < max(samples) else ""))
+    if result.measured_peak_bytes is not None:
+        each = ""
+        if result.processes > 1:  # the worst process's peak, each one's after it
+            each = f" by the busiest of {result.processes} processes ({', '.join(map(format_bytes, result.rank_peak_bytes))})"
+        lines.append(f"peak memory {format_bytes(result.measured_peak_bytes)} measured{each}, "
+                     f"{format_bytes(result.predicted_allocated_bytes)} predicted per process, "
+                     f"budget {format_bytes(result.budget_bytes)}")
+    if result.measured_reserved_bytes is not None and result.predicted_reserved_bytes is not None:
+        lines.append(f"allocator reserved {format_bytes(result.measured_reserved_bytes)} measured, "
+                     f"{format_bytes(result.predicted_reserved_bytes)} predicted")
+    lines.append(f"{result.tokens_per_second:,.0f} tokens/s, padding efficiency {result.padding_efficiency:.0%}")
+    lines += [f"eval epoch {e.epoch}: loss {e.loss:.4f}" + (f", accuracy {e.accuracy:.1%}" if e.accuracy is not None
+                                                          else "") for e in result.eval]
+    lines += [f"fallback at step {f.step}: {f.summary}" for f in result.fallbacks]
+    if result.output_dir:
+        lines.append(f"checkpoint: {result.output_dir}")
+    return "\n".join(lines)

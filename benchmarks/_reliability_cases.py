@@ -511,7 +511,9 @@ REQUIRED = {"model_id", "model_type", "num_layers", "num_params", "task", "budge
             "predicted.peak_phase", "time.step_seconds", "time.epoch_seconds", "time.samples_per_second"}
 OPTIONAL = {"device.memory_bytes", "knobs.tokens_per_micro_batch", "knobs.pad_to_multiple_of", "search",
             "search.space_size", "search.storage", "adapter", "cluster", "cluster.host_memory_bytes",
-            "offloaded_bytes", "predicted.gathered"}
+            "offloaded_bytes", "predicted.gathered", "device.hardware", "device.calibration",
+            "device.allocator_reserve_bytes", "device.workspace_bytes", "predicted.context", "predicted.workspace",
+            "profile_device_name"}
 
 # kind -> {mutation: expectation} for the mutations beyond the common ones (type/null/missing/negative/NaN/inf,
 # refused for every numeric field: no count, size, time or rate is negative or NaN).
@@ -536,6 +538,7 @@ KIND_RULES: dict[str, dict[str, str]] = {
     "count_info": {"zero": EITHER, "huge": EITHER},
     "shape_dim": {"zero": EITHER, "huge": EITHER},
     "processes": {"zero": REFUSE, "huge": REFUSE},
+    "context": {"zero": EITHER, "huge": REFUSE},  # the context is part of the overhead
 }
 STRING_RULES: dict[str, dict[str, tuple[Any, str]]] = {  # kind -> {mutation: (value, expectation)}
     "model_id": {"empty": ("", REFUSE), "bogus": ("no-such-org/no-such-model", REFUSE)},
@@ -591,6 +594,10 @@ FIELD_KINDS: dict[str, str] = {
     "adapter": "info", "predicted.gathered": "pred_bytes", "offloaded_bytes": "card_bytes",
     "cluster": "info", "cluster.processes": "processes", "cluster.machines": "processes",
     "cluster.interconnect": "choice", "cluster.network": "choice", "cluster.host_memory_bytes": "card_bytes",
+    # calibrated GPUs: overhead terms measured on the card, and the card the times were measured on
+    "device.hardware": "info", "device.calibration": "info", "device.allocator_reserve_bytes": "dev_bytes",
+    "device.workspace_bytes": "dev_bytes", "predicted.context": "context", "predicted.workspace": "pred_bytes",
+    "predicted.reserved_bytes": "pred_total", "profile_device_name": "info",
 }
 # Sections the run is driven by: their fields get the CLI too (the others, reports, through the API only,
 # except the NaN/negative mutations, which the CLI checks everywhere).

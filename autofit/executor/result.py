@@ -78,6 +78,8 @@ class TrainResult(BaseModel):
     """The predicted peak including device overhead (the larger of training's and evaluation's); compare
     `predicted_allocated_bytes` with the measured peak."""
     predicted_allocated_bytes: int
+    predicted_reserved_bytes: int | None = None
+    """What `measured_reserved_bytes` should be: the prediction without the CUDA context (with it, the peak)."""
     budget_bytes: int
     """The plan's memory budget."""
     memory_warning: str | None = None
@@ -131,7 +133,8 @@ def summarize(state: Any, *, plan: Plan, input_plan: Plan, eval_prediction: Memo
     return TrainResult(
         plan=plan, measured_peak_bytes=measured, measured_reserved_bytes=reserved, rank_peak_bytes=measured_all,
         processes=len(peaks), rank=rank, predicted_peak_bytes=predicted.peak_bytes,
-        predicted_allocated_bytes=predicted.allocated_bytes, budget_bytes=input_plan.budget_bytes,
+        predicted_allocated_bytes=predicted.allocated_bytes, predicted_reserved_bytes=predicted.reserved_bytes,
+        budget_bytes=input_plan.budget_bytes,
         memory_warning=memory_warning(measured, reserved, predicted, input_plan),
         history=state.history, eval=state.eval, tokens_per_second=state.real_tokens / seconds_trained,
         samples_per_second=state.samples / seconds_trained,

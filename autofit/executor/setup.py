@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
+import torch
 from torch import nn
 
 from autofit.executor.distributed import World, check_world
@@ -65,6 +66,10 @@ def set_up(model: nn.Module, plan: Plan, world: World, *, seed: int, lr: float, 
     # FSDP shards a twin aliasing the model's tensors, and fully_shard moves only the shards to the device:
     # the whole model waits on the CPU (on the device it would be the replica FSDP saves)
     trained.to("cpu" if sharded else accelerator.device)
+    if accelerator.device.type == "cuda":
+        # a model cast or quantized on the card left its fp32 blocks in the allocator's cache: the plan's
+        # reserved peak starts from what the run holds, not from what setting it up once held
+        torch.cuda.empty_cache()
     trained.train()
     wrapped = sharding.wrap(trained, knobs, world.size, accelerator.device) if world.distributed else trained
     try:

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from pydantic import ValidationError
 from torch import nn
 from transformers import PretrainedConfig
@@ -43,12 +44,13 @@ def cache_dir() -> Path | None:
 
 
 def cache_key(config: PretrainedConfig, task: str | None, timing: tuple[str, ...], attn: str | None,
-              module: str = "") -> str:
+              module: str = "", timed_on: str = "cpu") -> str:
     settings = config.to_dict()
     for name in RUNTIME_SETTINGS:
         settings.pop(name, None)
     digest = hashlib.sha256()
-    for part in (json.dumps(settings, sort_keys=True, default=str), str(task), ",".join(timing), str(attn),
+    on = f"@{timed_on}" if timing and timed_on != "cpu" else ""  # a CPU-timed key stays what it was
+    for part in (json.dumps(settings, sort_keys=True, default=str), str(task), ",".join(timing) + on, str(attn),
                  str(sorted(package_versions().items())), module):
         digest.update(part.encode())
     for source in _SOURCES:
@@ -57,15 +59,15 @@ def cache_key(config: PretrainedConfig, task: str | None, timing: tuple[str, ...
 
 
 def cached_profile(spec: str | os.PathLike | PretrainedConfig | nn.Module, *, task: str | None = None,
-                   timing: tuple[str, ...] = (), attn_implementation: str | None = None,
+                   timing: tuple[str, ...] = (), timing_device: str = "cpu", attn_implementation: str | None = None,
                    adapters: bool = False) -> Profile:
     """profile_model(spec, ...) read from the cache when it was made before, else made and stored. A profile
     made with `adapters` is stored under its own key and also serves a request without them (it holds
-    everything such a profile holds)."""
+    everything such a profile holds). Times measured on a GPU are keyed by the card's name."""
     folder = cache_dir()
+    made = dict(task=task, timing=timing, timing_device=timing_device, attn_implementation=attn_implementation)
     if folder is None:
-        return profile_model(spec, task=task, timing=timing, attn_implementation=attn_implementation,
-                             adapters=adapters)
+        return profile_model(spec, **made, adapters=adapters)
     module = ""
     if isinstance(spec, nn.Module):
         first = next(spec.parameters())
@@ -76,7 +78,8 @@ def cached_profile(spec: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         config = spec
     else:
         config = resolve_config(spec)[1]
-    key = cache_key(config, task, timing, attn_implementation, module)
+    timed_on = torch.cuda.get_device_name() if timing_device == "cuda" else timing_device
+    key = cache_key(config, task, timing, attn_implementation, module, timed_on)
     with_adapters = folder / f"{key}{ADAPTERS_SUFFIX}.json"
     candidates = [with_adapters] if adapters else [folder / f"{key}.json", with_adapters]
     for path in candidates:
@@ -88,8 +91,7 @@ def cached_profile(spec: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
     if plain is not None:  # made earlier without adapters: measure only what they add
         profile = add_adapters(plain, spec, attn_implementation=attn_implementation)
     else:
-        profile = profile_model(spec, task=task, timing=timing, attn_implementation=attn_implementation,
-                                adapters=adapters)
+        profile = profile_model(spec, **made, adapters=adapters)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -43,6 +43,37 @@ class Window:
     """Bytes of the hidden state the block hands on (forward windows)."""
 
 
+class WallClock:
+    """Host time, read right after `sync`: exact on the CPU, where ops run on the calling thread."""
+
+    def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
+        self.sync = sync
+
+    def mark(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    @staticmethod
+    def seconds(start: float, end: float) -> float:
+        return end - start
+
+
+class EventClock:
+    """CUDA events on the current stream: the GPU's own time between two points, read after the step, so the
+    step runs without a host sync at every window (which would add the launch latency to each block)."""
+
+    @staticmethod
+    def mark() -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @staticmethod
+    def seconds(start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+
+
 class StepStopped(Exception):
     """Raised out of a step when the window a Timeline was asked to stop after closes."""
 
@@ -55,19 +86,21 @@ class Timeline:
     run that reads only the first windows of a backward need not run the rest."""
 
     def __init__(self, params: list[nn.Parameter], tracker: LiveBytes | None = None,
-                 sync: Callable[[], None] = lambda: None, backward_reads: set[str] | None = None) -> None:
+                 clock: WallClock | EventClock | None = None, backward_reads: set[str] | None = None) -> None:
         self.params = params
         self.backward_reads = backward_reads
         self.expected: set[str] = set()
         """Backward windows a gradient hook will open."""
         self.tracker = tracker
         self.saved: SavedBytes | None = None
-        self.sync = sync
+        self.clock = clock or WallClock()
+        self._spans: list[tuple[Window, object, object]] = []
+        """(window, start mark, end mark): their seconds are read by `finish`, after the step."""
         self.windows: dict[str, Window] = {}
         self.batch_unsaved = 0
         """Bytes of the batch's tensors that no op saved (attention mask, unsaved labels)."""
         self.current: str | None = None
-        self._started = 0.0
+        self._started: object = 0.0
         self._flops_start = 0.0
 
     def phase(self) -> str:
@@ -79,7 +112,6 @@ class Timeline:
             coming = (self.backward_reads & self.expected) - self.windows.keys()
             if not coming:
                 raise StepStopped(name)
-        self.sync()
         window = self.windows.setdefault(name, Window())
         if self.tracker is not None:
             self.tracker.reset_peak()
@@ -90,20 +122,27 @@ class Timeline:
         if self.saved is not None:
             window.saved_live_start = self.saved.live
         self.current = name
-        self._started = time.perf_counter()
+        self._started = self.clock.mark()
 
     def close(self) -> None:
         if self.current is None:
             return
-        self.sync()
         window = self.windows[self.current]
-        window.seconds = time.perf_counter() - self._started
+        self._spans.append((window, self._started, self.clock.mark()))
         if self.saved is not None:
             window.saved_live_end = self.saved.live
         if self.tracker is not None:
             window.end_live, window.peak = self.tracker.live, self.tracker.peak
             window.flops = self.tracker.flops - self._flops_start
         self.current = None
+
+
+    def finish(self) -> dict[str, Window]:
+        """The windows, with the seconds of every span read off the clock (each window's last)."""
+        for window, start, end in self._spans:
+            window.seconds = self.clock.seconds(start, end)
+        self._spans.clear()
+        return self.windows
 
 
 def grad_bytes(params: list[nn.Parameter]) -> int:

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from autofit.layers import ModelLayout
 from autofit.models import UnsupportedTaskError
-from autofit.profiler.instrument import StepStopped, Timeline, Window, run_step
+from autofit.profiler.instrument import EventClock, StepStopped, Timeline, WallClock, Window, run_step
 from autofit.profiler.schema import MEASURED_QUANTITIES
 from autofit.profiler.tracker import LiveBytes, SavedBytes
 from autofit.techniques import checkpointing
@@ -177,11 +177,13 @@ def _memory_run(subject: Subject, precision: str, shape: tuple[int, int], device
     return timeline
 
 
-def measure_saved(subject: Subject, precision: str, shape: tuple[int, int], device_type: str) -> dict[str, float]:
-    """Bytes each block kind saves for backward at one shape: one full step, no other quantity."""
+def measure_saved(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,
+                  padded: bool = True) -> dict[str, float]:
+    """Bytes each block kind saves for backward at one shape: one full step, no other quantity. `padded`
+    as in measure_memory (a real model reads its all-ones mask: compare it with a twin at padded=False)."""
     # Saved tensors are all counted by the forward's end: no backward needed.
     return _saved_by_kind(subject, _memory_run(subject, precision, shape, device_type, count_flops=False,
-                                               below_frozen=False, padded=True, backward=False))
+                                               below_frozen=False, padded=padded, backward=False))
 
 
 def _saved_by_kind(subject: Subject, full: Timeline) -> dict[str, float]:
@@ -255,15 +257,14 @@ def _checkpointed(recomputing: Timeline, full: Timeline, layer: str, saved: floa
 def measure_time(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,
                  repeats: int = 3) -> TimeSample:
     """Fastest per-block seconds of `repeats` plain steps (no byte tracking), after the caller's warm-up."""
-    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     runs = []
     params = list(subject.model.parameters())
     for _ in range(repeats):
-        timeline = Timeline(params, sync=sync)
+        timeline = Timeline(params, clock=EventClock() if device_type == "cuda" else WallClock())
         batch = make_batch(subject.model.config, subject.task, *shape, device_type)
         run_step(subject.model, subject.layers, batch, timeline, precision=precision, device_type=device_type)
         subject.model.zero_grad(set_to_none=True)
-        runs.append(timeline.windows)
+        runs.append(timeline.finish())
     # The fastest repeat: other processes only ever add time, so the minimum is the least disturbed.
     fastest = {d: {k: min(r[f"{d}:{subject.window(k)}"].seconds for r in runs) for k in WINDOWS}
               for d in ("fwd", "bwd")}

@@ -34,6 +34,9 @@ from autofit.techniques import optimizer as optim
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 TIME_SHAPES = ((1, 32), (2, 64), (4, 64), (4, 128))
+CUDA_TIME_SHAPES = ((2, 128), (4, 256), (8, 512), (16, 512))
+"""A GPU's: at the CPU's shapes it only waits on kernel launches, and the per-token slope a plan's micro-batches
+run on would be extrapolated from noise. These take milliseconds on a card."""
 VERSIONED = ("autofit", "torch", "transformers", "accelerate", "bitsandbytes", "optuna")
 
 
@@ -44,7 +47,8 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
 
     Bytes and FLOPs are measured on a two-layer meta-device twin of the model (a plain nn.Module that is
     no PreTrainedModel is measured itself). For each precision in `timing`, per-block forward/backward seconds
-    are measured on `timing_device` too: on the module itself when one is passed, else on a two-layer copy.
+    are measured on `timing_device` too: on the module itself when one is passed and sits there, else on a
+    two-layer copy on `timing_device`.
     `adapters`: also measure the activations with LoRA adapters attached (`BlockProfile.adapted`), for every
     target set, plain and NF4 base and precision; a live module that is no PreTrainedModel gets none."""
     started = time.perf_counter()
@@ -68,10 +72,10 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         tied = _tied_head_bytes(subject_model)
         linears = layer_linears(find_layout(subject_model).layers[-1])
         task_head = [p.numel() for p in task_head_params(subject_model)]
-    times = {}
+    times, timed_on = {}, timing_device
     if timing:
-        timed = live if live is not None else build_model(_two_layer_config(config), task, device=timing_device,
-                                                          attn_implementation=attn_implementation)
+        timed = _timed_model(live, config, task, attn_implementation, timing_device)
+        timed_on = _device_of(timed)
         with prepared(timed, find_layout(timed), task) as subject:
             times = {p: _time_samples(subject, p, _device_of(timed)) for p in timing}
     blocks, checks = _blocks(params, samples, unpadded, held_out, times)
@@ -82,7 +86,8 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         hidden_size=config.hidden_size, vocab_size=config.vocab_size,
         max_positions=max_sequence_length(config),
         attn_implementation=getattr(subject_model.config, "_attn_implementation", None) or "eager",
-        device=(_device_of(live) if live is not None else timing_device) if timing else "meta",
+        device=timed_on if timing else "meta",
+        device_name=torch.cuda.get_device_name() if timing and timed_on == "cuda" else "",
         blocks=blocks, optimizer_transient_per_param=optimizer_transient(params["layer"][0]),
         profile_shapes=[(s.batch, s.seq) for s in samples["fp32"]], fit_checks=checks,
         seconds=time.perf_counter() - started, versions=package_versions(),
@@ -162,6 +167,19 @@ def _fake_twin(live: nn.Module | None, config: PretrainedConfig, task: str, attn
             return type(live)._from_config(small, dtype=first.dtype, **kwargs)
 
 
+def _timed_model(live: nn.Module | None, config: PretrainedConfig, task: str, attn: str | None,
+                 device: str) -> nn.Module:
+    """What block times are measured on: the live module where it sits on `device` (or cannot be copied),
+    else a two-layer copy of it (or of the config's model) on `device`."""
+    if live is not None and (_device_of(live) == device or not isinstance(live, PreTrainedModel)):
+        return live
+    if live is None:
+        return build_model(_two_layer_config(config), task, device=device, attn_implementation=attn)
+    kwargs = {"attn_implementation": attn} if attn else {}
+    with torch.device(device):
+        return type(live)._from_config(_two_layer_config(config), dtype=next(live.parameters()).dtype, **kwargs)
+
+
 def _meta_twin(live: nn.Module | None, config: PretrainedConfig, task: str, attn: str | None) -> nn.Module:
     """A two-layer fp32 copy of the model on the meta device (peft adapts it there: its Module.to calls refuse
     fake tensors)."""
@@ -175,9 +193,11 @@ def _meta_twin(live: nn.Module | None, config: PretrainedConfig, task: str, attn
 
 def _time_samples(subject: Subject, precision: str, device: str) -> list[TimeSample]:
     limit = max_seq(subject.model)
-    shapes = [(b, min(s, limit)) for b, s in TIME_SHAPES]
+    shapes = [(b, min(s, limit)) for b, s in (CUDA_TIME_SHAPES if device == "cuda" else TIME_SHAPES)]
     measure_time(subject, precision, shapes[0], device, repeats=1)  # warm-up: first calls pay set-up costs
-    return [measure_time(subject, precision, shape, device) for shape in shapes]
+    # a GPU picks kernels per shape on first sight (cuBLAS heuristics): more repeats, of which the fastest
+    return [measure_time(subject, precision, shape, device, repeats=5 if device == "cuda" else 3)
+            for shape in shapes]
 
 
 def _block_params(subject: Subject, num_layers: int) -> dict[str, tuple[list[torch.Tensor], list[int], int]]:

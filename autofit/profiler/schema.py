@@ -228,7 +228,12 @@ class Profile(BaseModel):
     max_positions: int | None = None
     attn_implementation: str
     device: Literal["cpu", "cuda", "meta"]
-    """Where the numbers were gathered. On "meta" nothing ran: times are estimates from FLOPs."""
+    """Where the times were measured. On "meta" nothing ran: times are estimates from FLOPs."""
+    device_name: str = ""
+    """The card the times were measured on (`torch.cuda.get_device_name()`); "" on the CPU and meta."""
+    kernel_correction: str = ""
+    """The card whose kernels' saved bytes corrected the layers' `saved` fits (calibration.corrected);
+    "" when uncorrected (the fake twin's CPU kernels stand)."""
     blocks: list[BlockProfile]
     """In execution order: embeddings, layer (count = num_layers), head."""
     optimizer_transient_per_param: dict[str, float] = {}

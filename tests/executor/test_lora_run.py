@@ -67,7 +67,9 @@ def test_lora_lowers_held_out_loss_and_changes_only_adapters_and_head(task, base
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     plan = make_plan(model, task, train, batch_size=8, micro_batch_size=8, base_dtype=base, precision=precision,
                      **LORA)
-    result = run_plan(model, plan, train, eval=held, epochs=4, lr=1e-2, quiet=True, measure_memory=False)
+    # 5e-3: at 1e-2 the NF4 + bf16 classifier overshot after epoch 2 (held-out 0.24 -> 0.55) with the packages
+    # of 2026-12-02; at 5e-3 every case ends at or below 0.28 (classification) and 1.93 (causal LM)
+    result = run_plan(model, plan, train, eval=held, epochs=4, lr=5e-3, quiet=True, measure_memory=False)
 
     losses = [e.loss for e in result.eval]
     assert losses[-1] < before_loss - 0.2, (before_loss, losses)
