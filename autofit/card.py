@@ -36,7 +36,7 @@ def card_spec(*, calibrate: bool = True) -> DeviceSpec | None:
     name = torch.cuda.get_device_name()
     spec = DEVICES[catalog_key(name)].model_copy(update={
         "memory_bytes": torch.cuda.get_device_properties(0).total_memory, "hardware": name})
-    found = calibration("cuda", measure=calibrate)
+    found = card_calibration("cuda", measure=calibrate)
     return found.apply(spec) if found is not None else spec
 
 
@@ -54,7 +54,7 @@ def visible_as(name: str) -> DeviceSpec | None:
     return card_spec()
 
 
-def calibration(device_type: str, *, measure: bool = True, force: bool = False,
+def card_calibration(device_type: str, *, measure: bool = True, force: bool = False,
                 report: Callable[[str], None] | None = None) -> Calibration | None:
     """This card's cached calibration; measured (and cached) when there is none and `measure`, or `force`."""
     stack = software_stack(device_type)
@@ -94,7 +94,7 @@ def card_profile(model: Any, task: str, spec: DeviceSpec, *, adapters: bool,
 def with_kernel_correction(profile: Profile, model: Any, device_type: str = "cuda") -> Profile:
     """`profile` corrected by the card's saved-bytes correction for its architecture and attention, measured
     (one layer, four small shapes) and cached in the calibration on first sight of the architecture."""
-    found = calibration(device_type)
+    found = card_calibration(device_type)
     key = saved_key(profile.model_type, profile.attn_implementation)
     if key not in found.saved:
         config = model.config if isinstance(model, nn.Module) else (
@@ -110,5 +110,5 @@ def with_kernel_correction(profile: Profile, model: Any, device_type: str = "cud
 
 def dry_run_spec() -> DeviceSpec:
     """The CPU spec with a dry-run calibration applied: the calibrated path, measured on the CPU."""
-    return calibration("cpu").apply(DEVICES["cpu"])
+    return card_calibration("cpu").apply(DEVICES["cpu"])
 

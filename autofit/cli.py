@@ -323,13 +323,13 @@ def calibrate(
     import torch
 
     from autofit.calibration import calibration_path
-    from autofit.card import calibration
+    from autofit.card import card_calibration
     from autofit.report import calibration_table
 
     if not dry_run and not torch.cuda.is_available():
         raise ValueError("no CUDA device is visible: calibrate runs on the GPU it measures "
                          "(--dry-run runs its steps on the CPU)")
-    found = calibration("cpu" if dry_run else "cuda", force=force or dry_run,
+    found = card_calibration("cpu" if dry_run else "cuda", force=force or dry_run,
                         report=lambda line: err.print(line, style="dim", highlight=False))
     if as_json:
         print(found.model_dump_json(indent=2))

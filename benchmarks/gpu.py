@@ -317,9 +317,9 @@ def target(dry_run: bool):
 def device_info(setup: Setup, spec, budget: int, name: str) -> dict[str, Any]:
     import torch
 
-    from autofit.card import calibration
+    from autofit.card import card_calibration
 
-    found = calibration(setup.device_type, measure=False)
+    found = card_calibration(setup.device_type, measure=False)
     return {"name": name, "torch": torch.__version__, "cuda": torch.version.cuda, "budget_bytes": budget,
             "spec": spec.model_dump(mode="json"), "calibration_stamp": spec.calibration,
             "calibration": found.model_dump(mode="json") if found is not None else None}

@@ -25,7 +25,7 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behavi
 
 
 def test_dry_run_calibration_measures_steps_on_the_cpu():
-    found = card.calibration("cpu", force=True)
+    found = card.card_calibration("cpu", force=True)
     assert found.hardware == "cpu" and found.context_source == "none"
     assert len(found.samples) == 3 and all(s.allocated > 1_000_000 for s in found.samples)
     # the tracker counts tensors only: nothing reserved above them, no context, no workspace
@@ -33,7 +33,7 @@ def test_dry_run_calibration_measures_steps_on_the_cpu():
     assert (found.context_bytes, found.workspace_bytes, found.reserve_fraction, found.reserve_bytes) == (0, 0, 0.0, 0)
     spec = card.dry_run_spec()
     assert spec.kind == "cpu" and spec.calibration.startswith("cpu, torch ")
-    assert card.calibration("cpu") is found  # kept for the process, never written to the cache
+    assert card.card_calibration("cpu") is found  # kept for the process, never written to the cache
 
 
 def test_dry_run_profile_is_timed_and_its_kernel_correction_is_zero():
@@ -43,7 +43,7 @@ def test_dry_run_profile_is_timed_and_its_kernel_correction_is_zero():
     assert profile.device == "cpu" and profile.kernel_correction == "cpu"
     assert set(profile.block("layer").time) == {"fp32", "bf16", "fp16"}
     # the CPU's real kernels save exactly what their fake twin saved: the method finds no difference
-    fixes = card.calibration("cpu").saved["llama/" + profile.attn_implementation]
+    fixes = card.card_calibration("cpu").saved["llama/" + profile.attn_implementation]
     assert set(fixes) == {"fp32", "bf16", "fp16"} and all(f.is_zero for f in fixes.values())
     assert all(len(f.measured) == 4 for f in fixes.values())
     plain = cached_profile(model, task="causal-lm", timing=("fp32", "bf16", "fp16"))
@@ -110,3 +110,30 @@ def test_a_named_device_is_the_spec_sheet_without_a_gpu():
 
     assert card.visible_as("h200") is None
     assert target_device("h200") == get_device("h200")
+
+
+def test_the_visible_card_gets_its_cached_calibration(tmp_path, monkeypatch):
+    """card_spec and target_device on a machine that shows an H200 (torch.cuda mocked): the catalog's entry,
+    with the card's real memory, its name, and the calibration cached for this card and software stack."""
+    from types import SimpleNamespace
+
+    from autofit.api import target_device
+    from autofit.calibration import save_calibration
+    from autofit.profiler.device import software_stack
+
+    monkeypatch.setenv("AUTOFIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=150 * 10**9))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert card.card_spec(calibrate=False).calibration is None  # none cached, none measured
+    stack = software_stack("cuda")
+    assert stack["hardware"] == "NVIDIA H200" and stack["cuda_version"] == "12.8"
+    save_calibration(Calibration(**stack, context_bytes=611 * 2**20, workspace_bytes=9 * 2**20,
+                                 reserve_fraction=0.02, reserve_bytes=40 * 2**20, created="2026-12-02T12:00:00"))
+    spec = card.card_spec()
+    assert (spec.name, spec.hardware, spec.memory_bytes) == ("h200", "NVIDIA H200", 150 * 10**9)
+    assert (spec.context_bytes, spec.workspace_bytes, spec.allocator_reserve_bytes) == (611 * 2**20, 9 * 2**20, 40 * 2**20)
+    assert spec.calibration.startswith("NVIDIA H200, torch ") and card.on_card(spec)
+    assert target_device(None) == spec and target_device("h200") == spec  # the named card is the visible one
+    assert target_device("a100") == get_device("a100")  # another card: the spec sheet

@@ -19,7 +19,7 @@ def own_cache(tmp_path, monkeypatch):
 
 
 def test_calibration_measures_the_card(own_cache):
-    found = card.calibration("cuda", force=True)
+    found = card.card_calibration("cuda", force=True)
     assert found.hardware == torch.cuda.get_device_name() and found.cuda_version == torch.version.cuda
     assert 50 * 2**20 < found.context_bytes < 4 * 2**30  # a CUDA context is hundreds of MB
     assert all(s.reserved >= s.allocated > 0 for s in found.samples)
@@ -52,5 +52,5 @@ def test_profile_on_the_card_is_timed_and_corrected(own_cache):
     assert profile.device == "cuda" and profile.device_name == spec.hardware
     assert profile.kernel_correction == spec.hardware
     assert {"fp32", "fp16"} <= set(profile.block("layer").time)
-    found = card.calibration("cuda")
+    found = card.card_calibration("cuda")
     assert f"llama/{profile.attn_implementation}" in found.saved
