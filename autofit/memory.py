@@ -250,24 +250,47 @@ def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int, devi
     """Predicted peak of one steady-state micro-batch of shape (batch, seq), with pad tokens (`padded`) or of
     sequences all exactly `seq` long; `grads_held` when earlier micro-batches of its step left gradients. With
     several processes, one process's peak (the one training this micro-batch)."""
+    weights, state, moments = _step_parts(profile, knobs, batch, seq, padded, grads_held, cluster)
+    peak = max(moments, key=lambda m: m.allocated)  # the first of equal moments: the optimizer only above them
+    return peak.breakdown(weights, state, device, (batch, seq))
+
+
+@dataclass(frozen=True)
+class _StepPart:
+    """One moment of a step as the breakdown counts it: the batch in its activations, the gradients kept from
+    earlier micro-batches in its gradients (a PeakMoment counts neither)."""
+
+    label: str
+    activations: float
+    temporaries: float
+    gradients: float
+    gathered: float
+    phase: str
+
+    @property
+    def allocated(self) -> float:
+        return self.activations + self.temporaries + self.gradients + self.gathered
+
+    def breakdown(self, weights: float, state: float, device: DeviceSpec, shape: tuple[int, int]) -> MemoryBreakdown:
+        return MemoryBreakdown(
+            weights=int(weights), gradients=int(self.gradients), optimizer_state=int(state),
+            activations=int(self.activations), temporaries=int(self.temporaries), gathered=int(self.gathered),
+            peak_phase=self.phase, peak_shape=shape, **device_terms(device, weights + state + self.allocated))
+
+
+def _step_parts(profile: Profile, knobs: Knobs, batch: int, seq: int, padded: bool, grads_held: bool,
+                cluster: Cluster) -> tuple[float, float, list[_StepPart]]:
+    """(weights, optimizer state, every moment of one micro-batch's step in order, the optimizer step last:
+    activations and the batch are gone then, every gradient and the optimizer's temporaries live)."""
     share = sharding.share(profile, knobs, cluster)
     weights, grads, state, opt_temps = _device_states(profile, knobs, share)
     grads_held = grads_held or share.grads_resident
-    blocks = _expand(profile, knobs)
-    peak = max((m for _, m in _step_moments(blocks, knobs.adapter, batch, seq, padded, grads_held, share)),
-               key=lambda m: m.total)
-    acts, temps, gathered, phase = peak.activations, peak.temporaries, peak.gathered, peak.phase
-    acts += input_bytes(profile, batch, seq)
-    step_grads = peak.gradients + (grads if grads_held else 0.0)
-    if grads + opt_temps > step_grads + acts + temps + gathered:
-        # the optimizer step (all grads present, activations gone) is the peak
-        acts, temps, step_grads, gathered, phase = 0.0, opt_temps, grads, 0.0, "optimizer"
-    allocated = weights + step_grads + state + acts + temps + gathered
-    return MemoryBreakdown(
-        weights=int(weights), gradients=int(step_grads), optimizer_state=int(state),
-        activations=int(acts), temporaries=int(temps), gathered=int(gathered),
-        peak_phase=phase, peak_shape=(batch, seq), **device_terms(device, allocated),
-    )
+    inputs, earlier = input_bytes(profile, batch, seq), grads if grads_held else 0.0
+    moments = _step_moments(_expand(profile, knobs), knobs.adapter, batch, seq, padded, grads_held, share)
+    parts = [_StepPart(label, m.activations + inputs, m.temporaries, m.gradients + earlier, m.gathered, m.phase)
+             for label, m in moments]
+    parts.append(_StepPart("optimizer step", 0.0, opt_temps, grads, 0.0, "optimizer"))
+    return weights, state, parts
 
 
 def device_terms(device: DeviceSpec, allocated: float) -> dict[str, int]:
@@ -360,22 +383,8 @@ def step_timeline(profile: Profile, knobs: Knobs, workload: Workload, device: De
     the step's start, the end of each block's forward, each block's backward (top-down, down to the frozen
     boundary), the optimizer step. Each comes with a label ("forward layer 3") and the bytes live then, by
     what holds them; its peak_phase is the moment's own phase. The largest total is predict_peak's
-    peak_bytes: these are predict_step_peak's candidates, all kept instead of only the largest."""
+    peak_bytes: these are predict_step_peak's candidates (`_step_parts`), all kept instead of only the largest."""
     _, shape, padded = _worst_micro_batch(profile, knobs, workload, device, cluster)
     batch, seq = shape.batch, shape.length
-    share = sharding.share(profile, knobs, cluster)
-    weights, grads, state, opt_temps = _device_states(profile, knobs, share)
-    grads_held = shape.grads_held or share.grads_resident
-    moments = _step_moments(_expand(profile, knobs), knobs.adapter, batch, seq, padded, grads_held, share)
-    # the same sums, in the same order, as predict_step_peak: the peak's total must match to the byte
-    parts = [(label, m.activations + input_bytes(profile, batch, seq), m.temporaries,
-              m.gradients + (grads if grads_held else 0.0), m.gathered, m.phase) for label, m in moments]
-    parts.append(("optimizer step", 0.0, opt_temps, grads, 0.0, "optimizer"))  # activations and batch are gone
-    timeline = []
-    for label, acts, temps, step_grads, gathered, phase in parts:
-        allocated = weights + step_grads + state + acts + temps + gathered
-        timeline.append((label, MemoryBreakdown(
-            weights=int(weights), gradients=int(step_grads), optimizer_state=int(state), activations=int(acts),
-            temporaries=int(temps), gathered=int(gathered), peak_phase=phase, peak_shape=(batch, seq),
-            **device_terms(device, allocated))))
-    return timeline
+    weights, state, parts = _step_parts(profile, knobs, batch, seq, padded, shape.grads_held, cluster)
+    return [(part.label, part.breakdown(weights, state, device, (batch, seq))) for part in parts]
