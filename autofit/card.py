@@ -55,7 +55,7 @@ def visible_as(name: str) -> DeviceSpec | None:
 
 
 def card_calibration(device_type: str, *, measure: bool = True, force: bool = False,
-                report: Callable[[str], None] | None = None) -> Calibration | None:
+                     report: Callable[[str], None] | None = None) -> Calibration | None:
     """This card's cached calibration; measured (and cached) when there is none and `measure`, or `force`."""
     stack = software_stack(device_type)
     found = None if force else (load_calibration(**stack) if device_type == "cuda" else _DRY_RUN.get("cpu"))

@@ -89,7 +89,8 @@ def measure_calibration(device_type: str = "cuda", *, runs: tuple[CalibrationRun
 
 
 def workspace_bytes(device_type: str) -> int:
-    """Bytes the first fp32 and half matmuls leave allocated: cuBLAS's and cuBLASLt's workspaces."""
+    """Bytes the first fp32 and half matmuls, forward and backward, leave allocated once their tensors are
+    gone: cuBLAS's and cuBLASLt's workspaces, one per handle (autograd's backward thread has its own)."""
     if device_type != "cuda":
         return 0
     _release()
@@ -97,13 +98,14 @@ def workspace_bytes(device_type: str) -> int:
     if clear is not None:
         clear()  # a process that already multiplied holds them: start from none
     before = torch.cuda.memory_allocated()
-    a = torch.randn(256, 256, device="cuda")
-    products = [a @ a]
+    a = torch.randn(256, 256, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
-        products.append(a @ a)
+        half = a @ a
+    loss = (a @ a).sum() + half.float().sum()
+    loss.backward()
+    del a, half, loss
     torch.cuda.synchronize()
-    tensors = a.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in products)
-    return max(0, torch.cuda.memory_allocated() - before - tensors)
+    return max(0, torch.cuda.memory_allocated() - before)
 
 
 def context_bytes(device_type: str) -> tuple[int, str]:
