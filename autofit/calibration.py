@@ -15,7 +15,6 @@ An OOM happens at reserved + context; the budget is checked against that.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -133,13 +132,12 @@ def stamp_now() -> str:
 
 
 def calibration_dir() -> Path | None:
-    """Where calibrations live: AUTOFIT_CACHE's folder (default ~/.cache/autofit), `calibration/` under it;
-    None when AUTOFIT_CACHE switches caching off."""
-    setting = os.environ.get("AUTOFIT_CACHE", "")
-    if setting.lower() in ("0", "off", "false", "no"):
-        return None
-    root = Path(setting) if setting else Path.home() / ".cache" / "autofit"
-    return root / "calibration"
+    """Where calibrations live: `calibration/` in the cache's root (profiler.cache.cache_root); None when
+    AUTOFIT_CACHE switches caching off."""
+    from autofit.profiler.cache import cache_root  # the profiler's, at first use: it imports the model stack
+
+    root = cache_root()
+    return None if root is None else root / "calibration"
 
 
 def calibration_file(hardware: str, torch_version: str, cuda_version: str | None, allocator_config: str) -> str:

@@ -169,10 +169,6 @@ class PeakMoment:
     gathered: float = 0.0
     """FSDP: weights gathered from shards and gradients waiting for their reduce-scatter (sharding.py)."""
 
-    @property
-    def total(self) -> float:
-        return self.activations + self.temporaries + self.gradients + self.gathered
-
 
 def _block_names(blocks: list[_Block]) -> list[str]:
     """"embeddings", "layer 0", "layer 1", ..., "head": a label for each executed block."""

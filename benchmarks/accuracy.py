@@ -156,11 +156,12 @@ def make_knobs(name: str, num_layers: int, micro_batch: int):
     return Knobs(micro_batch_size=micro_batch, pad_to_multiple_of=8, **spec)
 
 
-def make_data(task: str, length: int, n: int, seed: int = 0):
+def make_data(task: str, length: int, n: int, seed: int = 0, vocab: int = VOCAB):
+    """`n` examples of `length` random ids below `vocab` (binary labels for classification)."""
     from autofit.data import TokenizedData
 
     rng = random.Random(seed)
-    ids = [[rng.randrange(3, VOCAB) for _ in range(length)] for _ in range(n)]
+    ids = [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
     if task == "causal-lm":
         return TokenizedData(task=task, input_ids=ids)
     return TokenizedData(task=task, input_ids=ids, labels=[rng.randrange(2) for _ in ids], num_labels=2)

@@ -49,6 +49,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import environment, quiet_libraries, torch_threads, write_result
+from benchmarks.accuracy import make_data
 from benchmarks._gpu_report import TARGETS, cell_line, report, spearman, summarize  # noqa: F401 - spearman: API
 
 MODELS = {"deberta": ("microsoft/deberta-v3-base", "classification"), "llama": ("meta-llama/Llama-3.2-1B", "causal-lm")}
@@ -110,18 +111,6 @@ def make_knobs(name: str, num_layers: int, step_batch: int):
     return Knobs(micro_batch_size=micro, pad_to_multiple_of=8, **spec)
 
 
-def make_data(task: str, vocab: int, seq: int, n: int, seed: int = 0):
-    import random
-
-    from autofit.data import TokenizedData
-
-    rng = random.Random(seed)
-    ids = [[rng.randrange(3, vocab) for _ in range(seq)] for _ in range(n)]
-    if task == "causal-lm":
-        return TokenizedData(task=task, input_ids=ids)
-    return TokenizedData(task=task, input_ids=ids, labels=[rng.randrange(2) for _ in ids], num_labels=2)
-
-
 def skip_reason(name: str) -> str | None:
     if name in NEEDS_BITSANDBYTES:
         try:
@@ -165,7 +154,7 @@ class ModelRun:
         return build_model(self.config, self.task, device=device or self.setup.device_type)
 
     def data(self):
-        return make_data(self.task, self.config.vocab_size, self.setup.seq, self.batch * self.setup.steps)
+        return make_data(self.task, self.setup.seq, self.batch * self.setup.steps, vocab=self.config.vocab_size)
 
 
 def prepare(name: str, setup: Setup, spec, budget: int, knob_names: list[str], log) -> ModelRun:

@@ -36,11 +36,18 @@ ADAPTERS_SUFFIX = "-lora"
 """Appended to the key of a profile made with adapters (`BlockProfile.adapted` filled)."""
 
 
-def cache_dir() -> Path | None:
+def cache_root() -> Path | None:
+    """AUTOFIT_CACHE's folder, else ~/.cache/autofit; None when AUTOFIT_CACHE switches caching off."""
     setting = os.environ.get("AUTOFIT_CACHE", "")
     if setting.lower() in ("0", "off", "false", "no"):
         return None
-    return Path(setting) if setting else Path.home() / ".cache" / "autofit" / "profiles"
+    return Path(setting) if setting else Path.home() / ".cache" / "autofit"
+
+
+def cache_dir() -> Path | None:
+    """Where profiles live: AUTOFIT_CACHE's folder itself, else ~/.cache/autofit/profiles."""
+    root = cache_root()
+    return root if root is None or os.environ.get("AUTOFIT_CACHE") else root / "profiles"
 
 
 def cache_key(config: PretrainedConfig, task: str | None, timing: tuple[str, ...], attn: str | None,

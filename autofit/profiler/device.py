@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import BertConfig, PretrainedConfig
 
 from autofit.budget import process_used_bytes
@@ -154,25 +155,23 @@ def saved_corrections(config: PretrainedConfig, task: str, attn: str | None, dev
     fake twin (CPU kernels) saved, at CORRECTION_SHAPES."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from autofit.profiler.profile import _two_layer_config
+    from autofit.profiler.profile import _fake_twin, _timed_model
 
-    small = _two_layer_config(config)
-    real = build_model(small, task, device=device_type, attn_implementation=attn)
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake_mode:
-        twin = build_model(small, task, device="cpu", attn_implementation=attn)
-    points: dict[str, list[tuple[int, int, float, float]]] = {p: [] for p in precisions}
-    with prepared(real, find_layout(real), task) as subject:
-        for p in precisions:
-            for b, s in CORRECTION_SHAPES:
-                points[p].append((b, s, measure_saved(subject, p, (b, s), device_type, padded=False)["layer"], 0.0))
-    with fake_mode, prepared(twin, find_layout(twin), task) as subject:
-        for p in precisions:
-            points[p] = [(b, s, r, measure_saved(subject, p, (b, s), "cpu", padded=False)["layer"])
-                         for b, s, r, _ in points[p]]
-    del real
+    real = _layer_saved(_timed_model(None, config, task, attn, device_type), task, precisions, device_type)
     _release()
-    return {p: fit_correction(found) for p, found in points.items()}
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    twin = _fake_twin(None, config, task, attn, fake)
+    with fake:
+        twins = _layer_saved(twin, task, precisions, "cpu")
+    return {p: fit_correction([(b, s, r, t) for (b, s), r, t in zip(CORRECTION_SHAPES, real[p], twins[p])])
+            for p in precisions}
+
+
+def _layer_saved(model: nn.Module, task: str, precisions: tuple[str, ...], device_type: str) -> dict[str, list[float]]:
+    """Bytes the measured layer of `model` saves for backward at each of CORRECTION_SHAPES, per precision."""
+    with prepared(model, find_layout(model), task) as subject:
+        return {p: [measure_saved(subject, p, shape, device_type, padded=False)["layer"]
+                    for shape in CORRECTION_SHAPES] for p in precisions}
 
 
 def _release() -> None:

@@ -155,16 +155,13 @@ def _fake_twin(live: nn.Module | None, config: PretrainedConfig, task: str, attn
 
     Fake tensors carry their device's dispatch keys, so autocast and kernel choice are the real device's,
     but every op runs only its shape function: bytes are exact and nothing is computed."""
-    small = _two_layer_config(config)
     with fake:
         if live is None:
-            return build_model(small, task, device="cpu", attn_implementation=attn)
+            return build_model(_two_layer_config(config), task, device="cpu", attn_implementation=attn)
         if not isinstance(live, PreTrainedModel):
             return None
         first = next(live.parameters())
-        kwargs = {"attn_implementation": attn} if attn else {}
-        with torch.device(first.device):
-            return type(live)._from_config(small, dtype=first.dtype, **kwargs)
+        return _copy_of(live, config, attn, first.device, first.dtype)
 
 
 def _timed_model(live: nn.Module | None, config: PretrainedConfig, task: str, attn: str | None,
@@ -175,20 +172,23 @@ def _timed_model(live: nn.Module | None, config: PretrainedConfig, task: str, at
         return live
     if live is None:
         return build_model(_two_layer_config(config), task, device=device, attn_implementation=attn)
-    kwargs = {"attn_implementation": attn} if attn else {}
-    with torch.device(device):
-        return type(live)._from_config(_two_layer_config(config), dtype=next(live.parameters()).dtype, **kwargs)
+    return _copy_of(live, config, attn, device, next(live.parameters()).dtype)
 
 
 def _meta_twin(live: nn.Module | None, config: PretrainedConfig, task: str, attn: str | None) -> nn.Module:
     """A two-layer fp32 copy of the model on the meta device (peft adapts it there: its Module.to calls refuse
     fake tensors)."""
-    small = _two_layer_config(config)
     if live is None:
-        return build_model(small, task, device="meta", attn_implementation=attn)
+        return build_model(_two_layer_config(config), task, device="meta", attn_implementation=attn)
+    return _copy_of(live, config, attn, "meta", torch.float32)
+
+
+def _copy_of(live: PreTrainedModel, config: PretrainedConfig, attn: str | None, device: str | torch.device,
+             dtype: torch.dtype) -> nn.Module:
+    """A two-layer model of `live`'s class made from `config`, on `device` in `dtype` (fresh weights)."""
     kwargs = {"attn_implementation": attn} if attn else {}
-    with torch.device("meta"):
-        return type(live)._from_config(small, dtype=torch.float32, **kwargs)
+    with torch.device(device):
+        return type(live)._from_config(_two_layer_config(config), dtype=dtype, **kwargs)
 
 
 def _time_samples(subject: Subject, precision: str, device: str) -> list[TimeSample]:
