@@ -11,7 +11,7 @@ its input is ready), `bwd:emb` (.. backward returns).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -44,13 +44,10 @@ class Window:
 
 
 class WallClock:
-    """Host time, read right after `sync`: exact on the CPU, where ops run on the calling thread."""
+    """Host time: exact on the CPU, where ops run on the calling thread."""
 
-    def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
-        self.sync = sync
-
-    def mark(self) -> float:
-        self.sync()
+    @staticmethod
+    def mark() -> float:
         return time.perf_counter()
 
     @staticmethod
@@ -135,7 +132,6 @@ class Timeline:
             window.end_live, window.peak = self.tracker.live, self.tracker.peak
             window.flops = self.tracker.flops - self._flops_start
         self.current = None
-
 
     def finish(self) -> dict[str, Window]:
         """The windows, with the seconds of every span read off the clock (each window's last)."""

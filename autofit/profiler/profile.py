@@ -77,7 +77,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         timed = _timed_model(live, config, task, attn_implementation, timing_device)
         timed_on = _device_of(timed)
         with prepared(timed, find_layout(timed), task) as subject:
-            times = {p: _time_samples(subject, p, _device_of(timed)) for p in timing}
+            times = {p: _time_samples(subject, p, timed_on) for p in timing}
     blocks, checks = _blocks(params, samples, unpadded, held_out, times)
     blocks = [b.model_copy(update={"linears": linears}) if b.kind == "layer" else b for b in blocks]
     blocks[-1] = blocks[-1].model_copy(update={"tied_embedding_bytes": tied, "task_head_numels": task_head})
