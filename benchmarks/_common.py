@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,3 +112,16 @@ def quiet_libraries() -> None:
         hf_logging.set_verbosity_error()
     except Exception:
         pass
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Rank correlation of two series (ties share their mean rank); None under three points or with a constant
+    side, where it is undefined. The benchmarks compare predicted with measured step times by it: the CPU's
+    live-tensor meter slows every step, so the order is what counts."""
+    def ranks(values):
+        ordered = sorted(values)
+        return [ordered.index(v) + (ordered.count(v) - 1) / 2 for v in values]
+
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    return round(statistics.correlation(ranks(xs), ranks(ys)), 3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from benchmarks._common import table
+from benchmarks._common import spearman, table
 
 TARGETS = {"allocated_median_abs_pct": 3.0, "allocated_max_abs_pct": 8.0, "time_spearman": 0.8}
 
@@ -27,17 +27,6 @@ def cell_line(c: dict[str, Any]) -> str:
     mib = f"{_mib(c['predicted_allocated_bytes']):>9} / {_mib(c['measured_allocated_bytes']):>9} MiB"
     return (f"{head} allocated {mib} {_pct(c['allocated_error']):>7}  reserved {_pct(c['reserved_error']):>7}  step "
             f"{c['predicted_step_seconds']:.3f} / {c['measured_step_seconds']:.3f}s{hf}  [{c['seconds']}s]")
-
-
-def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Rank correlation (ties share their mean rank); None under three points or with a constant side."""
-    def ranks(values):
-        ordered = sorted(values)
-        return [ordered.index(v) + (ordered.count(v) - 1) / 2 for v in values]
-
-    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
-        return None
-    return round(statistics.correlation(ranks(xs), ranks(ys)), 3)
 
 
 def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:

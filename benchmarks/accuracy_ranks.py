@@ -36,7 +36,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import environment, table, write_result
+from benchmarks._common import environment, spearman, table, write_result
 
 PROCESSES = 2
 SHARDINGS = ("ddp", "fsdp", "fsdp:keep", "fsdp:2")
@@ -59,22 +59,10 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
         "rank_median_abs_error_pct": round(100 * statistics.median(every), 2) if ran else None,
         "rank_max_abs_error_pct": round(100 * max(every), 2) if ran else None,
         "over_budget": sum(1 for c in ran if c["over_budget"]),
-        "time_rank_correlation": _spearman([c["predicted_step_seconds"] for c in ran],
-                                           [c["measured_step_seconds"] for c in ran]) if len(ran) > 2 else None,
+        "time_rank_correlation": spearman([c["predicted_step_seconds"] for c in ran],
+                                           [c["measured_step_seconds"] for c in ran]),
         "over_3pct": [f"{c['family']}/{c['sharding']}@{c['budget']}" for c in ran if abs(c["error"]) > 0.03],
     }
-
-
-def _spearman(xs: list[float], ys: list[float]) -> float:
-    """Rank correlation of predicted and measured step times (the live-tensor meter slows the CPU steps: the
-    order is what counts)."""
-    def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0.0] * len(values)
-        for position, index in enumerate(order):
-            out[index] = float(position)
-        return out
-    return round(statistics.correlation(ranks(xs), ranks(ys)), 3)
 
 
 # ---- inside each of the launched processes ----------------------------------------------------------------

@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks._common import environment, quiet_libraries, torch_threads, write_result
 from benchmarks.accuracy import make_data
-from benchmarks._gpu_report import TARGETS, cell_line, report, spearman, summarize  # noqa: F401 - spearman: API
+from benchmarks._gpu_report import TARGETS, cell_line, report, summarize
 
 MODELS = {"deberta": ("microsoft/deberta-v3-base", "classification"), "llama": ("meta-llama/Llama-3.2-1B", "causal-lm")}
 ACCUMULATION = 4

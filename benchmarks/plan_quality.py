@@ -41,7 +41,7 @@ import warnings
 from pathlib import Path
 
 from autofit.intmath import round_up
-from benchmarks._common import machine_info, torch_threads, write_result
+from benchmarks._common import machine_info, spearman, torch_threads, write_result
 from benchmarks.padding import StepClock, hand_plan, small_bert, token_data
 
 THREADS = 1
@@ -289,7 +289,7 @@ def _main(quick: bool, *, rounds: int | None = None, steps: int | None = None, g
         "budgets": budget_rows,
         "grid": grid_rows,
         "grid_points_fitting_no_budget_not_measured": grid_total - len(configs),
-        "cost_model_rank_correlation": _spearman(predicted_sps, measured),
+        "cost_model_rank_correlation": spearman(predicted_sps, measured),
         "seconds": time.perf_counter() - started,
     }
     path = write_result("plan_quality_quick" if quick else "plan_quality", payload)
@@ -314,21 +314,6 @@ def _summary(budget_rows: list[dict], policies: tuple[str, ...] = POLICIES) -> d
             "no_plan": [f"{b:.2f}MiB" for b, p in rows if "error" in p],
         }
     return out
-
-
-def _spearman(a: list[float], b: list[float]) -> float:
-    def ranks(xs):
-        order = sorted(range(len(xs)), key=lambda i: xs[i])
-        r = [0.0] * len(xs)
-        for rank, i in enumerate(order):
-            r[i] = float(rank)
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.mean(ra), statistics.mean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-    return cov / var if var else float("nan")
 
 
 def _print_table(payload: dict, path: Path) -> None:
@@ -374,7 +359,7 @@ def _print_table(payload: dict, path: Path) -> None:
           "search = predicted time of the brute-force optimum / of the chosen plan (1.00: the search found "
           "the cost model's optimum)")
     print(f"cost model: Spearman rank correlation predicted vs measured over the grid "
-          f"{payload['cost_model_rank_correlation']:.2f}")
+          f"{payload['cost_model_rank_correlation']}")
     print(f"took {payload['seconds']:.0f} s; wrote {path}")
 
 

@@ -138,7 +138,7 @@ def _plan_quality(r: dict[str, Any]) -> list[Row]:
     ]
     if "cost_model_rank_correlation" in r:
         rows.append(("time model rank correlation with measured throughput",
-                     f"{r['cost_model_rank_correlation']:.2f}", "≥ 0.8"))
+                     str(r['cost_model_rank_correlation']), "≥ 0.8"))
     return rows
 
 

@@ -8,6 +8,7 @@ import torch
 
 from autofit.models import resolve_config
 from benchmarks import gpu
+from benchmarks._common import spearman
 
 def dry_run(tmp_path, *args: str) -> dict:
     assert gpu.main(["--dry-run", "--out", str(tmp_path), *args]) == 0
@@ -79,10 +80,10 @@ def test_shrink_keeps_the_family_and_its_proportions():
 
 
 def test_spearman_ranks_ties_together():
-    assert gpu.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
-    assert gpu.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
-    assert gpu.spearman([1, 1, 2], [5, 5, 9]) == 1.0
-    assert gpu.spearman([1, 2], [1, 2]) is None and gpu.spearman([1, 1, 1], [1, 2, 3]) is None
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert spearman([1, 1, 2], [5, 5, 9]) == 1.0
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
     assert gpu.slug("NVIDIA H200") == "nvidia-h200"
     assert gpu.slug("NVIDIA GeForce RTX 4090 (x)") == "nvidia-geforce-rtx-4090-x"
 
