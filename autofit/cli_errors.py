@@ -1,0 +1,121 @@
+"""How the `autofit` command fails: one line on stderr and an exit code, never a traceback (AUTOFIT_DEBUG=1
+shows it). Exit 2 when no plan fits, 130 when a run was stopped, 1 for any other bad input; what autofit
+inferred goes to stderr as `note:` lines."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from functools import wraps
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+err = Console(stderr=True)
+
+try:  # recent typer ships its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as _click_errors
+_HELP_ASKED = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 8.2: what bare `autofit` raises
+
+
+class Commands(TyperGroup):
+    """Usage errors (a missing or invalid option, an unknown command) are bad input like any other: one
+    line and exit 1. click's own exit code for them, 2, is the one that means "no plan fits"."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_errors_as_bad_input():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_errors_as_bad_input(), _transformers_errors_only():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _transformers_errors_only():
+    """transformers' advisory warnings (e.g. GPT-2's "`loss_type=None` ... unrecognized" on the profiler's
+    first loss) and progress bars would land on stderr next to our one-line error."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would precede a one-line error too
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def _usage_errors_as_bad_input():
+    try:
+        yield
+    except _HELP_ASKED:
+        raise  # bare `autofit`: the help, as no_args_is_help asks
+    except _click_errors.UsageError as error:
+        command = f"{error.ctx.command_path} --help" if error.ctx is not None else "--help"
+        err.print("[red]error:[/] " + escape(f"{error.format_message()} (see {command})"), soft_wrap=True,
+                  highlight=False)
+        raise typer.Exit(1) from None
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Turn any error into one line on stderr: exit 2 when no plan fits, else 1."""
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        from autofit.executor import TrainingInterruptedError
+        from autofit.search import NoPlanFitsError
+
+        try:
+            with _notes_to_stderr():
+                return command(*args, **kwargs)
+        except NoPlanFitsError as error:
+            err.print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except (TrainingInterruptedError, KeyboardInterrupt) as error:
+            err.print("[yellow]stopped:[/] " + escape(str(error) or "interrupted"), soft_wrap=True, highlight=False)
+            raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - the contract is one line, never a traceback
+            if os.environ.get("AUTOFIT_DEBUG"):
+                raise
+            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if not isinstance(error, ValueError | OSError | KeyError | ArithmeticError):
+                text = f"{type(error).__name__}: {text}"
+            err.print("[red]error:[/] " + escape(text), soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+@contextmanager
+def _notes_to_stderr():
+    """What autofit's logger says at INFO (a fallback, an inferred task, a resumed run) goes to stderr as
+    `note:` lines, without touching the caller's logging setup."""
+    import logging
+
+    class _Notes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            err.print("[dim]note:[/] " + escape(record.getMessage()), soft_wrap=True, highlight=False)
+
+    logger, handler = logging.getLogger("autofit"), _Notes(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
