@@ -184,9 +184,13 @@ def epoch_micro_batches(knobs: Knobs, hist: LengthHistogram,
 
 
 def padding_efficiency(knobs: Knobs, hist: LengthHistogram, batch_size: int) -> float:
-    """Real tokens / computed (padded) tokens, expected over an epoch of random steps."""
-    computed = sum(b * length * count for b, length, count in epoch_micro_batches(knobs, hist, batch_size))
-    return hist.num_tokens / computed
+    """Real tokens / computed (padded) tokens, expected over an epoch of random steps: both counted on the
+    same simulated steps, so sampling noise cannot push it over 1."""
+    micro_batches, steps = _simulated_steps(knobs, hist, batch_size)
+    computed = sum(b * length * count for b, length, count in micro_batches)
+    real = sum(tokens for _, tokens, _ in steps) * sum(count for _, _, count in micro_batches) \
+        / sum(pieces for _, _, pieces in steps)
+    return real / computed
 
 
 def _simulated_steps(knobs: Knobs, hist: LengthHistogram, batch_size: int):
@@ -217,7 +221,9 @@ def _simulate(lengths: tuple[int, ...], counts: tuple[int, ...], batch_size: int
             entry[0] += 1
             entry[1] += len(piece)
             entry[2] += len(piece) * padded_length(longest, pad)
-    per_epoch = (sum(counts) / batch_size) / SIMULATED_STEPS  # micro-batches of a simulated step -> an epoch's
+    # micro-batches of a simulated step -> an epoch's: steps of `size` examples (the whole data when it is
+    # smaller than a step) cover an epoch
+    per_epoch = (sum(counts) / size) / SIMULATED_STEPS
     shapes = tuple((seqs / count, padded / seqs, count * per_epoch)
                    for count, seqs, padded in (totals[k] for k in sorted(totals)))
     return shapes, tuple(per_step)

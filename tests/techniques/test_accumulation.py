@@ -88,6 +88,24 @@ def test_the_simulated_epoch_matches_an_epoch_the_sampler_and_cut_really_make():
     assert all(b * n <= 1024 * 1.01 or b < 1.01 for b, n, _ in predicted)
 
 
+def test_an_epoch_of_less_data_than_one_step_is_that_one_short_step():
+    # 5 examples, steps of 33: the epoch is one step of the 5, not 5/33 of a step (which put the padding
+    # efficiency at 6.2 and failed the plan's validation)
+    hist = LengthHistogram.from_lengths([30] * 5)
+    knobs = Knobs(micro_batch_size=33, pad_to_multiple_of=None)
+    assert epoch_micro_batches(knobs, hist, 33) == [(5, 30, pytest.approx(1.0))]
+    assert padding_efficiency(knobs, hist, 33) == pytest.approx(1.0)
+
+
+def test_padding_efficiency_never_exceeds_one_on_a_handful_of_examples():
+    # two very different lengths at one sequence a micro-batch: the simulated draws' real tokens, not the
+    # data's, are what the simulated padded tokens are compared with
+    for lengths in ([7, 96], [8, 8, 64], [3, 500, 17]):
+        for batch in (1, 2, 3):
+            efficiency = padding_efficiency(Knobs(micro_batch_size=batch), LengthHistogram.from_lengths(lengths), batch)
+            assert 0 < efficiency <= 1.0
+
+
 def test_padding_efficiency_sorting_and_token_budgets():
     hist = LengthHistogram.from_lengths(skewed_lengths())
     plain = Knobs(micro_batch_size=32)
