@@ -14,11 +14,11 @@ from transformers import PretrainedConfig
 from autofit.budget import parse_budget
 from autofit.card import card_profile, card_spec, on_card, visible_as
 from autofit.cluster import SINGLE, Cluster, make_cluster
-from autofit.data import TokenizedData, text_lengths
+from autofit.data import DataError, TokenizedData, column_names, text_lengths
 from autofit.devices import DeviceSpec, get_device
 from autofit.memory import offloaded_bytes_per_machine
 from autofit.limits import check_config, check_seq_len
-from autofit.models import default_task, load_tokenizer, resolve_config
+from autofit.models import check_module, default_task, load_tokenizer, resolve_config
 from autofit.plan import Plan
 from autofit.policy import Policy, load_policy
 from autofit.profiler import Profile
@@ -129,9 +129,7 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
         profile = _profile(model, task, spec, adapters=chosen.adapters.mode == "always")
     lengths = None
     if data is not None:
-        if tokenizer is None and not isinstance(model, nn.Module | PretrainedConfig):
-            tokenizer = load_tokenizer(model)
-        lengths = _lengths(data, tokenizer, text_column, seq_len)
+        lengths = _lengths(data, resolve_tokenizer(tokenizer, model), text_column, seq_len)
     workload = make_workload(profile.task, seq_len=seq_len, batch_size=batch_size, lengths=lengths,
                              num_samples=num_samples)
     profile, found = _search_lazily(model, profile, workload, spec, budget_bytes, chosen, measure=not given,
@@ -172,7 +170,28 @@ def _profile(model: ModelSpec, task: str, device: DeviceSpec, *, adapters: bool)
 def _lengths(data: Any, tokenizer: Any, text_column: str | None, seq_len: int) -> list[int]:
     if isinstance(data, TokenizedData):
         return [min(n, seq_len) for n in data.lengths]
+    if tokenizer is None and "input_ids" not in column_names(data):
+        raise DataError("text data needs a tokenizer (or pass examples that already hold input_ids)")
     return text_lengths(data, tokenizer, text_column, max_length=seq_len)
+
+
+def resolve_tokenizer(tokenizer: Any, model: ModelSpec) -> Any:
+    """The tokenizer to read text with: the one given (an object, a directory, or a bare
+    `tokenizers.Tokenizer`), else the model's own when the model is an id or a path (None if it has none)."""
+    if tokenizer is None:
+        return load_tokenizer(model) if isinstance(model, str | os.PathLike) else None
+    if isinstance(tokenizer, str | os.PathLike):
+        found = load_tokenizer(tokenizer)
+        if found is None:
+            raise ValueError(f"no tokenizer found at {str(tokenizer)!r}")
+        return found
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):  # the `tokenizers` library's own: wrapped as transformers does
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    return tokenizer
 
 
 def plan_from_profile(profile: Profile, workload: Workload, budget_bytes: int, device: DeviceSpec,
@@ -201,5 +220,6 @@ def plan_from_search(profile: Profile, workload: Workload, budget_bytes: int, de
 
 def _config(model: ModelSpec) -> PretrainedConfig:
     if isinstance(model, nn.Module):
+        check_module(model)
         return check_config(model.config)
     return check_config(model) if isinstance(model, PretrainedConfig) else resolve_config(model)[1]

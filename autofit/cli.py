@@ -116,7 +116,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --output-dir "
                                                         "if there is one (else start from the first step)."),
     epochs: int = typer.Option(1, "--epochs", min=1),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
+                                            help="Optimizer steps to run, instead of --epochs."),
     lr: float = typer.Option(2e-5, "--lr"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Effective batch size (with --vram)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1),

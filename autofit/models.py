@@ -187,6 +187,30 @@ def default_task(config: PretrainedConfig) -> str:
     return "causal-lm" if decoder_only else "classification"
 
 
+HEAD_SUFFIXES = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification": "classification",
+                 "ForTokenClassification": "token-classification"}
+
+
+def head_task(model: torch.nn.Module) -> str | None:
+    """The task a live model's head trains, read off its class name (peft's wrappers included); None when
+    the name does not say."""
+    name = type(model).__name__
+    return next((task for suffix, task in HEAD_SUFFIXES.items() if name.endswith(suffix)), None)
+
+
+def check_module(model: torch.nn.Module) -> None:
+    """A live model autofit can plan: a Hugging Face model (it has a config) with float32 weights, which
+    autofit keeps as master weights while autocast computes in half precision."""
+    if not hasattr(model, "config"):
+        raise ValueError(f"autofit plans Hugging Face models: pass a PreTrainedModel, a config, a model id or a "
+                         f"path, not a plain {type(model).__name__} (it has no .config)")
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if floats and floats <= {torch.float16, torch.bfloat16}:
+        raise ValueError(f"the model's weights are {sorted(map(str, floats))[0].removeprefix('torch.')}: pass it "
+                         "in float32 (model.float()); plans keep fp32 master weights and compute in half "
+                         "precision with autocast")
+
+
 def _head_class(config: PretrainedConfig, task: str):
     """The auto class that builds `config`'s model with `task`'s head."""
     if task not in TASK_HEADS:

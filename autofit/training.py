@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 from torch import nn
+from transformers import PretrainedConfig
 
 from autofit.api import (DEFAULT_MAX_LENGTH, ModelSpec, _config, _profile, _search_lazily, check_batch_size,
-                         make_workload, plan_from_search, target_device)
+                         make_workload, plan_from_search, resolve_tokenizer, target_device)
 from autofit.budget import format_bytes, parse_budget
 from autofit.cluster import Cluster, make_cluster
 from autofit.cost import predict_time
@@ -22,7 +23,7 @@ from autofit.data import LABEL_COLUMNS, TokenizedData, column_names, prepare_exa
 from autofit.devices import DeviceSpec
 from autofit.limits import check_seq_len, max_sequence_length
 from autofit.memory import predict_eval_peak, predict_peak
-from autofit.models import default_task, load_model, load_tokenizer
+from autofit.models import build_model, default_task, head_task, load_model
 from autofit.plan import Plan
 from autofit.policy import Policy, check_adapter_choice, load_policy
 from autofit.processes import launched_processes, main_process_first, on_main_process
@@ -53,7 +54,8 @@ class PlanNoLongerFitsError(ValueError):
     """A plan whose knobs, predicted again on the data it is given, do not fit its own budget."""
 
 
-def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan: Plan | None = None,
+def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
+          plan: Plan | str | os.PathLike | None = None,
           tokenizer: Any = None, epochs: int = 1, max_steps: int | None = None, lr: float = 2e-5,
           batch_size: int = 32, eval_data: Any = None, policy: str = "balanced", task: str | None = None,
           max_length: int | None = None, text_column: str | None = None, device: str | None = None,
@@ -63,7 +65,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
     """Plan (unless `plan` is given) and train `model` on `data`; returns an executor.TrainResult with the
     plan, the measured peak next to the predicted one, and the loss/eval history.
 
-    A given plan's peak is predicted again from its knobs on this data (its profile is cached), and a plan
+    `plan` is a Plan or a saved plan's file. A given plan's peak is predicted again from its knobs on this data (its profile is cached), and a plan
     that no longer fits its budget is refused. Everything random (a new head, the steps' order, dropout)
     follows `seed`: the same seed, data and plan give the same losses. `adapter` is plan()'s; with a plan it
     must be auto or what the plan chose. Under a launcher (`accelerate launch`, `torchrun`) every process
@@ -73,7 +75,9 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
     from autofit.executor.checkpoint import prepare_output_dir
 
     if (plan is None) == (budget is None):
-        raise ValueError("give either a memory budget (e.g. budget='16GB') or a plan, not both")
+        raise ValueError("give a memory budget (e.g. budget='16GB') or a plan" + (", not both" if plan else ""))
+    if isinstance(plan, str | os.PathLike):  # a saved plan's file
+        plan = Plan.load(plan)
     if plan is not None and check_adapter_choice(adapter) not in ("auto", plan.knobs.adapter):
         raise ValueError(f"the plan was made with adapter={plan.knobs.adapter}, not {adapter}: plan again with "
                          f"adapter={adapter}, or leave adapter=auto")
@@ -87,8 +91,10 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
     if task is None:
         task = plan.task if plan is not None else default_task(config)
     _check_task_fits_data(task, data)
-    if tokenizer is None and isinstance(model, str | os.PathLike):
-        tokenizer = load_tokenizer(model)
+    if isinstance(model, nn.Module) and head_task(model) not in (None, task):
+        raise ValueError(f"the task is {task}, but this model ({type(model).__name__}) has a {head_task(model)} "
+                         "head: pass a model with the task's head, or the task its head trains")
+    tokenizer = resolve_tokenizer(tokenizer, model)
     multiple = plan.knobs.pad_to_multiple_of if plan is not None else PAD_MULTIPLE
     # default: all the positions the model takes, less what padding to `multiple` would push past them
     asked = max_length if max_length is not None else max_sequence_length(config) or DEFAULT_MAX_LENGTH
@@ -99,7 +105,9 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *, plan:
         if eval_data is not None else None
     set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
     source, nf4 = model, _nf4_loading(plan)
-    if not isinstance(model, nn.Module):
+    if isinstance(model, PretrainedConfig):  # a config asks for a model with random weights
+        model = build_model(config, task, num_labels=num_labels or train_data.num_labels or 2)
+    elif not isinstance(model, nn.Module):
         model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2, nf4=nf4)
     spec = plan.device if plan is not None else target_device(device, train=True)
     if plan is None and resume and output_dir is not None:

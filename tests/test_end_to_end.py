@@ -4,6 +4,7 @@ checked against its knobs; padding never passes a model's positions; no library 
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import warnings
@@ -158,11 +159,45 @@ def test_arguments_no_run_can_have_are_refused_in_one_line(tok, tmp_path):
         (lambda: autofit.plan(model, "1GB", device="cpu", storage=f"sqlite:///{tmp_path}/no/such/dir/s.db"),
          "cannot open the study storage"),
         (lambda: autofit.plan("bert-base-uncased", "16GB", task="causal-lm"), "bert is an encoder"),
+        (lambda: autofit.train(model, rows, tokenizer=tok), "give a memory budget .* or a plan$"),
+        (lambda: autofit.plan(torch.nn.Linear(2, 2), "1GB", device="cpu"), "not a plain Linear"),
+        (lambda: autofit.plan(copy.deepcopy(model).half(), "1GB", device="cpu"), "weights are float16"),
+        (lambda: autofit.plan(model.config, "1GB", data=rows, device="cpu"), "text data needs a tokenizer"),
+        (lambda: autofit.train(model, [{"text": r["text"]} for r in rows], budget="1GB", tokenizer=tok,
+                               task="causal-lm", device="cpu"), "has a classification head"),
+        (lambda: autofit.train(model, [{**r, "label": r["label"] / 2} for r in rows], budget="1GB", tokenizer=tok,
+                               device="cpu", quiet=True), "numbers to regress .* head has 3"),
+        (lambda: autofit.train(model, rows, budget="1GB", tokenizer=tok, epochs=1.5, device="cpu", quiet=True),
+         "whole numbers >= 1"),
     ]
     for call, words in cases:
         with pytest.raises(ValueError, match=words) as info:
             call()
         assert "\n" not in str(info.value), str(info.value)
+
+
+def test_less_data_than_one_step_plans_and_trains_that_one_short_step(tok):
+    # the default batch of 32 on 5 examples: the plan's simulated epoch counted 5/32 of a step and failed
+    # its own validation (padding efficiency 6.2)
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows = skewed_rows(5)
+    plan = autofit.plan(model, "1GB", data=rows, tokenizer=tok, device="cpu")
+    assert plan.batch_size == 32 and plan.step.steps_per_epoch == 1 and 0 < plan.time.padding_efficiency <= 1
+    result = autofit.train(model, rows, plan=plan, tokenizer=tok, epochs=2, quiet=True)
+    assert [r.samples for r in result.history] == [5, 5]
+
+
+def test_the_model_plan_and_tokenizer_forms_the_readme_lists(tok, tmp_path):
+    # a config trains a model with random weights, a plan can be its file, a tokenizer the `tokenizers` one;
+    # max_steps bounds the run instead of epochs (3 steps an epoch here)
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows = skewed_rows(24)
+    autofit.plan(model, "1GB", data=rows, tokenizer=tok, batch_size=8, device="cpu").save(tmp_path / "plan.json")
+    result = autofit.train(model.config, rows, plan=str(tmp_path / "plan.json"), tokenizer=tok.backend_tokenizer,
+                           max_steps=5, eval_data=rows[:6], quiet=True)
+    assert [r.samples for r in result.history] == [8] * 5
+    assert [r.step for r in result.eval] == [3, 5]
+    assert result.model is not model and result.model.config.num_labels == 3
 
 
 def test_a_damaged_checkpoint_is_named_not_a_traceback(tok, tmp_path, monkeypatch):

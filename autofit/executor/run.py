@@ -49,11 +49,13 @@ from autofit.executor.progress import TrainingProgress
 from autofit.executor.resume import data_fingerprint, resume_point, run_fingerprint
 from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord, TrainResult, summarize
 from autofit.executor.validate import check_inputs, run_device
+from autofit.intmath import ceil_div
 from autofit.knobs import Precision
 from autofit.measure import PeakMemoryMeter, SteadyStatePeak
 from autofit.plan import MemoryBreakdown, Plan
 from autofit.techniques import checkpointing, lora, sharding
-from autofit.techniques.accumulation import StepSampler, bucket_uppers, count_units, eval_micro_batches
+from autofit.techniques.accumulation import (StepSampler, bucket_uppers, count_units, eval_micro_batches,
+                                             steps_per_epoch)
 from autofit.techniques.padding import PaddingCollator
 
 log = logging.getLogger("autofit")
@@ -66,7 +68,8 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
              quiet: bool = False, fallback: Callable[[Plan], Plan | None] | None = None,
              pad_token_id: int | None = None, drop_last: bool = False,
              eval_prediction: MemoryBreakdown | None = None) -> TrainResult:
-    """Train `model` on `train` with `plan` for `epochs` (or `max_steps` optimizer steps).
+    """Train `model` on `train` with `plan` for `epochs`, or for `max_steps` optimizer steps (instead of
+    epochs: as many as they take; evaluation at each epoch's end and at the run's).
 
     Bad input raises ExecutorInputError before anything changes. Out of memory moves to `fallback(plan)`
     (default: halve the micro-batch, then checkpoint all layers) and re-runs the step. With `output_dir`,
@@ -82,6 +85,8 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     check_inputs(model, plan, train, eval, epochs=epochs, max_steps=max_steps, output_dir=output_dir,
                  checkpoint_every=checkpoint_every, resume=resume)
     check_plan(plan)
+    if max_steps is not None:  # it bounds the run instead of epochs, as the HF Trainer's max_steps does
+        epochs = ceil_div(max_steps, max(1, steps_per_epoch(len(train), plan.batch_size, drop_last)))
     world = start(plan, run_device(plan).type)  # every process checks that it is one of the plan's
     notes = world.first(lambda: ckpt.prepare_output_dir(output_dir), []) if output_dir is not None else []
     data_print = data_fingerprint(train)
@@ -165,7 +170,8 @@ class _Run:
                 s.position += 1
                 self.after_step(interrupt)
             if s.position < len(steps):
-                break  # max_steps reached inside the epoch
+                self.evaluate()  # max_steps reached inside the epoch: the run's end is evaluated too
+                break
             self.end_epoch()
         if self.output_dir is not None:
             self.save()
@@ -245,11 +251,15 @@ class _Run:
             self.save()
 
     def end_epoch(self) -> None:
+        self.evaluate()
+        self.state.epoch, self.state.position = self.state.epoch + 1, 0
+
+    def evaluate(self) -> None:
+        """Evaluate after the current step, once: a resumed run that had evaluated there does not again."""
         s = self.state
-        if self.eval_data is not None and all(r.epoch != s.epoch for r in s.eval):
+        if self.eval_data is not None and all(r.step != s.step for r in s.eval):
             loss, accuracy, samples = evaluate(self.ctx, self.eval_batches())
             s.eval.append(EvalRecord(epoch=s.epoch, step=s.step, loss=loss, accuracy=accuracy, samples=samples))
-        s.epoch, s.position = s.epoch + 1, 0
 
     def eval_batches(self):
         """Evaluation micro-batches under the plan's caps, none larger than a training micro-batch."""

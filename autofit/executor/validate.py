@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from transformers import PreTrainedModel
 
 from autofit.data import TokenizedData
 from autofit.layers import UnmappableModelError, find_layout
 from autofit.limits import max_sequence_length
+from autofit.models import head_task
 from autofit.plan import Plan
 from autofit.techniques import adapter
 from autofit.techniques import precision as amp
@@ -33,6 +36,11 @@ def run_device(plan: Plan) -> torch.device:
     return torch.device("cpu")
 
 
+def _count(value: object) -> bool:
+    """A whole number >= 1 (an int, not a bool or 1.5: a fractional epoch would train and then fail)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def check_inputs(model: PreTrainedModel, plan: Plan, train: TokenizedData, eval: TokenizedData | None,
                  *, epochs: int, max_steps: int | None, output_dir: str | None,
                  checkpoint_every: int | None, resume: bool) -> None:
@@ -41,12 +49,13 @@ def check_inputs(model: PreTrainedModel, plan: Plan, train: TokenizedData, eval:
         raise ExecutorInputError("the training data is empty")
     if eval is not None and len(eval) == 0:
         raise ExecutorInputError("the evaluation data is empty (pass eval=None to skip evaluation)")
-    if epochs < 1 or (max_steps is not None and max_steps < 1):
-        raise ExecutorInputError(f"epochs and max_steps must be >= 1, got epochs={epochs}, max_steps={max_steps}")
+    if not _count(epochs) or (max_steps is not None and not _count(max_steps)):
+        raise ExecutorInputError(f"epochs and max_steps must be whole numbers >= 1, got epochs={epochs!r}, "
+                                 f"max_steps={max_steps!r}")
     if (checkpoint_every is not None or resume) and output_dir is None:
         raise ExecutorInputError("checkpoint_every and resume need an output_dir")
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise ExecutorInputError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if checkpoint_every is not None and not _count(checkpoint_every):
+        raise ExecutorInputError(f"checkpoint_every must be a whole number >= 1, got {checkpoint_every!r}")
     try:  # first: a model with adapters or 4-bit weights in it would fail the parameter count below unclearly
         amp.resolve(plan.knobs.precision, run_device(plan).type)
         adapter.check_model(model, plan.knobs, run_device(plan))
@@ -74,6 +83,10 @@ def _check_model_matches(model: PreTrainedModel, plan: Plan) -> None:
     if abs(num_params - plan.num_params) > PARAM_TOLERANCE * plan.num_params:
         raise ExecutorInputError(f"the plan is for {plan.num_params:,} parameters ({plan.model_id}), "
                                  f"this model has {num_params:,}")
+    head = head_task(model)
+    if head is not None and head != plan.task:
+        raise ExecutorInputError(f"the plan trains {plan.task}, but this model ({type(model).__name__}) has a "
+                                 f"{head} head")
     try:
         plan.knobs.validate_for(num_layers)
     except ValueError as error:
@@ -110,3 +123,6 @@ def _check_data_fits(model: PreTrainedModel, plan: Plan, data: TokenizedData, na
     if data.num_labels is not None and labels is not None and data.task == "classification" \
             and data.num_labels > labels:
         raise ExecutorInputError(f"the {name} data has {data.num_labels} labels but the model's head has {labels}")
+    if data.num_labels == 1 and labels not in (None, 1) and data.task == "classification":
+        raise ExecutorInputError(f"the {name} data's labels are numbers to regress (one output), but the model's "
+                                 f"head has {labels}: build it with num_labels=1, or give class labels")

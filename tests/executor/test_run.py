@@ -101,6 +101,17 @@ def test_max_steps_bounds_the_run(tiny, data, plan_for):
     assert result.epochs_completed == 1
 
 
+def test_max_steps_runs_past_the_epochs_it_is_given_instead_of_them(tiny, data, plan_for):
+    # the README's promise: max_steps bounds a run by optimizer steps instead of epochs (epochs=1 by default
+    # ran 3 of the 7 steps asked for, without a word); a run stopped inside an epoch is evaluated at its end
+    model, train = tiny(), data(24)
+    plan = plan_for(model, data=train, batch_size=8, micro_batch_size=4)  # 3 steps per epoch
+    result = run_plan(model, plan, train, eval=data(6), max_steps=7, lr=LR, quiet=True)
+    assert result.optimizer_steps == 7 == len(result.history)
+    assert [r.epoch for r in result.history] == [0, 0, 0, 1, 1, 1, 2]
+    assert [(r.epoch, r.step) for r in result.eval] == [(0, 3), (1, 6), (2, 7)]
+
+
 # (n, batch, micro-batch cap): caps that divide the batch or not, above it, a batch larger than the data.
 @pytest.mark.parametrize("n, batch, micro", [(20, 8, 4), (9, 4, 3), (5, 8, 2), (21, 6, 16)])
 def test_every_step_trains_the_batch_only_the_last_is_short(tiny, data, plan_for, n, batch, micro):
@@ -336,9 +347,13 @@ def test_other_bad_arguments_are_refused(tiny, data, plan_for, tmp_path):
     plan = plan_for(model, data=train)
     refuse(model, plan, train, "epochs and max_steps", epochs=0)
     refuse(model, plan, train, "epochs and max_steps", max_steps=0)
+    refuse(model, plan, train, "epochs and max_steps", epochs=1.5)  # it trained, then failed the result
+    refuse(model, plan, train, "epochs and max_steps", max_steps=True)
+    refuse(model, plan, train, "checkpoint_every must be a whole", output_dir=str(tmp_path), checkpoint_every=2.5)
     refuse(model, plan, train, "need an output_dir", checkpoint_every=2)
     refuse(model, plan, train, "need an output_dir", resume=True)
-    refuse(model, plan, train, "checkpoint_every must be >= 1", output_dir=str(tmp_path), checkpoint_every=0)
+    refuse(model, plan, train, "checkpoint_every must be a whole number >= 1", output_dir=str(tmp_path),
+           checkpoint_every=0)
     everything = plan_for(model, data=train, freeze_embeddings=True, freeze_layers=2)
     for p in [*model.bert.pooler.parameters(), *model.classifier.parameters()]:
         p.requires_grad_(False)
