@@ -1,8 +1,9 @@
 """Data intake: read a data file, find its text and label columns, tokenize, and hand the executor
 plain token-id lists (`TokenizedData`) and the planner a length distribution (`text_lengths`).
 
-Accepted data: a `datasets.Dataset`, a list of dicts (or a dict of columns), or already tokenized examples
-(`input_ids` present). Texts are one column, or a pair (`text`+`text_pair`, `sentence1`+`sentence2`,
+Accepted data: a `datasets.Dataset` (or a `DatasetDict`'s "train" split), a list of dicts (or a dict of
+columns), or already tokenized examples (`input_ids` present; pads an `attention_mask` marks at either end
+are dropped). Texts are one column, or a pair (`text`+`text_pair`, `sentence1`+`sentence2`,
 `premise`+`hypothesis`, `question1`+`question2`). Sequences longer than `max_length` are truncated and
 counted (`num_truncated`); with `truncation=False` they are an error instead.
 """
@@ -13,10 +14,12 @@ import csv
 import io
 import json
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
 from autofit.labels import DataError, class_labels
@@ -129,11 +132,17 @@ def _load_saved_dataset(path: Path):
         data = datasets.load_from_disk(str(path))
     except FileNotFoundError:
         raise DataError(f"{path} is a directory but not one saved by datasets.save_to_disk") from None
-    if isinstance(data, datasets.DatasetDict):
-        if "train" not in data:
-            raise DataError(f"{path} holds splits {sorted(data)} and no 'train' split")
-        data = data["train"]
-    return data
+    return _train_split(data, str(path))
+
+
+def _train_split(data, where: str = "the DatasetDict"):
+    """A `datasets.DatasetDict`'s "train" split (other data as it is): its splits are not columns."""
+    datasets = sys.modules.get("datasets")  # not imported: data is no DatasetDict
+    if datasets is None or not isinstance(data, datasets.DatasetDict):
+        return data
+    if "train" not in data:
+        raise DataError(f"{where} holds splits {sorted(data)} and no 'train' split: pass a single split")
+    return data["train"]
 
 
 # ---- columns ----------------------------------------------------------------------------------------------
@@ -141,6 +150,7 @@ def _load_saved_dataset(path: Path):
 
 def _columns(data) -> dict[str, list]:
     """Column name -> values, from a datasets.Dataset, a dict of columns or a list of dicts."""
+    data = _train_split(data)
     if hasattr(data, "column_names") and hasattr(data, "to_dict"):  # datasets.Dataset
         columns = data.to_dict()
     elif isinstance(data, Mapping):
@@ -161,6 +171,7 @@ def _columns(data) -> dict[str, list]:
 def column_names(data) -> list[str]:
     """The column names of `data` (a datasets.Dataset, a dict of columns, or a list of dicts), without
     reading it whole; [] for anything else (the full check happens when it is tokenized)."""
+    data = _train_split(data)
     if hasattr(data, "column_names"):
         return list(data.column_names)
     if isinstance(data, Mapping):
@@ -231,7 +242,7 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
     fields = dict(task=task, input_ids=ids, token_type_ids=types, num_truncated=truncated)
     label = _label_column(columns, label_column, task)
     if task not in TOKEN_LEVEL_TASKS:
-        fields.update(class_labels(columns[label], **label_rules))
+        fields.update(class_labels(_plain(columns[label]), **label_rules))
     return TokenizedData.model_construct(**fields)  # built and checked here: skip re-validating every id
 
 
@@ -240,7 +251,7 @@ def text_lengths(data, tokenizer, text_column: str | Sequence[str] | None = None
     """Token length of every example (with special tokens), capped at `max_length`: the planner's input."""
     columns = _columns(data)
     if "input_ids" in columns:
-        lengths = [len(ids) for ids in columns["input_ids"]]
+        lengths = [len(ids) for ids in _unpadded(columns, [])["input_ids"]]
     else:
         texts = [_texts(columns, name) for name in _text_columns(columns, text_column)]
         lengths = [len(ids) for ids in _encode(tokenizer, texts, None, True)[0]]
@@ -279,11 +290,19 @@ def _encode(tokenizer, texts: list[list[str]], max_length: int | None,
 
 def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None, label_column: str | None,
                     truncation: bool, label_rules: dict[str, Any]) -> TokenizedData:
-    """Examples that already hold input_ids (and maybe token_type_ids and labels)."""
+    """Examples that already hold input_ids (and maybe token_type_ids, attention_mask and labels)."""
+    label = _label_column(columns, label_column, task)
+    if task in TOKEN_LEVEL_TASKS and label is None and task != "causal-lm":
+        raise DataError(f"{task} examples need token labels; the data has columns {sorted(columns)}")
+    columns = _unpadded(columns, [label] if task in TOKEN_LEVEL_TASKS and label else [])
     ids = [list(map(int, row)) for row in columns["input_ids"]]
     empty = next((i for i, row in enumerate(ids) if not row), None)
     if empty is not None:
         raise DataError(f"example {empty} has empty input_ids")
+    negative = next((i for i, row in enumerate(ids) if min(row) < 0), None)
+    if negative is not None:  # else an IndexError deep in the embedding (ids >= vocab: executor/validate.py)
+        raise DataError(f"example {negative} has token id {min(ids[negative])}: ids must be >= 0 "
+                        "(-100 is for labels)")
     too_long = [i for i, row in enumerate(ids) if max_length is not None and len(row) > max_length]
     if too_long and not truncation:
         raise DataError(f"{len(too_long)} examples are longer than max_length={max_length} tokens "
@@ -292,12 +311,37 @@ def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None,
     types = [cut(row) for row in columns["token_type_ids"]] if "token_type_ids" in columns else None
     fields = dict(task=task, input_ids=[cut(row) for row in ids], token_type_ids=types,
                   num_truncated=len(too_long))
-    label = _label_column(columns, label_column, task)
-    if task in TOKEN_LEVEL_TASKS:
-        if label is None and task != "causal-lm":
-            raise DataError(f"{task} examples need token labels; the data has columns {sorted(columns)}")
-        if label is not None:
-            fields["labels"] = [cut(map(int, row)) for row in columns[label]]
-    else:
-        fields.update(class_labels(columns[label], **label_rules))
+    if task not in TOKEN_LEVEL_TASKS:
+        fields.update(class_labels(_plain(columns[label]), **label_rules))
+    elif label is not None:
+        fields["labels"] = [cut(map(int, row)) for row in columns[label]]
     return TokenizedData.model_construct(**fields)
+
+
+def _unpadded(columns: dict[str, list], labels: list[str]) -> dict[str, list]:
+    """Token columns (and token `labels`) cut to each attention_mask's 1s, else pads are trained on."""
+    names = [n for n in ("input_ids", "token_type_ids", "attention_mask", *labels) if n in columns]
+    for i, ids in enumerate(columns["input_ids"]):
+        bad = next((n for n in names if len(columns[n][i]) != len(ids)), None)
+        if bad is not None:
+            raise DataError(f"example {i}: {bad} has {len(columns[bad][i])} entries but input_ids has {len(ids)}")
+    if "attention_mask" not in columns:
+        return columns
+    spans = [_attended(i, mask) for i, mask in enumerate(columns["attention_mask"])]
+    return {**columns, **{n: [list(row)[a:b] for row, (a, b) in zip(columns[n], spans)] for n in names}}
+
+
+def _attended(index: int, mask) -> tuple[int, int]:
+    """Where an attention_mask's one run of 1s starts and ends: pads at either end go, holes cannot."""
+    ones = [j for j, m in enumerate(mask) if m]
+    if not ones:
+        raise DataError(f"example {index} has an attention_mask of all 0s: it has no tokens to train on")
+    if ones[-1] + 1 - ones[0] != len(ones):
+        raise DataError(f"example {index} has 0s between 1s in its attention_mask: only padding at either end "
+                        "can be dropped")
+    return ones[0], ones[-1] + 1
+
+
+def _plain(values: list) -> list:
+    """Numpy scalars (labels from an array) as the Python numbers they hold, which the label rules know."""
+    return [v.item() if isinstance(v, np.generic) else v for v in values]

@@ -19,7 +19,7 @@ from autofit.api import (DEFAULT_MAX_LENGTH, ModelSpec, _config, _profile, _sear
 from autofit.budget import format_bytes, parse_budget
 from autofit.cluster import Cluster, make_cluster
 from autofit.cost import predict_time
-from autofit.data import LABEL_COLUMNS, TokenizedData, column_names, prepare_examples
+from autofit.data import LABEL_COLUMNS, DataError, TokenizedData, column_names, prepare_examples
 from autofit.devices import DeviceSpec
 from autofit.limits import check_seq_len, max_sequence_length
 from autofit.memory import predict_eval_peak, predict_peak
@@ -197,5 +197,7 @@ def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_colum
         return data
     if train is None:
         return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column)
+    if type(data).__name__.endswith("DatasetDict"):  # as training data it gives its "train" split: not here
+        raise DataError("eval_data is a DatasetDict: pass one of its splits, e.g. data['validation']")
     return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column,
                             min_classes=1, label_names=train.label_names)

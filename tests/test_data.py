@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from autofit.data import DataError, TokenizedData, load_data_file, prepare_examples, text_lengths
+from autofit.data import DataError, TokenizedData, column_names, load_data_file, prepare_examples, text_lengths
 from benchmarks._minilm import minilm_path
 
 WORDS = "the cat sat on a mat and the dog ran in the park while birds sang over green hills".split()
@@ -293,4 +293,61 @@ def test_a_text_column_of_another_name_is_used_and_said(caplog):
     assert "the text is column 'body', the only column of strings" in caplog.text
     with pytest.raises(DataError, match="every text in column 'text' is empty"):
         prepare_examples([{"text": "", "label": 0}, {"text": " ", "label": 1}], make_tokenizer(),
+                         task="classification", max_length=16)
+
+
+# ---- numpy labels, masks, bad ids, DatasetDicts --------------------------------------------------------
+
+
+def test_numpy_scalar_labels_are_taken_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    out = prepare_examples({"input_ids": [[5, 6]] * 16, "label": np.arange(16) % 2}, task="classification",
+                           max_length=8)
+    assert out.labels == [0, 1] * 8 and out.num_labels == 2 and all(type(v) is int for v in out.labels)
+    assert prepare_examples(rows([np.int32(0), np.int32(2)]), task="classification", max_length=8).num_labels == 3
+    flags = prepare_examples(rows([np.bool_(True), np.bool_(False)]), task="classification", max_length=8)
+    assert flags.labels == [1, 0] and flags.label_note == "2 classes from integer labels 0-1"  # as Python bools
+    scores = prepare_examples(rows(np.array([0.5, 1.5])), task="classification", max_length=8)
+    assert scores.num_labels == 1 and scores.labels == [0.5, 1.5]
+
+
+def test_attention_mask_strips_left_and_right_padding_and_refuses_holes():
+    data = {"input_ids": [[5, 6, 7, 0, 0], [0, 0, 8, 9, 10], [4, 5, 6, 7, 8]],
+            "token_type_ids": [[0, 0, 1, 0, 0], [0, 0, 0, 1, 1], [0] * 5],
+            "attention_mask": [[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1] * 5],
+            "labels": [[1, 2, 3, -100, -100], [-100, -100, 4, 5, 6], [1, 1, 1, 1, 1]]}
+    out = prepare_examples(data, task="token-classification", max_length=4)
+    assert out.input_ids == [[5, 6, 7], [8, 9, 10], [4, 5, 6, 7]] and out.num_truncated == 1  # pads not counted
+    assert out.token_type_ids == [[0, 0, 1], [0, 1, 1], [0] * 4]
+    assert out.labels == [[1, 2, 3], [4, 5, 6], [1, 1, 1, 1]]
+    assert text_lengths(data, None) == [3, 3, 5]
+    holes = {"input_ids": [[5, 6], [5, 0, 6]], "attention_mask": [[1, 1], [1, 0, 1]], "label": [0, 1]}
+    with pytest.raises(DataError, match="example 1 has 0s between 1s in its attention_mask"):
+        prepare_examples(holes, task="classification", max_length=8)
+
+
+@pytest.mark.parametrize("name, row, message", [
+    ("attention_mask", [1, 1], "example 1: attention_mask has 2 entries but input_ids has 3"),
+    ("token_type_ids", [0, 0, 0, 0], "example 1: token_type_ids has 4 entries but input_ids has 3"),
+])
+def test_a_mask_or_segment_ids_of_another_length_are_refused(name, row, message):
+    data = {"input_ids": [[5, 6, 7], [5, 6, 7]], name: [[1, 1, 1], row], "label": [0, 1]}
+    with pytest.raises(DataError, match=message) as info:
+        prepare_examples(data, task="classification", max_length=8)
+    assert "\n" not in str(info.value)
+
+
+def test_a_negative_token_id_is_refused_naming_the_example():
+    with pytest.raises(DataError, match=r"example 1 has token id -100: ids must be >= 0 \(-100 is for labels\)"):
+        prepare_examples({"input_ids": [[5, 6], [5, -100]], "label": [0, 1]}, task="classification", max_length=8)
+
+
+def test_a_dataset_dict_gives_its_train_split(word_tok):
+    datasets = pytest.importorskip("datasets")
+    split = datasets.Dataset.from_dict({"sentence": ["the cat", "a dog sat"], "label": [0, 1]})
+    both = datasets.DatasetDict({"train": split, "test": split.select([0])})
+    out = prepare_examples(both, word_tok, task="classification", max_length=16)
+    assert out.labels == [0, 1] and out.lengths == [2, 3] and column_names(both) == ["sentence", "label"]
+    with pytest.raises(DataError, match=r"holds splits \['test', 'validation'\] and no 'train' split: pass a single"):
+        prepare_examples(datasets.DatasetDict({"test": split, "validation": split}), word_tok,
                          task="classification", max_length=16)
