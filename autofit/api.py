@@ -129,7 +129,8 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
         profile = _profile(model, task, spec, adapters=chosen.adapters.mode == "always")
     lengths = None
     if data is not None:
-        lengths = _lengths(data, resolve_tokenizer(tokenizer, model), text_column, seq_len)
+        least = 2 if profile.task == "causal-lm" else 1  # what training keeps (data.without_untrainable)
+        lengths = [n for n in _lengths(data, resolve_tokenizer(tokenizer, model), text_column, seq_len) if n >= least]
     workload = make_workload(profile.task, seq_len=seq_len, batch_size=batch_size, lengths=lengths,
                              num_samples=num_samples)
     profile, found = _search_lazily(model, profile, workload, spec, budget_bytes, chosen, measure=not given,

@@ -66,6 +66,21 @@ class TokenizedData(BaseModel):
         return row
 
 
+def without_untrainable(data: TokenizedData) -> tuple[TokenizedData, int]:
+    """(`data` less the examples nothing can be learnt from, how many went): no tokens (an empty text under a
+    tokenizer that adds none), or for a causal LM a single one (no next token to predict: a step of only
+    such examples would log a loss of 0 and update nothing)."""
+    least = 2 if data.task == "causal-lm" else 1
+    keep = [i for i, ids in enumerate(data.input_ids) if len(ids) >= least]
+    if len(keep) == len(data):
+        return data, 0
+    if not keep:
+        raise DataError(f"no example has {least} or more tokens: there is nothing to train on")
+    pick = lambda column: None if column is None else [column[i] for i in keep]  # noqa: E731
+    return data.model_copy(update=dict(input_ids=pick(data.input_ids), token_type_ids=pick(data.token_type_ids),
+                                       labels=pick(data.labels))), len(data) - len(keep)
+
+
 # ---- files ------------------------------------------------------------------------------------------------
 
 

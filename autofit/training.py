@@ -19,7 +19,8 @@ from autofit.api import (DEFAULT_MAX_LENGTH, ModelSpec, _config, _profile, _sear
 from autofit.budget import format_bytes, parse_budget
 from autofit.cluster import Cluster, make_cluster
 from autofit.cost import predict_time
-from autofit.data import LABEL_COLUMNS, DataError, TokenizedData, column_names, prepare_examples
+from autofit.data import (LABEL_COLUMNS, DataError, TokenizedData, column_names, prepare_examples,
+                          without_untrainable)
 from autofit.devices import DeviceSpec
 from autofit.limits import check_seq_len, max_sequence_length
 from autofit.memory import predict_eval_peak, predict_peak
@@ -193,8 +194,18 @@ def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_colum
                train: TokenizedData | None = None) -> TokenizedData:
     """Tokenized training data, or (given `train`) evaluation data: that may hold a single class, and its
     string labels take the training data's class ids."""
-    if isinstance(data, TokenizedData):
-        return data
+    if not isinstance(data, TokenizedData):
+        data = _prepared(data, tokenizer, task, max_length, text_column, train)
+    data, dropped = without_untrainable(data)
+    if dropped:
+        least = "two tokens" if task == "causal-lm" else "one token"
+        log.info(f"{dropped} {'training' if train is None else 'evaluation'} examples had fewer than {least} and "
+                 "were left out: nothing can be learnt from them")
+    return data
+
+
+def _prepared(data: Any, tokenizer: Any, task: str, max_length: int, text_column: str | None,
+              train: TokenizedData | None) -> TokenizedData:
     if train is None:
         return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column)
     if type(data).__name__.endswith("DatasetDict"):  # as training data it gives its "train" split: not here

@@ -200,6 +200,21 @@ def test_the_model_plan_and_tokenizer_forms_the_readme_lists(tok, tmp_path):
     assert result.model is not model and result.model.config.num_labels == 3
 
 
+def test_causal_lm_examples_with_nothing_to_predict_are_left_out_and_said(caplog):
+    # a one-token example has no next token: a step of only such examples logged a loss of 0 and updated
+    # nothing; as evaluation data, one with no tokens divided by zero
+    rng = random.Random(0)
+    rows = [{"input_ids": [rng.randrange(5, 90) for _ in range(rng.choice([1, 1, 3, 9, 30]))]} for _ in range(40)]
+    kept = sum(len(r["input_ids"]) > 1 for r in rows)
+    plan = autofit.plan(tiny_model("gpt2", "causal-lm"), "1GB", data=rows, batch_size=8, device="cpu")
+    assert plan.workload.lengths.num_samples == kept == 24
+    with caplog.at_level("INFO", logger="autofit"):
+        result = autofit.train(tiny_model("gpt2", "causal-lm"), rows, plan=plan, quiet=True, eval_data=rows)
+    assert [r.samples for r in result.history] == [8, 8, 8] and result.eval[0].samples == kept
+    assert all(r.loss > 0 for r in result.history)
+    assert "16 training examples had fewer than two tokens and were left out" in caplog.text
+
+
 def test_a_damaged_checkpoint_is_named_not_a_traceback(tok, tmp_path, monkeypatch):
     model = tiny_model("bert", "classification", num_labels=3, **BERT)
     rows = skewed_rows(32)
