@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord
@@ -43,15 +43,19 @@ class CheckpointError(ValueError):
 
 
 class TrainerState(BaseModel):
-    """Counters and records of a run: everything but tensors. Saved with every checkpoint."""
+    """Counters and records of a run: everything but tensors. Saved with every checkpoint; a file whose
+    fields are not these (an edit, a damaged copy) does not load, rather than being read as a run on other
+    data."""
 
-    step: int = 0
+    model_config = ConfigDict(extra="forbid")
+
+    step: NonNegativeInt = 0
     """Optimizer steps completed."""
-    epoch: int = 0
+    epoch: NonNegativeInt = 0
     """The epoch being trained (0-based)."""
-    position: int = 0
+    position: NonNegativeInt = 0
     """Steps of `epoch` already trained: a resumed run continues with the next one."""
-    data_fingerprint: str = ""
+    data_fingerprint: str = Field(min_length=1)
     """`fingerprint(training data)`: a resume on other data is refused."""
     run_fingerprint: dict[str, str] = {}
     """What must not change across a resume (the plan's knobs and batch, seed, lr, ...), each as text."""
@@ -144,19 +148,34 @@ def _complete(path: Path) -> bool:
     return path.is_dir() and any(all((path / f).exists() for f in files) for files in (FILES, SHARDED_FILES))
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in `output_dir`, oldest first."""
+def _numbered(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-<step>` folders in `output_dir`, complete or not, oldest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = [p for p in output_dir.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
-             and _complete(p)]
+             and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    return [p for p in _numbered(output_dir) if _complete(p)]
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    """The newest checkpoint in `output_dir`, or None when there is none. Saves land whole (a folder renamed
+    into place), so a newest `checkpoint-<step>` folder that lacks a file was damaged after it was written:
+    a CheckpointError names what it lacks, instead of a resume quietly starting from an older step."""
+    numbered = _numbered(output_dir)
+    if numbered and not _complete(numbered[-1]):
+        newest = numbered[-1]
+        missing = min(([f for f in files if not (newest / f).exists()] for files in (FILES, SHARDED_FILES)), key=len)
+        before = [c.name for c in numbered[:-1] if _complete(c)]
+        then = f"resume from {before[-1]}" if before else "start from the first step"
+        raise CheckpointError(f"{newest} is incomplete (it lacks {', '.join(missing)}): remove it to {then}, "
+                              "or use another output_dir")
+    return numbered[-1] if numbered else None
 
 
 def load_plan_and_state(path: str | Path) -> tuple[Plan, TrainerState]:

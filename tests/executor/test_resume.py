@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -182,10 +183,25 @@ def test_resume_without_a_checkpoint_starts_fresh(tiny, data, plan_for, tmp_path
     model, plan, train = setup(tiny, data, plan_for)
     result = run(model, plan, train, output_dir=str(tmp_path / "new"), resume=True)
     assert_same_run(model, result, ref_model, ref)
-    # A checkpoint missing a file (killed mid-save) does not count either.
-    (latest_checkpoint(tmp_path / "new") / "optimizer.pt").unlink()
+    # Saves land whole, so a newest checkpoint missing a file was damaged since: refused, naming what it
+    # lacks (it quietly started over); once removed, the run starts over.
+    newest = latest_checkpoint(tmp_path / "new")
+    (newest / "optimizer.pt").unlink()
     again, plan, train = setup(tiny, data, plan_for)
+    with pytest.raises(ckpt.CheckpointError, match=r"incomplete \(it lacks optimizer.pt\): remove it to start "
+                                                    "from the first step"):
+        run(again, plan, train, output_dir=str(tmp_path / "new"), resume=True)
+    shutil.rmtree(newest)
     assert_same_run(again, run(again, plan, train, output_dir=str(tmp_path / "new"), resume=True), ref_model, ref)
+
+
+def test_a_damaged_trainer_state_is_named_damaged_not_other_data(tiny, data, plan_for, tmp_path):
+    model, plan, train = setup(tiny, data, plan_for)
+    run(model, plan, train, max_steps=2, output_dir=str(tmp_path))
+    (latest_checkpoint(tmp_path) / "trainer_state.json").write_text('{"global_step": "x", "epoch": -3}')
+    again, plan, train = setup(tiny, data, plan_for)
+    with pytest.raises(ckpt.CheckpointError, match="is damaged: its trainer_state.json does not read"):
+        run(again, plan, train, output_dir=str(tmp_path), resume=True)
 
 
 def test_a_killed_save_is_cleaned_up_at_the_next_start(tiny, data, plan_for, tmp_path):
