@@ -241,7 +241,7 @@ def _read_plan(path: Path):
     from autofit.plan import Plan
 
     if not path.is_file():
-        raise ValueError(f"plan file not found: {path}")
+        raise ValueError(f"plan file {path} is a directory" if path.is_dir() else f"plan file not found: {path}")
     return Plan.load(path)  # PlanFileError names the file and the first bad field
 
 

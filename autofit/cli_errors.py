@@ -86,12 +86,25 @@ def friendly_errors(command: Callable) -> Callable:
         except Exception as error:  # noqa: BLE001 - the contract is one line, never a traceback
             if os.environ.get("AUTOFIT_DEBUG"):
                 raise
-            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            text = one_line(str(error)) or type(error).__name__
             if not isinstance(error, ValueError | OSError | KeyError | ArithmeticError):
                 text = f"{type(error).__name__}: {text}"
             err.print("[red]error:[/] " + escape(text), soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
     return wrapper
+
+
+MAX_ERROR_CHARS = 300
+
+
+def one_line(message: str) -> str:
+    """A message's first line, with the next one when it only leads into it ("... for field 'x':"), cut to
+    MAX_ERROR_CHARS: some libraries' errors carry a page of internals."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3].rstrip() + "..."
 
 
 @contextmanager

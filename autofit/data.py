@@ -119,12 +119,14 @@ def _read_text(path: Path) -> str:
 
 def _load_json(path: Path) -> list[dict]:
     text = _read_text(path)
-    if text.lstrip().startswith("["):  # one JSON array
+    rows = None
+    if text.lstrip().startswith("["):  # one JSON array, or JSON lines whose first line is an array
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    else:  # JSON lines
+            if e.msg != "Extra data":
+                raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if rows is None:  # JSON lines
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -132,8 +134,10 @@ def _load_json(path: Path) -> list[dict]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
-    if not all(isinstance(row, dict) for row in rows):
-        raise DataError(f"{path}: every example must be a JSON object such as {{\"text\": ..., \"label\": ...}}")
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None) if isinstance(rows, list) else 0
+    if bad is not None:
+        raise DataError(f"{path}: every example must be a JSON object such as {{\"text\": ..., \"label\": ...}}; "
+                        f"example {bad} is not")
     return rows
 
 

@@ -324,8 +324,12 @@ def _read_policy_text(name_or_path: str) -> tuple[str, str, str]:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise PolicyError(f"policy file {name_or_path!r} not found")
-        return path.read_text(), repr(str(path)), path.stem
+            raise PolicyError(f"policy file {name_or_path!r} is a directory" if path.is_dir()
+                              else f"policy file {name_or_path!r} not found")
+        try:
+            return path.read_text(encoding="utf-8"), repr(str(path)), path.stem
+        except UnicodeDecodeError:
+            raise PolicyError(f"policy file {name_or_path!r} is not UTF-8 text (a YAML file is)") from None
     name = name_or_path.strip().lower().replace("_", "-")
     shipped = POLICY_DIR / f"{name}.yaml"
     if not shipped.is_file():

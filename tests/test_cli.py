@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 from typer.testing import CliRunner
 
-from autofit import cli
+from autofit import cli, cli_errors
 from autofit.budget import parse_budget
 from autofit.cli import app
 from autofit.plan import Plan
@@ -156,6 +156,28 @@ def test_bad_plan_files_are_one_line_and_exit_1(tmp_path):
     assert "other.json is not a valid plan: model_type: Field required (+" in assert_one_line_error(
         invoke("explain", other))
     assert_one_line_error(invoke("train", "--plan", broken, "--data", broken))
+    assert f"plan file {tmp_path} is a directory" in assert_one_line_error(invoke("explain", tmp_path))
+
+
+def test_bad_policy_and_data_files_are_named_for_what_is_wrong(files, tmp_path):
+    folder = tmp_path / "dir.yaml"
+    folder.mkdir()
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x00\xd4\xff\xfe")
+    plan = ("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", "--policy")
+    assert "is a directory" in assert_one_line_error(invoke(*plan, folder))
+    assert "is not UTF-8 text" in assert_one_line_error(invoke(*plan, binary))
+    lines = tmp_path / "arrays.jsonl"
+    lines.write_text('[1, 2, 3]\n"str"\n42\n')  # valid JSON lines, no objects: it said "Extra data at line 2"
+    assert "must be a JSON object" in assert_one_line_error(invoke("plan", "--model", files["model"], "--vram",
+                                                                   "1GB", "--data", lines))
+
+
+def test_an_error_is_one_line_however_a_library_words_it():
+    assert cli_errors.one_line("Validation error for field 'hidden_size':\n  expected int, got str") == \
+        "Validation error for field 'hidden_size': expected int, got str"
+    cut = cli_errors.one_line("PytorchStreamReader failed " * 100)
+    assert cut.endswith("...") and len(cut) <= cli_errors.MAX_ERROR_CHARS
 
 
 def test_train_needs_exactly_one_of_plan_and_vram(files, tmp_path):

@@ -178,7 +178,7 @@ def test_unknown_policy_name_lists_the_shipped_ones():
 
 def test_missing_policy_file(tmp_path):
     assert "not found" in error_of(tmp_path / "nope.yaml")
-    assert "not found" in error_of(tmp_path)  # a folder is not a policy file
+    assert "is a directory" in error_of(tmp_path)  # a folder is not a policy file
 
 
 def test_a_policy_file_takes_its_name_from_the_file(tmp_path):
