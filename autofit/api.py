@@ -16,6 +16,7 @@ from autofit.card import card_profile, card_spec, on_card, visible_as
 from autofit.cluster import SINGLE, Cluster, make_cluster
 from autofit.data import DataError, TokenizedData, column_names, text_lengths
 from autofit.devices import DeviceSpec, get_device
+from autofit.intmath import check_whole
 from autofit.memory import offloaded_bytes_per_machine
 from autofit.limits import check_config, check_seq_len
 from autofit.models import check_module, default_task, load_tokenizer, resolve_config
@@ -53,6 +54,7 @@ def target_device(device: str | DeviceSpec | None, *, train: bool = False) -> De
 def check_batch_size(batch_size: int, processes: int = 1) -> None:
     """A one-line ValueError for an effective batch no plan can have, or that cannot give each of `processes`
     an example."""
+    check_whole("batch_size", batch_size, least=None)  # the type; the range below
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"batch_size must be from 1 to {MAX_BATCH_SIZE}, not {batch_size}")
     if batch_size < processes:
@@ -115,8 +117,9 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     chosen = load_policy(policy).with_adapter(adapter)
     budget_bytes = parse_budget(budget)
     check_batch_size(batch_size)
-    if n_trials is not None and n_trials < 1:
-        raise ValueError(f"n_trials must be at least 1, not {n_trials}")
+    for name, value in (("n_trials", n_trials), ("num_samples", num_samples)):
+        if value is not None:
+            check_whole(name, value)
     spec = target_device(device)
     cluster = make_cluster(gpus, machines, interconnect=interconnect, network=network, device_kind=spec.kind,
                            host_memory_bytes=None if host_memory is None else parse_budget(host_memory))

@@ -8,6 +8,7 @@ gets the budget they meant.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 MIN_BUDGET_BYTES = 2**20
@@ -56,10 +57,12 @@ def _is_plain_number(text: object) -> bool:
 
 def _size_value(text: object, what: str) -> int | float:
     """The number of bytes `text` spells, unchecked (may be inf, nan, zero or negative)."""
-    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+    if isinstance(text, bool) or not isinstance(text, (str, numbers.Real)):
         raise BudgetError(f"invalid {what} {_shown(text)}: use e.g. 16GB, 15.5GiB, 16000MB or a byte count")
-    if isinstance(text, (int, float)):
-        return text  # ints stay exact: float() of a 400-digit int would overflow
+    if isinstance(text, numbers.Integral):
+        return int(text)  # ints stay exact: float() of a 400-digit int would overflow (numpy ints too)
+    if isinstance(text, numbers.Real):
+        return float(text)
     if text.strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
         return math.nan  # float() would read these; they are no size
     match = _PATTERN.match(text)

@@ -22,6 +22,7 @@ from autofit.cost import predict_time
 from autofit.data import (LABEL_COLUMNS, DataError, TokenizedData, column_names, prepare_examples,
                           without_untrainable)
 from autofit.devices import DeviceSpec
+from autofit.intmath import check_whole
 from autofit.limits import check_seq_len, max_sequence_length
 from autofit.memory import predict_eval_peak, predict_peak
 from autofit.models import build_model, default_task, head_task, load_model
@@ -84,8 +85,9 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
                          f"adapter={adapter}, or leave adapter=auto")
     chosen = load_policy(policy).with_adapter(adapter)  # a bad policy or adapter fails before any work
     check_batch_size(batch_size, (gpus or launched_processes()) if plan is None else 1)
-    if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"the learning rate must be a positive number, not {lr}")
+    check_whole("seed", seed, least=0)
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"the learning rate must be a positive number, not {lr!r}")
     if output_dir is not None:
         prepare_output_dir(output_dir)  # a bad --output-dir fails now, not after profiling and training
     config = _config(model)

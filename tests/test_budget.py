@@ -78,3 +78,11 @@ def test_auto_without_cuda_is_a_clear_error():
 def test_format_bytes_round_trips_through_parse():
     assert format_bytes(16 * GIB) == "16.0 GB"
     assert parse_budget(format_bytes(16 * GIB).replace(" ", "")) == 16 * GIB
+
+
+def test_numpy_numbers_are_budgets_as_python_numbers_are():
+    import numpy as np
+
+    assert parse_budget(np.int64(2**30)) == parse_budget(np.float64(2.0**30)) == 2**30
+    with pytest.raises(BudgetError, match="invalid memory budget"):
+        parse_budget(np.bool_(True))

@@ -169,6 +169,14 @@ def test_arguments_no_run_can_have_are_refused_in_one_line(tok, tmp_path):
                                device="cpu", quiet=True), "numbers to regress .* head has 3"),
         (lambda: autofit.train(model, rows, budget="1GB", tokenizer=tok, epochs=1.5, device="cpu", quiet=True),
          "whole numbers >= 1"),
+        # wrong types: they failed deep inside (or True passed as 1)
+        (lambda: autofit.plan(model, "1GB", batch_size="4", device="cpu"), "batch_size must be a whole number"),
+        (lambda: autofit.plan(model, "1GB", batch_size=True, device="cpu"), "batch_size must be a whole number"),
+        (lambda: autofit.plan(model, "1GB", seq_len=16.5, device="cpu"), "seq_len must be a whole number"),
+        (lambda: autofit.plan(model, "1GB", num_samples=-5, device="cpu"), "num_samples must be at least 1"),
+        (lambda: autofit.train(model, rows, budget="1GB", tokenizer=tok, lr="1e-3"), "positive number, not '1e-3'"),
+        (lambda: autofit.train(model, rows, budget="1GB", tokenizer=tok, seed="x"), "seed must be a whole number"),
+        (lambda: autofit.train(model, rows, budget="1GB", tokenizer=tok, max_length=8.5), "max_length must be a whole"),
     ]
     for call, words in cases:
         with pytest.raises(ValueError, match=words) as info:
