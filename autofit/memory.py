@@ -143,18 +143,23 @@ def predict_peak(profile: Profile, knobs: Knobs, workload: Workload, device: Dev
 
 
 def _worst_micro_batch(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec,
-                       cluster: Cluster = SINGLE) -> tuple[MemoryBreakdown, accumulation.MicroBatchShape, bool]:
-    """(its predicted peak, its shape, whether it counts as padded) of the micro-batch that sets the peak:
-    the first of equal peaks. Each process cuts its share of a step (at most `process_batch_size` examples)
-    as one process cuts a whole step."""
-    candidates = []
+                       cluster: Cluster = SINGLE) -> tuple[MemoryBreakdown, accumulation.MicroBatchShape]:
+    """(its predicted peak, its shape) of the micro-batch that sets the peak: the first of equal peaks. Each
+    process cuts its share of a step (at most `process_batch_size` examples) as one process cuts a whole
+    step. Lengths assumed from --seq-len count as padded."""
     share = accumulation.process_batch_size(workload.batch_size, cluster.processes)
-    for shape in accumulation.memory_shapes(knobs, workload.lengths, share):
-        padded = shape.padded or not workload.from_data
-        peak = predict_step_peak(profile, knobs, shape.batch, shape.length, device, padded, shape.grads_held,
-                                 cluster)
-        candidates.append((peak, shape, padded))
-    return max(candidates, key=lambda c: c[0].peak_bytes)
+    shapes = [shape if workload.from_data else shape.model_copy(update={"padded": True})
+              for shape in accumulation.memory_shapes(knobs, workload.lengths, share)]
+    return peak_over_shapes(profile, knobs, shapes, device, cluster)
+
+
+def peak_over_shapes(profile: Profile, knobs: Knobs, shapes: list[accumulation.MicroBatchShape], device: DeviceSpec,
+                     cluster: Cluster = SINGLE) -> tuple[MemoryBreakdown, accumulation.MicroBatchShape]:
+    """(the predicted peak, the shape) of the micro-batch among `shapes` that peaks highest: the first of
+    equal peaks."""
+    peaks = [(predict_step_peak(profile, knobs, s.batch, s.length, device, s.padded, s.grads_held, cluster), s)
+             for s in shapes]
+    return max(peaks, key=lambda c: c[0].peak_bytes)
 
 
 def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, int]],
@@ -198,7 +203,7 @@ def step_timeline(profile: Profile, knobs: Knobs, workload: Workload, device: De
     boundary), the optimizer step. Each comes with a label ("forward layer 3") and the bytes live then, by
     what holds them; its peak_phase is the moment's own phase. The largest total is predict_peak's
     peak_bytes: these are predict_step_peak's candidates (`_step_parts`), all kept instead of only the largest."""
-    _, shape, padded = _worst_micro_batch(profile, knobs, workload, device, cluster)
+    _, shape = _worst_micro_batch(profile, knobs, workload, device, cluster)
     batch, seq = shape.batch, shape.length
-    weights, state, parts = _step_parts(profile, knobs, batch, seq, padded, shape.grads_held, cluster)
+    weights, state, parts = _step_parts(profile, knobs, batch, seq, shape.padded, shape.grads_held, cluster)
     return [(part.label, part.breakdown(weights, state, device, (batch, seq))) for part in parts]

@@ -265,8 +265,11 @@ class TrainingCurves:
     """Evaluation loss at the end of each epoch (TrainResult.eval), if any."""
     measured_peak_bytes: int | None
     predicted_allocated_bytes: int
-    """The prediction to compare with the measured peak: without the device overhead, as measured."""
+    """The plan's prediction (its bound over any step) to compare with the measured peak: without the device
+    overhead, as measured."""
     budget_bytes: int
+    run_predicted_allocated_bytes: int | None = None
+    """The prediction for this run's own micro-batches, when there is one."""
 
 
 def training_curves(result: TrainResult) -> TrainingCurves:
@@ -274,7 +277,7 @@ def training_curves(result: TrainResult) -> TrainingCurves:
         steps=[r.step for r in result.history], losses=[r.loss for r in result.history],
         eval_steps=[e.step for e in result.eval], eval_losses=[e.loss for e in result.eval],
         measured_peak_bytes=result.measured_peak_bytes, predicted_allocated_bytes=result.predicted_allocated_bytes,
-        budget_bytes=result.budget_bytes)
+        run_predicted_allocated_bytes=result.run_predicted_allocated_bytes, budget_bytes=result.budget_bytes)
 
 
 def draw_training(c: TrainingCurves) -> Figure:
@@ -287,11 +290,14 @@ def draw_training(c: TrainingCurves) -> Figure:
     left.set_ylabel("loss")
     left.legend(fontsize=8)
     bars = {"predicted": c.predicted_allocated_bytes}
+    if c.run_predicted_allocated_bytes is not None:
+        bars = {"any step": c.predicted_allocated_bytes, "this run": c.run_predicted_allocated_bytes}
     if c.measured_peak_bytes is not None:
         bars["measured"] = c.measured_peak_bytes
     budget_shown = c.budget_bytes <= 3 * max(bars.values())  # a far larger budget would flatten the bars
     size, unit = _unit(max(c.budget_bytes if budget_shown else 0, *bars.values()))
-    right.bar(list(bars), [v / size for v in bars.values()], color=["#8172b3", "#55a868"][:len(bars)], width=0.5)
+    colors = ["#8172b3", "#b3a6d9", "#55a868"][-len(bars):] if "measured" in bars else ["#8172b3", "#b3a6d9"]
+    right.bar(list(bars), [v / size for v in bars.values()], color=colors[:len(bars)], width=0.5)
     for i, value in enumerate(bars.values()):
         right.text(i, value / size, format_bytes(value), ha="center", va="bottom", fontsize=8)
     title = "peak memory (allocated)"

@@ -256,8 +256,11 @@ def train_summary(result: TrainResult) -> str:
         each = ""
         if result.processes > 1:  # the worst process's peak, each one's after it
             each = f" by the busiest of {result.processes} processes ({', '.join(map(format_bytes, result.rank_peak_bytes))})"
-        lines.append(f"peak memory {format_bytes(result.measured_peak_bytes)} measured{each}, "
-                     f"{format_bytes(result.predicted_allocated_bytes)} predicted per process, "
+        run = result.run_predicted_allocated_bytes
+        predicted = f"{format_bytes(result.predicted_allocated_bytes)} predicted per process" if run is None else \
+            f"{format_bytes(run)} predicted for this run's micro-batches ({format_bytes(result.predicted_allocated_bytes)} " \
+            "for any step of this data)"
+        lines.append(f"peak memory {format_bytes(result.measured_peak_bytes)} measured{each}, {predicted}, "
                      f"budget {format_bytes(result.budget_bytes)}")
     if result.measured_reserved_bytes is not None and result.predicted_reserved_bytes is not None:
         lines.append(f"allocator reserved {format_bytes(result.measured_reserved_bytes)} measured, "

@@ -24,7 +24,7 @@ from autofit.data import (LABEL_COLUMNS, DataError, TokenizedData, column_names,
 from autofit.devices import DeviceSpec
 from autofit.intmath import check_whole
 from autofit.limits import check_seq_len, max_sequence_length
-from autofit.memory import predict_eval_peak, predict_peak
+from autofit.memory import peak_over_shapes, predict_eval_peak, predict_peak
 from autofit.models import build_model, default_task, head_task, load_model
 from autofit.plan import Plan
 from autofit.policy import Policy, check_adapter_choice, load_policy
@@ -140,7 +140,8 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     return run_plan(model, plan, train_data, eval=eval_tokens, epochs=epochs, max_steps=max_steps, lr=lr,
                     seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
                     quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None),
-                    eval_prediction=eval_prediction)
+                    eval_prediction=eval_prediction, price_shapes=lambda knobs, shapes: peak_over_shapes(
+                        profile, knobs, shapes, plan.device, plan.cluster)[0])
 
 
 def _search_plan(model: ModelSpec, profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int,

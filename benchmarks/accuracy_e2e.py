@@ -164,6 +164,9 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, Any]:
         "memory_warnings": sum(1 for c in ran if c["memory_warning"]),
         "steps_with_wrong_sample_count": sum(c["wrong_sample_steps"] for c in ran),
         "over_3pct": [f"{c['family']}@{c['budget']}" for c in ran if abs(c["error"]) > 0.03],
+        # the prediction for each run's own micro-batches (TrainResult.run_predicted_allocated_bytes)
+        "run_median_abs_error_pct": round(100 * statistics.median(abs(c["run_error"]) for c in ran), 2) if ran else None,
+        "run_max_abs_error_pct": round(100 * max(abs(c["run_error"]) for c in ran), 2) if ran else None,
     }
 
 
@@ -272,6 +275,8 @@ def run_family(family: str, points: tuple[float, ...], fractions: tuple[float, .
             predicted_peak_phase=plan.predicted.peak_phase, predicted_peak_shape=list(plan.predicted.peak_shape),
             eval_prediction_larger=predicted > plan.predicted.allocated_bytes,
             measured_bytes=measured, error=(predicted - measured) / measured,
+            run_predicted_bytes=result.run_predicted_allocated_bytes,
+            run_error=(result.run_predicted_allocated_bytes - measured) / measured,
             over_budget=measured > budget, memory_warning=result.memory_warning,
             micro_batches_per_step=list(plan.step.micro_batches_per_step),
             steps=len(samples), samples_per_step=samples, micro_batches=[r.micro_batches for r in result.history],
@@ -292,18 +297,19 @@ def report(result: dict[str, Any]) -> str:
     for c in result["cells"]:
         if c["measured_bytes"] is None:
             rows.append([c["family"], c["budget"], c["fraction"], f"{c['budget_bytes'] / 2**20:.2f}", "no plan fits",
-                         "—", "—", "—", "—", "—", "—"])
+                         "—", "—", "—", "—", "—", "—", "—"])
             continue
         rows.append([c["family"], c["budget"], c["fraction"], f"{c['budget_bytes'] / 2**20:.2f}", c["knobs"],
                      f"{c['predicted_bytes'] / 2**20:.2f}", f"{c['measured_bytes'] / 2**20:.2f}", _pct(c["error"]),
-                     "OVER" if c["over_budget"] else "no", "yes" if c["memory_warning"] else "no",
+                     _pct(c["run_error"]), "OVER" if c["over_budget"] else "no", "yes" if c["memory_warning"] else "no",
                      c["wrong_sample_steps"]])
     cells = table(["family", "budget", "of naive", "budget MiB", "knobs", "predicted MiB", "measured MiB",
-                   "error", "over budget", "warning", "wrong steps"], rows)
+                   "error", "this run's error", "over budget", "warning", "wrong steps"], rows)
     s = result["summary"]
     lines = [f"{s['trained']} of {s['cells']} cells trained ({s['no_plan']} without a plan that fits)",
              f"|error| median {s['median_abs_error_pct']}%, worst {s['max_abs_error_pct']}%, mean signed "
-             f"{s['mean_signed_error_pct']}%",
+             f"{s['mean_signed_error_pct']}%; predicted for each run's own micro-batches: |error| median "
+             f"{s['run_median_abs_error_pct']}%, worst {s['run_max_abs_error_pct']}%",
              f"over budget: {s['over_budget']}; memory warnings: {s['memory_warnings']}; steps with a wrong sample "
              f"count: {s['steps_with_wrong_sample_count']}",
              f"cells off by more than 3%: {', '.join(s['over_3pct']) or 'none'}"]

@@ -56,9 +56,9 @@ def test_wrong_sample_steps_without_a_remainder():
 
 def test_summarize_counts_cells_without_a_plan_apart():
     cells = [
-        {"family": "a", "budget": "p0", "measured_bytes": 100, "error": 0.01, "over_budget": False,
+        {"family": "a", "budget": "p0", "measured_bytes": 100, "error": 0.01, "run_error": 0.0, "over_budget": False,
          "memory_warning": None, "wrong_sample_steps": 0},
-        {"family": "b", "budget": "p0", "measured_bytes": 100, "error": -0.05, "over_budget": True,
+        {"family": "b", "budget": "p0", "measured_bytes": 100, "error": -0.05, "run_error": -0.02, "over_budget": True,
          "memory_warning": "over", "wrong_sample_steps": 1},
         {"family": "c", "budget": "p0", "measured_bytes": None},
     ]
@@ -67,4 +67,5 @@ def test_summarize_counts_cells_without_a_plan_apart():
     assert s["median_abs_error_pct"] == 3.0 and s["max_abs_error_pct"] == 5.0 and s["mean_signed_error_pct"] == -2.0
     assert (s["over_budget"], s["memory_warnings"], s["steps_with_wrong_sample_count"]) == (1, 1, 1)
     assert s["over_3pct"] == ["b@p0"]
+    assert (s["run_median_abs_error_pct"], s["run_max_abs_error_pct"]) == (1.0, 2.0)
     assert e2e.summarize([])["median_abs_error_pct"] is None

@@ -57,6 +57,10 @@ def test_a_searched_plan_on_skewed_data_keeps_every_promise(tok):
     assert measured <= budget
     assert abs(measured - predicted) <= 0.05 * predicted
     assert result.memory_warning is None
+    # the prediction for the micro-batches this run's steps cut (known from the seed before training): no
+    # more than the plan's bound over any step, and closer to what was measured
+    run = result.run_predicted_allocated_bytes
+    assert run <= predicted and abs(measured - run) <= 0.02 * run, (run, measured)
 
 
 def test_evaluation_stays_within_the_plan_and_counts_in_the_measured_peak(tok):

@@ -78,6 +78,12 @@ class TrainResult(BaseModel):
     """The predicted peak including device overhead (the larger of training's and evaluation's); compare
     `predicted_allocated_bytes` with the measured peak."""
     predicted_allocated_bytes: int
+    """The plan's predicted allocation: a bound over every step this data can form (the worst micro-batch a
+    random step could cut), so a measured peak comes in at or under it."""
+    run_predicted_allocated_bytes: int | None = None
+    """The memory model's prediction for the micro-batches this run's steps were cut into (the steps follow
+    the seed, so they are known before training): what the measured peak should match. None with several
+    processes or without a measurement."""
     predicted_reserved_bytes: int | None = None
     """What `measured_reserved_bytes` should be: the prediction without the CUDA context (with it, the peak)."""
     budget_bytes: int
@@ -120,6 +126,7 @@ class TrainResult(BaseModel):
 
 
 def summarize(state: Any, *, plan: Plan, input_plan: Plan, eval_prediction: MemoryBreakdown | None,
+              run_prediction: MemoryBreakdown | None,
               peaks: list[tuple[int | None, int | None]], cuda: bool, epochs: int, seconds: float,
               output_dir: Path | None, adapter_dir: Path | None, rank: int = 0) -> TrainResult:
     """The TrainResult of a run whose counters are `state` (a checkpoint.TrainerState), with every process's
@@ -127,13 +134,15 @@ def summarize(state: Any, *, plan: Plan, input_plan: Plan, eval_prediction: Memo
     measured_all = [m for m, _ in peaks if m is not None]
     measured = max(measured_all) if measured_all else None
     reserved = max((r for _, r in peaks if r is not None), default=None) if cuda else None
-    predictions = [input_plan.predicted] + ([eval_prediction] if eval_prediction and state.eval else [])
-    predicted = max(predictions, key=lambda m: m.peak_bytes)
+    evaluated = [eval_prediction] if eval_prediction and state.eval else []
+    predicted = max([input_plan.predicted, *evaluated], key=lambda m: m.peak_bytes)
+    for_run = max([run_prediction, *evaluated], key=lambda m: m.peak_bytes) if run_prediction else None
     seconds_trained = max(state.train_seconds, 1e-9)
     return TrainResult(
         plan=plan, measured_peak_bytes=measured, measured_reserved_bytes=reserved, rank_peak_bytes=measured_all,
         processes=len(peaks), rank=rank, predicted_peak_bytes=predicted.peak_bytes,
         predicted_allocated_bytes=predicted.allocated_bytes, predicted_reserved_bytes=predicted.reserved_bytes,
+        run_predicted_allocated_bytes=for_run.allocated_bytes if for_run and measured is not None else None,
         budget_bytes=input_plan.budget_bytes,
         memory_warning=memory_warning(measured, reserved, predicted, input_plan),
         history=state.history, eval=state.eval, tokens_per_second=state.real_tokens / seconds_trained,

@@ -50,12 +50,12 @@ from autofit.executor.resume import data_fingerprint, resume_point, run_fingerpr
 from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord, TrainResult, summarize
 from autofit.executor.validate import check_inputs, run_device
 from autofit.intmath import ceil_div
-from autofit.knobs import Precision
+from autofit.knobs import Knobs, Precision
 from autofit.measure import PeakMemoryMeter, SteadyStatePeak
 from autofit.plan import MemoryBreakdown, Plan
 from autofit.techniques import checkpointing, lora, sharding
-from autofit.techniques.accumulation import (StepSampler, bucket_uppers, count_units, eval_micro_batches,
-                                             steps_per_epoch)
+from autofit.techniques.accumulation import (MicroBatchShape, StepSampler, bucket_uppers, count_units,
+                                             eval_micro_batches, run_shapes, steps_per_epoch)
 from autofit.techniques.padding import PaddingCollator
 
 log = logging.getLogger("autofit")
@@ -67,7 +67,8 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
              checkpoint_every: int | None = None, resume: bool = False, measure_memory: bool = True,
              quiet: bool = False, fallback: Callable[[Plan], Plan | None] | None = None,
              pad_token_id: int | None = None, drop_last: bool = False,
-             eval_prediction: MemoryBreakdown | None = None) -> TrainResult:
+             eval_prediction: MemoryBreakdown | None = None,
+             price_shapes: Callable[[Knobs, list[MicroBatchShape]], MemoryBreakdown] | None = None) -> TrainResult:
     """Train `model` on `train` with `plan` for `epochs`, or for `max_steps` optimizer steps (instead of
     epochs: as many as they take; evaluation at each epoch's end and at the run's).
 
@@ -77,7 +78,9 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     there is one (a checkpoint of other data, plan or settings is refused). A loss or gradient that turns
     inf/NaN outside fp16 stops the run (TrainingDivergedError); Ctrl-C finishes the step, saves and raises
     TrainingInterruptedError. `eval_prediction` is the predicted peak of evaluation, compared with what
-    evaluation measures. The model comes back trained, its requires_grad flags and forward restored; under
+    evaluation measures; `price_shapes(knobs, shapes)` predicts the peak of the micro-batch shapes the run's
+    steps will cut (the memory model's, asked before training): the prediction for this run beside the plan's
+    bound. The model comes back trained, its requires_grad flags and forward restored; under
     LoRA it comes back with its base stored as planned and the trained adapters in it (`TrainResult.model`
     is peft's wrapper, to save or merge with techniques/lora.py). A plan for several processes runs under
     torchrun or accelerate launch (each process calls run_plan with the same model, data and settings); every
@@ -102,6 +105,7 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     try:
         run.build(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, pad_token_id=pad_token_id,
                   resume_from=saved[0] if saved else None)
+        run_prediction = run.predicted(price_shapes) if measure_memory else None
         meter = PeakMemoryMeter(run.ctx.device, track=[run.wrapped, run.ctx.optimizer]) if measure_memory else None
         total = epochs * len(run.sampler) if max_steps is None else min(epochs * len(run.sampler), max_steps)
         with meter or nullcontext(), TrainingProgress(total, quiet=quiet or not world.main, completed=state.step) \
@@ -112,7 +116,7 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     finally:
         run.restore_model()  # the meter is closed: gathering FSDP's weights is no part of the training's peak
     run.save_adapter()
-    return run.result(meter, input_plan=plan, eval_prediction=eval_prediction)
+    return run.result(meter, input_plan=plan, eval_prediction=eval_prediction, run_prediction=run_prediction)
 
 
 class _Run:
@@ -157,6 +161,21 @@ class _Run:
             dist_checkpoint.load(self.world, resume_from, wrapped=self.wrapped, lora=self.lora, **tensors)
         elif resume_from is not None:
             ckpt.load_tensors(resume_from, trainable_only=self.lora, **tensors)
+
+    def predicted(self, price_shapes: Callable[[Knobs, list[MicroBatchShape]], MemoryBreakdown] | None
+                  ) -> MemoryBreakdown | None:
+        """`price_shapes` of the micro-batches the steps this call will train are cut into, but its first
+        (the measured peak starts after it: no optimizer state before), known before training as the steps
+        follow the seed. One process only: several deal their steps out."""
+        if price_shapes is None or self.world.distributed:
+            return None
+        s, steps = self.state, []
+        for epoch in range(s.epoch, self.epochs):
+            steps += self.sampler.epoch_steps(epoch)[s.position if epoch == s.epoch else 0:]
+        if self.max_steps is not None:
+            steps = steps[:max(self.max_steps - s.step, 0)]
+        knobs = self.plan.knobs  # a resumed run's plan in force
+        return price_shapes(knobs, run_shapes(steps[1:] or steps, self.lengths, knobs)) if steps else None
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def train(self, meter: PeakMemoryMeter | None, bar: TrainingProgress, interrupt: GracefulInterrupt) -> None:
@@ -330,10 +349,11 @@ class _Run:
             self.adapter_dir = Path(self.output_dir) / "adapter"
             self.world.first(lambda: lora.save_adapter(self.trained, self.adapter_dir), None)
 
-    def result(self, meter: PeakMemoryMeter | None, *, input_plan: Plan,
-               eval_prediction: MemoryBreakdown | None) -> TrainResult:
+    def result(self, meter: PeakMemoryMeter | None, *, input_plan: Plan, eval_prediction: MemoryBreakdown | None,
+               run_prediction: MemoryBreakdown | None) -> TrainResult:
         measured, reserved = self.peak.result()
         result = summarize(self.state, plan=self.plan, input_plan=input_plan, eval_prediction=eval_prediction,
+                           run_prediction=run_prediction,
                            peaks=self.world.gather((measured, reserved)), cuda=meter is not None and meter.is_cuda,
                            epochs=self.epochs, seconds=time.perf_counter() - self.started,
                            output_dir=self.last_checkpoint, adapter_dir=self.adapter_dir, rank=self.world.rank)

@@ -312,6 +312,20 @@ def cut_step(step: Iterable[int], lengths: Sequence[int], knobs: Knobs, upper_le
     return pieces
 
 
+def run_shapes(steps: Iterable[Sequence[int]], lengths: Sequence[int], knobs: Knobs) -> list[MicroBatchShape]:
+    """Every distinct micro-batch shape `steps` are cut into, as the executor cuts them: what a run of those
+    steps trains, for the memory model to price. A micro-batch after the first of its step runs with the
+    step's gradients held; it has pad tokens unless all its examples are exactly its padded length."""
+    uppers, exact = bucket_uppers(lengths, knobs)
+    shapes = set()
+    for step in steps:
+        for k, piece in enumerate(cut_step(step, lengths, knobs, uppers, exact)):
+            width = padded_length(max(lengths[i] for i in piece), knobs.pad_to_multiple_of)
+            shapes.add((len(piece), width, any(lengths[i] != width for i in piece), k > 0))
+    return [MicroBatchShape(batch=b, length=n, padded=padded, grads_held=held)
+            for b, n, padded, held in sorted(shapes)]
+
+
 def eval_micro_batches(lengths: Sequence[int], knobs: Knobs, max_tokens: int) -> list[list[int]]:
     """Evaluation micro-batches under the plan's caps: examples sorted by length, each micro-batch as large
     as the caps at its padded length allow and never more than `max_tokens` padded tokens (the largest

@@ -14,6 +14,7 @@ from autofit.knobs import Precision
 from autofit.layers import find_layout
 from autofit.techniques import checkpointing
 from autofit.techniques import optimizer as optim
+from autofit.techniques.accumulation import StepSampler, run_shapes
 
 LR = 3e-3
 
@@ -110,6 +111,22 @@ def test_max_steps_runs_past_the_epochs_it_is_given_instead_of_them(tiny, data, 
     assert result.optimizer_steps == 7 == len(result.history)
     assert [r.epoch for r in result.history] == [0, 0, 0, 1, 1, 1, 2]
     assert [(r.epoch, r.step) for r in result.eval] == [(0, 3), (1, 6), (2, 7)]
+
+
+def test_the_run_is_priced_on_the_steps_it_will_train_but_its_first(tiny, data, plan_for):
+    model, train = tiny(), data(24)
+    plan = plan_for(model, data=train, batch_size=8, micro_batch_size=3)  # 3 steps an epoch, 3 micro-batches each
+    asked = []
+
+    def price(knobs, shapes):
+        asked.append((knobs, shapes))
+        return plan.predicted.model_copy(update={"activations": plan.predicted.activations + 1})
+
+    result = run_plan(model, plan, train, max_steps=5, lr=LR, quiet=True, price_shapes=price)
+    (knobs, shapes), = asked
+    steps = StepSampler(24, 8).epoch_steps(0) + StepSampler(24, 8).epoch_steps(1)
+    assert knobs == plan.knobs and shapes == run_shapes(steps[1:5], train.lengths, plan.knobs)
+    assert result.run_predicted_allocated_bytes == plan.predicted.allocated_bytes + 1
 
 
 # (n, batch, micro-batch cap): caps that divide the batch or not, above it, a batch larger than the data.

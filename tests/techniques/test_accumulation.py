@@ -17,6 +17,7 @@ from autofit.techniques.accumulation import (
     memory_shapes,
     micro_batch_size_for,
     padding_efficiency,
+    run_shapes,
     step_layout,
     step_units,
     steps_per_epoch,
@@ -104,6 +105,26 @@ def test_padding_efficiency_never_exceeds_one_on_a_handful_of_examples():
         for batch in (1, 2, 3):
             efficiency = padding_efficiency(Knobs(micro_batch_size=batch), LengthHistogram.from_lengths(lengths), batch)
             assert 0 < efficiency <= 1.0
+
+
+def test_run_shapes_are_the_micro_batches_the_collator_makes():
+    lengths = skewed_lengths(300, seed=5)
+    knobs = Knobs(micro_batch_size=8, tokens_per_micro_batch=512,
+                  bucket_boundaries=choose_boundaries(LengthHistogram.from_lengths(lengths), 4))
+    steps = StepSampler(len(lengths), 16, seed=2).epoch_steps(0)
+    uppers, exact = bucket_uppers(lengths, knobs)
+    collate = PaddingCollator(pad_token_id=0, pad_to_multiple_of=8)
+    made = set()
+    for step in steps:
+        for k, piece in enumerate(cut_step(step, lengths, knobs, uppers, exact)):
+            batch = collate([{"input_ids": [1] * lengths[i], "labels": 0} for i in piece])
+            made.add((*batch["input_ids"].shape, bool((batch["attention_mask"] == 0).any()), k > 0))
+    shapes = run_shapes(steps, lengths, knobs)
+    assert {(s.batch, s.length, s.padded, s.grads_held) for s in shapes} == made and len(shapes) == len(made)
+    # every one is within what the plan's bound checks: no larger than its bucket's largest micro-batch
+    largest = {b.upper_length: b.micro_batch_size for b in step_layout(knobs, LengthHistogram.from_lengths(lengths),
+                                                                       16).buckets}
+    assert all(s.batch <= max(m for u, m in largest.items() if u >= s.length) for s in shapes)
 
 
 def test_padding_efficiency_sorting_and_token_budgets():
