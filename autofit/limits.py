@@ -18,8 +18,11 @@ SIZES = ("hidden_size", "vocab_size", "num_attention_heads", "intermediate_size"
 
 
 def check_config(config: PretrainedConfig) -> PretrainedConfig:
-    """`config`, or a ValueError naming what no real transformer has (a depth beyond MAX_LAYERS, a size that
-    is not positive)."""
+    """`config`, or a ValueError naming what autofit does not plan (an encoder-decoder) or no real transformer
+    has (a depth beyond MAX_LAYERS, a size that is not positive)."""
+    if getattr(config, "is_encoder_decoder", False):  # two layer stacks and cross-attention: no layout maps them
+        raise ValueError(f"{config.model_type} is an encoder-decoder model: autofit plans encoders (bert, deberta, "
+                         "...) and decoders (gpt2, llama, ...)")
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int) and not 1 <= layers <= MAX_LAYERS:
         raise ValueError(f"the config says {layers} layers: autofit plans transformers of 1 to {MAX_LAYERS} layers")

@@ -92,3 +92,10 @@ def test_configs_no_transformer_has_are_refused(field, value):
 
     with pytest.raises(ValueError, match=field.replace("num_hidden_layers", "layers").split("_")[0]):
         check_config(BertConfig(**{field: value}))
+
+
+@pytest.mark.parametrize("model_type", ["bart", "t5"])
+def test_encoder_decoder_models_are_refused_by_name(model_type):
+    # they passed the layout and failed inside the fake-tensor profiler (aten.unique_consecutive)
+    with pytest.raises(ValueError, match=f"{model_type} is an encoder-decoder model"):
+        check_config(CONFIG_MAPPING[model_type]())
