@@ -163,11 +163,12 @@ trains in full, as a copy, under LoRA (`peft.utils.constants.SEQ_CLS_HEAD_NAMES`
 
 
 def task_head_params(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the outermost modules named like a task head; none for an LM head."""
+    """Parameters of the outermost modules peft trains in full as the task head; none for an LM head. peft
+    matches a module whose whole name ends with a head name, so distilbert's `pre_classifier` trains too."""
     found: dict[int, nn.Parameter] = {}
     taken: list[str] = []
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in TASK_HEAD_NAMES and not any(name.startswith(t + ".") for t in taken):
+        if name and name.endswith(TASK_HEAD_NAMES) and not any(name.startswith(t + ".") for t in taken):
             taken.append(name)
             found.update({id(p): p for p in module.parameters()})
     return list(found.values())

@@ -113,7 +113,8 @@ def test_the_profile_knows_every_layer_peft_adapts(model_type, targets):
 
 
 @pytest.mark.parametrize("model_type,task", [("bert", "classification"), ("llama", "classification"),
-                                             ("gpt2", "causal-lm"), ("roberta", "classification")])
+                                             ("gpt2", "causal-lm"), ("roberta", "classification"),
+                                             ("distilbert", "classification")])  # peft trains its pre_classifier
 @pytest.mark.parametrize("targets", ["attention", "all-linear"])
 def test_what_trains_under_lora_is_what_the_profile_predicts(model_type, task, targets):
     model = tiny_model(model_type, task)
