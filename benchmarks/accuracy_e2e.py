@@ -117,8 +117,12 @@ def budget_at(point: float, smallest: int, reference: int) -> int:
 
 
 def knobs_summary(knobs: Any, num_layers: int) -> str:
-    """The knobs a plan turned, in a few words: "mb16 tok2048 b4 ckpt2/3 frz1+emb bf16 8bit"."""
+    """The knobs a plan turned, in a few words: "mb16 tok2048 b4 ckpt2/3 frz1+emb bf16 8bit", led by the
+    adapters under LoRA ("lora8-att/nf4": rank, targets, base)."""
     parts = [f"mb{knobs.micro_batch_size}"]
+    if getattr(knobs, "adapter", "none") == "lora":
+        targets = "att" if knobs.lora_targets == "attention" else "all"
+        parts.insert(0, f"lora{knobs.lora_rank}-{targets}/{getattr(knobs.base_dtype, 'value', knobs.base_dtype)}")
     if knobs.tokens_per_micro_batch is not None:
         parts.append(f"tok{knobs.tokens_per_micro_batch}")
     if knobs.bucket_boundaries:

@@ -36,6 +36,8 @@ def test_knobs_summary_names_every_knob_turned():
                   optimizer_bits=8)
     assert e2e.knobs_summary(knobs, 3) == "mb2 tok256 b3 ckpt2/3 frz1+emb bf16 8bit"
     assert e2e.knobs_summary(Knobs(micro_batch_size=4, freeze_embeddings=True), 3) == "mb4 frz-emb"
+    lora = Knobs(adapter="lora", lora_rank=8, lora_targets="attention", base_dtype="nf4", micro_batch_size=4)
+    assert e2e.knobs_summary(lora, 3) == "lora8-att/nf4 mb4"
 
 
 @pytest.mark.parametrize("samples, wrong", [
