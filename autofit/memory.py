@@ -28,7 +28,7 @@ from autofit.devices import DeviceSpec
 from autofit.knobs import Knobs
 from autofit.memory_walk import expand_blocks, step_moments
 from autofit.plan import MemoryBreakdown
-from autofit.profiler.schema import Profile
+from autofit.profiler.schema import BlockActivations, Profile
 from autofit.techniques import accumulation, checkpointing, lora, optimizer, sharding
 from autofit.workload import Workload
 
@@ -166,11 +166,13 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
                       device: DeviceSpec, cluster: Cluster = SINGLE) -> MemoryBreakdown:
     """Predicted peak of forward-only evaluation on micro-batches of the given (batch, padded length) shapes.
 
-    No gradients exist (the last step cleared them; DDP's buckets stay) and nothing is saved for backward; a
-    block's forward is bounded by what it would save, its output, transient and unsaved references, on top of
-    its input, the embeddings' output the layers' code keeps, and autocast's half copies of the trainable
-    layers' weights (kept until the forward returns, as a checkpointed layer leaves them). Optimizer state
-    stays; under FSDP the root stays gathered, with the running unit and the last gather's flat buffer."""
+    No gradients exist (the last step cleared them; DDP's buckets stay) and, under no_grad, nothing is saved
+    for backward: a layer's forward is what it is when checkpointed (its measured forward then saves nothing
+    either: the same transient, and autocast's weight copies left behind), other blocks are bounded by what
+    they would save and their transient; on top come the block's output and unsaved references, its input,
+    the embeddings' output the layers' code keeps, and the earlier trainable layers' weight copies (kept until
+    the forward returns). Optimizer state stays; under FSDP the root stays gathered, with the running unit and
+    the last gather's flat buffer."""
     share = sharding.share(profile, knobs, cluster)
     weights, grads, state, _ = _device_states(profile, knobs, share)
     grads = grads if share.grads_resident else 0.0  # DDP's buckets stay through evaluation
@@ -182,8 +184,8 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
         for block in expand_blocks(profile, knobs):
             acts, layer = block.fits.at(batch, True), block.layer is not None
             gathered = g.forward(block.layer) if layer else g.between_blocks()
-            live = (previous + (held if layer else 0.0) + casts + acts.saved(batch, seq) + acts.output(batch, seq)
-                    + acts.forward_transient(batch, seq) + acts.resident(batch, seq))
+            live = (previous + (held if layer else 0.0) + casts + _unsaved_forward(acts, layer, batch, seq)
+                    + acts.output(batch, seq) + acts.resident(batch, seq))
             if inputs + live + gathered > worst:
                 worst, at, worst_gathered = inputs + live + gathered, (batch, seq), gathered
             if layer and block.trainable:
@@ -194,6 +196,14 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
     return MemoryBreakdown(weights=int(weights), gradients=int(grads), optimizer_state=int(state), activations=0,
                            temporaries=int(worst - worst_gathered), gathered=int(worst_gathered),
                            peak_phase="forward", peak_shape=at, **device_terms(device, allocated))
+
+
+def _unsaved_forward(acts: BlockActivations, layer: bool, batch: int, seq: int) -> float:
+    """Bytes above a block's input while its forward runs saving nothing (evaluation, under no_grad)."""
+    if layer and acts.checkpointed_forward_transient is not None:
+        return checkpointing.forward_transient_bytes(acts, batch, seq) + \
+            checkpointing.forward_leftover_bytes(acts, batch, seq)
+    return acts.saved(batch, seq) + acts.forward_transient(batch, seq)  # a bound: what it would save
 
 
 def step_timeline(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec,

@@ -26,7 +26,7 @@ from autofit.intmath import check_whole
 from autofit.limits import check_seq_len, max_sequence_length
 from autofit.memory import peak_over_shapes, predict_eval_peak, predict_peak
 from autofit.models import build_model, default_task, head_task, load_model
-from autofit.plan import Plan
+from autofit.plan import MemoryBreakdown, Plan
 from autofit.policy import Policy, check_adapter_choice, load_policy
 from autofit.processes import launched_processes, main_process_first, on_main_process
 from autofit.profiler import Profile
@@ -131,17 +131,22 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
             profile = _profile(profiled, task, spec, adapters=True)
     else:
         plan = replan_for_data(plan, profile, train_data.lengths)
-    eval_prediction = None
-    if eval_tokens is not None:
-        largest = max(b.micro_batch_size * b.upper_length for b in plan.step.buckets)
-        pieces = eval_micro_batches(eval_tokens.lengths, plan.knobs, largest)
-        shapes = sorted({(len(p), padded_length(max(eval_tokens.lengths[i] for i in p), multiple)) for p in pieces})
-        eval_prediction = predict_eval_peak(profile, plan.knobs, shapes, plan.device, plan.cluster)
+    eval_prediction = None if eval_tokens is None else predict_evaluation(profile, plan, eval_tokens.lengths)
     return run_plan(model, plan, train_data, eval=eval_tokens, epochs=epochs, max_steps=max_steps, lr=lr,
                     seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
                     quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None),
                     eval_prediction=eval_prediction, price_shapes=lambda knobs, shapes: peak_over_shapes(
                         profile, knobs, shapes, plan.device, plan.cluster)[0])
+
+
+def predict_evaluation(profile: Profile, plan: Plan, lengths: list[int]) -> MemoryBreakdown:
+    """The predicted peak of evaluating examples of `lengths` under `plan`: the micro-batches the executor
+    cuts them into (none larger than a training micro-batch), each priced by the memory model."""
+    largest = max(b.micro_batch_size * b.upper_length for b in plan.step.buckets)
+    pieces = eval_micro_batches(lengths, plan.knobs, largest)
+    shapes = sorted({(len(p), padded_length(max(lengths[i] for i in p), plan.knobs.pad_to_multiple_of))
+                     for p in pieces})
+    return predict_eval_peak(profile, plan.knobs, shapes, plan.device, plan.cluster)
 
 
 def _search_plan(model: ModelSpec, profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int,
