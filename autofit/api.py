@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 from autofit.budget import parse_budget
 from autofit.card import card_profile, card_spec, on_card, visible_as
 from autofit.cluster import SINGLE, Cluster, make_cluster
-from autofit.data import DataError, TokenizedData, column_names, text_lengths
+from autofit.data import DataError, TokenizedData, column_names, min_tokens, text_lengths
 from autofit.devices import DeviceSpec, get_device
 from autofit.intmath import check_whole
 from autofit.memory import offloaded_bytes_per_machine
@@ -132,8 +132,8 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
         profile = _profile(model, task, spec, adapters=chosen.adapters.mode == "always")
     lengths = None
     if data is not None:
-        least = 2 if profile.task == "causal-lm" else 1  # what training keeps (data.without_untrainable)
-        lengths = [n for n in _lengths(data, resolve_tokenizer(tokenizer, model), text_column, seq_len) if n >= least]
+        lengths = [n for n in _lengths(data, resolve_tokenizer(tokenizer, model), text_column, seq_len)
+                   if n >= min_tokens(profile.task)]  # what training keeps (data.without_untrainable)
     workload = make_workload(profile.task, seq_len=seq_len, batch_size=batch_size, lengths=lengths,
                              num_samples=num_samples)
     profile, found = _search_lazily(model, profile, workload, spec, budget_bytes, chosen, measure=not given,

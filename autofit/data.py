@@ -66,11 +66,17 @@ class TokenizedData(BaseModel):
         return row
 
 
+def min_tokens(task: str) -> int:
+    """Tokens an example needs for anything to be learnt from it: one, or for a causal LM two (a next token
+    to predict)."""
+    return 2 if task == "causal-lm" else 1
+
+
 def without_untrainable(data: TokenizedData) -> tuple[TokenizedData, int]:
     """(`data` less the examples nothing can be learnt from, how many went): no tokens (an empty text under a
     tokenizer that adds none), or for a causal LM a single one (no next token to predict: a step of only
     such examples would log a loss of 0 and update nothing)."""
-    least = 2 if data.task == "causal-lm" else 1
+    least = min_tokens(data.task)
     keep = [i for i, ids in enumerate(data.input_ids) if len(ids) >= least]
     if len(keep) == len(data):
         return data, 0
@@ -154,10 +160,15 @@ def _load_saved_dataset(path: Path):
     return _train_split(data, str(path))
 
 
+def is_dataset_dict(data) -> bool:
+    """A `datasets.DatasetDict`: splits, not columns."""
+    datasets = sys.modules.get("datasets")  # not imported: data is no DatasetDict
+    return datasets is not None and isinstance(data, datasets.DatasetDict)
+
+
 def _train_split(data, where: str = "the DatasetDict"):
     """A `datasets.DatasetDict`'s "train" split (other data as it is): its splits are not columns."""
-    datasets = sys.modules.get("datasets")  # not imported: data is no DatasetDict
-    if datasets is None or not isinstance(data, datasets.DatasetDict):
+    if not is_dataset_dict(data):
         return data
     if "train" not in data:
         raise DataError(f"{where} holds splits {sorted(data)} and no 'train' split: pass a single split")

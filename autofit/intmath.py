@@ -16,10 +16,15 @@ def round_up(n: int, multiple: int) -> int:
     return ceil_div(n, multiple) * multiple
 
 
+def is_whole(value: object) -> bool:
+    """An integer (a numpy one too), not a bool: a float, a string or True would fail deep inside, or pass
+    as 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_whole(name: str, value: object, least: int | None = 1) -> int:
-    """`value` when it is a whole number >= `least` (a numpy integer too; None: any); else a one-line
-    ValueError. A bool, a float or a string would fail deep inside (or True pass as 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    """`value` when it `is_whole` and >= `least` (None: any); else a one-line ValueError."""
+    if not is_whole(value):
         raise ValueError(f"{name} must be a whole number, not {value!r}")
     if least is not None and value < least:
         raise ValueError(f"{name} must be at least {least}, not {value}")

@@ -4,9 +4,9 @@ or one-line errors out."""
 
 from __future__ import annotations
 
-import numbers
-
 from transformers import PretrainedConfig
+
+from autofit.intmath import is_whole
 
 MAX_LAYERS = 1024
 """No transformer has more layers (the deepest public ones have ~120); a config claiming more is broken, and
@@ -73,7 +73,7 @@ def check_seq_len(config: PretrainedConfig, seq_len: int | None, *, explicit: bo
     the value in errors ("--seq-len" for the CLI, "seq_len" for the API)."""
     positions = max_sequence_length(config)
     limit = None if positions is None else usable_length(positions, multiple)
-    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral)):
+    if seq_len is not None and not is_whole(seq_len):
         raise SeqLenError(f"{flag} must be a whole number, not {seq_len!r}")
     if seq_len is not None and seq_len < 1:
         raise SeqLenError(f"{flag} must be at least 1, got {seq_len}")

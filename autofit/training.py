@@ -19,8 +19,8 @@ from autofit.api import (DEFAULT_MAX_LENGTH, ModelSpec, _config, _profile, _sear
 from autofit.budget import format_bytes, parse_budget
 from autofit.cluster import Cluster, make_cluster
 from autofit.cost import predict_time
-from autofit.data import (LABEL_COLUMNS, DataError, TokenizedData, column_names, prepare_examples,
-                          without_untrainable)
+from autofit.data import (LABEL_COLUMNS, DataError, TokenizedData, column_names, is_dataset_dict, min_tokens,
+                          prepare_examples, without_untrainable)
 from autofit.devices import DeviceSpec
 from autofit.intmath import check_whole
 from autofit.limits import check_seq_len, max_sequence_length
@@ -67,8 +67,8 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     """Plan (unless `plan` is given) and train `model` on `data`; returns an executor.TrainResult with the
     plan, the measured peak next to the predicted one, and the loss/eval history.
 
-    `plan` is a Plan or a saved plan's file. A given plan's peak is predicted again from its knobs on this data (its profile is cached), and a plan
-    that no longer fits its budget is refused. Everything random (a new head, the steps' order, dropout)
+    `plan` is a Plan or a saved plan's file. A given plan's peak is predicted again from its knobs on this
+    data (its profile is cached), and a plan that no longer fits its budget is refused. Everything random (a new head, the steps' order, dropout)
     follows `seed`: the same seed, data and plan give the same losses. `adapter` is plan()'s; with a plan it
     must be auto or what the plan chose. Under a launcher (`accelerate launch`, `torchrun`) every process
     calls train: the main process plans (for `gpus` processes, default: as many as were launched on
@@ -94,9 +94,10 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     if task is None:
         task = plan.task if plan is not None else default_task(config)
     _check_task_fits_data(task, data)
-    if isinstance(model, nn.Module) and head_task(model) not in (None, task):
-        raise ValueError(f"the task is {task}, but this model ({type(model).__name__}) has a {head_task(model)} "
-                         "head: pass a model with the task's head, or the task its head trains")
+    head = head_task(model) if isinstance(model, nn.Module) else None
+    if head not in (None, task):
+        raise ValueError(f"the task is {task}, but this model ({type(model).__name__}) has a {head} head: pass a "
+                         "model with the task's head, or the task its head trains")
     tokenizer = resolve_tokenizer(tokenizer, model)
     multiple = plan.knobs.pad_to_multiple_of if plan is not None else PAD_MULTIPLE
     # default: all the positions the model takes, less what padding to `multiple` would push past them
@@ -206,7 +207,7 @@ def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_colum
         data = _prepared(data, tokenizer, task, max_length, text_column, train)
     data, dropped = without_untrainable(data)
     if dropped:
-        least = "two tokens" if task == "causal-lm" else "one token"
+        least = {1: "one token", 2: "two tokens"}[min_tokens(task)]
         log.info(f"{dropped} {'training' if train is None else 'evaluation'} examples had fewer than {least} and "
                  "were left out: nothing can be learnt from them")
     return data
@@ -216,7 +217,7 @@ def _prepared(data: Any, tokenizer: Any, task: str, max_length: int, text_column
               train: TokenizedData | None) -> TokenizedData:
     if train is None:
         return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column)
-    if type(data).__name__.endswith("DatasetDict"):  # as training data it gives its "train" split: not here
+    if is_dataset_dict(data):  # as training data it gives its "train" split: not here
         raise DataError("eval_data is a DatasetDict: pass one of its splits, e.g. data['validation']")
     return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column,
                             min_classes=1, label_names=train.label_names)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from transformers import PreTrainedModel
 
 from autofit.data import TokenizedData
+from autofit.intmath import is_whole
 from autofit.layers import UnmappableModelError, find_layout
 from autofit.limits import max_sequence_length
 from autofit.models import head_task
@@ -38,7 +37,7 @@ def run_device(plan: Plan) -> torch.device:
 
 def _count(value: object) -> bool:
     """A whole number >= 1 (an int, not a bool or 1.5: a fractional epoch would train and then fail)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return is_whole(value) and value >= 1
 
 
 def check_inputs(model: PreTrainedModel, plan: Plan, train: TokenizedData, eval: TokenizedData | None,
