@@ -28,7 +28,7 @@ VRAM_HELP = ("GPU memory budget: 16GB, 15.5GiB, 16000MB or bytes. GB and GiB bot
 
 
 def _load_data(path: Optional[Path]):
-    from autofit.data import load_data_file
+    from autofit.data_files import load_data_file
 
     return None if path is None else load_data_file(path)
 

@@ -1,5 +1,5 @@
-"""Data intake: read a data file, find its text and label columns, tokenize, and hand the executor
-plain token-id lists (`TokenizedData`) and the planner a length distribution (`text_lengths`).
+"""Data intake: find the text and label columns of data (files are read by data_files.py), tokenize, and hand
+the executor plain token-id lists (`TokenizedData`) and the planner a length distribution (`text_lengths`).
 
 Accepted data: a `datasets.Dataset` (or a `DatasetDict`'s "train" split), a list of dicts (or a dict of
 columns), or already tokenized examples (`input_ids` present; pads an `attention_mask` marks at either end
@@ -10,18 +10,14 @@ counted (`num_truncated`); with `truncation=False` they are an error instead.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
 
+from autofit.data_files import train_split
 from autofit.labels import DataError, class_labels
 from autofit.techniques.tokenization import encode_batched
 from autofit.workload import TOKEN_LEVEL_TASKS
@@ -87,100 +83,12 @@ def without_untrainable(data: TokenizedData) -> tuple[TokenizedData, int]:
                                        labels=pick(data.labels))), len(data) - len(keep)
 
 
-# ---- files ------------------------------------------------------------------------------------------------
-
-
-def load_data_file(path: str | Path):
-    """Rows of a CSV or JSON-lines/JSON file as a list of dicts, or a `datasets.save_to_disk` directory
-    as a `datasets.Dataset` (its "train" split when it holds several)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.is_dir():
-        rows = _load_saved_dataset(path)
-    elif path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        rows = _load_json(path)
-    else:
-        raise DataError(f"unknown data format {path.suffix or path.name!r}: use .csv, .jsonl, .json "
-                        "or a directory saved by datasets.save_to_disk")
-    if len(rows) == 0:
-        raise DataError(f"{path} holds no examples")
-    return rows
-
-
-def _read_text(path: Path) -> str:
-    """The file as UTF-8 text (a leading byte-order mark dropped, as spreadsheets write one); decoded whole
-    so that an error can give the byte offset in the file."""
-    data = path.read_bytes()
-    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-    try:
-        return data[start:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        offset = start + e.start
-        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}); "
-                        "save the file as UTF-8") from None
-
-
-def _load_json(path: Path) -> list[dict]:
-    text = _read_text(path)
-    rows = None
-    if text.lstrip().startswith("["):  # one JSON array, or JSON lines whose first line is an array
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":
-                raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if rows is None:  # JSON lines
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
-    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None) if isinstance(rows, list) else 0
-    if bad is not None:
-        raise DataError(f"{path}: every example must be a JSON object such as {{\"text\": ..., \"label\": ...}}; "
-                        f"example {bad} is not")
-    return rows
-
-
-def _load_saved_dataset(path: Path):
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("reading a saved dataset directory needs the `datasets` package "
-                        "(pip install 'autofit[data]')") from None
-    try:
-        data = datasets.load_from_disk(str(path))
-    except FileNotFoundError:
-        raise DataError(f"{path} is a directory but not one saved by datasets.save_to_disk") from None
-    return _train_split(data, str(path))
-
-
-def is_dataset_dict(data) -> bool:
-    """A `datasets.DatasetDict`: splits, not columns."""
-    datasets = sys.modules.get("datasets")  # not imported: data is no DatasetDict
-    return datasets is not None and isinstance(data, datasets.DatasetDict)
-
-
-def _train_split(data, where: str = "the DatasetDict"):
-    """A `datasets.DatasetDict`'s "train" split (other data as it is): its splits are not columns."""
-    if not is_dataset_dict(data):
-        return data
-    if "train" not in data:
-        raise DataError(f"{where} holds splits {sorted(data)} and no 'train' split: pass a single split")
-    return data["train"]
-
-
 # ---- columns ----------------------------------------------------------------------------------------------
 
 
 def _columns(data) -> dict[str, list]:
     """Column name -> values, from a datasets.Dataset, a dict of columns or a list of dicts."""
-    data = _train_split(data)
+    data = train_split(data)
     if hasattr(data, "column_names") and hasattr(data, "to_dict"):  # datasets.Dataset
         columns = data.to_dict()
     elif isinstance(data, Mapping):
@@ -201,7 +109,7 @@ def _columns(data) -> dict[str, list]:
 def column_names(data) -> list[str]:
     """The column names of `data` (a datasets.Dataset, a dict of columns, or a list of dicts), without
     reading it whole; [] for anything else (the full check happens when it is tokenized)."""
-    data = _train_split(data)
+    data = train_split(data)
     if hasattr(data, "column_names"):
         return list(data.column_names)
     if isinstance(data, Mapping):

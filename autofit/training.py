@@ -19,8 +19,9 @@ from autofit.api import (DEFAULT_MAX_LENGTH, ModelSpec, _config, _profile, _sear
 from autofit.budget import format_bytes, parse_budget
 from autofit.cluster import Cluster, make_cluster
 from autofit.cost import predict_time
-from autofit.data import (LABEL_COLUMNS, DataError, TokenizedData, column_names, is_dataset_dict, min_tokens,
+from autofit.data import (LABEL_COLUMNS, DataError, TokenizedData, column_names, min_tokens,
                           prepare_examples, without_untrainable)
+from autofit.data_files import is_dataset_dict
 from autofit.devices import DeviceSpec
 from autofit.intmath import check_whole
 from autofit.limits import check_seq_len, max_sequence_length

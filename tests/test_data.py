@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from autofit.data import DataError, TokenizedData, column_names, load_data_file, prepare_examples, text_lengths
+from autofit.data import DataError, TokenizedData, column_names, prepare_examples, text_lengths
+from autofit.data_files import load_data_file
 from benchmarks._minilm import minilm_path
 
 WORDS = "the cat sat on a mat and the dog ran in the park while birds sang over green hills".split()
@@ -35,71 +35,6 @@ def word_tok():
 
 def sentence(n: int) -> str:
     return " ".join(WORDS[i % len(WORDS)] for i in range(n))
-
-
-# ---- files ------------------------------------------------------------------------------------------------
-
-
-def test_reads_csv_jsonl_and_json_array(tmp_path):
-    rows = [{"text": "a cat", "label": "pos"}, {"text": "a dog", "label": "neg"}]
-    (tmp_path / "d.csv").write_text("text,label\na cat,pos\na dog,neg\n")
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    (tmp_path / "d.json").write_text(json.dumps(rows))
-    for name in ("d.csv", "d.jsonl", "d.json"):
-        assert load_data_file(tmp_path / name) == rows
-
-
-def test_reads_a_saved_dataset_directory(tmp_path):
-    datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_dict({"text": ["x", "y"], "label": [0, 1]}).save_to_disk(str(tmp_path / "ds"))
-    data = load_data_file(tmp_path / "ds")
-    assert data.column_names == ["text", "label"] and len(data) == 2
-    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(tmp_path / "dd"))
-    with pytest.raises(DataError, match="no 'train' split"):
-        load_data_file(tmp_path / "dd")
-
-
-@pytest.mark.parametrize("name, content, message", [
-    ("missing.csv", None, "not found"),
-    ("data.parquet", "x", "unknown data format"),
-    ("empty.jsonl", "\n", "holds no examples"),
-    ("empty.csv", "text,label\n", "holds no examples"),
-    ("bad.jsonl", '{"text": "a"}\n{oops\n', "line 2 is not valid JSON"),
-    ("list.jsonl", '["a", 1]\n', "must be a JSON object"),
-])
-def test_file_errors_are_one_line_data_errors(tmp_path, name, content, message):
-    path = tmp_path / name
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(DataError, match=message) as info:
-        load_data_file(path)
-    assert "\n" not in str(info.value)
-
-
-@pytest.mark.parametrize("name", ["latin1.csv", "latin1.jsonl", "latin1.json"])
-def test_a_file_that_is_not_utf8_is_named_with_the_offset(tmp_path, name):
-    path = tmp_path / name
-    text = '[{"text": "caf\u00e9", "label": 0}]' if name.endswith(".json") else \
-        "text,label\ncaf\u00e9,0\n" if name.endswith(".csv") else '{"text": "caf\u00e9", "label": 0}\n'
-    path.write_bytes(text.encode("latin-1"))
-    offset = text.index("\u00e9")
-    with pytest.raises(DataError) as info:
-        load_data_file(path)
-    assert str(info.value) == f"{path}: not UTF-8 text (byte 0xe9 at offset {offset}); save the file as UTF-8"
-
-
-def test_a_utf8_byte_order_mark_is_dropped(tmp_path):
-    (tmp_path / "bom.csv").write_bytes("text,label\ncaf\u00e9,0\n".encode("utf-8-sig"))
-    assert load_data_file(tmp_path / "bom.csv") == [{"text": "caf\u00e9", "label": "0"}]
-    (tmp_path / "bad.csv").write_bytes(b"\xef\xbb\xbftext\n\xff\n")
-    with pytest.raises(DataError, match="byte 0xff at offset 8"):  # offsets count the mark
-        load_data_file(tmp_path / "bad.csv")
-
-
-def test_a_plain_directory_is_not_a_dataset(tmp_path):
-    pytest.importorskip("datasets")
-    with pytest.raises(DataError, match="not one saved by datasets.save_to_disk"):
-        load_data_file(tmp_path)
 
 
 # ---- prepare_examples -------------------------------------------------------------------------------------

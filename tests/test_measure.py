@@ -41,7 +41,7 @@ def test_inplace_ops_allocate_nothing_and_nested_temporaries_count():
         x.add_(1).mul_(3).clamp_(max=5)
         assert meter.current_bytes == 4000
         meter.reset_peak()
-        y = (x + 1) * 2  # the temporary x + 1 lives until the multiply has allocated its output
+        y = (x + 1) * 2  # the temporary x + 1 lives until the multiply has allocated its output  # noqa: F841
         assert meter.current_bytes == 8000
         assert meter.peak_bytes == 12000
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from autofit.knobs import Precision
 from autofit.techniques import precision as amp
-from autofit.techniques.accumulation import count_units, loss_scale, step_units
+from autofit.techniques.loss_weighting import count_units, loss_scale, step_units
 
 Batch = dict[str, torch.Tensor]
 

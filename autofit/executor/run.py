@@ -54,8 +54,9 @@ from autofit.knobs import Knobs, Precision
 from autofit.measure import PeakMemoryMeter, SteadyStatePeak
 from autofit.plan import MemoryBreakdown, Plan
 from autofit.techniques import checkpointing, lora, sharding
-from autofit.techniques.accumulation import (MicroBatchShape, StepSampler, bucket_uppers, count_units,
-                                             eval_micro_batches, run_shapes, steps_per_epoch)
+from autofit.techniques.accumulation import (MicroBatchShape, StepSampler, bucket_uppers, eval_micro_batches,
+                                             run_shapes, steps_per_epoch)
+from autofit.techniques.loss_weighting import count_units
 from autofit.techniques.padding import PaddingCollator
 
 log = logging.getLogger("autofit")

@@ -6,10 +6,9 @@ longest first, and cut into micro-batches under the knobs' caps: at most `micro_
 with a token budget, at most `tokens_per_micro_batch` tokens at the padded upper length of the length bucket
 of the micro-batch's longest example. So long examples go a few at a time, short ones share large
 micro-batches, and each micro-batch pads little; the number of micro-batches per step follows from the
-step's lengths. The loss of each
-micro-batch is weighted by its share of the step's units (examples, or label tokens), so the summed
-gradient is exactly the big batch's gradient: length bucketing changes how a step is computed, never which
-examples train together.
+step's lengths. Each micro-batch's loss is weighted by its share of the step (loss_weighting.py), so the
+summed gradient is exactly the big batch's gradient: length bucketing changes how a step is computed, never
+which examples train together.
 
 With several processes a step's examples are dealt out first (`deal_step`): sorted by length, longest first,
 the p-th of every `processes` goes to process p, so each process gets the same share of long and short
@@ -25,18 +24,13 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import Any
 
-import torch
 from pydantic import BaseModel, Field
 
 from autofit.knobs import Knobs
 from autofit.intmath import ceil_div
 from autofit.techniques.bucketing import bucket_index, padded_length, split_buckets
-from autofit.workload import TOKEN_LEVEL_TASKS, LengthHistogram
-
-IGNORE_INDEX = -100
-"""Label value excluded from token-level losses (transformers' and torch's cross-entropy default)."""
+from autofit.workload import LengthHistogram
 
 SIMULATED_STEPS = 200
 """Random steps drawn to estimate an epoch's micro-batches: enough that the time model's counts settle within
@@ -229,7 +223,7 @@ def _simulate(lengths: tuple[int, ...], counts: tuple[int, ...], batch_size: int
     return shapes, tuple(per_step)
 
 
-# ---- apply side: cut a step, weight its losses -------------------------------------------------------------
+# ---- apply side: draw a step, cut it -------------------------------------------------------------
 
 
 class StepSampler:
@@ -342,42 +336,6 @@ def eval_micro_batches(lengths: Sequence[int], knobs: Knobs, max_tokens: int) ->
     if current:
         pieces.append(current)
     return pieces
-
-
-def count_units(batch: Mapping[str, Any], task: str) -> int:
-    """What the task's loss averages over: samples, or non-ignored label tokens for token-level tasks.
-
-    Causal-LM losses shift labels by one (token t predicts t+1), so the first label of a row never counts."""
-    if task not in TOKEN_LEVEL_TASKS:
-        first = batch.get("labels", batch.get("input_ids"))
-        if first is None:
-            raise AccumulationError("batch has neither labels nor input_ids to count samples from")
-        return len(first)
-    labels = batch.get("labels")
-    if labels is None:
-        raise AccumulationError(f"a {task} batch needs token labels to count")
-    labels = torch.as_tensor(labels)
-    if task == "causal-lm":
-        labels = labels[..., 1:]
-    return int((labels != IGNORE_INDEX).sum())
-
-
-def step_units(batches: Iterable[Mapping[str, Any]], task: str) -> int:
-    """Units in a whole step (collate the step's micro-batches first, then weight each)."""
-    return sum(count_units(batch, task) for batch in batches)
-
-
-def loss_scale(micro_count: int, step_count: int) -> float:
-    """Weight of a micro-batch's mean loss so the summed gradients equal the gradient of the step's mean.
-
-    sum_i (n_i / N) * mean_i = (1/N) * sum of all per-unit losses: exact for uneven micro-batches, where
-    the usual 1/accumulation_steps scaling over-weights small ones. A micro-batch with no units has a NaN
-    mean loss: skip its backward rather than scale it by 0."""
-    if step_count < 1:
-        raise AccumulationError(f"an optimizer step must hold at least one unit, got {step_count}")
-    if not 0 <= micro_count <= step_count:
-        raise AccumulationError(f"micro-batch count {micro_count} outside 0..{step_count}")
-    return micro_count / step_count
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, drop_last: bool = False) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from autofit.techniques.accumulation import IGNORE_INDEX
+from autofit.techniques.loss_weighting import IGNORE_INDEX
 from autofit.workload import TOKEN_LEVEL_TASKS
 from autofit.techniques.bucketing import padded_length
 

@@ -22,7 +22,8 @@ from autofit.executor import ExecutorInputError, run_plan
 from autofit.executor.distributed import World, share_step
 from autofit.knobs import Knobs
 from autofit.plan import Plan, PlanFileError
-from autofit.techniques.accumulation import StepSampler, bucket_uppers, count_units
+from autofit.techniques.accumulation import StepSampler, bucket_uppers
+from autofit.techniques.loss_weighting import count_units
 from autofit.techniques.padding import PaddingCollator
 
 HERE = Path(__file__).parent

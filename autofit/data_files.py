@@ -1,0 +1,98 @@
+"""Data files: read a CSV, JSON or JSON-lines file, or a `datasets.save_to_disk` directory, into rows.
+
+Errors name the file and the place in it (a line number, a byte offset), in one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+from autofit.labels import DataError
+
+def load_data_file(path: str | Path):
+    """Rows of a CSV or JSON-lines/JSON file as a list of dicts, or a `datasets.save_to_disk` directory
+    as a `datasets.Dataset` (its "train" split when it holds several)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        rows = _load_saved_dataset(path)
+    elif path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        rows = _load_json(path)
+    else:
+        raise DataError(f"unknown data format {path.suffix or path.name!r}: use .csv, .jsonl, .json "
+                        "or a directory saved by datasets.save_to_disk")
+    if len(rows) == 0:
+        raise DataError(f"{path} holds no examples")
+    return rows
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark dropped, as spreadsheets write one); decoded whole
+    so that an error can give the byte offset in the file."""
+    data = path.read_bytes()
+    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}); "
+                        "save the file as UTF-8") from None
+
+
+def _load_json(path: Path) -> list[dict]:
+    text = _read_text(path)
+    rows = None
+    if text.lstrip().startswith("["):  # one JSON array, or JSON lines whose first line is an array
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":
+                raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if rows is None:  # JSON lines
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None) if isinstance(rows, list) else 0
+    if bad is not None:
+        raise DataError(f"{path}: every example must be a JSON object such as {{\"text\": ..., \"label\": ...}}; "
+                        f"example {bad} is not")
+    return rows
+
+
+def _load_saved_dataset(path: Path):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading a saved dataset directory needs the `datasets` package "
+                        "(pip install 'autofit[data]')") from None
+    try:
+        data = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path} is a directory but not one saved by datasets.save_to_disk") from None
+    return train_split(data, str(path))
+
+
+def is_dataset_dict(data) -> bool:
+    """A `datasets.DatasetDict`: splits, not columns."""
+    datasets = sys.modules.get("datasets")  # not imported: data is no DatasetDict
+    return datasets is not None and isinstance(data, datasets.DatasetDict)
+
+
+def train_split(data, where: str = "the DatasetDict"):
+    """A `datasets.DatasetDict`'s "train" split (other data as it is): its splits are not columns."""
+    if not is_dataset_dict(data):
+        return data
+    if "train" not in data:
+        raise DataError(f"{where} holds splits {sorted(data)} and no 'train' split: pass a single split")
+    return data["train"]
