@@ -244,7 +244,12 @@ def _checkpointed(recomputing: Timeline, full: Timeline, layer: str, saved: floa
     kept = recomputing.windows["fwd:head"].end_live - full.windows["fwd:head"].end_live + saved
     # Of that, what the layer's own forward left beyond its output: autocast's cached weight copies.
     leftover = max(0.0, forward.end_live - forward.start_live - forward.output)
-    recompute = backward.peak - backward.saved_live_start - backward.grads_start - recomputing.batch_unsaved - saved
+    # What checkpointing keeps alive unsaved (the layer's input, DeBERTa's int64 relative positions) is live
+    # when its backward opens; the memory model counts it as the layer's kept bytes, not as this transient.
+    # The gradient flowing in is live there too, in both runs: it stays in the transient.
+    kept_unsaved = _unsaved_live(backward, recomputing) - _unsaved_live(full.windows[f"bwd:{layer}"], full)
+    recompute = (backward.peak - backward.saved_live_start - backward.grads_start - recomputing.batch_unsaved - saved
+                 - max(0, kept_unsaved))
     quantities = {
         "checkpointed_forward_transient": max(0, forward.peak - forward.end_live),
         "recompute_backward_transient": max(0, recompute),
@@ -252,6 +257,11 @@ def _checkpointed(recomputing: Timeline, full: Timeline, layer: str, saved: floa
         "checkpointed_leftover": leftover,
     }
     return {name: {"embeddings": 0.0, "layer": float(value), "head": 0.0} for name, value in quantities.items()}
+
+
+def _unsaved_live(window: Window, timeline: Timeline) -> int:
+    """Bytes live when `window` opened that are no saved tensor, no parameter gradient and no batch tensor."""
+    return window.start_live - window.saved_live_start - window.grads_start - timeline.batch_unsaved
 
 
 def measure_time(subject: Subject, precision: str, shape: tuple[int, int], device_type: str,
