@@ -64,14 +64,15 @@ def check_batch_size(batch_size: int, processes: int = 1) -> None:
 
 def make_workload(task: str, *, seq_len: int, batch_size: int, lengths: list[int] | None,
                   num_samples: int | None = None) -> Workload:
-    """The training job: the data's real lengths when given, else `num_samples` examples of `seq_len`."""
+    """The training job: the data's real lengths (cut at `seq_len`) when given, else `num_samples` examples of
+    `seq_len`."""
     if lengths is not None:
         if not lengths:
             raise ValueError("the data has no examples")
         return Workload(task=task, lengths=LengthHistogram.from_lengths([max(1, n) for n in lengths]),
-                        batch_size=batch_size, from_data=True)
+                        batch_size=batch_size, from_data=True, max_length=seq_len)
     hist = LengthHistogram.fixed(seq_len, num_samples or DEFAULT_NUM_SAMPLES)
-    return Workload(task=task, lengths=hist, batch_size=batch_size, from_data=False)
+    return Workload(task=task, lengths=hist, batch_size=batch_size, from_data=False, max_length=seq_len)
 
 
 def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, batch_size: int = 32,
@@ -172,11 +173,18 @@ def _profile(model: ModelSpec, task: str, device: DeviceSpec, *, adapters: bool)
 
 
 def _lengths(data: Any, tokenizer: Any, text_column: str | None, seq_len: int) -> list[int]:
+    """The examples' token lengths cut at `seq_len`, as training will cut them; says how many were longer."""
     if isinstance(data, TokenizedData):
-        return [min(n, seq_len) for n in data.lengths]
-    if tokenizer is None and "input_ids" not in column_names(data):
+        lengths = data.lengths
+    elif tokenizer is None and "input_ids" not in column_names(data):
         raise DataError("text data needs a tokenizer (or pass examples that already hold input_ids)")
-    return text_lengths(data, tokenizer, text_column, max_length=seq_len)
+    else:
+        lengths = text_lengths(data, tokenizer, text_column)
+    longer = sum(n > seq_len for n in lengths)
+    if longer:
+        log.info(f"{longer} of {len(lengths)} examples are longer than {seq_len} tokens: planned cut at {seq_len}, "
+                 "as training this plan cuts them")
+    return [min(n, seq_len) for n in lengths]
 
 
 def resolve_tokenizer(tokenizer: Any, model: ModelSpec) -> Any:

@@ -16,7 +16,8 @@ from autofit.cluster import SINGLE, Cluster
 from autofit.devices import DeviceSpec
 from autofit.intmath import ceil_div
 from autofit.knobs import Knobs, Precision
-from autofit.techniques.accumulation import StepLayout, step_layout
+from autofit.techniques.accumulation import StepLayout, micro_batch_size_for, step_layout
+from autofit.techniques.bucketing import padded_length
 from autofit.workload import Task, Workload
 
 Phase = Literal["forward", "backward", "optimizer"]
@@ -275,12 +276,19 @@ class Plan(_Checked):
     def to_training_arguments(self, output_dir: str = "out", **overrides: Any):
         """transformers.TrainingArguments with the settings HF Trainer can express.
 
+        HF's step is per_device_train_batch_size x gradient_accumulation_steps sequences, every micro-batch of
+        the same size: the size is the plan's cap at the data's longest padded length (with a token budget,
+        long examples go a few at a time, and HF may put the longest example in any micro-batch), and there
+        are enough micro-batches for the effective batch (more than it when that size does not divide it).
+        So a token-budgeted plan's short examples run in smaller micro-batches than autofit runs them: slower,
+        never over the plan's peak. The optimizer settings are autofit's (lr 2e-5, weight decay 0.01, a
+        constant rate, gradients clipped at 1.0); `overrides` replace any of them.
+
         It cannot express selective checkpointing (HF checkpoints all layers or none: any checkpointed
         layer turns it on for all), freezing (set requires_grad yourself, e.g. with
-        autofit.techniques.freeze.apply), token-budget micro-batches whose count varies by bucket, or our
-        bucket boundaries (group_by_length is HF's megabatch approximation of bucketing). HF's step is
-        per_device_train_batch_size x gradient_accumulation_steps sequences: the micro-batch cap, and
-        enough micro-batches for the effective batch (more than it when the cap does not divide it)."""
+        autofit.techniques.freeze.apply), LoRA (wrap the model with peft's LoraConfig at the plan's
+        lora_rank and targets yourself), or our bucket boundaries (group_by_length is HF's megabatch
+        approximation of bucketing)."""
         import torch
         from transformers import TrainingArguments
 
@@ -288,7 +296,8 @@ class Plan(_Checked):
             raise ValueError(f"this plan is for a CUDA device ({self.device.name}) and none is visible here: "
                              "plan again with device='cpu', or build the arguments where the GPU is")
         k = self.knobs
-        micro = min(k.micro_batch_size, self.batch_size)
+        longest = padded_length(self.workload.lengths.max_length, k.pad_to_multiple_of)
+        micro = min(micro_batch_size_for(longest, k), self.batch_size)
         args: dict[str, Any] = dict(
             output_dir=output_dir,
             per_device_train_batch_size=micro,
@@ -298,6 +307,7 @@ class Plan(_Checked):
             fp16=k.precision == Precision.fp16,
             bf16=k.precision == Precision.bf16,
             optim="adamw_bnb_8bit" if k.optimizer_bits == 8 else "adamw_torch",
+            learning_rate=2e-5, weight_decay=0.01, lr_scheduler_type="constant", max_grad_norm=1.0,
             report_to=[],
         )
         if self.device.kind == "cpu":  # a plan for the CPU trains there (bf16 there needs it said)

@@ -184,7 +184,10 @@ def plan_report(plan: Plan) -> Group:
     kind = f"measured on {plan.timed_on}" if t.measured else "estimated from FLOPs"
     speed = Table(title=f"predicted time ({kind})", show_header=False, box=None, padding=(0, 2))
     speed.add_row("per optimizer step", _seconds(t.step_seconds))
-    speed.add_row("per epoch", f"{_seconds(t.epoch_seconds)} ({plan.workload.lengths.num_samples} samples)")
+    w = plan.workload
+    cut = f", cut at {w.max_length} tokens" if w.max_length and w.from_data else ""
+    samples = f"{w.lengths.num_samples} samples" + (f" of {w.max_length} tokens" if not w.from_data else cut)
+    speed.add_row("per epoch", f"{_seconds(t.epoch_seconds)} ({samples})")
     speed.add_row("padding efficiency", f"{t.padding_efficiency:.0%}")
     parts = [Text.from_markup(title), knobs, mem, speed]
     if plan.alternatives:

@@ -39,11 +39,13 @@ from autofit.workload import Workload
 log = logging.getLogger("autofit")
 
 
-def replan_for_data(plan: Plan, profile: Profile, lengths: list[int]) -> Plan:
-    """`plan` with its workload replaced by the data it will train on, and its memory and time predicted
-    again from its knobs: what a plan file claims about its peak is not believed. Raises PlanNoLongerFitsError
-    when the knobs' peak on this data is over the plan's budget (an edited file, or longer data)."""
-    workload = make_workload(plan.task, seq_len=max(lengths), batch_size=plan.batch_size, lengths=lengths)
+def replan_for_data(plan: Plan, profile: Profile, lengths: list[int], max_length: int | None = None) -> Plan:
+    """`plan` with its workload replaced by the data it will train on (cut at `max_length`), and its memory and
+    time predicted again from its knobs: what a plan file claims about its peak is not believed. Raises
+    PlanNoLongerFitsError when the knobs' peak on this data is over the plan's budget (an edited file, or
+    longer data)."""
+    workload = make_workload(plan.task, seq_len=max_length or max(lengths), batch_size=plan.batch_size,
+                             lengths=lengths)
     memory = predict_peak(profile, plan.knobs, workload, plan.device, cluster=plan.cluster)
     if memory.peak_bytes > plan.budget_bytes:
         raise PlanNoLongerFitsError(
@@ -101,8 +103,10 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
                          "model with the task's head, or the task its head trains")
     tokenizer = resolve_tokenizer(tokenizer, model)
     multiple = plan.knobs.pad_to_multiple_of if plan is not None else PAD_MULTIPLE
-    # default: all the positions the model takes, less what padding to `multiple` would push past them
-    asked = max_length if max_length is not None else max_sequence_length(config) or DEFAULT_MAX_LENGTH
+    # default: where the plan cut its examples, else all the positions the model takes, less what padding
+    # to `multiple` would push past them
+    planned = plan.workload.max_length if plan is not None else None
+    asked = max_length if max_length is not None else planned or max_sequence_length(config) or DEFAULT_MAX_LENGTH
     max_length = check_seq_len(config, asked, explicit=max_length is not None, multiple=multiple, flag="max_length")
     train_data = _tokenized(data, tokenizer, task, max_length, text_column)
     _say_data_notes(train_data, max_length)
@@ -118,12 +122,15 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     if plan is None and resume and output_dir is not None:
         plan = _plan_in_force(output_dir, parse_budget(budget), batch_size, spec, policy, adapter)
     adapters = plan.knobs.adapter == "lora" if plan is not None else chosen.adapters.mode == "always"
-    # a model loaded in 4 bits is profiled from its id (the profiler measures a full-precision twin)
-    profiled = source if nf4 and model is not source else model
+    # a model loaded here from an id or path is profiled from it, as plan() profiles it, so one cached profile
+    # serves both (in 4 bits too: the profiler measures a full-precision twin); unless the data gave it
+    # another head than its config's
+    loaded_here = model is not source and not isinstance(source, PretrainedConfig)
+    profiled = source if loaded_here and (nf4 or model.config.num_labels == config.num_labels) else model
     with main_process_first(cpu=spec.kind == "cpu"):  # several processes: one profiles, the rest read its cache
         profile = _profile(profiled, task, spec, adapters=adapters)
     if plan is None:
-        workload = make_workload(task, seq_len=max(train_data.lengths), batch_size=batch_size,
+        workload = make_workload(task, seq_len=max_length, batch_size=batch_size,
                                  lengths=train_data.lengths)
         cluster = make_cluster(gpus or launched_processes(), machines, interconnect=interconnect, network=network,
                                device_kind=spec.kind)
@@ -132,7 +139,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
         if plan.knobs.adapter == "lora" and not adapted_keys(profile):  # measured into the cache by the search
             profile = _profile(profiled, task, spec, adapters=True)
     else:
-        plan = replan_for_data(plan, profile, train_data.lengths)
+        plan = replan_for_data(plan, profile, train_data.lengths, max_length)
     eval_prediction = None if eval_tokens is None else predict_evaluation(profile, plan, eval_tokens.lengths)
     return run_plan(model, plan, train_data, eval=eval_tokens, epochs=epochs, max_steps=max_steps, lr=lr,
                     seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,

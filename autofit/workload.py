@@ -79,3 +79,6 @@ class Workload(BaseModel):
     """Effective batch size: examples per optimizer step, whatever the micro-batches (kept by every plan)."""
     from_data: bool = False
     """True when `lengths` were measured on real data, False when assumed from --seq-len."""
+    max_length: int | None = Field(None, ge=1)
+    """The length examples were cut at (--seq-len when planning, max_length when training): training a saved
+    plan cuts its data there too unless told otherwise. None in plans from before it was recorded."""

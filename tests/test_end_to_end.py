@@ -287,3 +287,43 @@ def test_a_checkpoint_with_another_head_size_is_loaded_with_a_new_head_and_said(
                                quiet=True, device="cpu")
     assert result.optimizer_steps == 1
     assert "saved with a 2-label head and the data has 3 labels: a new head is trained" in caplog.text
+
+
+def test_a_saved_plan_trains_its_data_cut_where_the_plan_cut_it(tok, tmp_path, caplog):
+    """A plan made with seq_len=24 on data whose tail runs to 120 words trains that data cut at 24 tokens, as
+    planned: not at the model's 64 positions, which the plan's budget never allowed for."""
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows = skewed_rows(120, seed=3)
+    assert max(len(r["text"].split()) for r in rows) > 24
+    free = autofit.plan(model, "64GB", data=rows, tokenizer=tok, batch_size=16, device="cpu", seq_len=24,
+                        policy="fastest")
+    with caplog.at_level("INFO", logger="autofit"):
+        plan = autofit.plan(model, int(1.1 * free.predicted.peak_bytes), data=rows, tokenizer=tok, batch_size=16,
+                            device="cpu", seq_len=24)
+    assert plan.workload.max_length == 24 and plan.workload.lengths.max_length <= 24
+    longer = sum(len(tok(r["text"])["input_ids"]) > 24 for r in rows)
+    assert f"{longer} of 120 examples are longer than 24 tokens: planned cut at 24" in caplog.text
+    plan.save(tmp_path / "plan.json")
+    result = autofit.train(model, rows, plan=tmp_path / "plan.json", tokenizer=tok, max_steps=2, quiet=True)
+    assert result.plan.workload.max_length == 24
+    assert result.plan.workload.lengths.max_length <= 24
+    assert result.measured_peak_bytes <= plan.budget_bytes and result.memory_warning is None
+    roomy = autofit.plan(model, "1GB", data=rows, tokenizer=tok, batch_size=16, device="cpu", seq_len=24)
+    longer = autofit.train(model, rows, plan=roomy, tokenizer=tok, max_steps=1, quiet=True, max_length=32)
+    assert longer.plan.workload.lengths.max_length > 24  # told otherwise: cut where told
+
+
+def test_training_a_model_from_its_folder_reuses_the_profile_its_plan_made(tok, tmp_path, monkeypatch):
+    """`autofit plan --model DIR` then `autofit train --plan plan.json --model DIR`: one profile, so the run's
+    time and peak are predicted from the same block times the plan was chosen by."""
+    folder = tmp_path / "model"
+    tiny_model("bert", "classification", num_labels=2, seed=12, **BERT).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    rows = [{"text": r["text"], "label": r["label"] % 2} for r in skewed_rows(40, seed=4)]
+    calls = []
+    real = cache.profile_model
+    monkeypatch.setattr(cache, "profile_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plan = autofit.plan(str(folder), "1GB", data=rows, batch_size=8, device="cpu")
+    planned = len(calls)  # 1, or 0 when an earlier test profiled the same config
+    result = autofit.train(str(folder), rows, plan=plan, max_steps=1, quiet=True)
+    assert len(calls) == planned and result.optimizer_steps == 1

@@ -216,3 +216,16 @@ def test_knobs_against_a_model_depth():
         knobs.validate_for(5)
     with pytest.raises(ValueError, match="freeze_layers=2 but the model has 1 layers"):
         Knobs(freeze_embeddings=True, freeze_layers=2).validate_for(1)
+
+
+def test_training_arguments_keep_a_token_budgets_cap_at_the_longest_length(plan, tmp_path):
+    """HF Trainer pads every micro-batch of a fixed size to its longest example, and may meet the data's
+    longest in any: the size is the token budget's cap there, so Trainer never runs a micro-batch larger than
+    the plan's peak allows (8 x 512 tokens would be 8 times this budget)."""
+    budgeted = with_knobs(plan, micro_batch_size=8, tokens_per_micro_batch=1024, bucket_boundaries=(64, 512))
+    longest = budgeted.workload.lengths.max_length
+    args = budgeted.to_training_arguments(str(tmp_path), use_cpu=True)
+    assert args.per_device_train_batch_size == max(1, 1024 // longest) < 8
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps >= plan.workload.batch_size
+    assert (args.learning_rate, args.weight_decay, args.max_grad_norm) == (2e-5, 0.01, 1.0)
+    assert str(args.lr_scheduler_type.value) == "constant"

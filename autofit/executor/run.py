@@ -100,6 +100,9 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     if resume and saved is None:
         notes.append(f"no checkpoint in {output_dir} yet: starting from the first step")
     state = saved[2] if saved else ckpt.TrainerState(data_fingerprint=data_print, run_fingerprint=run_print)
+    if saved and (state.epoch >= epochs or (max_steps is not None and state.step >= max_steps)):
+        notes.append(f"the run in {output_dir} already finished ({state.step} optimizer steps): nothing left to "
+                     "train; what follows is that run's (ask for more --epochs or --max-steps to go on)")
     run = _Run(model, saved[1] if saved else plan, train, eval, state=state, epochs=epochs, max_steps=max_steps,
                seed=seed, drop_last=drop_last, output_dir=output_dir, checkpoint_every=checkpoint_every,
                fallback=fallback or default_fallback, world=world)

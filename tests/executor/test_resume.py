@@ -270,3 +270,13 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tiny, data, plan_for
     assert signal.getsignal(signal.SIGINT) is handler  # the handler is given back
     resumed, plan, train = setup(tiny, data, plan_for, seed=1)
     assert_same_run(resumed, run(resumed, plan, train, output_dir=str(tmp_path), resume=True), ref_model, ref)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left(tiny, data, plan_for, tmp_path, caplog):
+    model, plan, train = setup(tiny, data, plan_for)
+    first = run(model, plan, train, output_dir=str(tmp_path))
+    again, plan, train = setup(tiny, data, plan_for)
+    with caplog.at_level("WARNING", logger="autofit"):
+        second = run(again, plan, train, output_dir=str(tmp_path), resume=True)
+    assert f"already finished ({first.optimizer_steps} optimizer steps): nothing left to train" in caplog.text
+    assert second.optimizer_steps == first.optimizer_steps
