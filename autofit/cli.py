@@ -125,6 +125,8 @@ def train(
     adapter: str = typer.Option("auto", "--adapter", help="With --vram: " + ADAPTER_HELP),
     seed: int = typer.Option(0, "--seed", help="Seeds the new head's weights, the step order and dropout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    measure: bool = typer.Option(True, "--measure/--no-measure",
+                                 help="Measure the peak memory (on the CPU it tracks every tensor: 2-7x slower)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the losses and the peak memory (.png)."),
 ) -> None:
     """Train with a plan (or plan first with --vram), measuring the real peak memory."""
@@ -149,7 +151,7 @@ def train(
                            max_steps=max_steps, lr=lr, batch_size=batch_size, eval_data=_load_data(eval_data),
                            policy=policy, max_length=max_length, text_column=text_column, output_dir=output_dir,
                            checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, seed=seed,
-                           adapter=adapter)
+                           adapter=adapter, measure_memory=measure)
     if result.processes > 1:  # left open, gloo's threads can abort the process at exit, after a good run
         _end_process_group()
     if result.rank != 0:

@@ -16,7 +16,7 @@ from autofit.cluster import SINGLE, Cluster
 from autofit.devices import DeviceSpec
 from autofit.intmath import ceil_div
 from autofit.knobs import Knobs, Precision
-from autofit.techniques.accumulation import StepLayout, micro_batch_size_for, step_layout
+from autofit.techniques.accumulation import StepLayout, micro_batch_size_for, process_batch_size, step_layout
 from autofit.techniques.bucketing import padded_length
 from autofit.workload import Task, Workload
 
@@ -279,7 +279,8 @@ class Plan(_Checked):
         HF's step is per_device_train_batch_size x gradient_accumulation_steps sequences, every micro-batch of
         the same size: the size is the plan's cap at the data's longest padded length (with a token budget,
         long examples go a few at a time, and HF may put the longest example in any micro-batch), and there
-        are enough micro-batches for the effective batch (more than it when that size does not divide it).
+        are enough micro-batches for each process's share of the effective batch (more than it when that size
+        does not divide it).
         So a token-budgeted plan's short examples run in smaller micro-batches than autofit runs them: slower,
         never over the plan's peak. The optimizer settings are autofit's (lr 2e-5, weight decay 0.01, a
         constant rate, gradients clipped at 1.0); `overrides` replace any of them.
@@ -296,12 +297,17 @@ class Plan(_Checked):
             raise ValueError(f"this plan is for a CUDA device ({self.device.name}) and none is visible here: "
                              "plan again with device='cpu', or build the arguments where the GPU is")
         k = self.knobs
+        if k.strategy == "fsdp" and self.cluster.processes > 1:
+            raise ValueError("an FSDP plan's sharding is not expressible as TrainingArguments here: train it "
+                             "with autofit under accelerate launch (plan.to_accelerate_config)")
+        # HF's step is that of every process: each trains its share of the effective batch
+        share = process_batch_size(self.batch_size, self.cluster.processes)
         longest = padded_length(self.workload.lengths.max_length, k.pad_to_multiple_of)
-        micro = min(micro_batch_size_for(longest, k), self.batch_size)
+        micro = min(micro_batch_size_for(longest, k), share)
         args: dict[str, Any] = dict(
             output_dir=output_dir,
             per_device_train_batch_size=micro,
-            gradient_accumulation_steps=ceil_div(self.batch_size, micro),
+            gradient_accumulation_steps=ceil_div(share, micro),
             gradient_checkpointing=bool(k.checkpoint_layers),
             gradient_checkpointing_kwargs={"use_reentrant": False} if k.checkpoint_layers else None,
             fp16=k.precision == Precision.fp16,

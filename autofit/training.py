@@ -66,7 +66,8 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
           max_length: int | None = None, text_column: str | None = None, device: str | None = None,
           output_dir: str | None = None, checkpoint_every: int | None = None, resume: bool = False,
           seed: int = 0, quiet: bool = False, num_labels: int | None = None, adapter: str = "auto",
-          gpus: int | None = None, machines: int = 1, interconnect: str | None = None, network: str = "ethernet"):
+          gpus: int | None = None, machines: int = 1, interconnect: str | None = None, network: str = "ethernet",
+          measure_memory: bool = True):
     """Plan (unless `plan` is given) and train `model` on `data`; returns an executor.TrainResult with the
     plan, the measured peak next to the predicted one, and the loss/eval history.
 
@@ -75,7 +76,8 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     follows `seed`: the same seed, data and plan give the same losses. `adapter` is plan()'s; with a plan it
     must be auto or what the plan chose. Under a launcher (`accelerate launch`, `torchrun`) every process
     calls train: the main process plans (for `gpus` processes, default: as many as were launched on
-    `machines` machines) and the others train its plan."""
+    `machines` machines) and the others train its plan. `measure_memory=False` skips measuring the peak: free
+    on a GPU (the allocator counts it), it makes a CPU run 2-7x slower (every op's tensors are tracked)."""
     from autofit.executor import run_plan  # the executor is the last stage: imported only to train
     from autofit.executor.checkpoint import prepare_output_dir
 
@@ -143,7 +145,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     eval_prediction = None if eval_tokens is None else predict_evaluation(profile, plan, eval_tokens.lengths)
     return run_plan(model, plan, train_data, eval=eval_tokens, epochs=epochs, max_steps=max_steps, lr=lr,
                     seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
-                    quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None),
+                    quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None), measure_memory=measure_memory,
                     eval_prediction=eval_prediction, price_shapes=lambda knobs, shapes: peak_over_shapes(
                         profile, knobs, shapes, plan.device, plan.cluster)[0])
 

@@ -242,6 +242,10 @@ def test_train_with_a_saved_plan(files, tmp_path):
     assert result.exit_code == 0, (result.output, result.exception)
     assert "2 optimizer steps, final loss" in result.stdout
     assert "measured" in result.stdout and "predicted" in result.stdout
+    fast = invoke("train", "--plan", plan_path, "--data", files["data"], "--model", files["model"],
+                  "--max-steps", "2", "--quiet", "--no-measure")
+    assert fast.exit_code == 0, (fast.output, fast.exception)
+    assert "2 optimizer steps, final loss" in fast.stdout and "peak memory" not in fast.stdout
 
 
 def test_train_with_a_budget_instead_of_a_plan(files):

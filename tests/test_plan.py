@@ -229,3 +229,16 @@ def test_training_arguments_keep_a_token_budgets_cap_at_the_longest_length(plan,
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps >= plan.workload.batch_size
     assert (args.learning_rate, args.weight_decay, args.max_grad_norm) == (2e-5, 0.01, 1.0)
     assert str(args.lr_scheduler_type.value) == "constant"
+
+
+def test_training_arguments_give_each_process_its_share_of_the_batch(plan, tmp_path):
+    """HF's step is per_device x accumulation x processes examples: a 2-process plan's arguments are one
+    process's share, or HF trains twice the batch. An FSDP plan's sharding is not theirs to express."""
+    from autofit.cluster import make_cluster
+
+    two = with_knobs(plan, micro_batch_size=4).model_copy(update={"cluster": make_cluster(2, 1, device_kind="cuda")})
+    args = two.to_training_arguments(str(tmp_path), use_cpu=True)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 2 == plan.workload.batch_size
+    fsdp = two.model_copy(update={"knobs": Knobs(micro_batch_size=4, strategy="fsdp")})
+    with pytest.raises(ValueError, match="FSDP plan's sharding is not expressible"):
+        fsdp.to_training_arguments(str(tmp_path), use_cpu=True)

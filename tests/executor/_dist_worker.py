@@ -80,11 +80,23 @@ def wrong_world() -> str:
     return "not refused"
 
 
+def other_seeds(rank: int) -> str:
+    """Each process given its own seed: refused on every process, not a hang (FSDP) or wrong steps (DDP)."""
+    kind, task, _ = cases.CASES["bert-fsdp"]
+    try:
+        run_plan(cases.model(kind, task), cases.plan("bert-fsdp", cases.PROCESSES), cases.data(task), quiet=True,
+                 max_steps=1, seed=rank)
+    except ExecutorInputError as error:
+        return str(error)
+    return "not refused"
+
+
 def main(out: Path) -> None:
     rank = int(os.environ["RANK"])
     seen: dict = {name: train_case(name, out, rank) for name in cases.CASES}
     seen["resume"] = resume_case(out)
     seen["wrong-world"] = wrong_world()
+    seen["other-seeds"] = other_seeds(rank)
     (out / f"rank{rank}.json").write_text(json.dumps(seen, indent=1))
     import torch.distributed as dist
 

@@ -148,6 +148,13 @@ def test_a_plan_for_one_process_run_by_two_is_refused(launched):
                                       "or plan again for 2 processes")
 
 
+def test_processes_given_other_seeds_are_all_refused_in_one_line(launched):
+    seen, _ = launched
+    assert [rank["other-seeds"] for rank in seen] == [
+        "the 2 processes were given different plan or settings (seed, lr, ...): every process must call train "
+        "with the same model, data and settings"] * 2
+
+
 # ---- refusals in this process -------------------------------------------------------------------------------
 
 
