@@ -79,7 +79,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     `machines` machines) and the others train its plan. `measure_memory=False` skips measuring the peak: free
     on a GPU (the allocator counts it), it makes a CPU run 2-7x slower (every op's tensors are tracked)."""
     from autofit.executor import run_plan  # the executor is the last stage: imported only to train
-    from autofit.executor.checkpoint import prepare_output_dir
+    from autofit.executor.checkpoint import check_output_dir
 
     if (plan is None) == (budget is None):
         raise ValueError("give a memory budget (e.g. budget='16GB') or a plan" + (", not both" if plan else ""))
@@ -94,7 +94,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"the learning rate must be a positive number, not {lr!r}")
     if output_dir is not None:
-        prepare_output_dir(output_dir)  # a bad --output-dir fails now, not after profiling and training
+        check_output_dir(output_dir)  # a bad --output-dir fails now, not after profiling and training
     config = _config(model)
     if task is None:
         task = plan.task if plan is not None else default_task(config)

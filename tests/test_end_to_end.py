@@ -327,3 +327,17 @@ def test_training_a_model_from_its_folder_reuses_the_profile_its_plan_made(tok, 
     planned = len(calls)  # 1, or 0 when an earlier test profiled the same config
     result = autofit.train(str(folder), rows, plan=plan, max_steps=1, quiet=True)
     assert len(calls) == planned and result.optimizer_steps == 1
+
+
+def test_train_says_what_it_tidied_after_a_killed_save(tok, tmp_path, caplog):
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows = skewed_rows(48, seed=5)
+    settings = dict(budget="1GB", tokenizer=tok, batch_size=8, quiet=True, device="cpu", output_dir=str(tmp_path))
+    autofit.train(model, rows, max_steps=2, **settings)
+    # killed between moving a same-step checkpoint aside and putting its replacement in place
+    (tmp_path / "checkpoint-00000002").rename(tmp_path / ".old-checkpoint-00000002-999")
+    with caplog.at_level("WARNING", logger="autofit"):
+        result = autofit.train(tiny_model("bert", "classification", num_labels=3, **BERT), rows, max_steps=3,
+                               resume=True, **settings)
+    assert "restored checkpoint-00000002, whose replacement an interrupted save never finished" in caplog.text
+    assert [r.step for r in result.history][-1] == 3

@@ -119,16 +119,7 @@ def prepare_output_dir(output_dir: str | Path) -> list[str]:
     """Make sure checkpoints can be written to `output_dir` before any training, and tidy what a killed save
     left: half-written `.tmp-*` folders go; a `.old-*` folder whose replacement never landed comes back.
     Returns what it did, one line each. Raises CheckpointError with a one-line reason."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CheckpointError(f"--output-dir {output_dir} is a file, not a directory")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f"{TMP_PREFIX}write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise CheckpointError(f"cannot write checkpoints to {output_dir}: {error.strerror or error}") from None
+    output_dir = check_output_dir(output_dir)
     done = []
     for path in sorted(output_dir.iterdir()):
         if path.name.startswith(TMP_PREFIX) and path.is_dir():
@@ -142,6 +133,21 @@ def prepare_output_dir(output_dir: str | Path) -> list[str]:
                 path.rename(output_dir / name)
                 done.append(f"restored {name}, whose replacement an interrupted save never finished")
     return done
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """`output_dir`, made if need be, once a file could be written there; else a one-line CheckpointError."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointError(f"--output-dir {output_dir} is a file, not a directory")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f"{TMP_PREFIX}write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise CheckpointError(f"cannot write checkpoints to {output_dir}: {error.strerror or error}") from None
+    return output_dir
 
 
 def _complete(path: Path) -> bool:
