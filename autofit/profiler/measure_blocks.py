@@ -63,7 +63,9 @@ class Subject:
 
 @contextmanager
 def prepared(model: nn.Module, layout: ModelLayout, task: str) -> Iterator[Subject]:
-    """Truncate the layer stack, switch to train mode, switch off checkpointing; undo all of it after."""
+    """Truncate the layer stack, switch to train mode, switch off checkpointing, make every weight trainable
+    (a profile is of the whole model training: the memory model freezes what a plan freezes); undo all of it
+    after."""
     layers = layout.layers
     tail = list(layers[KEEP_LAYERS:])
     params = list(model.parameters())
@@ -76,6 +78,9 @@ def prepared(model: nn.Module, layout: ModelLayout, task: str) -> Iterator[Subje
     try:
         del layers[KEEP_LAYERS:]
         model.train()
+        for p in params:
+            if p.is_floating_point():
+                p.requires_grad_(True)
         for module in checkpointing:
             module.gradient_checkpointing = False
         if task == "classification" and pad_token_id is None:

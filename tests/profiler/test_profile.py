@@ -299,3 +299,15 @@ def test_a_checkpointed_deberta_layers_backward_peak_is_predicted_to_its_measure
     with PeakMemoryMeter("cpu", track=[model, optimizer]) as meter:
         step()
     assert predicted.allocated_bytes == pytest.approx(meter.peak_bytes, rel=0.002)
+
+
+def test_a_model_with_frozen_weights_is_profiled_and_timed_whole_and_given_back_frozen():
+    """A user's model with frozen embeddings (or what peft's merge_and_unload returns): the profile is of
+    the whole model training, so timing its backward found no embeddings' window (KeyError 'bwd:emb')."""
+    model = tiny_model("bert")
+    for p in model.bert.embeddings.parameters():
+        p.requires_grad_(False)
+    profile = profile_model(model, task="classification", timing=("fp32",))
+    assert profile.block("embeddings").time["fp32"].backward(1, 32) > 0
+    assert not any(p.requires_grad for p in model.bert.embeddings.parameters())
+    assert all(p.requires_grad for p in model.bert.encoder.parameters())
