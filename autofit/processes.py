@@ -37,8 +37,9 @@ def main_process_first(cpu: bool) -> Iterator[None]:
         yield
 
 
-class MainProcessError(RuntimeError):
-    """What the main process failed with, as the other processes hear of it."""
+class MainProcessError(ValueError):
+    """What the main process failed with, as the other processes hear of it: its message, said as a bad input
+    is said (the main process says the same line)."""
 
 
 def on_main_process(make: Callable[[], T], cpu: bool) -> T:

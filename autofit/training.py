@@ -83,6 +83,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
 
     if (plan is None) == (budget is None):
         raise ValueError("give a memory budget (e.g. budget='16GB') or a plan" + (", not both" if plan else ""))
+    budget_bytes = parse_budget(budget) if budget is not None else None  # a bad budget fails before any work
     if isinstance(plan, str | os.PathLike):  # a saved plan's file
         plan = Plan.load(plan)
     if plan is not None and check_adapter_choice(adapter) not in ("auto", plan.knobs.adapter):
@@ -122,7 +123,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
         model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2, nf4=nf4)
     spec = plan.device if plan is not None else target_device(device, train=True)
     if plan is None and resume and output_dir is not None:
-        plan = _plan_in_force(output_dir, parse_budget(budget), batch_size, spec, policy, adapter)
+        plan = _plan_in_force(output_dir, budget_bytes, batch_size, spec, policy, adapter)
     adapters = plan.knobs.adapter == "lora" if plan is not None else chosen.adapters.mode == "always"
     # a model loaded here from an id or path is profiled from it, as plan() profiles it, so one cached profile
     # serves both (in 4 bits too: the profiler measures a full-precision twin); unless the data gave it
@@ -136,18 +137,25 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
                                  lengths=train_data.lengths)
         cluster = make_cluster(gpus or launched_processes(), machines, interconnect=interconnect, network=network,
                                device_kind=spec.kind)
-        plan = on_main_process(lambda: _search_plan(model, profile, workload, spec, parse_budget(budget), chosen,
+        plan = on_main_process(lambda: _search_plan(model, profile, workload, spec, budget_bytes, chosen,
                                                     cluster), cpu=spec.kind == "cpu")
         if plan.knobs.adapter == "lora" and not adapted_keys(profile):  # measured into the cache by the search
             profile = _profile(profiled, task, spec, adapters=True)
     else:
         plan = replan_for_data(plan, profile, train_data.lengths, max_length)
     eval_prediction = None if eval_tokens is None else predict_evaluation(profile, plan, eval_tokens.lengths)
-    return run_plan(model, plan, train_data, eval=eval_tokens, epochs=epochs, max_steps=max_steps, lr=lr,
-                    seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
-                    quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None), measure_memory=measure_memory,
-                    eval_prediction=eval_prediction, price_shapes=lambda knobs, shapes: peak_over_shapes(
-                        profile, knobs, shapes, plan.device, plan.cluster)[0])
+    result = run_plan(model, plan, train_data, eval=eval_tokens, epochs=epochs, max_steps=max_steps, lr=lr,
+                      seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
+                      quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None),
+                      measure_memory=measure_memory, eval_prediction=eval_prediction,
+                      price_shapes=lambda knobs, shapes: peak_over_shapes(profile, knobs, shapes, plan.device,
+                                                                          plan.cluster)[0])
+    if plan.knobs.adapter == "lora" and source is model:
+        log.info(f"{type(model).__name__} you passed now holds peft's LoRA layers (base stored as "
+                 f"{plan.knobs.base_dtype}): save the adapters with result.model.save_pretrained (or find them in "
+                 "result.adapter_dir), or a plain model with techniques.lora.export_merged, not with "
+                 "model.save_pretrained")
+    return result
 
 
 def predict_evaluation(profile: Profile, plan: Plan, lengths: list[int]) -> MemoryBreakdown:

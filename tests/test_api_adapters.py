@@ -131,6 +131,18 @@ def test_train_refuses_an_adapter_choice_its_plan_did_not_make(bert):
         autofit.train(bert, token_data(), budget="1GB", adapter="yes")
 
 
+def test_a_lora_run_says_the_model_it_was_given_now_holds_adapters(caplog):
+    """peft wraps the model it is given in place: saving that object with save_pretrained writes peft's keys,
+    which transformers then loads as missing weights. The run says so, and how to save instead."""
+    model = short_model("bert", "classification")
+    with caplog.at_level("INFO", logger="autofit"):
+        result = autofit.train(model, token_data(), budget="1GB", adapter="lora", max_steps=1, quiet=True,
+                               device="cpu")
+    assert result.plan.knobs.adapter == "lora"
+    assert "BertForSequenceClassification you passed now holds peft's LoRA layers" in caplog.text
+    assert "not with model.save_pretrained" in caplog.text
+
+
 # ---- the CLI ------------------------------------------------------------------------------------------------
 
 

@@ -76,8 +76,9 @@ def check_model(model: nn.Module, knobs: Knobs, device: torch.device) -> None:
     quantized model under a plan that does not keep it in NF4 as it is, no block linear layers to adapt, or
     peft or bitsandbytes missing or unable to run there."""
     if has_adapters(model):
-        raise AdapterError("this model already has peft adapters in it (from an earlier run?): pass the base "
-                           "model, or resume the earlier run from its output_dir")
+        raise AdapterError("this model already has peft adapters in it (an earlier LoRA run adds them to the "
+                           "model it is given): pass a freshly loaded base model, with resume=True to go on from "
+                           "an earlier run's output_dir (its checkpoints hold the adapters)")
     _check_quantized(model, knobs)
     if knobs.adapter == "none":
         return
