@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from autofit.data import TokenizedData
 from autofit.executor import checkpoint as ckpt
 from autofit.executor.validate import ExecutorInputError
@@ -26,14 +29,33 @@ def data_fingerprint(data: TokenizedData) -> str:
     return f"{len(data)} examples, sha256 {digest.hexdigest()[:16]}"
 
 
-def run_fingerprint(plan: Plan, **settings: object) -> dict[str, str]:
-    """What defines the run's steps, as text: the model, the effective batch, every knob, the settings."""
+BASE_SAMPLE = 64
+"""Leading elements of each tensor a LoRA base's digest reads: enough to tell two sets of weights apart, few
+enough to cost nothing on a 7B model."""
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A digest of the first BASE_SAMPLE elements of every parameter and buffer, by name: LoRA checkpoints hold
+    only the adapters, so a resume must find the same frozen base under them."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted([*model.named_parameters(), *model.named_buffers()], key=lambda item: item[0]):
+            sample = tensor.detach().reshape(-1)[:BASE_SAMPLE].contiguous().cpu()
+            digest.update(name.encode() + sample.view(torch.uint8).numpy().tobytes())
+    return f"sha256 {digest.hexdigest()[:16]}"
+
+
+def run_fingerprint(plan: Plan, model: nn.Module | None = None, **settings: object) -> dict[str, str]:
+    """What defines the run's steps, as text: the model, the effective batch, every knob, the settings; under
+    LoRA, the frozen base's weights (`model`)."""
     found = {"model": f"{plan.model_type} {plan.num_params:,} parameters, {plan.num_layers} layers",
              "task": plan.task, "batch_size": str(plan.batch_size), "device": plan.device.kind}
     if plan.cluster.processes > 1:  # (absent for one process, as in checkpoints from before multi-process runs)
         found["processes"] = str(plan.cluster.processes)
     found.update({f"knobs.{name}": repr(value) for name, value in plan.knobs.model_dump(mode="json").items()})
     found.update({name: repr(settings[name]) for name in RUN_SETTINGS if name in settings})
+    if plan.knobs.adapter == "lora" and model is not None:
+        found["base_weights"] = base_fingerprint(model)
     return found
 
 
@@ -49,7 +71,8 @@ def resume_point(output_dir: str, data: str, run: dict[str, str]) -> tuple[Path,
         raise ExecutorInputError(f"cannot resume from {path}: it was trained on other data "
                                  f"({state.data_fingerprint or 'unknown'}; this data: {data})")
     changed = [f"{name} {state.run_fingerprint.get(name, '(unset)')} -> {value}" for name, value in run.items()
-               if state.run_fingerprint.get(name) != value]
+               if state.run_fingerprint.get(name) != value
+               and not (name == "base_weights" and name not in state.run_fingerprint)]  # older checkpoints
     if changed:
         raise ExecutorInputError(f"cannot resume from {path}: it was trained with another plan or settings "
                                  f"({'; '.join(changed)})")

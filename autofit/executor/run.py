@@ -94,8 +94,8 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     world = start(plan, run_device(plan).type)  # every process checks that it is one of the plan's
     notes = world.first(lambda: ckpt.prepare_output_dir(output_dir), []) if output_dir is not None else []
     data_print = data_fingerprint(train)
-    run_print = run_fingerprint(plan, seed=seed, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                                drop_last=drop_last)
+    run_print = run_fingerprint(plan, model, seed=seed, lr=lr, weight_decay=weight_decay,
+                                max_grad_norm=max_grad_norm, drop_last=drop_last)
     check_same_run(world, data_print, run_print, epochs, max_steps)
     saved = resume_point(output_dir, data_print, run_print) if resume else None
     if resume and saved is None:

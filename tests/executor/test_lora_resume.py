@@ -63,6 +63,18 @@ def test_stopped_and_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, base
     assert Path(result.adapter_dir) == tmp_path / "adapter"
 
 
+def test_a_lora_resume_onto_another_base_is_refused(tmp_path):
+    """A LoRA checkpoint holds only the adapters: resumed onto other frozen weights they would go on training
+    against a base they never saw."""
+    model, plan, train = setup("fp32")
+    run(model, plan, train, max_steps=1, output_dir=str(tmp_path))
+    other, plan, train = setup("fp32", seed=123)
+    with pytest.raises(ExecutorInputError, match="another plan or settings .*base_weights sha256"):
+        run(other, plan, train, output_dir=str(tmp_path), resume=True)
+    same, plan, train = setup("fp32")
+    assert run(same, plan, train, output_dir=str(tmp_path), resume=True, max_steps=2).optimizer_steps == 2
+
+
 @pytest.mark.parametrize("change", [dict(lora_rank=8), dict(lora_targets="attention"), dict(base_dtype="nf4"),
                                     dict(double_quant=False)])
 def test_a_resume_with_other_adapter_knobs_is_refused(tmp_path, change):
