@@ -81,7 +81,9 @@ def friendly_errors(command: Callable) -> Callable:
         except (typer.Exit, typer.Abort):
             raise
         except (TrainingInterruptedError, KeyboardInterrupt) as error:
-            err.print("[yellow]stopped:[/] " + escape(str(error) or "interrupted"), soft_wrap=True, highlight=False)
+            if _main_process():  # every process stopped at the same step: one says so
+                err.print("[yellow]stopped:[/] " + escape(str(error) or "interrupted"), soft_wrap=True,
+                          highlight=False)
             raise typer.Exit(130) from None
         except Exception as error:  # noqa: BLE001 - the contract is one line, never a traceback
             if os.environ.get("AUTOFIT_DEBUG"):
@@ -107,6 +109,11 @@ def one_line(message: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3].rstrip() + "..."
 
 
+def _main_process() -> bool:
+    """Process 0 of a launch (torchrun and accelerate set RANK), or the only process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextmanager
 def _notes_to_stderr():
     """What autofit's logger says at INFO (a fallback, an inferred task, a resumed run) goes to stderr as
@@ -115,6 +122,8 @@ def _notes_to_stderr():
 
     class _Notes(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
+            if not _main_process():
+                return  # under a launcher every process infers the same: the first says it
             err.print("[dim]note:[/] " + escape(record.getMessage()), soft_wrap=True, highlight=False)
 
     logger, handler = logging.getLogger("autofit"), _Notes(logging.INFO)

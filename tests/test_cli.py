@@ -269,6 +269,18 @@ def test_train_says_what_each_step_trained_and_the_inferred_task(files, tmp_path
     assert "warning:" not in result.stderr
 
 
+def test_notes_come_from_process_zero_alone(files, monkeypatch):
+    """Under torchrun every process infers the same: one says it (RANK is the launchers' variable)."""
+    monkeypatch.setenv("RANK", "1")
+    result = invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", "--seq-len", "8",
+                    "--data", files["data"])
+    assert result.exit_code == 0 and "note:" not in result.stderr
+    monkeypatch.setenv("RANK", "0")
+    result = invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", "--seq-len", "8",
+                    "--data", files["data"])
+    assert result.exit_code == 0 and "note: " in result.stderr and "planned cut at 8" in result.stderr
+
+
 def test_seq_len_beyond_the_models_positions_is_refused():
     line = assert_one_line_error(invoke("plan", "--model", "bert-base-uncased", "--vram", "16GB",
                                         "--seq-len", "4096"))
