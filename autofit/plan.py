@@ -132,6 +132,9 @@ class Alternative(_Checked):
     peak_bytes: int = Field(ge=0)
     epoch_seconds: float = Field(ge=0)
     changed: list[Technique] = Field(min_length=1)
+    risk: float | None = Field(None, ge=0)
+    """Its quality risk as the policy prices it (the chosen plan's is `SearchInfo.risk`): what a faster
+    runner-up lost by. None in plans from before it was recorded."""
 
 
 class AdapterWeights(_Checked):
@@ -159,6 +162,8 @@ class SearchInfo(_Checked):
     space_size: int | None = Field(None, ge=0)
     """Number of distinct knob combinations the policy allows (None when too large to count)."""
     storage: str | None = None
+    risk: float | None = Field(None, ge=0)
+    """The chosen plan's quality risk as the policy prices it (None in plans from before it was recorded)."""
 
 
 class Plan(_Checked):

@@ -117,7 +117,13 @@ def describe_alternative(alternative: Alternative, plan: Plan) -> str:
     words = describe_knobs(alternative.knobs, plan.num_layers, plan.cluster.processes)
     changes = " and ".join(words[t] for t in alternative.changed)
     speed = _speed(alternative.epoch_seconds / plan.time.epoch_seconds) if plan.time.epoch_seconds else "?"
-    return f"with {changes}: {speed}, {format_bytes(alternative.peak_bytes)}"
+    line = f"with {changes}: {speed}, {format_bytes(alternative.peak_bytes)}"
+    chosen_risk = plan.search.risk if plan.search is not None else None
+    if alternative.epoch_seconds < plan.time.epoch_seconds and None not in (alternative.risk, chosen_risk):
+        # a faster runner-up lost on the policy's price of its quality risk (or, within the tie tolerance, on
+        # risk alone)
+        line += f" (not chosen: quality risk {alternative.risk:.2f} against {chosen_risk:.2f})"
+    return line
 
 
 def describe_step(plan: Plan) -> str:
@@ -146,7 +152,7 @@ def plan_report(plan: Plan) -> Group:
     m, t = plan.predicted, plan.time
     where = plan.device.name if not plan.cluster.distributed else f"{plan.cluster.describe()}, {plan.device.name} each"
     each = " per GPU" if plan.cluster.distributed else ""
-    title = (f"[bold]{plan.model_id}[/] ({plan.num_params / 1e6:.0f}M params) on {where}, "
+    title = (f"[bold]{plan.model_id}[/] ({_count(plan.num_params)} params) on {where}, "
              f"budget {format_bytes(plan.budget_bytes)}{each}, policy {plan.policy}")
     knobs = Table(title="knobs", show_header=False, box=None, padding=(0, 2))
     words = describe_knobs(plan.knobs, plan.num_layers, plan.cluster.processes)

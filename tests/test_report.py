@@ -105,3 +105,14 @@ def test_the_plan_report_shows_the_adapter_and_the_4_bit_base():
     assert f"at 4 bits ({format_bytes(weights.base_linear_bytes)} incl. " \
            f"{format_bytes(weights.quantization_constant_bytes)} of scales)" in text
     assert type(plan).model_validate_json(plan.to_json()) == plan  # the plan JSON carries it
+
+
+def test_a_faster_runner_up_says_what_it_lost_by():
+    """A balanced search can pass over a faster plan for its quality risk: explain says so, with both risks."""
+
+    plan = searched_plan(policy="balanced")
+    faster = [a for a in plan.alternatives if a.epoch_seconds < plan.time.epoch_seconds]
+    assert plan.search.risk is not None and all(a.risk is not None for a in plan.alternatives)
+    for alternative in plan.alternatives:
+        line = describe_alternative(alternative, plan)
+        assert ("not chosen: quality risk" in line) == (alternative in faster), line

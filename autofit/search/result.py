@@ -66,7 +66,7 @@ class SearchResult(BaseModel):
 
     def info(self) -> SearchInfo:
         return SearchInfo(trials=self.trials, seconds=self.seconds, space_size=self.space_size,
-                          storage=self.storage)
+                          storage=self.storage, risk=self.best.risk)
 
 
 class NoPlanFitsError(ValueError):
@@ -140,7 +140,7 @@ def alternatives(result: SearchResult, k: int = 3) -> list[Alternative]:
             continue
         seen.add(changed)
         chosen.append(Alternative(knobs=candidate.knobs, peak_bytes=candidate.peak_bytes,
-                                  epoch_seconds=candidate.epoch_seconds, changed=list(changed)))
+                                  epoch_seconds=candidate.epoch_seconds, changed=list(changed), risk=candidate.risk))
         if len(chosen) == k:
             break
     return chosen
