@@ -157,6 +157,13 @@ def train(
     if result.rank != 0:
         return  # under torchrun every process trains; process 0 reports (its result holds every peak)
     out.print(train_summary(result))
+    if output_dir is not None and result.plan.knobs.adapter == "none" and result.model is not None:
+        # the checkpoints hold weights and training state; this is a model to load (--model DIR, from_pretrained)
+        folder = Path(output_dir) / "model"
+        result.model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out.print(f"trained model saved to {folder} (load it with --model {folder} or from_pretrained)",
+                  style="dim")
     if plot is not None:
         out.print(f"saved to {result.plot(plot)}", style="dim")
     if result.memory_warning:

@@ -280,4 +280,6 @@ def train_summary(result: TrainResult) -> str:
     lines += [f"fallback at step {f.step}: {f.summary}" for f in result.fallbacks]
     if result.output_dir:
         lines.append(f"checkpoint: {result.output_dir}")
+    if result.adapter_dir:
+        lines.append(f"adapter: {result.adapter_dir} (PeftModel.from_pretrained(base, this folder))")
     return "\n".join(lines)

@@ -248,6 +248,17 @@ def test_train_with_a_saved_plan(files, tmp_path):
     assert "2 optimizer steps, final loss" in fast.stdout and "peak memory" not in fast.stdout
 
 
+def test_train_with_an_output_dir_leaves_a_model_to_load(files, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("train", "--vram", "1GB", "--model", files["model"], "--data", files["data"],
+                    "--batch-size", "4", "--max-steps", "1", "--quiet", "--output-dir", out, "--adapter", "none")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f"trained model saved to {out / 'model'}" in result.stdout.replace("\n", "")
+    again = invoke("train", "--vram", "1GB", "--model", out / "model", "--data", files["data"],
+                   "--batch-size", "4", "--max-steps", "1", "--quiet")
+    assert again.exit_code == 0, (again.output, again.exception)
+
+
 def test_train_with_a_budget_instead_of_a_plan(files):
     result = invoke("train", "--vram", "1GB", "--model", files["model"], "--data", files["data"],
                     "--batch-size", "4", "--max-steps", "2", "--quiet")
