@@ -58,7 +58,7 @@ def check_batch_size(batch_size: int, processes: int = 1) -> None:
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"batch_size must be from 1 to {MAX_BATCH_SIZE}, not {batch_size}")
     if batch_size < processes:
-        raise ValueError(f"a batch of {batch_size} examples cannot give each of {processes} GPUs one: "
+        raise ValueError(f"a batch of {batch_size} examples cannot give each of {processes} processes one: "
                          f"use --batch-size {processes} or more")
 
 

@@ -151,7 +151,7 @@ def plan_report(plan: Plan) -> Group:
     """The plan as a person reads it: knobs, peak breakdown, time, alternatives."""
     m, t = plan.predicted, plan.time
     where = plan.device.name if not plan.cluster.distributed else f"{plan.cluster.describe()}, {plan.device.name} each"
-    each = " per GPU" if plan.cluster.distributed else ""
+    each = (" per GPU" if plan.device.kind == "cuda" else " per process") if plan.cluster.distributed else ""
     title = (f"[bold]{plan.model_id}[/] ({_count(plan.num_params)} params) on {where}, "
              f"budget {format_bytes(plan.budget_bytes)}{each}, policy {plan.policy}")
     knobs = Table(title="knobs", show_header=False, box=None, padding=(0, 2))

@@ -141,7 +141,7 @@ def test_cli_plans_a_7b_decoder_over_gpus_and_machines(tmp_path):
 def test_cli_refuses_a_batch_smaller_than_the_gpus():
     result = runner.invoke(app, ["plan", "--model", "bert-base-uncased", "--vram", "16GB", "--gpus", "8",
                                  "--batch-size", "4"])
-    assert result.exit_code == 1 and "cannot give each of 8 GPUs one" in result.stderr
+    assert result.exit_code == 1 and "cannot give each of 8 processes one" in result.stderr
     result = runner.invoke(app, ["plan", "--model", "bert-base-uncased", "--vram", "16GB", "--gpus", "3",
                                  "--machines", "2"])
     assert result.exit_code == 1 and "do not spread evenly" in result.stderr
