@@ -162,7 +162,7 @@ def adapted_fits(meta_twin: Callable[[], nn.Module], task: str, device: str,
                 model = attach_adapters(meta_twin(), targets=targets, base_kind=base_kind, precision=precision,
                                         task=task)
                 materialized(model, fake, device)
-                with fake, prepared(model, find_layout(model), task) as subject:
+                with fake, prepared(model, find_layout(model), task, whole=False) as subject:
                     samples, held_out, unpadded = memory_samples(subject, device, (precision,), padding_matters)
                 label = lora.activation_key(targets, base_kind, "{precision}")
                 for kind in WINDOWS:

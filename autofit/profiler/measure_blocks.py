@@ -62,10 +62,10 @@ class Subject:
 
 
 @contextmanager
-def prepared(model: nn.Module, layout: ModelLayout, task: str) -> Iterator[Subject]:
-    """Truncate the layer stack, switch to train mode, switch off checkpointing, make every weight trainable
-    (a profile is of the whole model training: the memory model freezes what a plan freezes); undo all of it
-    after."""
+def prepared(model: nn.Module, layout: ModelLayout, task: str, *, whole: bool = True) -> Iterator[Subject]:
+    """Truncate the layer stack, switch to train mode, switch off checkpointing and, with `whole`, make every
+    weight trainable (a plain profile is of the whole model training: the memory model freezes what a plan
+    freezes; an adapters' twin keeps peft's frozen base); undo all of it after."""
     layers = layout.layers
     tail = list(layers[KEEP_LAYERS:])
     params = list(model.parameters())
@@ -78,7 +78,7 @@ def prepared(model: nn.Module, layout: ModelLayout, task: str) -> Iterator[Subje
     try:
         del layers[KEEP_LAYERS:]
         model.train()
-        for p in params:
+        for p in params if whole else ():
             if p.is_floating_point():
                 p.requires_grad_(True)
         for module in checkpointing:
