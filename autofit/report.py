@@ -27,7 +27,10 @@ def _seconds(s: float) -> str:
 
 
 def _span(ids: tuple[int, ...]) -> str:
-    return f"{ids[0]}-{ids[-1]}" if list(ids) == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
+    """e.g. "0-3", "1,4", "2"."""
+    if len(ids) > 1 and list(ids) == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]}"
+    return ",".join(map(str, ids))
 
 
 def describe_adapter(k: Knobs) -> str:

@@ -116,3 +116,10 @@ def test_a_faster_runner_up_says_what_it_lost_by():
     for alternative in plan.alternatives:
         line = describe_alternative(alternative, plan)
         assert ("not chosen: quality risk" in line) == (alternative in faster), line
+
+
+def test_checkpointed_layers_read_as_a_span_a_list_or_one_layer():
+    words = lambda layers: describe_knobs(Knobs(checkpoint_layers=layers), 6)["checkpointing"]  # noqa: E731
+    assert words((0, 1, 2, 3)) == "checkpoint 4/6 layers (0-3)"
+    assert words((1, 4)) == "checkpoint 2/6 layers (1,4)"
+    assert words((2,)) == "checkpoint 1/6 layers (2)"
