@@ -26,6 +26,9 @@ from autofit.profiler.schema import Profile
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parent.parent / name for name in (
     "layers.py", "techniques/lora.py")]  # lora.py: what the adapted twin's adapters are
+_SOURCE_DIGEST = hashlib.sha256(b"".join(source.read_bytes() for source in _SOURCES)).digest()
+"""Read once, at import: the code that makes a profile is the code this process runs, even when the files
+change on disk while it runs (a profile made by the old code must not be stored under the new code's key)."""
 
 RUNTIME_SETTINGS = ("problem_type", "transformers_version")
 """Config fields that change without changing the model: a classifier sets problem_type on its first forward,
@@ -60,8 +63,7 @@ def cache_key(config: PretrainedConfig, task: str | None, timing: tuple[str, ...
     for part in (json.dumps(settings, sort_keys=True, default=str), str(task), ",".join(timing) + on, str(attn),
                  str(sorted(package_versions().items())), module):
         digest.update(part.encode())
-    for source in _SOURCES:
-        digest.update(source.read_bytes())
+    digest.update(_SOURCE_DIGEST)
     return digest.hexdigest()[:24]
 
 

@@ -311,3 +311,16 @@ def test_a_model_with_frozen_weights_is_profiled_and_timed_whole_and_given_back_
     assert profile.block("embeddings").time["fp32"].backward(1, 32) > 0
     assert not any(p.requires_grad for p in model.bert.embeddings.parameters())
     assert all(p.requires_grad for p in model.bert.encoder.parameters())
+
+
+def test_the_cache_key_hashes_the_profilers_code_as_it_was_imported(monkeypatch):
+    """A profile made by the code this process runs must not be stored under the key of files edited on disk
+    since (a long benchmark stored old profiles under new code's key that way)."""
+    from pathlib import Path
+
+    from autofit.profiler import cache
+
+    config = tiny_model("bert").config
+    before = cache.cache_key(config, "classification", ("fp32",), None)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: b"edited since")
+    assert cache.cache_key(config, "classification", ("fp32",), None) == before
