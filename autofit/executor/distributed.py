@@ -120,6 +120,21 @@ def start(plan: Plan, device_type: str) -> World:
     return World(rank=state.process_index, size=state.num_processes, device=state.device)
 
 
+def check_same_run(world: World, data_print: str, run_print: dict[str, str], epochs: int,
+                   max_steps: int | None) -> None:
+    """Every process must train the same data with the same plan and settings: with another seed its steps
+    would differ (DDP would average gradients of different examples, FSDP would wait for ever on a collective
+    the others never make). Refused on every process at once, in one line."""
+    if not world.distributed:
+        return
+    runs = world.gather((data_print, sorted(run_print.items()), epochs, max_steps))
+    differs = [name for k, name in enumerate(("data", "plan or settings (seed, lr, ...)", "epochs", "max_steps"))
+               if any(run[k] != runs[0][k] for run in runs)]
+    if differs:
+        raise ExecutorInputError(f"the {len(runs)} processes were given different {' and '.join(differs)}: every "
+                                 "process must call train with the same model, data and settings")
+
+
 def check_plan(plan: Plan) -> None:
     """Multi-process plans the executor cannot run, refused before anything changes."""
     k = plan.knobs

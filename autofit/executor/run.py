@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from autofit.data import TokenizedData
 from autofit.executor import checkpoint as ckpt
 from autofit.executor import dist_checkpoint
-from autofit.executor.distributed import World, check_plan, share_step, start
+from autofit.executor.distributed import World, check_plan, check_same_run, share_step, start
 from autofit.executor.setup import set_up
 from autofit.executor.fallback import (TrainingOutOfMemoryError, check_changeable, default_fallback,
                                        describe_change, free_memory, is_out_of_memory)
@@ -48,7 +48,7 @@ from autofit.executor.loop import (NonFiniteGradientError, StepContext, accumula
 from autofit.executor.progress import TrainingProgress
 from autofit.executor.resume import data_fingerprint, resume_point, run_fingerprint
 from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord, TrainResult, summarize
-from autofit.executor.validate import ExecutorInputError, check_inputs, run_device
+from autofit.executor.validate import check_inputs, run_device
 from autofit.intmath import ceil_div
 from autofit.knobs import Knobs, Precision
 from autofit.measure import PeakMemoryMeter, SteadyStatePeak
@@ -122,21 +122,6 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
         run.restore_model()  # the meter is closed: gathering FSDP's weights is no part of the training's peak
     run.save_adapter()
     return run.result(meter, input_plan=plan, eval_prediction=eval_prediction, run_prediction=run_prediction)
-
-
-def check_same_run(world: World, data_print: str, run_print: dict[str, str], epochs: int,
-                   max_steps: int | None) -> None:
-    """Every process must train the same data with the same plan and settings: with another seed its steps
-    would differ (DDP would average gradients of different examples, FSDP would wait for ever on a collective
-    the others never make). Refused on every process at once, in one line."""
-    if not world.distributed:
-        return
-    runs = world.gather((data_print, sorted(run_print.items()), epochs, max_steps))
-    differs = [name for k, name in enumerate(("data", "plan or settings (seed, lr, ...)", "epochs", "max_steps"))
-               if any(run[k] != runs[0][k] for run in runs)]
-    if differs:
-        raise ExecutorInputError(f"the {len(runs)} processes were given different {' and '.join(differs)}: every "
-                                 "process must call train with the same model, data and settings")
 
 
 class _Run:
