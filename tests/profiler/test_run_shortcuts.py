@@ -38,7 +38,7 @@ CASES = [("bert", "classification", None, "fp32"), ("bert", "classification", ("
 @pytest.mark.parametrize("model_type,task,adapted,precision", CASES)
 def test_a_stopped_backward_reads_what_the_whole_step_measured(model_type, task, adapted, precision):
     model, fake = _twin(model_type, task, adapted)
-    with fake, prepared(model, find_layout(model), task) as subject:
+    with fake, prepared(model, find_layout(model), task, whole=adapted is None) as subject:  # as the profiler
         layer = subject.layer_window
         reads = {f"bwd:{subject.window(k)}" for k in WINDOWS}
         for checkpointed, read in ((False, reads), (True, {f"bwd:{layer}"})):
@@ -58,7 +58,7 @@ def test_a_stopped_backward_reads_what_the_whole_step_measured(model_type, task,
 def test_the_adapted_full_run_skips_layer_0s_backward_and_the_plain_one_does_not():
     for adapted, skipped in ((("all-linear", "plain", "fp32"), True), (None, False)):
         model, fake = _twin("bert", "classification", adapted)
-        with fake, prepared(model, find_layout(model), "classification") as subject:
+        with fake, prepared(model, find_layout(model), "classification", whole=adapted is None) as subject:
             run = _memory_run(subject, "fp32", SHAPE, "cpu", count_flops=False, below_frozen=False, padded=True,
                               backward_reads={f"bwd:{subject.window(k)}" for k in WINDOWS})
         assert ("bwd:layer0" not in run.windows) == skipped  # embeddings trainable: their backward is read
@@ -77,7 +77,7 @@ def test_adapted_twins_share_the_plain_twins_padding_verdict(model_type, task, e
     verdicts = []
     for adapted in (None, ("attention", "plain", precision), ("all-linear", "nf4", precision)):
         model, fake = _twin(model_type, task, adapted)
-        with fake, prepared(model, find_layout(model), task) as subject:
+        with fake, prepared(model, find_layout(model), task, whole=adapted is None) as subject:
             verdicts.append(_padding_changes_bytes(subject, precision))
     assert verdicts == [expected] * 3
 
