@@ -13,6 +13,7 @@ from pathlib import Path
 
 from autofit.labels import DataError
 
+
 def load_data_file(path: str | Path):
     """Rows of a CSV or JSON-lines/JSON file as a list of dicts, or a `datasets.save_to_disk` directory
     as a `datasets.Dataset` (its "train" split when it holds several)."""

@@ -39,13 +39,12 @@ from autofit.workload import Workload
 log = logging.getLogger("autofit")
 
 
-def replan_for_data(plan: Plan, profile: Profile, lengths: list[int], max_length: int | None = None) -> Plan:
+def replan_for_data(plan: Plan, profile: Profile, lengths: list[int], max_length: int) -> Plan:
     """`plan` with its workload replaced by the data it will train on (cut at `max_length`), and its memory and
     time predicted again from its knobs: what a plan file claims about its peak is not believed. Raises
     PlanNoLongerFitsError when the knobs' peak on this data is over the plan's budget (an edited file, or
     longer data)."""
-    workload = make_workload(plan.task, seq_len=max_length or max(lengths), batch_size=plan.batch_size,
-                             lengths=lengths)
+    workload = make_workload(plan.task, seq_len=max_length, batch_size=plan.batch_size, lengths=lengths)
     memory = predict_peak(profile, plan.knobs, workload, plan.device, cluster=plan.cluster)
     if memory.peak_bytes > plan.budget_bytes:
         raise PlanNoLongerFitsError(

@@ -249,12 +249,12 @@ def _checkpointed(recomputing: Timeline, full: Timeline, layer: str, saved: floa
     kept = recomputing.windows["fwd:head"].end_live - full.windows["fwd:head"].end_live + saved
     # Of that, what the layer's own forward left beyond its output: autocast's cached weight copies.
     leftover = max(0.0, forward.end_live - forward.start_live - forward.output)
-    # What checkpointing keeps alive unsaved (the layer's input, DeBERTa's int64 relative positions) is live
-    # when its backward opens; the memory model counts it as the layer's kept bytes, not as this transient.
-    # The gradient flowing in is live there too, in both runs: it stays in the transient.
-    kept_unsaved = _unsaved_live(backward, recomputing) - _unsaved_live(full.windows[f"bwd:{layer}"], full)
-    recompute = (backward.peak - backward.saved_live_start - backward.grads_start - recomputing.batch_unsaved - saved
-                 - max(0, kept_unsaved))
+    # Above everything live when its backward opens, less the recompute's saved bytes. Of what is live there
+    # unsaved, only the gradient flowing in (live in the plain run too) belongs to this transient: what
+    # checkpointing keeps alive unsaved (the layer's input, DeBERTa's int64 relative positions) the memory
+    # model counts as the layer's kept bytes.
+    flowing_in = min(_unsaved_live(backward, recomputing), _unsaved_live(full.windows[f"bwd:{layer}"], full))
+    recompute = backward.peak - backward.start_live + flowing_in - saved
     quantities = {
         "checkpointed_forward_transient": max(0, forward.peak - forward.end_live),
         "recompute_backward_transient": max(0, recompute),
