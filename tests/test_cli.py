@@ -307,6 +307,16 @@ def test_output_dir_that_is_a_file_fails_before_training(files, tmp_path):
     assert "is a file, not a directory" in line
 
 
+def test_an_output_dir_another_run_is_training_into_is_refused(files, tmp_path):
+    from autofit.executor.output_dir import claim_output_dir
+
+    out = tmp_path / "run"
+    with claim_output_dir(out):  # as a run in another terminal holds it
+        line = assert_one_line_error(invoke("train", "--vram", "1GB", "--model", files["model"], "--data",
+                                            files["data"], "--output-dir", out, "--quiet", "--max-steps", "1"))
+    assert line.startswith("error: another autofit run (process ") and "--output-dir" in line, line
+
+
 def test_resume_on_a_first_run_starts_and_a_resume_on_other_data_is_refused(files, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--vram", "1GB", "--model", files["model"], "--batch-size", "4", "--quiet",

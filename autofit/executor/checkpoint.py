@@ -115,42 +115,8 @@ def finish_checkpoint(tmp: Path, final: Path, *, scaler: torch.amp.GradScaler, p
     return final
 
 
-def prepare_output_dir(output_dir: str | Path) -> list[str]:
-    """Make sure checkpoints can be written to `output_dir` before any training, and tidy what a killed save
-    left: half-written `.tmp-*` folders go; a `.old-*` folder whose replacement never landed comes back.
-    Returns what it did, one line each. Raises CheckpointError with a one-line reason."""
-    output_dir = check_output_dir(output_dir)
-    done = []
-    for path in sorted(output_dir.iterdir()):
-        if path.name.startswith(TMP_PREFIX) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-            done.append(f"removed {path.name}, left by an interrupted save")
-        elif path.name.startswith(OLD_PREFIX) and path.is_dir():
-            name = path.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
-            if _complete(output_dir / name):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.rename(output_dir / name)
-                done.append(f"restored {name}, whose replacement an interrupted save never finished")
-    return done
-
-
-def check_output_dir(output_dir: str | Path) -> Path:
-    """`output_dir`, made if need be, once a file could be written there; else a one-line CheckpointError."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CheckpointError(f"--output-dir {output_dir} is a file, not a directory")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f"{TMP_PREFIX}write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise CheckpointError(f"cannot write checkpoints to {output_dir}: {error.strerror or error}") from None
-    return output_dir
-
-
-def _complete(path: Path) -> bool:
+def complete(path: Path) -> bool:
+    """Whether `path` holds every file of a checkpoint (single-process or sharded)."""
     return path.is_dir() and any(all((path / f).exists() for f in files) for files in (FILES, SHARDED_FILES))
 
 
@@ -166,7 +132,7 @@ def _numbered(output_dir: str | Path) -> list[Path]:
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in `output_dir`, oldest first."""
-    return [p for p in _numbered(output_dir) if _complete(p)]
+    return [p for p in _numbered(output_dir) if complete(p)]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -174,10 +140,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     into place), so a newest `checkpoint-<step>` folder that lacks a file was damaged after it was written:
     a CheckpointError names what it lacks, instead of a resume quietly starting from an older step."""
     numbered = _numbered(output_dir)
-    if numbered and not _complete(numbered[-1]):
+    if numbered and not complete(numbered[-1]):
         newest = numbered[-1]
         missing = min(([f for f in files if not (newest / f).exists()] for files in (FILES, SHARDED_FILES)), key=len)
-        before = [c.name for c in numbered[:-1] if _complete(c)]
+        before = [c.name for c in numbered[:-1] if complete(c)]
         then = f"resume from {before[-1]}" if before else "start from the first step"
         raise CheckpointError(f"{newest} is incomplete (it lacks {', '.join(missing)}): remove it to {then}, "
                               "or use another output_dir")
@@ -187,7 +153,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def load_plan_and_state(path: str | Path) -> tuple[Plan, TrainerState]:
     """The plan in force and the counters of checkpoint `path` (before the model is set up)."""
     path = Path(path)
-    if not _complete(path):
+    if not complete(path):
         raise CheckpointError(f"{path} is not a complete autofit checkpoint")
     try:
         state = TrainerState.model_validate_json((path / "trainer_state.json").read_text())

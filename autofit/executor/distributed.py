@@ -80,9 +80,18 @@ class World:
             dist.barrier()
 
     def first(self, work: Callable[[], T], default: T) -> T:
-        """`work()` on process 0 while the others wait (they get `default`): a file-system change made once."""
-        result = work() if self.main else default
-        self.barrier()
+        """`work()` on process 0 while the others wait (they get `default`): a file-system change made once.
+        A ValueError it raises (a one-line refusal) is raised on every process, which would otherwise wait
+        for ever on the next collective."""
+        result, error = default, None
+        if self.main:
+            try:
+                result = work()
+            except ValueError as raised:
+                error = raised
+        error = self.broadcast(error)  # a collective: the others wait here for process 0
+        if error is not None:
+            raise error
         return result
 
 

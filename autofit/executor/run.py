@@ -42,6 +42,7 @@ from autofit.executor.distributed import World, check_plan, check_same_run, shar
 from autofit.executor.setup import set_up
 from autofit.executor.fallback import (TrainingOutOfMemoryError, check_changeable, default_fallback,
                                        describe_change, free_memory, is_out_of_memory)
+from autofit.executor.output_dir import OutputDirClaim, claim_output_dir
 from autofit.executor.interrupt import GracefulInterrupt, TrainingDivergedError, TrainingInterruptedError
 from autofit.executor.loop import (NonFiniteGradientError, StepContext, accumulate, evaluate, optimizer_step,
                                    weights_finite)
@@ -92,36 +93,47 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     if max_steps is not None:  # it bounds the run instead of epochs, as the HF Trainer's max_steps does
         epochs = ceil_div(max_steps, max(1, steps_per_epoch(len(train), plan.batch_size, drop_last)))
     world = start(plan, run_device(plan).type)  # every process checks that it is one of the plan's
-    notes = world.first(lambda: ckpt.prepare_output_dir(output_dir), []) if output_dir is not None else []
-    data_print = data_fingerprint(train)
-    run_print = run_fingerprint(plan, model, seed=seed, lr=lr, weight_decay=weight_decay,
-                                max_grad_norm=max_grad_norm, drop_last=drop_last)
-    check_same_run(world, data_print, run_print, epochs, max_steps)
-    saved = resume_point(output_dir, data_print, run_print) if resume else None
-    if resume and saved is None:
+    claim = OutputDirClaim(None)  # process 0 holds the directory; the others write nothing but shards
+    if output_dir is not None:
+        claim = world.first(lambda: claim_output_dir(output_dir), claim)
+    with claim:
+        notes = claim.notes
+        data_print = data_fingerprint(train)
+        run_print = run_fingerprint(plan, model, seed=seed, lr=lr, weight_decay=weight_decay,
+                                    max_grad_norm=max_grad_norm, drop_last=drop_last)
+        check_same_run(world, data_print, run_print, epochs, max_steps)
+        saved = _resume(output_dir, data_print, run_print, epochs, max_steps, notes) if resume else None
+        state = saved[2] if saved else ckpt.TrainerState(data_fingerprint=data_print, run_fingerprint=run_print)
+        run = _Run(model, saved[1] if saved else plan, train, eval, state=state, epochs=epochs, max_steps=max_steps,
+                   seed=seed, drop_last=drop_last, output_dir=output_dir, checkpoint_every=checkpoint_every,
+                   fallback=fallback or default_fallback, world=world)
+        try:
+            run.build(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, pad_token_id=pad_token_id,
+                      resume_from=saved[0] if saved else None)
+            run_prediction = run.predicted(price_shapes) if measure_memory else None
+            meter = PeakMemoryMeter(run.ctx.device, track=[run.wrapped, run.ctx.optimizer]) if measure_memory else None
+            total = epochs * len(run.sampler) if max_steps is None else min(epochs * len(run.sampler), max_steps)
+            with meter or nullcontext(), TrainingProgress(total, quiet=quiet or not world.main, completed=state.step) \
+                    as bar, GracefulInterrupt() as interrupt:
+                for line in notes if world.main else ():
+                    log.warning(line)
+                run.train(meter, bar, interrupt)
+        finally:
+            run.restore_model()  # the meter is closed: gathering FSDP's weights is no part of the training's peak
+        run.save_adapter()
+        return run.result(meter, input_plan=plan, eval_prediction=eval_prediction, run_prediction=run_prediction)
+
+
+def _resume(output_dir: str | None, data_print: str, run_print: dict[str, str], epochs: int,
+            max_steps: int | None, notes: list[str]) -> tuple[Path, Plan, ckpt.TrainerState] | None:
+    """The checkpoint to go on from (resume_point's), saying in `notes` when there is none or it is finished."""
+    saved = resume_point(output_dir, data_print, run_print)
+    if saved is None:
         notes.append(f"no checkpoint in {output_dir} yet: starting from the first step")
-    state = saved[2] if saved else ckpt.TrainerState(data_fingerprint=data_print, run_fingerprint=run_print)
-    if saved and (state.epoch >= epochs or (max_steps is not None and state.step >= max_steps)):
-        notes.append(f"the run in {output_dir} already finished ({state.step} optimizer steps): nothing left to "
-                     "train; what follows is that run's (ask for more --epochs or --max-steps to go on)")
-    run = _Run(model, saved[1] if saved else plan, train, eval, state=state, epochs=epochs, max_steps=max_steps,
-               seed=seed, drop_last=drop_last, output_dir=output_dir, checkpoint_every=checkpoint_every,
-               fallback=fallback or default_fallback, world=world)
-    try:
-        run.build(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, pad_token_id=pad_token_id,
-                  resume_from=saved[0] if saved else None)
-        run_prediction = run.predicted(price_shapes) if measure_memory else None
-        meter = PeakMemoryMeter(run.ctx.device, track=[run.wrapped, run.ctx.optimizer]) if measure_memory else None
-        total = epochs * len(run.sampler) if max_steps is None else min(epochs * len(run.sampler), max_steps)
-        with meter or nullcontext(), TrainingProgress(total, quiet=quiet or not world.main, completed=state.step) \
-                as bar, GracefulInterrupt() as interrupt:
-            for line in notes if world.main else ():
-                log.warning(line)
-            run.train(meter, bar, interrupt)
-    finally:
-        run.restore_model()  # the meter is closed: gathering FSDP's weights is no part of the training's peak
-    run.save_adapter()
-    return run.result(meter, input_plan=plan, eval_prediction=eval_prediction, run_prediction=run_prediction)
+    elif saved[2].epoch >= epochs or (max_steps is not None and saved[2].step >= max_steps):
+        notes.append(f"the run in {output_dir} already finished ({saved[2].step} optimizer steps): nothing left "
+                     "to train; what follows is that run's (ask for more --epochs or --max-steps to go on)")
+    return saved
 
 
 class _Run:

@@ -18,6 +18,7 @@ import _dist_cases as cases  # noqa: E402
 
 from autofit.executor import ExecutorInputError, run_plan  # noqa: E402
 from autofit.executor import run as executor_run  # noqa: E402
+from autofit.executor.output_dir import claim_output_dir  # noqa: E402
 from autofit.techniques import checkpointing  # noqa: E402
 
 
@@ -91,12 +92,30 @@ def other_seeds(rank: int) -> str:
     return "not refused"
 
 
+def locked_output_dir(out: Path, rank: int) -> str:
+    """An output directory another run holds (process 0 holds it here): refused on every process, not a hang
+    of the others at the next collective."""
+    kind, task, _ = cases.CASES["bert-ddp"]
+    output_dir = out / "runs" / "locked"
+    held = claim_output_dir(output_dir) if rank == 0 else None
+    try:
+        run_plan(cases.model(kind, task), cases.plan("bert-ddp", cases.PROCESSES), cases.data(task), quiet=True,
+                 max_steps=1, output_dir=str(output_dir))
+    except ValueError as error:
+        return str(error).replace(str(output_dir), "OUT")
+    finally:
+        if held is not None:
+            held.release()
+    return "not refused"
+
+
 def main(out: Path) -> None:
     rank = int(os.environ["RANK"])
     seen: dict = {name: train_case(name, out, rank) for name in cases.CASES}
     seen["resume"] = resume_case(out)
     seen["wrong-world"] = wrong_world()
     seen["other-seeds"] = other_seeds(rank)
+    seen["locked"] = locked_output_dir(out, rank)
     (out / f"rank{rank}.json").write_text(json.dumps(seen, indent=1))
     import torch.distributed as dist
 

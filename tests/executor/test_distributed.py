@@ -155,6 +155,13 @@ def test_processes_given_other_seeds_are_all_refused_in_one_line(launched):
         "with the same model, data and settings"] * 2
 
 
+def test_an_output_dir_another_run_holds_is_refused_on_every_process(launched):
+    seen, _ = launched
+    held = [rank["locked"] for rank in seen]
+    assert len(set(held)) == 1 and held[0].startswith("another autofit run (process "), held
+    assert held[0].endswith("is training into OUT: wait for it to finish, or pick another --output-dir")
+
+
 # ---- refusals in this process -------------------------------------------------------------------------------
 
 
