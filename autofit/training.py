@@ -89,6 +89,10 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
         raise ValueError(f"the plan was made with adapter={plan.knobs.adapter}, not {adapter}: plan again with "
                          f"adapter={adapter}, or leave adapter=auto")
     chosen = load_policy(policy).with_adapter(adapter)  # a bad policy or adapter fails before any work
+    if plan is not None and plan.knobs.cpu_offload and plan.device.kind == "cpu":
+        # the memory model counts offloaded shards off the device: on the CPU they stay in the same memory
+        raise ValueError("this plan offloads FSDP's shards to the CPU, and it is a plan for the CPU: there is "
+                         "nowhere to offload to (set knobs.cpu_offload to false, or plan again)")
     check_batch_size(batch_size, (gpus or launched_processes()) if plan is None else 1)
     check_whole("seed", seed, least=0)
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:

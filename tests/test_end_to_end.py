@@ -136,6 +136,18 @@ def test_a_plan_whose_knobs_no_longer_fit_its_budget_is_refused(tok):
     assert "\n" not in str(info.value)
 
 
+def test_a_cpu_plan_edited_to_offload_to_the_cpu_is_refused(tok):
+    """Its peak would be predicted without the shards it claims to move off the device (27% low)."""
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    rows = skewed_rows(40)
+    plan = autofit.plan(model, "1GB", data=rows, tokenizer=tok, batch_size=8, device="cpu", gpus=2)
+    edited = plan.model_copy(update={"knobs": plan.knobs.model_copy(update={"strategy": "fsdp",
+                                                                             "cpu_offload": True})})
+    with pytest.raises(ValueError, match="a plan for the CPU: there is nowhere to offload to") as info:
+        autofit.train(model, rows, plan=edited, tokenizer=tok, quiet=True)
+    assert "\n" not in str(info.value)
+
+
 def test_a_plan_edited_to_causal_lm_does_not_train_a_classifier_as_a_language_model(tok):
     model = tiny_model("bert", "classification", num_labels=3, **BERT)
     rows = skewed_rows(40)
