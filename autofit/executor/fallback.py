@@ -10,6 +10,7 @@ the caps apply to, so a fallback that changes them is refused.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 import torch
 
@@ -72,3 +73,17 @@ def describe_change(old: Knobs, new: Knobs) -> str:
     changes = [f"{name} {getattr(old, name)} -> {getattr(new, name)}" for name in Knobs.model_fields
                if getattr(old, name) != getattr(new, name)]
     return ", ".join(changes) or "no change"
+
+
+def smaller_plan(plan: Plan, fallback: Callable[[Plan], Plan | None], *, step: int, message: str) -> Plan:
+    """`fallback(plan)`, checked: TrainingOutOfMemoryError when it has nothing smaller, FallbackError when it
+    changes a knob that cannot change mid-run."""
+    old, new = plan.knobs, fallback(plan)
+    if new is None or new.knobs == old:
+        advice = "lower the LoRA rank, store the base in nf4" if old.adapter == "lora" else "freeze more layers"
+        raise TrainingOutOfMemoryError(
+            f"out of memory after {step} steps with micro-batches of up to {old.micro_batch_size} "
+            f"and {len(old.checkpoint_layers)} checkpointed layers, and no smaller plan is left: {advice}, "
+            f"use 8-bit optimizer states, shorten max_length or raise the budget ({message})")
+    check_changeable(old, new.knobs)
+    return new

@@ -77,3 +77,15 @@ def resume_point(output_dir: str, data: str, run: dict[str, str]) -> tuple[Path,
         raise ExecutorInputError(f"cannot resume from {path}: it was trained with another plan or settings "
                                  f"({'; '.join(changed)})")
     return path, plan, state
+
+
+def resume_noting(output_dir: str | None, data_print: str, run_print: dict[str, str], epochs: int,
+                  max_steps: int | None, notes: list[str]) -> tuple[Path, Plan, ckpt.TrainerState] | None:
+    """The checkpoint to go on from (resume_point's), saying in `notes` when there is none or it is finished."""
+    saved = resume_point(output_dir, data_print, run_print)
+    if saved is None:
+        notes.append(f"no checkpoint in {output_dir} yet: starting from the first step")
+    elif saved[2].epoch >= epochs or (max_steps is not None and saved[2].step >= max_steps):
+        notes.append(f"the run in {output_dir} already finished ({saved[2].step} optimizer steps): nothing left "
+                     "to train; what follows is that run's (ask for more --epochs or --max-steps to go on)")
+    return saved

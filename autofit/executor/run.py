@@ -40,14 +40,14 @@ from autofit.executor import checkpoint as ckpt
 from autofit.executor import dist_checkpoint
 from autofit.executor.distributed import World, check_plan, check_same_run, share_step, start
 from autofit.executor.setup import set_up
-from autofit.executor.fallback import (TrainingOutOfMemoryError, check_changeable, default_fallback,
+from autofit.executor.fallback import (TrainingOutOfMemoryError, default_fallback, smaller_plan,
                                        describe_change, free_memory, is_out_of_memory)
 from autofit.executor.output_dir import OutputDirClaim, claim_output_dir
 from autofit.executor.interrupt import GracefulInterrupt, TrainingDivergedError, TrainingInterruptedError
 from autofit.executor.loop import (NonFiniteGradientError, StepContext, accumulate, evaluate, optimizer_step,
                                    weights_finite)
 from autofit.executor.progress import TrainingProgress
-from autofit.executor.resume import data_fingerprint, resume_point, run_fingerprint
+from autofit.executor.resume import data_fingerprint, resume_noting, run_fingerprint
 from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord, TrainResult, summarize
 from autofit.executor.validate import check_inputs, run_device
 from autofit.intmath import ceil_div
@@ -102,7 +102,7 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
         run_print = run_fingerprint(plan, model, seed=seed, lr=lr, weight_decay=weight_decay,
                                     max_grad_norm=max_grad_norm, drop_last=drop_last)
         check_same_run(world, data_print, run_print, epochs, max_steps)
-        saved = _resume(output_dir, data_print, run_print, epochs, max_steps, notes) if resume else None
+        saved = resume_noting(output_dir, data_print, run_print, epochs, max_steps, notes) if resume else None
         state = saved[2] if saved else ckpt.TrainerState(data_fingerprint=data_print, run_fingerprint=run_print)
         run = _Run(model, saved[1] if saved else plan, train, eval, state=state, epochs=epochs, max_steps=max_steps,
                    seed=seed, drop_last=drop_last, output_dir=output_dir, checkpoint_every=checkpoint_every,
@@ -122,18 +122,6 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
             run.restore_model()  # the meter is closed: gathering FSDP's weights is no part of the training's peak
         run.save_adapter()
         return run.result(meter, input_plan=plan, eval_prediction=eval_prediction, run_prediction=run_prediction)
-
-
-def _resume(output_dir: str | None, data_print: str, run_print: dict[str, str], epochs: int,
-            max_steps: int | None, notes: list[str]) -> tuple[Path, Plan, ckpt.TrainerState] | None:
-    """The checkpoint to go on from (resume_point's), saying in `notes` when there is none or it is finished."""
-    saved = resume_point(output_dir, data_print, run_print)
-    if saved is None:
-        notes.append(f"no checkpoint in {output_dir} yet: starting from the first step")
-    elif saved[2].epoch >= epochs or (max_steps is not None and saved[2].step >= max_steps):
-        notes.append(f"the run in {output_dir} already finished ({saved[2].step} optimizer steps): nothing left "
-                     "to train; what follows is that run's (ask for more --epochs or --max-steps to go on)")
-    return saved
 
 
 class _Run:
@@ -312,14 +300,7 @@ class _Run:
         if self.world.distributed:
             raise TrainingOutOfMemoryError(f"out of memory at step {self.state.step + 1} on process {self.world.rank}"
                                            f" of {self.world.size}: plan again with a lower budget ({message})")
-        new = self.fallback(self.plan)
-        if new is None or new.knobs == old:
-            advice = "lower the LoRA rank, store the base in nf4" if self.lora else "freeze more layers"
-            raise TrainingOutOfMemoryError(
-                f"out of memory after {self.state.step} steps with micro-batches of up to {old.micro_batch_size} "
-                f"and {len(old.checkpoint_layers)} checkpointed layers, and no smaller plan is left: {advice}, "
-                f"use 8-bit optimizer states, shorten max_length or raise the budget ({message})")
-        check_changeable(old, new.knobs)
+        new = smaller_plan(self.plan, self.fallback, step=self.state.step, message=message)
         checkpointing.apply(self.model, new.knobs.checkpoint_layers)
         summary = describe_change(old, new.knobs)
         self.state.fallbacks.append(FallbackRecord(step=self.state.step, error=message, knobs=new.knobs,
