@@ -159,14 +159,16 @@ def _label_column(columns: dict[str, list], label_column: str | None, task: str)
 def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
                      text_column: str | Sequence[str] | None = None, label_column: str | None = None,
                      truncation: bool = True, min_classes: int = 2,
-                     label_names: Sequence[str] | None = None) -> TokenizedData:
+                     label_names: Sequence[str] | None = None,
+                     model_names: Sequence[str] | None = None) -> TokenizedData:
     """Tokenize `data` for `task` ("classification", "causal-lm", "token-classification").
 
     Sequences longer than `max_length` (the smaller of the user's limit and the model's positions) are
     truncated and counted in `num_truncated`; with `truncation=False` they raise DataError instead.
     Class labels must hold at least `min_classes` classes: 2 for training data; evaluation data may pass 1,
-    and the training data's `label_names` so that its string labels get the same class ids."""
-    label_rules = dict(min_classes=min_classes, label_names=label_names)
+    and the training data's `label_names` so that its string labels get the same class ids. String labels
+    that are all among `model_names` (the model config's, labels.config_label_names) keep the model's ids."""
+    label_rules = dict(min_classes=min_classes, label_names=label_names, model_names=model_names)
     columns = _columns(data)
     if "input_ids" in columns:
         return _from_token_ids(columns, task, max_length, label_column, truncation, label_rules)

@@ -26,17 +26,20 @@ class DataError(ValueError):
     """Data that cannot be read or trained on, with a one-line reason."""
 
 
-def class_labels(values: list, *, min_classes: int = 2, label_names: Sequence[str] | None = None) -> dict[str, Any]:
+def class_labels(values: list, *, min_classes: int = 2, label_names: Sequence[str] | None = None,
+                 model_names: Sequence[str] | None = None) -> dict[str, Any]:
     """labels, num_labels, label_names (string classes) and label_note of sequence-level labels.
 
     `min_classes`: fewest distinct classes the data must hold (training: 2; evaluation data may hold 1).
-    `label_names`: the training data's class names, so that string labels of evaluation data get the same ids."""
+    `label_names`: the training data's class names, so that string labels of evaluation data get the same ids.
+    `model_names`: the class names the model's config gives its ids (`config_label_names`): training data's
+    string labels that are all among them keep those ids, so the trained head answers in the model's names."""
     missing = next((i for i, v in enumerate(values) if v is None or v == ""), None)
     if missing is not None:
         raise DataError(f"example {missing} has no label")
     if all(isinstance(v, str) for v in values):
         if not all(v.strip().lstrip("-").isdigit() for v in values):
-            return _string_classes(values, min_classes, label_names)
+            return _string_classes(values, min_classes, label_names, model_names)
         values = [int(v) for v in values]  # CSV numbers arrive as strings
     if all(isinstance(v, bool | int) for v in values):
         return _integer_classes([int(v) for v in values], min_classes)
@@ -45,9 +48,16 @@ def class_labels(values: list, *, min_classes: int = 2, label_names: Sequence[st
     raise DataError(f"labels must be all strings, all integers or all numbers, found {type(values[0]).__name__}")
 
 
-def _string_classes(values: list[str], min_classes: int, label_names: Sequence[str] | None) -> dict[str, Any]:
+def _string_classes(values: list[str], min_classes: int, label_names: Sequence[str] | None,
+                    model_names: Sequence[str] | None) -> dict[str, Any]:
     _check_enough_classes(values, min_classes)
-    names = list(label_names) if label_names is not None else sorted(set(values))
+    numbered = ""
+    if label_names is not None:
+        names = list(label_names)
+    elif model_names and set(values) <= set(model_names):
+        names, numbered = list(model_names), ", numbered as the model's config numbers them"
+    else:
+        names = sorted(set(values))
     ids = {name: i for i, name in enumerate(names)}
     unknown = next((i for i, v in enumerate(values) if v not in ids), None)
     if unknown is not None:
@@ -55,7 +65,17 @@ def _string_classes(values: list[str], min_classes: int, label_names: Sequence[s
                         f"data's classes ({_preview(names)})")
     num_labels = max(len(names), 2)  # one name (evaluation data) still means a classification head
     return dict(labels=[ids[v] for v in values], num_labels=num_labels, label_names=names,
-                label_note=f"{num_labels} classes from string labels ({_preview(names)})")
+                label_note=f"{num_labels} classes from string labels ({_preview(names)}){numbered}")
+
+
+def config_label_names(config: Any) -> list[str] | None:
+    """The class names a model's config gives ids 0..K-1 (`id2label`), or None when they are transformers'
+    placeholders (LABEL_0, LABEL_1, ...) or not a full numbering."""
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    names = [id2label.get(i) for i in range(len(id2label))]
+    if not names or None in names or len(set(names)) < len(names):
+        return None
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
 
 
 def _integer_classes(ids: list[int], min_classes: int) -> dict[str, Any]:

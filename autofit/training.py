@@ -24,6 +24,7 @@ from autofit.data import (LABEL_COLUMNS, DataError, TokenizedData, column_names,
 from autofit.data_files import is_dataset_dict
 from autofit.devices import DeviceSpec
 from autofit.intmath import check_whole
+from autofit.labels import config_label_names
 from autofit.limits import check_seq_len, max_sequence_length
 from autofit.memory import peak_over_shapes, predict_eval_peak, predict_peak
 from autofit.models import build_model, default_task, head_task, load_model
@@ -116,7 +117,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     planned = plan.workload.max_length if plan is not None else None
     asked = max_length if max_length is not None else planned or max_sequence_length(config) or DEFAULT_MAX_LENGTH
     max_length = check_seq_len(config, asked, explicit=max_length is not None, multiple=multiple, flag="max_length")
-    train_data = _tokenized(data, tokenizer, task, max_length, text_column)
+    train_data = _tokenized(data, tokenizer, task, max_length, text_column, model_names=config_label_names(config))
     _say_data_notes(train_data, max_length)
     eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column, train=train_data) \
         if eval_data is not None else None
@@ -126,6 +127,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
         model = build_model(config, task, num_labels=num_labels or train_data.num_labels or 2)
     elif not isinstance(model, nn.Module):
         model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2, nf4=nf4)
+    _name_classes(model, train_data.label_names)
     spec = plan.device if plan is not None else target_device(device, train=True)
     if plan is None and resume and output_dir is not None:
         plan = _plan_in_force(output_dir, budget_bytes, batch_size, spec, policy, adapter)
@@ -161,6 +163,22 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
                  "result.adapter_dir), or a plain model with techniques.lora.export_merged, not with "
                  "model.save_pretrained")
     return result
+
+
+def _name_classes(model: nn.Module, names: list[str] | None) -> None:
+    """Write the class names string labels were numbered by into the model's config (id2label, label2id), so
+    the trained model, saved or in a pipeline, answers "positive" rather than "LABEL_2"."""
+    config = getattr(model, "config", None)
+    if not names or config is None or getattr(config, "num_labels", None) != len(names):
+        return
+    before = config_label_names(config)
+    if before == names:
+        return
+    if before is not None:
+        log.info(f"the model's config named its classes {before}, which do not name every label of the data: "
+                 f"they are now the data's, {names}")
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: i for i, name in enumerate(names)}
 
 
 def predict_evaluation(profile: Profile, plan: Plan, lengths: list[int]) -> MemoryBreakdown:
@@ -223,11 +241,12 @@ def _check_task_fits_data(task: str, data: Any) -> None:
 
 
 def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_column: str | None,
-               train: TokenizedData | None = None) -> TokenizedData:
+               train: TokenizedData | None = None, model_names: list[str] | None = None) -> TokenizedData:
     """Tokenized training data, or (given `train`) evaluation data: that may hold a single class, and its
-    string labels take the training data's class ids."""
+    string labels take the training data's class ids. Training data's string labels all named by the model's
+    config (`model_names`) take the config's ids."""
     if not isinstance(data, TokenizedData):
-        data = _prepared(data, tokenizer, task, max_length, text_column, train)
+        data = _prepared(data, tokenizer, task, max_length, text_column, train, model_names)
     data, dropped = without_untrainable(data)
     if dropped:
         least = {1: "one token", 2: "two tokens"}[min_tokens(task)]
@@ -237,9 +256,10 @@ def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_colum
 
 
 def _prepared(data: Any, tokenizer: Any, task: str, max_length: int, text_column: str | None,
-              train: TokenizedData | None) -> TokenizedData:
+              train: TokenizedData | None, model_names: list[str] | None) -> TokenizedData:
     if train is None:
-        return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column)
+        return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column,
+                                model_names=model_names)
     if is_dataset_dict(data):  # as training data it gives its "train" split: not here
         raise DataError("eval_data is a DatasetDict: pass one of its splits, e.g. data['validation']")
     return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column,

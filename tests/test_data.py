@@ -167,6 +167,31 @@ def test_evaluation_strings_take_the_training_class_ids():
         prepare_examples(rows(["pos", "meh"]), task="classification", max_length=8, label_names=["neg", "pos"])
 
 
+def test_string_labels_the_models_config_names_keep_its_ids():
+    """A model whose config says 0=pos, 1=neg must not learn neg as 0 (sorted order) and answer "pos"."""
+    out = prepare_examples(rows(["neg", "pos", "neg"]), task="classification", max_length=8,
+                           model_names=["pos", "neg", "neutral"])
+    assert out.labels == [1, 0, 1] and out.num_labels == 3 and out.label_names == ["pos", "neg", "neutral"]
+    assert out.label_note == "3 classes from string labels (pos, neg, neutral), numbered as the model's config " \
+                             "numbers them"
+    other = prepare_examples(rows(["b", "a"]), task="classification", max_length=8, model_names=["pos", "neg"])
+    assert other.labels == [1, 0] and other.label_names == ["a", "b"]  # not the model's names: sorted
+
+
+@pytest.mark.parametrize("id2label, names", [
+    ({0: "LABEL_0", 1: "LABEL_1"}, None),  # transformers' placeholders
+    ({"0": "pos", "1": "neg"}, ["pos", "neg"]),  # as config.json stores them
+    ({0: "a", 2: "c"}, None),  # not a numbering 0..K-1
+    ({}, None),
+])
+def test_the_class_names_a_config_gives(id2label, names):
+    from types import SimpleNamespace
+
+    from autofit.labels import config_label_names
+
+    assert config_label_names(SimpleNamespace(id2label=id2label)) == names
+
+
 @pytest.mark.parametrize("labels, num_labels, note", [
     ([0, 1, 2, 1], 3, "3 classes from integer labels 0-2"),
     (["1", "0"], 2, "2 classes from integer labels 0-1"),

@@ -5,6 +5,7 @@ checked against its knobs; padding never passes a model's positions; no library 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import random
 import warnings
@@ -134,6 +135,34 @@ def test_a_plan_whose_knobs_no_longer_fit_its_budget_is_refused(tok):
     with pytest.raises(PlanNoLongerFitsError, match="over its 8.0 MB budget") as info:
         autofit.train(model, rows * 41, plan=edited, tokenizer=tok, quiet=True)
     assert "\n" not in str(info.value)
+
+
+def test_string_labels_name_the_trained_models_classes(tok, monkeypatch):
+    """A saved model must answer in the data's class names, not LABEL_0..2; and a model whose config already
+    names them keeps its numbering (its head's rows mean those classes)."""
+    names = ["neg", "neu", "pos"]
+    rows = [{**r, "label": names[r["label"]]} for r in skewed_rows(40)]
+    model = tiny_model("bert", "classification", num_labels=3, **BERT)
+    result = autofit.train(model, rows, budget="1GB", tokenizer=tok, batch_size=8, max_steps=1, quiet=True,
+                           device="cpu")
+    assert result.model.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    assert result.model.config.label2id == {"neg": 0, "neu": 1, "pos": 2}
+
+    named = tiny_model("bert", "classification", num_labels=3, **BERT)
+    named.config.id2label, named.config.label2id = {0: "pos", 1: "neu", 2: "neg"}, {"pos": 0, "neu": 1, "neg": 2}
+    seen = []
+    executor = importlib.import_module("autofit.executor")
+    original = executor.run_plan
+
+    def run_plan(model, plan, train, **kwargs):
+        seen.append(train.labels)
+        return original(model, plan, train, **kwargs)
+
+    monkeypatch.setattr(executor, "run_plan", run_plan)
+    again = autofit.train(named, rows, budget="1GB", tokenizer=tok, batch_size=8, max_steps=1, quiet=True,
+                          device="cpu")
+    assert again.model.config.id2label == {0: "pos", 1: "neu", 2: "neg"}
+    assert seen[0] == [{"pos": 0, "neu": 1, "neg": 2}[r["label"]] for r in rows]
 
 
 def test_a_cpu_plan_edited_to_offload_to_the_cpu_is_refused(tok):
