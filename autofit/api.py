@@ -14,12 +14,12 @@ from transformers import PretrainedConfig
 from autofit.budget import parse_budget
 from autofit.card import card_profile, card_spec, on_card, visible_as
 from autofit.cluster import SINGLE, Cluster, make_cluster
-from autofit.data import DataError, TokenizedData, column_names, min_tokens, text_lengths
+from autofit.data import LABEL_COLUMNS, DataError, TokenizedData, column_names, min_tokens, text_lengths
 from autofit.devices import DeviceSpec, get_device
 from autofit.intmath import check_whole
 from autofit.memory import offloaded_bytes_per_machine
 from autofit.limits import check_config, check_seq_len
-from autofit.models import check_module, default_task, load_tokenizer, resolve_config
+from autofit.models import check_module, infer_task, load_tokenizer, resolve_config
 from autofit.plan import Plan
 from autofit.policy import Policy, load_policy
 from autofit.profiler import Profile
@@ -129,7 +129,7 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     seq_len = check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=PAD_MULTIPLE, flag="seq_len")
     given = profile is not None
     if profile is None:  # the task spelled out, as train() asks for it: one cached profile serves both
-        task = task or default_task(config)
+        task = task or inferred_task(model, config, data)
         profile = _profile(model, task, spec, adapters=chosen.adapters.mode == "always")
     lengths = None
     if data is not None:
@@ -140,6 +140,16 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     profile, found = _search_lazily(model, profile, workload, spec, budget_bytes, chosen, measure=not given,
                                     n_trials=n_trials, storage=storage, cluster=cluster)
     return Planned(plan_from_search(profile, workload, budget_bytes, spec, found, cluster), profile, found)
+
+
+def inferred_task(model: ModelSpec, config: PretrainedConfig, data: Any) -> str:
+    """models.infer_task, saying so when the data's labels made a decoder a classifier."""
+    labelled = data is not None and any(name in LABEL_COLUMNS for name in column_names(data))
+    task = infer_task(model, config, labelled=labelled)
+    if task == "classification" and infer_task(model, config) == "causal-lm":
+        log.info(f"the data has labels: training {config.model_type} as a classifier, not a causal LM "
+                 "(say task='causal-lm' / --task causal-lm for that)")
+    return task
 
 
 def _search_lazily(model: ModelSpec, profile: Profile, workload: Workload, device: DeviceSpec, budget_bytes: int,

@@ -198,6 +198,21 @@ def head_task(model: torch.nn.Module) -> str | None:
     return next((task for suffix, task in HEAD_SUFFIXES.items() if name.endswith(suffix)), None)
 
 
+def infer_task(model: object, config: PretrainedConfig, *, labelled: bool = False) -> str:
+    """The task to train when none is given: a live model's head; else the head a saved model's config names
+    (config.architectures), unless that is a language-model head and the data has labels (a pretrained LM
+    fine-tuned as a classifier, as HF's run_glue does with gpt2); else the family's default (default_task)."""
+    if isinstance(model, torch.nn.Module) and head_task(model) is not None:
+        return head_task(model)
+    named = next((task for arch in getattr(config, "architectures", None) or []
+                  for suffix, task in HEAD_SUFFIXES.items() if arch.endswith(suffix)), None)
+    if named not in (None, "causal-lm"):
+        return named
+    if labelled:
+        return "classification"
+    return named or default_task(config)
+
+
 def check_module(model: torch.nn.Module) -> None:
     """A live model autofit can plan: a Hugging Face model (it has a config) with float32 weights, which
     autofit keeps as master weights while autocast computes in half precision."""

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from autofit.api import (DEFAULT_MAX_LENGTH, ModelSpec, _config, _profile, _search_lazily, check_batch_size,
+                         inferred_task,
                          make_workload, plan_from_search, resolve_tokenizer, target_device)
 from autofit.budget import format_bytes, parse_budget
 from autofit.cluster import Cluster, make_cluster
@@ -27,7 +28,7 @@ from autofit.intmath import check_whole
 from autofit.labels import config_label_names
 from autofit.limits import check_seq_len, max_sequence_length
 from autofit.memory import peak_over_shapes, predict_eval_peak, predict_peak
-from autofit.models import build_model, default_task, head_task, load_model
+from autofit.models import build_model, head_task, load_model
 from autofit.plan import MemoryBreakdown, Plan
 from autofit.policy import Policy, check_adapter_choice, load_policy
 from autofit.processes import launched_processes, main_process_first, on_main_process
@@ -104,7 +105,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
             check_output_dir_free(output_dir)
     config = _config(model)
     if task is None:
-        task = plan.task if plan is not None else default_task(config)
+        task = plan.task if plan is not None else inferred_task(model, config, data)
     _check_task_fits_data(task, data)
     head = head_task(model) if isinstance(model, nn.Module) else None
     if head not in (None, task):

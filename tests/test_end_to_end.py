@@ -165,6 +165,27 @@ def test_string_labels_name_the_trained_models_classes(tok, monkeypatch):
     assert seen[0] == [{"pos": 0, "neu": 1, "neg": 2}[r["label"]] for r in rows]
 
 
+def test_a_decoder_is_planned_and_trained_as_the_classifier_its_head_or_labels_ask_for(tok, tmp_path):
+    """A live GPT2ForSequenceClassification without a pad id (as from_pretrained("gpt2") gives it): planned as
+    a classifier, not as gpt2's default causal LM, and trained without HF's "no padding token" refusal; a
+    saved gpt2 LM given labelled data is fine-tuned as a classifier, saying so."""
+    rows = skewed_rows(32)
+    model = tiny_model("gpt2", "classification", n_positions=128, num_labels=3)
+    model.config.pad_token_id = None
+    plan = autofit.plan(model, "1GB", data=rows, tokenizer=tok, batch_size=8, device="cpu", seq_len=96)
+    assert plan.task == "classification"
+    result = autofit.train(model, rows, plan=plan, tokenizer=tok, max_steps=2, quiet=True)
+    assert result.optimizer_steps == 2 and model.config.pad_token_id == tok.pad_token_id
+
+    tiny_model("gpt2", "causal-lm", n_positions=128).save_pretrained(tmp_path / "lm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the new classification head's "newly initialized" warning
+        planned = autofit.plan(str(tmp_path / "lm"), "1GB", data=rows, tokenizer=tok, batch_size=8, device="cpu",
+                               seq_len=96)
+    assert planned.task == "classification"
+    assert autofit.plan(str(tmp_path / "lm"), "1GB", batch_size=8, device="cpu", seq_len=96).task == "causal-lm"
+
+
 def test_a_cpu_plan_edited_to_offload_to_the_cpu_is_refused(tok):
     """Its peak would be predicted without the shards it claims to move off the device (27% low)."""
     model = tiny_model("bert", "classification", num_labels=3, **BERT)

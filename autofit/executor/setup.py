@@ -8,6 +8,7 @@ parameters). accelerate picks the device and supplies the GradScaler where it ma
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from accelerate import Accelerator
@@ -23,7 +24,9 @@ from autofit.plan import Plan
 from autofit.techniques import adapter, checkpointing, freeze, sharding
 from autofit.techniques import optimizer as optim
 from autofit.techniques import precision as amp
-from autofit.techniques.padding import PaddingCollator
+from autofit.techniques.padding import PaddingCollator, align_model_padding
+
+log = logging.getLogger("autofit")
 
 
 def make_accelerator(mixed_precision: str, *, cpu: bool) -> Accelerator:
@@ -85,4 +88,7 @@ def set_up(model: nn.Module, plan: Plan, world: World, *, seed: int, lr: float, 
                       processes=world.size, no_sync=wrapped.no_sync if ddp else None, grads_to_none=not ddp)
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None) or 0
+    note = align_model_padding(model, pad_token_id, plan.task)
+    if note and world.main:
+        log.info(note)
     return Setup(trained, wrapped, ctx, PaddingCollator(pad_token_id, knobs.pad_to_multiple_of, task=plan.task))

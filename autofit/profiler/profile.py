@@ -23,7 +23,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from autofit.knobs import Knobs
 from autofit.layers import find_layout, is_attention, linear_shape, task_head_params
 from autofit.limits import max_sequence_length
-from autofit.models import build_model, default_task, resolve_config
+from autofit.models import build_model, infer_task, resolve_config
 from autofit.profiler.adapted import LORA_PROFILE_RANK, adapted_fits
 from autofit.profiler.fit import TIME_TERMS, fit_shape
 from autofit.profiler.measure_blocks import KEEP_LAYERS, WINDOWS, Subject, TimeSample, measure_time, prepared
@@ -61,7 +61,7 @@ def profile_model(model: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
         model_id, config = (model.name_or_path or model.model_type, model) if isinstance(model, PretrainedConfig) \
             else resolve_config(model)
         num_layers = config.num_hidden_layers
-    task = task or default_task(config)
+    task = task or infer_task(live, config)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     twin = _fake_twin(live, config, task, attn_implementation, fake)
     subject_model = twin if twin is not None else live

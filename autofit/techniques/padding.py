@@ -22,6 +22,25 @@ class PaddingError(ValueError):
     """A batch that cannot be padded (empty, no input_ids, token labels of the wrong length)."""
 
 
+def align_model_padding(model: Any, pad_token_id: int, task: str) -> str | None:
+    """A decoder's sequence classifier (GPT2, Llama, ... ForSequenceClassification) pools each row's last
+    token, found by `config.pad_token_id`: that must be the id the batches are padded with, or it pools a
+    pad position (a different id) or refuses a batch (None). Sets it; returns a note when it replaced one."""
+    from autofit.models import default_task  # the model layer, only for this check
+
+    config = getattr(model, "config", None)
+    if task != "classification" or config is None or default_task(config) != "causal-lm":
+        return None
+    before = getattr(config, "pad_token_id", None)
+    if before == pad_token_id:
+        return None
+    config.pad_token_id = pad_token_id
+    if before is None:
+        return None
+    return (f"the model's config padded with id {before} and the batches are padded with {pad_token_id}: the "
+            f"config now says {pad_token_id}, as {type(model).__name__} finds each row's last token by it")
+
+
 class PaddingCollator:
     """Collate tokenized examples into right-padded tensors: input_ids, attention_mask, labels (and
     token_type_ids when the examples have them).

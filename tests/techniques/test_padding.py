@@ -52,3 +52,24 @@ def test_padded_batch_gives_the_same_logits_as_unpadded():
         padded = model(**batch).logits
         alone = torch.cat([model(input_ids=torch.tensor([e["input_ids"]])).logits for e in examples])
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_a_decoder_classifier_is_told_the_pad_id_its_batches_use():
+    """GPT2ForSequenceClassification pools the last token before config.pad_token_id: None refuses a batch,
+    another id than the batches' pools a pad position."""
+    from _tiny import tiny_model
+
+    from autofit.techniques.padding import align_model_padding
+
+    unset = tiny_model("gpt2", "classification")
+    unset.config.pad_token_id = None
+    assert align_model_padding(unset, 0, "classification") is None and unset.config.pad_token_id == 0
+    other = tiny_model("gpt2", "classification")
+    other.config.pad_token_id = 5
+    note = align_model_padding(other, 0, "classification")
+    assert other.config.pad_token_id == 0 and "padded with id 5" in note and "GPT2ForSequenceClassification" in note
+    encoder, lm = tiny_model("bert", "classification"), tiny_model("gpt2", "causal-lm")
+    encoder.config.pad_token_id, lm.config.pad_token_id = 5, 5
+    assert align_model_padding(encoder, 0, "classification") is None  # its attention mask says what is padding
+    assert align_model_padding(lm, 0, "causal-lm") is None
+    assert (encoder.config.pad_token_id, lm.config.pad_token_id) == (5, 5)
