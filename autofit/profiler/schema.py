@@ -64,12 +64,15 @@ class ShapeFit(BaseModel):
         A transient is the largest of some ops' sums of monomials in B and S with non-negative coefficients,
         so it is convex in (log B, log S) after taking its log: interpolating the logs of the four measured
         corners bilinearly can only land above it (Jensen). A corner measured as zero leaves the largest
-        corner, the bound monotonicity gives."""
+        corner, the bound monotonicity gives. Below the grid (a sequence shorter than the shortest measured)
+        the value is at most the grid's edge, by monotonicity too: the fit alone, extrapolated, can be loose
+        there, and short micro-batches are most of real data."""
         table, batches, seqs = self._grid
         corners = []
         for axis, x in ((batches, batch), (seqs, seq)):
-            if not axis[0] <= x <= axis[-1]:
+            if not axis or x > axis[-1]:
                 return None
+            x = max(x, axis[0])
             high = next(i for i, a in enumerate(axis) if a >= x)
             low = high if axis[high] == x else high - 1
             weight = 0.0 if low == high else math.log(x / axis[low]) / math.log(axis[high] / axis[low])
