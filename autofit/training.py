@@ -80,7 +80,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     `machines` machines) and the others train its plan. `measure_memory=False` skips measuring the peak: free
     on a GPU (the allocator counts it), it makes a CPU run 2-7x slower (every op's tensors are tracked)."""
     from autofit.executor import run_plan  # the executor is the last stage: imported only to train
-    from autofit.executor.output_dir import check_output_dir, check_output_dir_free
+    from autofit.executor.output_dir import check_no_earlier_run, check_output_dir, check_output_dir_free
 
     if (plan is None) == (budget is None):
         raise ValueError("give a memory budget (e.g. budget='16GB') or a plan" + (", not both" if plan else ""))
@@ -103,6 +103,8 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
         check_output_dir(output_dir)  # a bad --output-dir fails now, not after profiling and training
         if launched_processes() == 1:  # (launched ones would race for the probe: run_plan holds it for them)
             check_output_dir_free(output_dir)
+        if not resume:
+            check_no_earlier_run(output_dir)
     config = _config(model)
     if task is None:
         task = plan.task if plan is not None else inferred_task(model, config, data)

@@ -424,6 +424,8 @@ def option_cases() -> list[Case]:
         Case("options/resume-with-other-model", "options", out_then(resume=True, model="{model3}",
                                                                      checkpoint_every=1, max_steps=3),
              setup=(RESUMABLE,)),
+        Case("options/fresh-run-over-earlier-checkpoints", "options", out_then(max_steps=3), setup=(RESUMABLE,),
+             note="its saves would mingle with the earlier run's: refused, pointing to --resume"),
         Case("options/resume-trainer-state-truncated", "options", out_then(resume=True, checkpoint_every=1,
                                                                             max_steps=3),
              setup=(RESUMABLE,), after_setup={"out/checkpoint-00000002/trainer_state.json": '{"step": 2, "hist'}),

@@ -328,6 +328,8 @@ def test_resume_on_a_first_run_starts_and_a_resume_on_other_data_is_refused(file
     other.write_text("".join(line + "\n" for line in files["data"].read_text().splitlines()[:12]))
     line = assert_one_line_error(invoke(*args, "--data", other))
     assert "trained on other data" in line
+    fresh = assert_one_line_error(invoke(*args[:-1], "--data", files["data"], "--max-steps", "1"))
+    assert "holds an earlier run's checkpoints (checkpoint-00000002)" in fresh and "--resume" in fresh, fresh
 
 
 def test_an_empty_model_directory_is_named_as_such(files, tmp_path):

@@ -97,7 +97,7 @@ def begin_checkpoint(output_dir: str | Path, step: int) -> tuple[Path, Path]:
 def finish_checkpoint(tmp: Path, final: Path, *, scaler: torch.amp.GradScaler, plan: Plan, state: TrainerState,
                       keep: int = 1, rng: dict | None = None) -> Path:
     """Write the rest (scaler, generators, counters, plan) beside the tensors in `tmp`, rename it into place
-    and drop all but the newest `keep` checkpoints."""
+    and drop all but it and the newest `keep - 1` others."""
     output_dir = final.parent
     torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
@@ -110,7 +110,8 @@ def finish_checkpoint(tmp: Path, final: Path, *, scaler: torch.amp.GradScaler, p
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    for stale in list_checkpoints(output_dir)[:-keep]:
+    older = [path for path in list_checkpoints(output_dir) if path != final]  # never the save just written
+    for stale in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(stale)
     return final
 
@@ -120,7 +121,7 @@ def complete(path: Path) -> bool:
     return path.is_dir() and any(all((path / f).exists() for f in files) for files in (FILES, SHARDED_FILES))
 
 
-def _numbered(output_dir: str | Path) -> list[Path]:
+def numbered_checkpoints(output_dir: str | Path) -> list[Path]:
     """The `checkpoint-<step>` folders in `output_dir`, complete or not, oldest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -132,14 +133,14 @@ def _numbered(output_dir: str | Path) -> list[Path]:
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in `output_dir`, oldest first."""
-    return [p for p in _numbered(output_dir) if complete(p)]
+    return [p for p in numbered_checkpoints(output_dir) if complete(p)]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest checkpoint in `output_dir`, or None when there is none. Saves land whole (a folder renamed
     into place), so a newest `checkpoint-<step>` folder that lacks a file was damaged after it was written:
     a CheckpointError names what it lacks, instead of a resume quietly starting from an older step."""
-    numbered = _numbered(output_dir)
+    numbered = numbered_checkpoints(output_dir)
     if numbered and not complete(numbered[-1]):
         newest = numbered[-1]
         missing = min(([f for f in files if not (newest / f).exists()] for files in (FILES, SHARDED_FILES)), key=len)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from autofit.executor.checkpoint import OLD_PREFIX, TMP_PREFIX, CheckpointError, complete
+from autofit.executor.checkpoint import OLD_PREFIX, TMP_PREFIX, CheckpointError, complete, numbered_checkpoints
 
 try:
     import fcntl
@@ -50,13 +50,16 @@ class OutputDirClaim:
         self.release()
 
 
-def claim_output_dir(output_dir: str | Path) -> OutputDirClaim:
+def claim_output_dir(output_dir: str | Path, *, resume: bool = False) -> OutputDirClaim:
     """Make `output_dir` writable and this run's alone, then tidy what a killed save left. Raises
-    CheckpointError with a one-line reason, when another run holds it too."""
+    CheckpointError with a one-line reason, when another run holds it too, or (unless `resume`) when it holds
+    an earlier run's checkpoints."""
     output_dir = check_output_dir(output_dir)
     claim = OutputDirClaim(_lock(output_dir))
     try:
         claim.notes = tidy_output_dir(output_dir)
+        if not resume:
+            check_no_earlier_run(output_dir)
     except BaseException:
         claim.release()
         raise
@@ -76,6 +79,16 @@ def check_output_dir(output_dir: str | Path) -> Path:
     except OSError as error:
         raise CheckpointError(f"cannot write checkpoints to {output_dir}: {error.strerror or error}") from None
     return output_dir
+
+
+def check_no_earlier_run(output_dir: str | Path) -> None:
+    """Refuse, in one line, a fresh run into a directory holding another run's checkpoints: its saves would
+    mingle with them (a resume would pick whichever step is higher) and the old run's would be dropped."""
+    found = numbered_checkpoints(output_dir)
+    if found:
+        raise CheckpointError(f"{output_dir} holds an earlier run's checkpoints ({found[-1].name}"
+                              f"{f' and {len(found) - 1} more' if len(found) > 1 else ''}): continue that run "
+                              "with --resume, or pick another --output-dir (or remove them)")
 
 
 def check_output_dir_free(output_dir: str | Path) -> None:

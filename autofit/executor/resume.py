@@ -88,4 +88,7 @@ def resume_noting(output_dir: str | None, data_print: str, run_print: dict[str, 
     elif saved[2].epoch >= epochs or (max_steps is not None and saved[2].step >= max_steps):
         notes.append(f"the run in {output_dir} already finished ({saved[2].step} optimizer steps): nothing left "
                      "to train; what follows is that run's (ask for more --epochs or --max-steps to go on)")
+    else:
+        notes.append(f"resuming from {saved[0]}: {saved[2].step} optimizer steps done (epoch {saved[2].epoch + 1}, "
+                     f"step {saved[2].position} of it)")
     return saved

@@ -95,7 +95,7 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     world = start(plan, run_device(plan).type)  # every process checks that it is one of the plan's
     claim = OutputDirClaim(None)  # process 0 holds the directory; the others write nothing but shards
     if output_dir is not None:
-        claim = world.first(lambda: claim_output_dir(output_dir), claim)
+        claim = world.first(lambda: claim_output_dir(output_dir, resume=resume), claim)
     with claim:
         notes = claim.notes
         data_print = data_fingerprint(train)

@@ -10,7 +10,7 @@ import pytest
 from _tiny import make_plan, tiny_model, token_data
 
 from autofit.executor import run_plan
-from autofit.executor.checkpoint import CheckpointError
+from autofit.executor.checkpoint import CheckpointError, list_checkpoints
 from autofit.executor.output_dir import LOCK_NAME, check_output_dir, claim_output_dir
 
 pytest.importorskip("fcntl")
@@ -53,7 +53,7 @@ def test_a_killed_holder_leaves_the_directory_free(tmp_path):
 def test_tidying_removes_a_killed_saves_leftovers_and_restores_a_replaced_checkpoint(tmp_path):
     (tmp_path / ".tmp-checkpoint-00000002-77").mkdir()
     (tmp_path / ".old-checkpoint-00000002-77").mkdir()
-    with claim_output_dir(tmp_path) as claim:
+    with claim_output_dir(tmp_path, resume=True) as claim:
         assert claim.notes == ["restored checkpoint-00000002, whose replacement an interrupted save never finished",
                                "removed .tmp-checkpoint-00000002-77, left by an interrupted save"]
     assert (tmp_path / "checkpoint-00000002").is_dir() and not (tmp_path / ".tmp-checkpoint-00000002-77").exists()
@@ -63,3 +63,23 @@ def test_an_output_dir_that_is_a_file_is_refused_in_one_line(tmp_path):
     (tmp_path / "out").write_text("")
     with pytest.raises(CheckpointError, match=r"^--output-dir .*out is a file, not a directory$"):
         check_output_dir(tmp_path / "out")
+
+
+def test_a_fresh_run_into_an_earlier_runs_checkpoints_is_refused_and_they_stay(tmp_path, caplog):
+    """Its saves would mingle with the earlier run's: a lower-numbered one of its own was tidied away as the
+    older, and a resume picked up the other run's higher step."""
+    model, data = tiny_model(), token_data(8)
+    plan = make_plan(model, data=data, batch_size=4)
+    run_plan(model, plan, data, output_dir=str(tmp_path), quiet=True, measure_memory=False)  # 2 steps
+    earlier = list_checkpoints(tmp_path)
+    assert [p.name for p in earlier] == ["checkpoint-00000002"]
+    with pytest.raises(CheckpointError) as error:
+        run_plan(tiny_model(), plan, data, output_dir=str(tmp_path), max_steps=1, quiet=True)
+    message = str(error.value)
+    assert "holds an earlier run's checkpoints (checkpoint-00000002)" in message and "--resume" in message
+    assert "\n" not in message and list_checkpoints(tmp_path) == earlier
+    with caplog.at_level("WARNING", logger="autofit"):
+        resumed = run_plan(tiny_model(), plan, data, output_dir=str(tmp_path), resume=True, quiet=True,
+                           measure_memory=False, max_steps=1)
+    assert "already finished (2 optimizer steps)" in caplog.text
+    assert resumed.optimizer_steps == 2 and list_checkpoints(tmp_path) == earlier

@@ -48,7 +48,7 @@ def assert_same_run(model, result, ref_model, ref):
 
 
 @pytest.mark.parametrize("stop_after", [1, 3, 4])  # inside epoch 0, at the epoch boundary, inside epoch 1
-def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, data, plan_for, tmp_path, stop_after):
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, data, plan_for, tmp_path, stop_after, caplog):
     ref_model, plan, train = setup(tiny, data, plan_for)
     ref = run(ref_model, plan, train)
 
@@ -59,8 +59,12 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, data, plan_fo
 
     # A fresh process: another model object with other initial weights, loaded from the checkpoint.
     resumed_model, plan, train = setup(tiny, data, plan_for, seed=1)
-    result = run(resumed_model, plan, train, output_dir=str(tmp_path), checkpoint_every=2, resume=True)
+    with caplog.at_level("WARNING", logger="autofit"):
+        result = run(resumed_model, plan, train, output_dir=str(tmp_path), checkpoint_every=2, resume=True)
     assert_same_run(resumed_model, result, ref_model, ref)
+    epoch, position = divmod(stop_after, 3)
+    assert (f"resuming from {tmp_path / f'checkpoint-{stop_after:08d}'}: {stop_after} optimizer steps done "
+            f"(epoch {epoch + 1}, step {position} of it)") in caplog.text
     assert Path(result.output_dir) == tmp_path / "checkpoint-00000006"
 
 
@@ -280,3 +284,18 @@ def test_resuming_a_finished_run_says_there_is_nothing_left(tiny, data, plan_for
         second = run(again, plan, train, output_dir=str(tmp_path), resume=True)
     assert f"already finished ({first.optimizer_steps} optimizer steps): nothing left to train" in caplog.text
     assert second.optimizer_steps == first.optimizer_steps
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_a_save_never_removes_itself_even_below_a_higher_numbered_checkpoint(tiny, data, plan_for, tmp_path, keep):
+    """Tidying keeps the newest `keep` by step number, but the checkpoint just written is always one of them:
+    a save that deleted itself printed a path that did not exist."""
+    model, plan, train = setup(tiny, data, plan_for)
+    optimizer, scaler = torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False)
+    kwargs = {"model": model, "optimizer": optimizer, "scaler": scaler, "plan": plan, "keep": keep}
+    for step in (9, 3):
+        state = ckpt.TrainerState(step=step, data_fingerprint="d")
+        written = ckpt.save_checkpoint(tmp_path, state=state, **kwargs)
+    assert written.name == "checkpoint-00000003" and ckpt.complete(written)
+    assert [p.name for p in list_checkpoints(tmp_path)] == (
+        ["checkpoint-00000003"] if keep == 1 else ["checkpoint-00000003", "checkpoint-00000009"])
