@@ -19,6 +19,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from pydantic import BaseModel
+from safetensors import SafetensorError
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
@@ -280,9 +281,9 @@ def load_model(spec: str | os.PathLike, task: str = "classification", num_labels
     model_id, config, weights = _resolve(spec)
     head = _head_class(config, task)
     if weights is None:
-        warnings.warn(
-            f"no pretrained weights for {model_id} on this machine: its weights are RANDOM", RandomWeightsWarning
-        )
+        where = (f"{model_id} has a config.json but no weights file ({', '.join(WEIGHT_FILES[::2])})"
+                 if _local_dir(os.fspath(spec)) else f"no pretrained weights for {model_id} on this machine")
+        warnings.warn(f"{where}: its weights are RANDOM", RandomWeightsWarning)
         return build_model(config, task, num_labels=num_labels)
     saved_labels = getattr(config, "num_labels", None)
     config = _prepare_config(config, task, num_labels)
@@ -296,9 +297,11 @@ def load_model(spec: str | os.PathLike, task: str = "classification", num_labels
         extra = {"quantization_config": _nf4_config(config, task, **nf4)} if nf4 else {}
         return head.from_pretrained(weights, config=config, local_files_only=True, dtype=torch.float32,
                                     ignore_mismatched_sizes=True, **extra)
-    except (OSError, RuntimeError, ValueError) as error:  # a damaged or foreign weights file
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # a damaged or foreign weights file
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelNotFoundError(f"cannot load the weights of {model_id}: {type(error).__name__}: {first}") from None
+        found = [name for name in WEIGHT_FILES if isinstance(weights, Path) and (weights / name).is_file()]
+        what = weights / found[0] if found else f"the weights of {model_id}"
+        raise ModelNotFoundError(f"cannot load {what}: {type(error).__name__}: {first}") from None
 
 
 def _nf4_config(config: PretrainedConfig, task: str, *, double_quant: bool, compute_dtype: torch.dtype):

@@ -392,3 +392,20 @@ def test_catalog_files_are_real_configs():
     for entry in entries.values():
         assert entry.config["model_type"] in CONFIG_MAPPING, entry.id
         assert not any(key.startswith("autofit") for key in entry.config), entry.id
+
+
+@pytest.mark.parametrize("content", [b"\x00" * 64, b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}xx"])
+def test_a_damaged_weights_file_is_named_in_one_line(tmp_path, content):
+    build_model(_tiny(TINY_BERT), "classification").save_pretrained(tmp_path / "tiny")
+    (tmp_path / "tiny" / "model.safetensors").write_bytes(content)
+    with pytest.raises(ModelNotFoundError) as error:
+        load_model(tmp_path / "tiny", "classification")
+    message = str(error.value)
+    assert message.startswith(f"cannot load {tmp_path / 'tiny' / 'model.safetensors'}: ") and "\n" not in message
+
+
+def test_a_local_config_without_weights_says_which_files_it_lacks(tmp_path):
+    local = _write_config(tmp_path / "gpt2", TINY_GPT2)
+    with pytest.warns(RandomWeightsWarning, match=r"has a config.json but no weights file \(model.safetensors, "
+                                                  r"pytorch_model.bin\): its weights are RANDOM"):
+        load_model(local, "causal-lm")
