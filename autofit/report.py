@@ -284,5 +284,6 @@ def train_summary(result: TrainResult) -> str:
     if result.output_dir:
         lines.append(f"checkpoint: {result.output_dir}")
     if result.adapter_dir:
-        lines.append(f"adapter: {result.adapter_dir} (PeftModel.from_pretrained(base, this folder))")
+        lines.append(f"adapter: {result.adapter_dir} (autofit.techniques.lora.load_adapter(this folder) reloads "
+                     "the trained model)")
     return "\n".join(lines)

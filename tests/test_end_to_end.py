@@ -403,3 +403,23 @@ def test_train_says_what_it_tidied_after_a_killed_save(tok, tmp_path, caplog):
                                resume=True, **settings)
     assert "restored checkpoint-00000002, whose replacement an interrupted save never finished" in caplog.text
     assert [r.step for r in result.history][-1] == 3
+
+
+def test_a_trained_adapter_reloads_with_its_head_size_and_class_names(tok, tmp_path):
+    """peft saves neither the head's size nor the class names: onto a base loaded with the default 2 labels a
+    3-class head did not load. load_adapter rebuilds the base as trained, from the folder the adapter names."""
+    from autofit.techniques.lora import load_adapter
+
+    names = ["neg", "neu", "pos"]
+    rows = [{**r, "label": names[r["label"] % 3]} for r in skewed_rows(40)]
+    tiny_model("bert", "classification", **BERT).save_pretrained(tmp_path / "base")
+    base = autofit.models.load_model(tmp_path / "base", "classification", num_labels=3)
+    result = autofit.train(base, rows, budget="1GB", tokenizer=tok, batch_size=8, max_steps=2, quiet=True,
+                           device="cpu", adapter="lora", output_dir=str(tmp_path / "out"), lr=1e-2)
+    reloaded = load_adapter(result.adapter_dir).eval()
+    assert reloaded.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    batch = {"input_ids": torch.tensor([[2, 5, 9, 11, 3]])}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, result.model.eval()(**batch).logits)
+    with pytest.raises(ValueError, match="is not an adapter folder"):
+        load_adapter(tmp_path / "base")

@@ -211,11 +211,41 @@ def apply(model: nn.Module, *, rank: int, targets: LoraTargets, task: str, alpha
         return get_peft_model(model, config)
 
 
+BASE_CONFIG = "base_config.json"
+"""The trained base's transformers config, saved beside the adapters: its head size and class names (peft saves
+neither, and a base loaded with the default 2 labels does not take a 5-label head)."""
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write a PeftModel's adapters (and its trained task-head copy) to `path` with peft's save_pretrained:
-    a folder `PeftModel.from_pretrained(base, path)` reloads onto the same base."""
+    """Write a PeftModel's adapters (and its trained task-head copy) to `path` with peft's save_pretrained,
+    and the base's config (BASE_CONFIG): `load_adapter(path)` gives the trained model back."""
     model.save_pretrained(os.fspath(path))
+    model.get_base_model().config.to_json_file(Path(path) / BASE_CONFIG)
     return Path(path)
+
+
+def load_adapter(path: str | os.PathLike, base: str | os.PathLike | nn.Module | None = None) -> nn.Module:
+    """The model `save_adapter` saved to `path`: its base (`base`, a model id, directory or live model; default
+    the one the adapter names), loaded in fp32 with the task head's size and class names it was trained with,
+    and the adapters on it (peft's PeftModel.from_pretrained). A 4-bit (QLoRA) base comes back unquantized."""
+    from transformers import AutoConfig
+
+    from autofit.models import load_model
+
+    with quantization.bitsandbytes_quiet():
+        from peft import PeftConfig, PeftModel
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"{path} is not an adapter folder (it has no adapter_config.json)")
+    peft_config = PeftConfig.from_pretrained(os.fspath(path))
+    task = {kind: name for name, kind in PEFT_TASK_TYPES.items()}[str(peft_config.task_type)]
+    saved = AutoConfig.from_pretrained(path / BASE_CONFIG) if (path / BASE_CONFIG).is_file() else None
+    if not isinstance(base, nn.Module):
+        base = load_model(base or peft_config.base_model_name_or_path, task,
+                          num_labels=saved.num_labels if saved is not None else 2)
+    if saved is not None and task != "causal-lm":
+        base.config.id2label, base.config.label2id = saved.id2label, saved.label2id
+    return PeftModel.from_pretrained(base, os.fspath(path))
 
 
 def export_merged(model: nn.Module, path: str | os.PathLike) -> nn.Module:
