@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
+                      field_validator, model_validator)
 
 from autofit.budget import MAX_BUDGET_BYTES, parse_size
 from autofit.knobs import MAX_LORA_RANK, Knobs, LoraTargets, Precision
@@ -34,6 +35,17 @@ class PolicyError(ValueError):
     """A policy that cannot be found, read or validated."""
 
 
+def _a_number(value: object) -> object:
+    """A YAML number, not a quoted one or a boolean (pydantic would read "0.5" and true as floats)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number, not {value!r}")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_a_number)]
+"""A float field of a policy: ints are fine, strings and booleans are refused as typos."""
+
+
 class _Strict(BaseModel):
     # allow_inf_nan=False: YAML reads `.inf`/`.nan` as floats and `ge=0` lets inf through; an infinite
     # risk_price gives inf and nan objectives (inf x a risk of 0 is nan), and the search's pick is arbitrary.
@@ -41,11 +53,11 @@ class _Strict(BaseModel):
 
 
 class FreezeRule(_Strict):
-    embeddings: bool = False
+    embeddings: StrictBool = False
     """May the input embeddings be frozen (and with them, layers)."""
-    max_layers: int | None = Field(None, ge=0)
+    max_layers: StrictInt | None = Field(None, ge=0)
     """Most bottom layers that may be frozen, as a count."""
-    max_fraction: float | None = Field(None, ge=0.0, le=1.0)
+    max_fraction: Number | None = Field(None, ge=0.0, le=1.0)
     """Most bottom layers that may be frozen, as a fraction of depth (rounded down). With max_layers
     both caps apply; with neither, no layer is frozen."""
 
@@ -67,9 +79,9 @@ class FreezeRule(_Strict):
 
 
 class BucketRule(_Strict):
-    counts: list[int] = [0]
+    counts: list[StrictInt] = [0]
     """Numbers of length buckets the search may try; 0 means plain dynamic padding (no buckets)."""
-    token_budget: bool = False
+    token_budget: StrictBool = False
     """May a bucketed plan cap each micro-batch by tokens (micro-batch x shortest bucket's length)."""
 
     @field_validator("counts")
@@ -83,14 +95,14 @@ class BucketRule(_Strict):
 class Headroom(_Strict):
     """Memory kept free below the budget: the larger of `fraction` x budget and `bytes`."""
 
-    fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    bytes: int = Field(0, ge=0, le=MAX_BUDGET_BYTES)
+    fraction: Number = Field(0.05, ge=0.0, lt=1.0)
+    bytes: StrictInt = Field(0, ge=0, le=MAX_BUDGET_BYTES)
 
     @field_validator("bytes", mode="before")
     @classmethod
     def _parse_bytes(cls, value: object) -> object:
-        if isinstance(value, str) and value.strip() not in ("0", ""):
-            return parse_size(value, what="headroom")  # no 1 MB floor: a small headroom is fine
+        if isinstance(value, str):  # "512MB", or "0": no 1 MB floor, a small headroom is fine
+            return 0 if value.strip() == "0" else parse_size(value, what="headroom")
         return value
 
     def for_budget(self, budget_bytes: int) -> int:
@@ -125,14 +137,14 @@ class AdapterRule(_Strict):
     """`never`: full fine-tuning only. `fallback`: adapters only when no full fine-tuning plan fits, the
     policy's own fallback included (a last stage). `allowed`: adapters compete with full fine-tuning in the
     same search, priced by their risk. `always`: adapter plans only."""
-    ranks: list[int] = [8, 16, 32, 64]
+    ranks: list[StrictInt] = [8, 16, 32, 64]
     """LoRA ranks the search may try."""
     targets: list[LoraTargets] = ["attention", "all-linear"]
     """Which linear layers get adapters: the attention projections, or every linear layer of the blocks."""
     bases: list[Literal["plain", "nf4"]] = ["plain", "nf4"]
     """How the frozen base is stored: `plain` in the compute precision's dtype (fp32 under fp32, half under
     bf16/fp16 autocast), `nf4` as 4-bit NF4 (QLoRA)."""
-    double_quant: bool = True
+    double_quant: StrictBool = True
     """NF4 bases quantize their scales too (QLoRA's double quantization)."""
 
     @field_validator("ranks")
@@ -164,21 +176,21 @@ class RiskWeights(_Strict):
     """Quality-risk score of each technique (0 = none). Used to break ties and, with `risk_price`, to
     trade speed against risk."""
 
-    freeze_embeddings: float = Field(0.05, ge=0)
-    frozen_layers: float = Field(1.0, ge=0)
+    freeze_embeddings: Number = Field(0.05, ge=0)
+    frozen_layers: Number = Field(1.0, ge=0)
     """Multiplied by the fraction of layers frozen."""
-    optimizer_8bit: float = Field(0.1, ge=0)
-    fp16: float = Field(0.15, ge=0)
+    optimizer_8bit: Number = Field(0.1, ge=0)
+    fp16: Number = Field(0.15, ge=0)
     """fp16 overflows are skipped by the GradScaler but some models (DeBERTa-v3) lose steps often."""
-    bf16: float = Field(0.02, ge=0)
-    lora: float = Field(0.8, ge=0)
+    bf16: Number = Field(0.02, ge=0)
+    lora: Number = Field(0.8, ge=0)
     """An adapter plan at rank 16 on the attention projections: the base does not train, only a low-rank update
     of a few layers. Scaled by (16 / rank) ** 0.25: the LoRA paper found rank matters little, so doubling it
     cuts the risk by only 16%."""
-    lora_all_linear: float = Field(0.75, ge=0, le=1)
+    lora_all_linear: Number = Field(0.75, ge=0, le=1)
     """Factor on `lora` with adapters on every linear layer: QLoRA found that adapting all of them, not just
     attention, is what matches full fine-tuning."""
-    nf4_base: float = Field(0.1, ge=0)
+    nf4_base: Number = Field(0.1, ge=0)
     """A 4-bit base on top of the adapter's risk: its weights are rounded to 16 levels per block of 64."""
 
     def adapter(self, knobs: Knobs) -> float:
@@ -194,7 +206,7 @@ class Relaxation(_Strict):
     """What a second-stage search may also use when nothing fits under the policy itself."""
 
     freeze: FreezeRule | None = None
-    checkpointing: bool | None = None
+    checkpointing: StrictBool | None = None
     precisions: list[Precision] | None = None
     optimizer_bits: list[Literal[8, 32]] | None = None
 
@@ -223,18 +235,18 @@ class Policy(_Strict):
     objective: Literal["time", "memory"] = "time"
     """"time": minimise predicted epoch time; "memory": minimise predicted peak."""
     freeze: FreezeRule = FreezeRule()
-    checkpointing: bool = True
+    checkpointing: StrictBool = True
     """May layers be checkpointed (a count from 0 to all trainable layers, lowest first)."""
     precisions: list[Precision] = [Precision.fp32]
     optimizer_bits: list[Literal[8, 32]] = [32]
-    max_micro_batch: int | None = Field(None, ge=1)
+    max_micro_batch: StrictInt | None = Field(None, ge=1)
     """Largest micro-batch to try (None: up to the effective batch)."""
     bucketing: BucketRule = BucketRule()
     headroom: Headroom = Headroom()
     risk_weights: RiskWeights = RiskWeights()
-    risk_price: float = Field(0.0, ge=0.0)
+    risk_price: Number = Field(0.0, ge=0.0)
     """Objective = epoch time x (1 + risk_price x risk): how much speed one unit of risk must buy."""
-    tie_tolerance: float = Field(0.01, ge=0.0, lt=1.0)
+    tie_tolerance: Number = Field(0.01, ge=0.0, lt=1.0)
     """Plans whose objective is within this fraction of the best count as tied; the least risky wins."""
     fallback: Relaxation | None = None
     adapters: AdapterRule = AdapterRule()

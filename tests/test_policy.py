@@ -317,3 +317,17 @@ def test_adapter_risk():
     both = risk(precision=Precision.bf16, base_dtype="bf16")
     assert both == pytest.approx(risk() + w.bf16)  # the precision's risk adds to the adapter's
     assert w.adapter(Knobs()) == 0.0
+
+
+@pytest.mark.parametrize("field, value", [("checkpointing", 1), ("checkpointing", "yes"), ("max_micro_batch", 4.0),
+                                          ("max_micro_batch", "4"), ("max_micro_batch", True),
+                                          ("risk_price", "0.5"), ("risk_price", True)])
+def test_a_policy_field_of_the_wrong_kind_is_refused_not_coerced(tmp_path, field, value):
+    """YAML already reads `yes`, `4` and `0.5` as a bool, an int and a float: a quoted number, a float where a
+    count goes or a boolean where a number goes is a typo to name, not a value to guess."""
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "mine", field: value}))
+    with pytest.raises(PolicyError, match=field):
+        load_policy(str(path))
+    path.write_text(yaml.safe_dump({"name": "mine", "risk_price": 1, "max_micro_batch": 4, "checkpointing": False}))
+    assert load_policy(str(path)).risk_price == 1.0
