@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from autofit.data_files import train_split
-from autofit.labels import DataError, class_labels
+from autofit.labels import DataError, class_labels, short_repr
 from autofit.techniques.tokenization import encode_batched
 from autofit.workload import TOKEN_LEVEL_TASKS
 
@@ -26,6 +26,11 @@ TEXT_PAIRS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "hy
               ("question1", "question2"))
 TEXT_COLUMNS = ("text", "sentence", "content")
 LABEL_COLUMNS = ("label", "labels")
+TOKEN_RANGES = {"input_ids": (0, None, "token ids must be >= 0 (-100 is for labels)"),
+                "token_type_ids": (0, None, "segment ids must be >= 0"),
+                "attention_mask": (0, 1, "a mask holds only 0s and 1s")}
+"""(least, greatest or None, why) of the values of pre-tokenized columns (ids past the model's vocabulary are
+refused where the model is known: executor/validate.py)."""
 log = logging.getLogger("autofit")
 
 
@@ -160,15 +165,17 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
                      text_column: str | Sequence[str] | None = None, label_column: str | None = None,
                      truncation: bool = True, min_classes: int = 2,
                      label_names: Sequence[str] | None = None,
-                     model_names: Sequence[str] | None = None) -> TokenizedData:
+                     model_names: Sequence[str] | None = None, train_kind: str | None = None) -> TokenizedData:
     """Tokenize `data` for `task` ("classification", "causal-lm", "token-classification").
 
     Sequences longer than `max_length` (the smaller of the user's limit and the model's positions) are
     truncated and counted in `num_truncated`; with `truncation=False` they raise DataError instead.
     Class labels must hold at least `min_classes` classes: 2 for training data; evaluation data may pass 1,
     and the training data's `label_names` so that its string labels get the same class ids. String labels
-    that are all among `model_names` (the model config's, labels.config_label_names) keep the model's ids."""
-    label_rules = dict(min_classes=min_classes, label_names=label_names, model_names=model_names)
+    that are all among `model_names` (the model config's, labels.config_label_names) keep the model's ids.
+    Evaluation data passes `train_kind`, the training data's `label_kind`: its labels must be of that kind."""
+    label_rules = dict(min_classes=min_classes, label_names=label_names, model_names=model_names,
+                       train_kind=train_kind)
     columns = _columns(data)
     if "input_ids" in columns:
         return _from_token_ids(columns, task, max_length, label_column, truncation, label_rules)
@@ -235,14 +242,10 @@ def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None,
     if task in TOKEN_LEVEL_TASKS and label is None and task != "causal-lm":
         raise DataError(f"{task} examples need token labels; the data has columns {sorted(columns)}")
     columns = _unpadded(columns, [label] if task in TOKEN_LEVEL_TASKS and label else [])
-    ids = [list(map(int, row)) for row in columns["input_ids"]]
+    ids = columns["input_ids"]
     empty = next((i for i, row in enumerate(ids) if not row), None)
     if empty is not None:
         raise DataError(f"example {empty} has empty input_ids")
-    negative = next((i for i, row in enumerate(ids) if min(row) < 0), None)
-    if negative is not None:  # else an IndexError deep in the embedding (ids >= vocab: executor/validate.py)
-        raise DataError(f"example {negative} has token id {min(ids[negative])}: ids must be >= 0 "
-                        "(-100 is for labels)")
     too_long = [i for i, row in enumerate(ids) if max_length is not None and len(row) > max_length]
     if too_long and not truncation:
         raise DataError(f"{len(too_long)} examples are longer than max_length={max_length} tokens "
@@ -254,13 +257,14 @@ def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None,
     if task not in TOKEN_LEVEL_TASKS:
         fields.update(class_labels(_plain(columns[label]), **label_rules))
     elif label is not None:
-        fields["labels"] = [cut(map(int, row)) for row in columns[label]]
+        fields["labels"] = [cut(row) for row in columns[label]]
     return TokenizedData.model_construct(**fields)
 
 
 def _unpadded(columns: dict[str, list], labels: list[str]) -> dict[str, list]:
     """Token columns (and token `labels`) cut to each attention_mask's 1s, else pads are trained on."""
     names = [n for n in ("input_ids", "token_type_ids", "attention_mask", *labels) if n in columns]
+    columns = {**columns, **{n: _integer_rows(columns[n], n) for n in names}}
     for i, ids in enumerate(columns["input_ids"]):
         bad = next((n for n in names if len(columns[n][i]) != len(ids)), None)
         if bad is not None:
@@ -269,6 +273,30 @@ def _unpadded(columns: dict[str, list], labels: list[str]) -> dict[str, list]:
         return columns
     spans = [_attended(i, mask) for i, mask in enumerate(columns["attention_mask"])]
     return {**columns, **{n: [list(row)[a:b] for row, (a, b) in zip(columns[n], spans)] for n in names}}
+
+
+def _integer_rows(rows: list, name: str) -> list[list[int]]:
+    """A token column as lists of Python ints, its values in TOKEN_RANGES. Strings, floats and bools are
+    refused, not passed through int(): "2563", 3.7 or True as a token id is a mistake upstream."""
+    least, greatest, why = TOKEN_RANGES.get(name, (None, None, ""))
+    checked = []
+    for i, row in enumerate(rows):
+        row = row.tolist() if hasattr(row, "tolist") else row  # numpy arrays, tensors
+        if not isinstance(row, list | tuple):
+            found = f"{name} {short_repr(row)}" if row is not None else f"no {name}"
+            raise DataError(f"example {i} has {found}: {name} must be a list of integers")
+        if not all(type(v) is int for v in row):
+            bad = next((v for v in row if isinstance(v, bool) or not isinstance(v, int | np.integer)), row)
+            if bad is not row:  # (row: no bad value, as None could be one)
+                raise DataError(f"example {i} has {short_repr(bad)} ({type(bad).__name__}) in {name}: {name} "
+                                "must be a list of integers")
+            row = [int(v) for v in row]  # numpy integers
+        out = min(row) if row and least is not None and min(row) < least else \
+            max(row) if row and greatest is not None and max(row) > greatest else None
+        if out is not None:
+            raise DataError(f"example {i} has {out} in {name}: {why}")
+        checked.append(list(row))
+    return checked
 
 
 def _attended(index: int, mask) -> tuple[int, int]:

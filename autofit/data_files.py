@@ -23,7 +23,7 @@ def load_data_file(path: str | Path):
     if path.is_dir():
         rows = _load_saved_dataset(path)
     elif path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
+        rows = _load_csv(path)
     elif path.suffix.lower() in (".jsonl", ".json"):
         rows = _load_json(path)
     else:
@@ -45,6 +45,21 @@ def _read_text(path: Path) -> str:
         offset = start + e.start
         raise DataError(f"{path}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}); "
                         "save the file as UTF-8") from None
+
+
+def _load_csv(path: Path) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    header = reader.fieldnames or []
+    twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+    if twice is not None:  # DictReader would keep the last copy's values without a word
+        raise DataError(f"{path}: the header names column {twice!r} more than once; rename or drop the copies")
+    rows = []
+    for row in reader:
+        if None in row:  # DictReader files the extra values under the key None
+            raise DataError(f"{path}: line {reader.line_num} has more values than the header has columns "
+                            f"({len(header)}); quote values that hold commas")
+        rows.append(row)
+    return rows
 
 
 def _load_json(path: Path) -> list[dict]:

@@ -1,11 +1,14 @@
 """Sequence-level labels: read what the data's labels ask for (classification or regression), check it,
 and say in one sentence what was inferred and why (`label_note`), since the choice changes the model's head.
 
-- Strings are class names, numbered in sorted order (digit strings, as CSV gives numbers, are integers).
+- Strings are class names, numbered in sorted order; but a column of number strings (CSV gives numbers so)
+  holds integers or floats, as it would in JSON ("1" and "cat" together are two names; "--1", "²" are names).
 - Integers are class ids 0..K-1: K = largest + 1, and at least 2, because HF builds a 1-output REGRESSION
   head for num_labels=1. Ids far above the number of distinct labels are refused: label 10**6 would build a
   million-output head before anything else could complain.
 - Floats (or a mix of floats and integers) are regression targets: 1 output, MSE loss.
+- Evaluation data's labels must be of the training data's kind (class names, class ids, regression targets):
+  else its ids would silently mean other classes. Integers may be regression targets.
 
 DataError lives here, beside the label checks, and `autofit.data` re-exports it: data imports labels, so
 labels cannot import data.
@@ -14,6 +17,7 @@ labels cannot import data.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,30 +26,70 @@ MIN_MAX_CLASS_ID = 1000
 not too sparse (at most 10 ids per distinct label)."""
 
 
+NAMES, IDS, REGRESSION = "class names", "class ids", "regression targets"
+"""The kinds of sequence-level labels (`label_kind`)."""
+_INTEGER = re.compile(r"[+-]?\d+", re.ASCII)  # ASCII: "²" passes str.isdigit() but is no number to int()
+_NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|inf(?:inity)?|nan)", re.ASCII | re.IGNORECASE)
+"""What float() reads, less its underscores and non-ASCII digits; with nan and inf, so that the regression
+check names them rather than their column turning into class names."""
+
+
 class DataError(ValueError):
     """Data that cannot be read or trained on, with a one-line reason."""
 
 
 def class_labels(values: list, *, min_classes: int = 2, label_names: Sequence[str] | None = None,
-                 model_names: Sequence[str] | None = None) -> dict[str, Any]:
+                 model_names: Sequence[str] | None = None, train_kind: str | None = None) -> dict[str, Any]:
     """labels, num_labels, label_names (string classes) and label_note of sequence-level labels.
 
     `min_classes`: fewest distinct classes the data must hold (training: 2; evaluation data may hold 1).
     `label_names`: the training data's class names, so that string labels of evaluation data get the same ids.
     `model_names`: the class names the model's config gives its ids (`config_label_names`): training data's
-    string labels that are all among them keep those ids, so the trained head answers in the model's names."""
+    string labels that are all among them keep those ids, so the trained head answers in the model's names.
+    `train_kind`: the training data's `label_kind`, which evaluation data's labels must share."""
     missing = next((i for i, v in enumerate(values) if v is None or v == ""), None)
     if missing is not None:
         raise DataError(f"example {missing} has no label")
+    kind, taken = _kind(values, label_names)
+    expected = NAMES if label_names is not None else train_kind
+    if expected == REGRESSION and kind == IDS:
+        kind, taken = REGRESSION, [float(v) for v in taken]  # integers are numbers to regress too
+    if expected not in (None, kind):
+        odd = next((i for i, v in enumerate(values) if label_names is None or v not in label_names), 0)
+        names = f" ({_preview(label_names)})" if label_names is not None else ""
+        raise DataError(f"the training data's labels are {expected}{names} but the evaluation data's are {kind} "
+                        f"(example {odd} has label {short_repr(values[odd])}): give both the same kind of labels")
+    if kind == NAMES:
+        return _string_classes(taken, min_classes, label_names, model_names)
+    return _integer_classes(taken, min_classes) if kind == IDS else _regression(taken)
+
+
+def label_kind(prepared: Any) -> str | None:
+    """NAMES, IDS or REGRESSION: the kind of labels prepared data (`data.TokenizedData`) holds; None when
+    they are not sequence-level labels."""
+    if prepared.num_labels is None:
+        return None
+    return NAMES if prepared.label_names is not None else REGRESSION if prepared.num_labels == 1 else IDS
+
+
+def _kind(values: list, label_names: Sequence[str] | None) -> tuple[str, list]:
+    """(NAMES, IDS or REGRESSION, the labels as that kind takes them)."""
     if all(isinstance(v, str) for v in values):
-        if not all(v.strip().lstrip("-").isdigit() for v in values):
-            return _string_classes(values, min_classes, label_names, model_names)
-        values = [int(v) for v in values]  # CSV numbers arrive as strings
+        if label_names is not None and set(values) <= set(label_names):
+            return NAMES, values  # the training data's names, number strings or not
+        if all(_INTEGER.fullmatch(v.strip()) for v in values):
+            return IDS, [int(v) for v in values]
+        if all(_NUMBER.fullmatch(v.strip()) for v in values):
+            return REGRESSION, [float(v) for v in values]
+        return NAMES, values
     if all(isinstance(v, bool | int) for v in values):
-        return _integer_classes([int(v) for v in values], min_classes)
+        return IDS, [int(v) for v in values]
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        return _regression(values)
-    raise DataError(f"labels must be all strings, all integers or all numbers, found {type(values[0]).__name__}")
+        return REGRESSION, values
+    odd = next((i for i, v in enumerate(values) if type(v) is not type(values[0])), None)
+    where = f"; example {odd} has {short_repr(values[odd])}" if odd is not None else ""
+    raise DataError(f"labels must be all strings, all integers or all numbers: example 0 has "
+                    f"{short_repr(values[0])}{where}")
 
 
 def _string_classes(values: list[str], min_classes: int, label_names: Sequence[str] | None,
@@ -127,3 +171,9 @@ def _preview(values: Sequence, limit: int = 6) -> str:
     """"a, b, c" for a few values; the first few and the total for many."""
     shown = ", ".join(str(v) if str(v).isprintable() else repr(v) for v in values[:limit])
     return shown if len(values) <= limit else f"{shown}, ... ({len(values)} in all)"
+
+
+def short_repr(value: Any, limit: int = 40) -> str:
+    """repr(value), cut to `limit` characters: one line of an error, whatever the data holds."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

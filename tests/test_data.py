@@ -298,7 +298,8 @@ def test_a_mask_or_segment_ids_of_another_length_are_refused(name, row, message)
 
 
 def test_a_negative_token_id_is_refused_naming_the_example():
-    with pytest.raises(DataError, match=r"example 1 has token id -100: ids must be >= 0 \(-100 is for labels\)"):
+    with pytest.raises(DataError, match=r"example 1 has -100 in input_ids: token ids must be >= 0 \(-100 is for "
+                                        r"labels\)"):
         prepare_examples({"input_ids": [[5, 6], [5, -100]], "label": [0, 1]}, task="classification", max_length=8)
 
 

@@ -71,3 +71,21 @@ def test_a_plain_directory_is_not_a_dataset(tmp_path):
     pytest.importorskip("datasets")
     with pytest.raises(DataError, match="not one saved by datasets.save_to_disk"):
         load_data_file(tmp_path)
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    """csv.DictReader would keep the last copy's values without a word."""
+    path = tmp_path / "twice.csv"
+    path.write_text("text,label,label\na cat,pos,neg\n")
+    with pytest.raises(DataError) as info:
+        load_data_file(path)
+    assert str(info.value) == f"{path}: the header names column 'label' more than once; rename or drop the copies"
+
+
+def test_a_csv_row_with_more_values_than_the_header_is_named_by_line(tmp_path):
+    path = tmp_path / "commas.csv"
+    path.write_text('text,label\n"a, quoted cat",pos\na cat, unquoted,neg\n')
+    with pytest.raises(DataError, match=r"commas.csv: line 3 has more values than the header has columns \(2\)"):
+        load_data_file(path)
+    path.write_text('text,label\n"a, quoted cat",pos\n')
+    assert load_data_file(path) == [{"text": "a, quoted cat", "label": "pos"}]
