@@ -278,8 +278,8 @@ def train_summary(result: TrainResult) -> str:
         lines.append(f"allocator reserved {format_bytes(result.measured_reserved_bytes)} measured, "
                      f"{format_bytes(result.predicted_reserved_bytes)} predicted")
     lines.append(f"{result.tokens_per_second:,.0f} tokens/s, padding efficiency {result.padding_efficiency:.0%}")
-    lines += [f"eval epoch {e.epoch}: loss {e.loss:.4f}" + (f", accuracy {e.accuracy:.1%}" if e.accuracy is not None
-                                                          else "") for e in result.eval]
+    lines += [f"eval after step {e.step} (epoch {e.epoch + 1}): loss {e.loss:.4f}"
+              + (f", accuracy {e.accuracy:.1%}" if e.accuracy is not None else "") for e in result.eval]
     lines += [f"fallback at step {f.step}: {f.summary}" for f in result.fallbacks]
     if result.output_dir:
         lines.append(f"checkpoint: {result.output_dir}")

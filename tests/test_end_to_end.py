@@ -72,6 +72,10 @@ def test_evaluation_stays_within_the_plan_and_counts_in_the_measured_peak(tok):
                            eval_data=held_out, device="cpu")
     assert len(result.eval) == 1 and result.eval[0].samples == 120
     assert result.measured_peak_bytes <= budget and result.memory_warning is None
+    from autofit.report import train_summary
+
+    steps = result.optimizer_steps
+    assert f"eval after step {steps} (epoch 1): loss {result.eval[0].loss:.4f}, accuracy" in train_summary(result)
 
 
 def test_evaluations_own_peak_is_predicted_closely_from_above(tok, monkeypatch):
@@ -288,15 +292,17 @@ def test_arguments_no_run_can_have_are_refused_in_one_line(tok, tmp_path):
         assert "\n" not in str(info.value), str(info.value)
 
 
-def test_less_data_than_one_step_plans_and_trains_that_one_short_step(tok):
+def test_less_data_than_one_step_plans_and_trains_that_one_short_step(tok, caplog):
     # the default batch of 32 on 5 examples: the plan's simulated epoch counted 5/32 of a step and failed
     # its own validation (padding efficiency 6.2)
     model = tiny_model("bert", "classification", num_labels=3, **BERT)
     rows = skewed_rows(5)
     plan = autofit.plan(model, "1GB", data=rows, tokenizer=tok, device="cpu")
     assert plan.batch_size == 32 and plan.step.steps_per_epoch == 1 and 0 < plan.time.padding_efficiency <= 1
-    result = autofit.train(model, rows, plan=plan, tokenizer=tok, epochs=2, quiet=True)
+    with caplog.at_level("WARNING", logger="autofit"):
+        result = autofit.train(model, rows, plan=plan, tokenizer=tok, epochs=2, quiet=True)
     assert [r.samples for r in result.history] == [5, 5]
+    assert "the training data has 5 examples, fewer than the plan's batch of 32: each step trains all 5" in caplog.text
 
 
 def test_the_model_plan_and_tokenizer_forms_the_readme_lists(tok, tmp_path):

@@ -49,7 +49,7 @@ from autofit.executor.loop import (NonFiniteGradientError, StepContext, accumula
 from autofit.executor.progress import TrainingProgress
 from autofit.executor.resume import data_fingerprint, resume_noting, run_fingerprint
 from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord, TrainResult, summarize
-from autofit.executor.validate import check_inputs, run_device
+from autofit.executor.validate import check_inputs, run_device, short_data_notes
 from autofit.intmath import ceil_div
 from autofit.knobs import Knobs, Precision
 from autofit.measure import PeakMemoryMeter, SteadyStatePeak
@@ -107,6 +107,7 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
         run = _Run(model, saved[1] if saved else plan, train, eval, state=state, epochs=epochs, max_steps=max_steps,
                    seed=seed, drop_last=drop_last, output_dir=output_dir, checkpoint_every=checkpoint_every,
                    fallback=fallback or default_fallback, world=world)
+        notes += short_data_notes(len(train), run.plan.batch_size, drop_last)
         try:
             run.build(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, pad_token_id=pad_token_id,
                       resume_from=saved[0] if saved else None)

@@ -107,6 +107,7 @@ def _check_data_fits(model: PreTrainedModel, plan: Plan, data: TokenizedData, na
     if vocab is not None and top >= vocab:
         raise ExecutorInputError(f"the {name} data has token id {top} but the model's vocabulary has "
                                  f"{vocab} entries: was it tokenized with another model's tokenizer?")
+    _check_token_types(config, data, name)
     positions = max_sequence_length(config)
     longest = max(data.lengths)
     if positions is not None and longest > positions:
@@ -125,3 +126,24 @@ def _check_data_fits(model: PreTrainedModel, plan: Plan, data: TokenizedData, na
     if data.num_labels == 1 and labels not in (None, 1) and data.task == "classification":
         raise ExecutorInputError(f"the {name} data's labels are numbers to regress (one output), but the model's "
                                  f"head has {labels}: build it with num_labels=1, or give class labels")
+
+
+def _check_token_types(config, data: TokenizedData, name: str) -> None:
+    """Segment ids beyond the model's token-type embeddings would index past its table (an IndexError deep in
+    the forward); a model without one (type_vocab_size 0) takes none but 0."""
+    kinds = getattr(config, "type_vocab_size", None)
+    if data.token_type_ids is None or not isinstance(kinds, int):
+        return
+    top = max((max(ids) for ids in data.token_type_ids if len(ids)), default=0)
+    if top >= max(kinds, 1):
+        raise ExecutorInputError(f"the {name} data has token type id {top} but the model has {kinds} token "
+                                 "types: drop token_type_ids, or tokenize with this model's tokenizer")
+
+
+def short_data_notes(examples: int, batch_size: int, drop_last: bool) -> list[str]:
+    """A note when the data holds less than one step: then each step trains fewer examples than the plan's
+    effective batch promises (the plan counted them, but a user reads the batch they asked for)."""
+    if examples >= batch_size or drop_last:
+        return []
+    return [f"the training data has {examples} examples, fewer than the plan's batch of {batch_size}: each step "
+            f"trains all {examples}"]

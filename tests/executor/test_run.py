@@ -424,3 +424,13 @@ def test_a_run_over_its_budget_says_so(tiny, data, plan_for):
     result = run_plan(model, plan, train, quiet=True)
     assert result.measured_peak_bytes > result.budget_bytes == 1 << 20
     assert "over its 1.0 MB budget" in result.memory_warning and "\n" not in result.memory_warning
+
+
+def test_token_type_ids_beyond_the_models_token_types_are_refused(tiny, data, plan_for):
+    model = tiny()  # BERT: type_vocab_size 2
+    plan = plan_for(model, micro_batch_size=4)
+    train = data(4)
+    segments = train.model_copy(update={"token_type_ids": [[0] * (len(ids) - 1) + [2] for ids in train.input_ids]})
+    assert "token type id 2 but the model has 2 token types" in refuse(model, plan, segments, "token type id")
+    ok = train.model_copy(update={"token_type_ids": [[0] * (len(ids) - 1) + [1] for ids in train.input_ids]})
+    assert run_plan(model, plan, ok, quiet=True, measure_memory=False).optimizer_steps == 1
