@@ -15,8 +15,8 @@ from autofit.labels import DataError
 
 
 def load_data_file(path: str | Path):
-    """Rows of a CSV or JSON-lines/JSON file as a list of dicts, or a `datasets.save_to_disk` directory
-    as a `datasets.Dataset` (its "train" split when it holds several)."""
+    """Rows of a CSV or JSON-lines/JSON file as a list of dicts (a JSON object of columns as that dict), or a
+    `datasets.save_to_disk` directory as a `datasets.Dataset` (its "train" split when it holds several)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -79,11 +79,21 @@ def _load_json(path: Path) -> list[dict]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+    if isinstance(rows, list) and len(rows) == 1 and _holds_columns(rows[0]):
+        return rows[0]  # {"text": [...], "label": [...]}, as pandas' to_json(orient="list") writes
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None) if isinstance(rows, list) else 0
     if bad is not None:
         raise DataError(f"{path}: every example must be a JSON object such as {{\"text\": ..., \"label\": ...}}; "
                         f"example {bad} is not")
     return rows
+
+
+def _holds_columns(row: object) -> bool:
+    """A lone JSON object of equally long lists, one of them of strings or of lists: columns, not one example
+    (an example's text is a string, its token ids are numbers)."""
+    if not isinstance(row, dict) or not row or not all(isinstance(v, list) for v in row.values()):
+        return False
+    return len({len(v) for v in row.values()}) == 1 and any(v and isinstance(v[0], str | list) for v in row.values())
 
 
 def _load_saved_dataset(path: Path):

@@ -89,3 +89,12 @@ def test_a_csv_row_with_more_values_than_the_header_is_named_by_line(tmp_path):
         load_data_file(path)
     path.write_text('text,label\n"a, quoted cat",pos\n')
     assert load_data_file(path) == [{"text": "a, quoted cat", "label": "pos"}]
+
+
+def test_a_json_object_of_columns_is_read_as_columns_not_one_example(tmp_path):
+    path = tmp_path / "cols.json"
+    path.write_text(json.dumps({"text": ["a b", "c d", "e"], "label": [0, 1, 0]}))
+    assert load_data_file(path) == {"text": ["a b", "c d", "e"], "label": [0, 1, 0]}
+    one = tmp_path / "one.jsonl"  # one pre-tokenized token-classification example: lists of numbers
+    one.write_text(json.dumps({"input_ids": [5, 6, 7], "labels": [0, 1, 0]}) + "\n")
+    assert load_data_file(one) == [{"input_ids": [5, 6, 7], "labels": [0, 1, 0]}]
