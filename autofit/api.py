@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 from torch import nn
 from transformers import PretrainedConfig
 
+from autofit.arguments import check_columns, check_columns_are_lists, check_device, check_tokenizer
 from autofit.budget import parse_budget
 from autofit.card import card_profile, card_spec, on_card, visible_as
 from autofit.cluster import SINGLE, Cluster, make_cluster
@@ -43,6 +44,7 @@ DEFAULT_NUM_SAMPLES = 10_000
 def target_device(device: str | DeviceSpec | None, *, train: bool = False) -> DeviceSpec:
     """The device a plan is for: a name from autofit.devices, the visible GPU (with its calibration, measured
     on first use), or (no GPU) a generic CUDA card when planning and the CPU when training."""
+    check_device(device)
     if isinstance(device, DeviceSpec):
         return device
     if device is not None:  # the visible card when it is the one named: measured, not the spec sheet
@@ -78,23 +80,26 @@ def make_workload(task: str, *, seq_len: int, batch_size: int, lengths: list[int
 def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, batch_size: int = 32,
          data: Any = None, policy: str = "balanced", task: str | None = None,
          device: str | DeviceSpec | None = None, tokenizer: Any = None, text_column: str | None = None,
-         num_samples: int | None = None, n_trials: int | None = None, storage: str | None = None,
-         profile: Profile | None = None, adapter: str = "auto", gpus: int = 1, machines: int = 1,
-         interconnect: str | None = None, network: str = "ethernet", host_memory: str | int | None = None) -> Plan:
+         label_column: str | None = None, num_samples: int | None = None, n_trials: int | None = None,
+         storage: str | None = None, profile: Profile | None = None, adapter: str = "auto", gpus: int = 1,
+         machines: int = 1, interconnect: str | None = None, network: str = "ethernet",
+         host_memory: str | int | None = None) -> Plan:
     """The fastest plan whose predicted peak fits `budget` (e.g. "16GB"; GB = 2**30 bytes, as nvidia-smi).
 
-    `data` (examples with text, or tokenized) gives the real length distribution, cut at `seq_len`;
-    without it every example is `seq_len` tokens (default: the model's limit, at most 512; a longer
-    `seq_len` than the model takes is refused). `adapter` (auto | none | lora) overrides when the policy
+    `data` (examples with text, or tokenized) gives the real length distribution, cut at `seq_len`, and a
+    label column (`label_column`, default "label" or "labels") makes a decoder a classifier; without data
+    every example is `seq_len` tokens (default: the model's limit, at most 512; a longer `seq_len` than the
+    model takes is refused). `adapter` (auto | none | lora) overrides when the policy
     trains LoRA adapters: auto lets it decide, none searches full fine-tuning only, lora adapter plans only.
     `gpus` processes on `machines` machines (linked by `interconnect`: nvlink | pcie, and `network`:
     infiniband | ethernet) plan DDP or FSDP, and `budget` is each GPU's; `host_memory` (each machine's CPU RAM,
-    e.g. "512GB") rules out CPU offload that needs more. Raises search.NoPlanFitsError (with the smallest budget that fits) when nothing does."""
+    e.g. "512GB") rules out CPU offload that needs more. Raises search.NoPlanFitsError (with the smallest
+    budget that fits) when nothing does."""
     return plan_and_search(model, budget, seq_len=seq_len, batch_size=batch_size, data=data, policy=policy,
                            task=task, device=device, tokenizer=tokenizer, text_column=text_column,
-                           num_samples=num_samples, n_trials=n_trials, storage=storage, profile=profile,
-                           adapter=adapter, gpus=gpus, machines=machines, interconnect=interconnect,
-                           network=network, host_memory=host_memory).plan
+                           label_column=label_column, num_samples=num_samples, n_trials=n_trials,
+                           storage=storage, profile=profile, adapter=adapter, gpus=gpus, machines=machines,
+                           interconnect=interconnect, network=network, host_memory=host_memory).plan
 
 
 class Planned(NamedTuple):
@@ -110,7 +115,8 @@ class Planned(NamedTuple):
 def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, batch_size: int = 32,
                     data: Any = None, policy: str = "balanced", task: str | None = None,
                     device: str | DeviceSpec | None = None, tokenizer: Any = None,
-                    text_column: str | None = None, num_samples: int | None = None, n_trials: int | None = None,
+                    text_column: str | None = None, label_column: str | None = None,
+                    num_samples: int | None = None, n_trials: int | None = None,
                     storage: str | None = None, profile: Profile | None = None, adapter: str = "auto",
                     gpus: int = 1, machines: int = 1, interconnect: str | None = None,
                     network: str = "ethernet", host_memory: str | int | None = None) -> Planned:
@@ -118,6 +124,9 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     chosen = load_policy(policy).with_adapter(adapter)
     budget_bytes = parse_budget(budget)
     check_batch_size(batch_size)
+    check_tokenizer(tokenizer)
+    check_columns_are_lists(data)
+    check_columns(data, text_column, label_column)
     for name, value in (("n_trials", n_trials), ("num_samples", num_samples)):
         if value is not None:
             check_whole(name, value)
@@ -129,11 +138,12 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     seq_len = check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=PAD_MULTIPLE, flag="seq_len")
     given = profile is not None
     if profile is None:  # the task spelled out, as train() asks for it: one cached profile serves both
-        task = task or inferred_task(model, config, data)
+        task = task or inferred_task(model, config, data, label_column)
         profile = _profile(model, task, spec, adapters=chosen.adapters.mode == "always")
     lengths = None
     if data is not None:
-        lengths = [n for n in _lengths(data, resolve_tokenizer(tokenizer, model), text_column, seq_len)
+        columns = (text_column, label_column)
+        lengths = [n for n in _lengths(data, resolve_tokenizer(tokenizer, model), columns, seq_len)
                    if n >= min_tokens(profile.task)]  # what training keeps (data.without_untrainable)
     workload = make_workload(profile.task, seq_len=seq_len, batch_size=batch_size, lengths=lengths,
                              num_samples=num_samples)
@@ -142,13 +152,15 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     return Planned(plan_from_search(profile, workload, budget_bytes, spec, found, cluster), profile, found)
 
 
-def inferred_task(model: ModelSpec, config: PretrainedConfig, data: Any) -> str:
-    """models.infer_task, saying so when the data's labels made a decoder a classifier."""
-    labelled = data is not None and any(name in LABEL_COLUMNS for name in column_names(data))
+def inferred_task(model: ModelSpec, config: PretrainedConfig, data: Any, label_column: str | None = None) -> str:
+    """models.infer_task, saying so when the data's labels (`label_column`, else a LABEL_COLUMNS one) made a
+    decoder a classifier."""
+    labelled = data is not None and (label_column is not None
+                                     or any(name in LABEL_COLUMNS for name in column_names(data)))
     task = infer_task(model, config, labelled=labelled)
     if task == "classification" and infer_task(model, config) == "causal-lm":
         log.info(f"the data has labels: training {config.model_type} as a classifier, not a causal LM "
-                 "(say task='causal-lm' / --task causal-lm for that)")
+                 "(for that, give the text without its labels and say task='causal-lm' / --task causal-lm)")
     return task
 
 
@@ -182,14 +194,15 @@ def _profile(model: ModelSpec, task: str, device: DeviceSpec, *, adapters: bool)
     return cached_profile(model, task=task, timing=timing, adapters=adapters)
 
 
-def _lengths(data: Any, tokenizer: Any, text_column: str | None, seq_len: int) -> list[int]:
-    """The examples' token lengths cut at `seq_len`, as training will cut them; says how many were longer."""
+def _lengths(data: Any, tokenizer: Any, columns: tuple[str | None, str | None], seq_len: int) -> list[int]:
+    """The examples' token lengths cut at `seq_len`, as training will cut them (the text found, or named with
+    the label, in `columns`); says how many were longer."""
     if isinstance(data, TokenizedData):
         lengths = data.lengths
     elif tokenizer is None and "input_ids" not in column_names(data):
         raise DataError("text data needs a tokenizer (or pass examples that already hold input_ids)")
     else:
-        lengths = text_lengths(data, tokenizer, text_column)
+        lengths = text_lengths(data, tokenizer, columns[0], label_column=columns[1])
     longer = sum(n > seq_len for n in lengths)
     if longer:
         log.info(f"{longer} of {len(lengths)} examples are longer than {seq_len} tokens: planned cut at {seq_len}, "
@@ -200,6 +213,7 @@ def _lengths(data: Any, tokenizer: Any, text_column: str | None, seq_len: int) -
 def resolve_tokenizer(tokenizer: Any, model: ModelSpec) -> Any:
     """The tokenizer to read text with: the one given (an object, a directory, or a bare
     `tokenizers.Tokenizer`), else the model's own when the model is an id or a path (None if it has none)."""
+    check_tokenizer(tokenizer)
     if tokenizer is None:
         return load_tokenizer(model) if isinstance(model, str | os.PathLike) else None
     if isinstance(tokenizer, str | os.PathLike):

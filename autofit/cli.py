@@ -15,6 +15,7 @@ from rich.console import Console
 
 from autofit import plots  # light: matplotlib is imported only to draw
 from autofit.cli_errors import Commands, err, escape, friendly_errors
+from autofit.cli_options import check_needs_data, check_out_file, checked_seq_len, load_data, read_plan
 
 out = Console()
 
@@ -25,12 +26,7 @@ ADAPTER_HELP = ("auto: the policy decides; none: full fine-tuning only; lora: Lo
                 "(with the policy's ranks, targets and bases).")
 VRAM_HELP = ("GPU memory budget: 16GB, 15.5GiB, 16000MB or bytes. GB and GiB both mean 2**30 bytes, as "
              "nvidia-smi reports memory and as '16 GB' cards are sized; 'auto' reads the current CUDA device.")
-
-
-def _load_data(path: Optional[Path]):
-    from autofit.data_files import load_data_file
-
-    return None if path is None else load_data_file(path)
+LABEL_HELP = "The column of --data holding the labels (default: label or labels)."
 
 
 @app.command()
@@ -44,6 +40,7 @@ def plan(
     data: Optional[Path] = typer.Option(None, "--data", help="CSV, JSON lines or saved dataset: real lengths."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory for --data."),
     text_column: Optional[str] = typer.Option(None, "--text-column"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help=LABEL_HELP),
     policy: str = typer.Option("balanced", "--policy", help="balanced, quality-first, fastest, minimal-memory, "
                                                             "or a policy YAML file."),
     adapter: str = typer.Option("auto", "--adapter", help=ADAPTER_HELP),
@@ -71,10 +68,16 @@ def plan(
     from autofit.models import load_tokenizer
     from autofit.policy import check_adapter_choice
     from autofit.report import plan_report
+    from autofit.search.space import PAD_MULTIPLE
 
     plots.check_paths(plot, pareto)  # before any work: a bad picture path or no matplotlib fails now
+    check_out_file("--out", out_path)
+    check_out_file("--accelerate-config", accelerate_config)
     check_adapter_choice(adapter)
-    rows = _load_data(data)
+    check_needs_data(data, {"--text-column": text_column, "--label-column": label_column, "--tokenizer": tokenizer})
+    if seq_len is not None:  # (plan() checks it too, naming seq_len)
+        checked_seq_len(model, seq_len, PAD_MULTIPLE)
+    rows = load_data(data)
     tok = load_tokenizer(tokenizer) if tokenizer else None
     if tokenizer and tok is None:
         raise ValueError(f"no tokenizer files in {tokenizer!r}")
@@ -83,7 +86,8 @@ def plan(
         if tok is None:
             raise ValueError(f"--data needs a tokenizer and none for {model!r} is on this machine: pass --tokenizer")
     found = plan_and_search(model, vram, seq_len=seq_len, batch_size=batch_size, data=rows, policy=policy,
-                            task=task, device=device, tokenizer=tok, text_column=text_column, n_trials=trials,
+                            task=task, device=device, tokenizer=tok, text_column=text_column,
+                            label_column=label_column, n_trials=trials,
                             storage=storage, adapter=adapter, gpus=gpus, machines=machines,
                             interconnect=interconnect, network=network, host_memory=host_memory)
     result = found.plan
@@ -111,6 +115,9 @@ def train(
     eval_data: Optional[Path] = typer.Option(None, "--eval-data"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: the model's)."),
     text_column: Optional[str] = typer.Option(None, "--text-column"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help=LABEL_HELP),
+    task: Optional[str] = typer.Option(None, "--task", help="classification | causal-lm (default: the plan's, "
+                                       "else by model and data)."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Checkpoints go here."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --output-dir "
@@ -119,9 +126,10 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
                                             help="Optimizer steps to run, instead of --epochs."),
     lr: float = typer.Option(2e-5, "--lr"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Effective batch size (with --vram)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Effective batch size, with --vram "
+                                             "(default 32; a plan fixes it)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1),
-    policy: str = typer.Option("balanced", "--policy"),
+    policy: Optional[str] = typer.Option(None, "--policy", help="With --vram (default balanced; a plan fixes it)."),
     adapter: str = typer.Option("auto", "--adapter", help="With --vram: " + ADAPTER_HELP),
     seed: int = typer.Option(0, "--seed", help="Seeds the new head's weights, the step order and dropout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -139,7 +147,7 @@ def train(
     check_adapter_choice(adapter)
     if (plan_path is None) == (vram is None):
         raise ValueError("give exactly one of --plan and --vram")
-    saved = _read_plan(plan_path) if plan_path is not None else None
+    saved = read_plan(plan_path) if plan_path is not None else None
     model_spec = model or (saved.model_id if saved else None)
     if model_spec is None:
         raise ValueError("--vram needs --model")
@@ -147,9 +155,10 @@ def train(
     tok = load_tokenizer(tokenizer or model_spec)
     if tok is None:
         raise ValueError(f"no tokenizer for {tokenizer or model_spec!r} on this machine: pass --tokenizer")
-    result = autofit.train(model_spec, _load_data(data), budget=vram, plan=saved, tokenizer=tok, epochs=epochs,
-                           max_steps=max_steps, lr=lr, batch_size=batch_size, eval_data=_load_data(eval_data),
-                           policy=policy, max_length=max_length, text_column=text_column, output_dir=output_dir,
+    result = autofit.train(model_spec, load_data(data), budget=vram, plan=saved, tokenizer=tok, epochs=epochs,
+                           max_steps=max_steps, lr=lr, batch_size=batch_size, eval_data=load_data(eval_data),
+                           policy=policy, task=task, max_length=max_length, text_column=text_column,
+                           label_column=label_column, output_dir=output_dir,
                            checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, seed=seed,
                            adapter=adapter, measure_memory=measure)
     if result.processes > 1:  # left open, gloo's threads can abort the process at exit, after a good run
@@ -184,7 +193,8 @@ def _end_process_group() -> None:
 def profile(
     model: str = typer.Option(..., "--model", "-m"),
     task: Optional[str] = typer.Option(None, "--task"),
-    seq_len: int = typer.Option(512, "--seq-len", min=1, help="Sequence length the table is shown at."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Sequence length the table is shown at "
+                                          "(default: the model's limit, at most 512)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole Profile as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw bytes and time per layer (.png)."),
 ) -> None:
@@ -193,6 +203,7 @@ def profile(
     from autofit.report import profile_table
 
     plots.check_paths(plot)
+    seq_len = checked_seq_len(model, seq_len)  # before the (slow) profile
     import torch
 
     timed_on = "cuda" if torch.cuda.is_available() else "cpu"  # the visible GPU's own times where there is one
@@ -243,15 +254,7 @@ def explain(plan_path: Path = typer.Argument(..., help="A plan JSON file.")) -> 
     """Print a saved plan as `autofit plan` shows it."""
     from autofit.report import plan_report
 
-    out.print(plan_report(_read_plan(plan_path)))
-
-
-def _read_plan(path: Path):
-    from autofit.plan import Plan
-
-    if not path.is_file():
-        raise ValueError(f"plan file {path} is a directory" if path.is_dir() else f"plan file not found: {path}")
-    return Plan.load(path)  # PlanFileError names the file and the first bad field
+    out.print(plan_report(read_plan(plan_path)))
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -5,6 +5,7 @@ inferred goes to stderr as `note:` lines."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from functools import wraps
@@ -127,14 +128,30 @@ def _notes_to_stderr():
             err.print("[dim]note:[/] " + escape(record.getMessage()), soft_wrap=True, highlight=False)
 
     logger, handler = logging.getLogger("autofit"), _Notes(logging.INFO)
-    level = logger.level
+    level, show = logger.level, warnings.showwarning
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    warnings.showwarning = _one_line_warning(show)
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        warnings.showwarning = show
+
+
+def _one_line_warning(show: Callable) -> Callable:
+    """autofit's own warnings (random weights, a fallback to 32-bit AdamW) as `warning:` lines, without the
+    source line Python prints under them; other libraries' as Python shows them."""
+    package = os.path.dirname(__file__)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if not str(filename).startswith(package):
+            return show(message, category, filename, lineno, file, line)
+        if _main_process():
+            err.print("[yellow]warning:[/] " + escape(str(message)), soft_wrap=True, highlight=False)
+
+    return show_warning
 
 
 def escape(text: str) -> str:

@@ -124,7 +124,8 @@ def column_names(data) -> list[str]:
     return []
 
 
-def _text_columns(columns: dict[str, list], text_column: str | Sequence[str] | None) -> tuple[str, ...]:
+def _text_columns(columns: dict[str, list], text_column: str | Sequence[str] | None,
+                  label_column: str | None = None) -> tuple[str, ...]:
     if text_column is not None:
         names = (text_column,) if isinstance(text_column, str) else tuple(text_column)
         missing = [n for n in names if n not in columns]
@@ -138,7 +139,7 @@ def _text_columns(columns: dict[str, list], text_column: str | Sequence[str] | N
         if name in columns:
             return (name,)
     strings = [n for n, values in columns.items()
-               if n not in LABEL_COLUMNS and all(isinstance(v, str) for v in values)]
+               if n not in (*LABEL_COLUMNS, label_column) and all(isinstance(v, str) for v in values)]
     if len(strings) == 1:
         log.warning(f"the text is column {strings[0]!r}, the only column of strings (name it with --text-column)")
         return (strings[0],)
@@ -183,7 +184,7 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
         raise DataError("token-classification needs pre-tokenized examples with input_ids and token labels")
     if tokenizer is None:
         raise DataError("text data needs a tokenizer (or pass examples that already hold input_ids)")
-    names = _text_columns(columns, text_column)
+    names = _text_columns(columns, text_column, label_column)
     texts = [_texts(columns, name) for name in names]
     ids, types, truncated = _encode(tokenizer, texts, max_length, truncation)
     fields = dict(task=task, input_ids=ids, token_type_ids=types, num_truncated=truncated)
@@ -194,13 +195,13 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
 
 
 def text_lengths(data, tokenizer, text_column: str | Sequence[str] | None = None,
-                 max_length: int | None = None) -> list[int]:
+                 max_length: int | None = None, label_column: str | None = None) -> list[int]:
     """Token length of every example (with special tokens), capped at `max_length`: the planner's input."""
     columns = _columns(data)
     if "input_ids" in columns:
         lengths = [len(ids) for ids in _unpadded(columns, [])["input_ids"]]
     else:
-        texts = [_texts(columns, name) for name in _text_columns(columns, text_column)]
+        texts = [_texts(columns, name) for name in _text_columns(columns, text_column, label_column)]
         lengths = [len(ids) for ids in _encode(tokenizer, texts, None, True)[0]]
     return [min(n, max_length) for n in lengths] if max_length else lengths
 

@@ -6,6 +6,7 @@ step layout) is derived from the rest rather than believed."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -248,6 +249,8 @@ class Plan(_Checked):
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         """Read a plan file; PlanFileError names the file and the first bad field."""
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"Plan.load takes a plan file's path, not {type(path).__name__}")
         path = Path(path)
         try:
             return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))

@@ -5,7 +5,6 @@ planning once for several launched processes, and the evaluation's predicted pea
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
 
@@ -15,8 +14,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from autofit.api import (DEFAULT_MAX_LENGTH, ModelSpec, _config, _profile, _search_lazily, check_batch_size,
-                         inferred_task,
-                         make_workload, plan_from_search, resolve_tokenizer, target_device)
+                         inferred_task, make_workload, plan_from_search, resolve_tokenizer, target_device)
+from autofit.arguments import check_output_dir_arg, check_plan_choices, check_train_values, given_plan
 from autofit.budget import format_bytes, parse_budget
 from autofit.cluster import Cluster, make_cluster
 from autofit.cost import predict_time
@@ -24,8 +23,7 @@ from autofit.data import (LABEL_COLUMNS, DataError, TokenizedData, column_names,
                           prepare_examples, without_untrainable)
 from autofit.data_files import is_dataset_dict
 from autofit.devices import DeviceSpec
-from autofit.intmath import check_whole
-from autofit.labels import config_label_names
+from autofit.labels import config_label_names, label_kind
 from autofit.limits import check_seq_len, max_sequence_length
 from autofit.memory import peak_over_shapes, predict_eval_peak, predict_peak
 from autofit.models import build_model, head_task, load_model
@@ -44,27 +42,35 @@ log = logging.getLogger("autofit")
 def replan_for_data(plan: Plan, profile: Profile, lengths: list[int], max_length: int) -> Plan:
     """`plan` with its workload replaced by the data it will train on (cut at `max_length`), and its memory and
     time predicted again from its knobs: what a plan file claims about its peak is not believed. Raises
-    PlanNoLongerFitsError when the knobs' peak on this data is over the plan's budget (an edited file, or
-    longer data)."""
+    PlanNoLongerFitsError when the knobs' peak on this data is over the plan's budget less its headroom (an
+    edited file, or longer data): the search kept the peak under that, and the headroom is what covers the
+    memory model's errors."""
     workload = make_workload(plan.task, seq_len=max_length, batch_size=plan.batch_size, lengths=lengths)
     memory = predict_peak(profile, plan.knobs, workload, plan.device, cluster=plan.cluster)
-    if memory.peak_bytes > plan.budget_bytes:
+    if memory.peak_bytes > plan.budget_bytes - plan.headroom_bytes:
         raise PlanNoLongerFitsError(
             f"this plan's knobs need {format_bytes(memory.peak_bytes)} on this data (predicted again from "
-            f"them), over its {format_bytes(plan.budget_bytes)} budget: plan again for this data and budget")
+            f"them), over its {format_bytes(plan.budget_bytes)} budget less its "
+            f"{format_bytes(plan.headroom_bytes)} headroom: plan again for this data and budget")
     time = predict_time(profile, plan.knobs, workload, plan.device, cluster=plan.cluster)
     return plan.model_copy(update=dict(workload=workload, predicted=memory, time=time))
 
 
 class PlanNoLongerFitsError(ValueError):
-    """A plan whose knobs, predicted again on the data it is given, do not fit its own budget."""
+    """A plan whose knobs, predicted again on the data it is given, do not fit its own budget (less its
+    headroom)."""
+
+
+DEFAULT_BATCH_SIZE = 32
+"""Examples per optimizer step when training without a plan and none is asked for (plan()'s default)."""
 
 
 def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
           plan: Plan | str | os.PathLike | None = None,
           tokenizer: Any = None, epochs: int = 1, max_steps: int | None = None, lr: float = 2e-5,
-          batch_size: int = 32, eval_data: Any = None, policy: str = "balanced", task: str | None = None,
-          max_length: int | None = None, text_column: str | None = None, device: str | None = None,
+          batch_size: int | None = None, eval_data: Any = None, policy: str | None = None, task: str | None = None,
+          max_length: int | None = None, text_column: str | None = None, label_column: str | None = None,
+          device: str | None = None,
           output_dir: str | None = None, checkpoint_every: int | None = None, resume: bool = False,
           seed: int = 0, quiet: bool = False, num_labels: int | None = None, adapter: str = "auto",
           gpus: int | None = None, machines: int = 1, interconnect: str | None = None, network: str = "ethernet",
@@ -73,42 +79,35 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     plan, the measured peak next to the predicted one, and the loss/eval history.
 
     `plan` is a Plan or a saved plan's file. A given plan's peak is predicted again from its knobs on this
-    data (its profile is cached), and a plan that no longer fits its budget is refused. Everything random (a new head, the steps' order, dropout)
-    follows `seed`: the same seed, data and plan give the same losses. `adapter` is plan()'s; with a plan it
-    must be auto or what the plan chose. Under a launcher (`accelerate launch`, `torchrun`) every process
-    calls train: the main process plans (for `gpus` processes, default: as many as were launched on
-    `machines` machines) and the others train its plan. `measure_memory=False` skips measuring the peak: free
-    on a GPU (the allocator counts it), it makes a CPU run 2-7x slower (every op's tensors are tracked)."""
+    data (its profile is cached), and a plan that no longer fits its budget is refused; what it fixes
+    (`batch_size`, default 32; `policy`, default balanced; `task`; `device`) may be left out or repeated, not
+    changed. `label_column` names the labels (default: "label" or "labels"). Everything random (a new head,
+    the steps' order, dropout) follows `seed`: the same seed, data and plan give the same losses. `adapter` is
+    plan()'s; with a plan it must be auto or what the plan chose. Under a launcher (`accelerate launch`,
+    `torchrun`) every process calls train: the main process plans (for `gpus` processes, default: as many as
+    were launched on `machines` machines) and the others train its plan. `measure_memory=False` skips
+    measuring the peak: free on a GPU (the allocator counts it), it makes a CPU run 2-7x slower (every op's
+    tensors are tracked)."""
     from autofit.executor import run_plan  # the executor is the last stage: imported only to train
-    from autofit.executor.output_dir import check_no_earlier_run, check_output_dir, check_output_dir_free
 
     if (plan is None) == (budget is None):
         raise ValueError("give a memory budget (e.g. budget='16GB') or a plan" + (", not both" if plan else ""))
     budget_bytes = parse_budget(budget) if budget is not None else None  # a bad budget fails before any work
-    if isinstance(plan, str | os.PathLike):  # a saved plan's file
-        plan = Plan.load(plan)
-    if plan is not None and check_adapter_choice(adapter) not in ("auto", plan.knobs.adapter):
-        raise ValueError(f"the plan was made with adapter={plan.knobs.adapter}, not {adapter}: plan again with "
-                         f"adapter={adapter}, or leave adapter=auto")
-    chosen = load_policy(policy).with_adapter(adapter)  # a bad policy or adapter fails before any work
-    if plan is not None and plan.knobs.cpu_offload and plan.device.kind == "cpu":
-        # the memory model counts offloaded shards off the device: on the CPU they stay in the same memory
-        raise ValueError("this plan offloads FSDP's shards to the CPU, and it is a plan for the CPU: there is "
-                         "nowhere to offload to (set knobs.cpu_offload to false, or plan again)")
+    plan = given_plan(plan)
+    chosen = _policy_or_plan_choices(plan, adapter, batch_size=batch_size, policy=policy, task=task, device=device,
+                                     gpus=gpus)
+    if batch_size is None:
+        batch_size = plan.batch_size if plan is not None else DEFAULT_BATCH_SIZE
+    policy = "balanced" if policy is None else policy
     check_batch_size(batch_size, (gpus or launched_processes()) if plan is None else 1)
-    check_whole("seed", seed, least=0)
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"the learning rate must be a positive number, not {lr!r}")
-    if output_dir is not None:
-        check_output_dir(output_dir)  # a bad --output-dir fails now, not after profiling and training
-        if launched_processes() == 1:  # (launched ones would race for the probe: run_plan holds it for them)
-            check_output_dir_free(output_dir)
-        if not resume:
-            check_no_earlier_run(output_dir)
+    check_train_values(data=data, eval_data=eval_data, tokenizer=tokenizer, text_column=text_column,
+                       label_column=label_column, device=device, gpus=gpus, num_labels=num_labels, seed=seed,
+                       lr=lr, resume=resume, quiet=quiet, measure_memory=measure_memory)
+    check_output_dir_arg(output_dir, resume)
     config = _config(model)
     if task is None:
-        task = plan.task if plan is not None else inferred_task(model, config, data)
-    _check_task_fits_data(task, data)
+        task = plan.task if plan is not None else inferred_task(model, config, data, label_column)
+    _check_task_fits_data(task, data, label_column)
     head = head_task(model) if isinstance(model, nn.Module) else None
     if head not in (None, task):
         raise ValueError(f"the task is {task}, but this model ({type(model).__name__}) has a {head} head: pass a "
@@ -120,10 +119,11 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     planned = plan.workload.max_length if plan is not None else None
     asked = max_length if max_length is not None else planned or max_sequence_length(config) or DEFAULT_MAX_LENGTH
     max_length = check_seq_len(config, asked, explicit=max_length is not None, multiple=multiple, flag="max_length")
-    train_data = _tokenized(data, tokenizer, task, max_length, text_column, model_names=config_label_names(config))
+    train_data = _tokenized(data, tokenizer, task, max_length, (text_column, label_column),
+                            model_names=config_label_names(config))
     _say_data_notes(train_data, max_length)
-    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, text_column, train=train_data) \
-        if eval_data is not None else None
+    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, (text_column, label_column),
+                             train=train_data) if eval_data is not None else None
     set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
     source, nf4 = model, _nf4_loading(plan)
     if isinstance(model, PretrainedConfig):  # a config asks for a model with random weights
@@ -166,6 +166,24 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
                  "result.adapter_dir), or a plain model with techniques.lora.export_merged, not with "
                  "model.save_pretrained")
     return result
+
+
+def _policy_or_plan_choices(plan: Plan | None, adapter: str, **choices: Any) -> Policy | None:
+    """The policy to plan with (None with a plan); with a plan, a one-line error for what it did not choose."""
+    if plan is None:
+        policy = choices["policy"]
+        return load_policy("balanced" if policy is None else policy).with_adapter(adapter)
+    if check_adapter_choice(adapter) not in ("auto", plan.knobs.adapter):
+        raise ValueError(f"the plan was made with adapter={plan.knobs.adapter}, not {adapter}: plan again with "
+                         f"adapter={adapter}, or leave adapter=auto")
+    if choices["batch_size"] is not None:
+        check_batch_size(choices["batch_size"])  # its type, before it is compared with the plan's
+    check_plan_choices(plan, **choices)
+    if plan.knobs.cpu_offload and plan.device.kind == "cpu":
+        # the memory model counts offloaded shards off the device: on the CPU they stay in the same memory
+        raise ValueError("this plan offloads FSDP's shards to the CPU, and it is a plan for the CPU: there is "
+                         "nowhere to offload to (set knobs.cpu_offload to false, or plan again)")
+    return None
 
 
 def _name_classes(model: nn.Module, names: list[str] | None) -> None:
@@ -236,20 +254,23 @@ def _say_data_notes(data: TokenizedData, max_length: int) -> None:
                  "truncated")
 
 
-def _check_task_fits_data(task: str, data: Any) -> None:
+def _check_task_fits_data(task: str, data: Any, label_column: str | None = None) -> None:
     """A causal LM learns from text alone: labelled rows mean the plan or --task is for another model."""
+    if task == "causal-lm" and label_column is not None:
+        raise ValueError(f"the task is causal-lm, but label_column (--label-column) names labels "
+                         f"({label_column!r}): a causal LM trains on text alone")
     if task == "causal-lm" and any(name in LABEL_COLUMNS for name in column_names(data)):
         raise ValueError("the task is causal-lm, but the data has labels: a causal LM trains on text alone "
                          "(is the plan for another task, or was it edited?)")
 
 
-def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_column: str | None,
+def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, columns: tuple[Any, str | None],
                train: TokenizedData | None = None, model_names: list[str] | None = None) -> TokenizedData:
-    """Tokenized training data, or (given `train`) evaluation data: that may hold a single class, and its
-    string labels take the training data's class ids. Training data's string labels all named by the model's
-    config (`model_names`) take the config's ids."""
+    """Tokenized training data, or (given `train`) evaluation data, the (text, label) `columns` named or None
+    (found): evaluation data may hold a single class, and its string labels take the training data's class
+    ids. Training data's string labels all named by the model's config (`model_names`) take the config's ids."""
     if not isinstance(data, TokenizedData):
-        data = _prepared(data, tokenizer, task, max_length, text_column, train, model_names)
+        data = _prepared(data, tokenizer, task, max_length, columns, train, model_names)
     data, dropped = without_untrainable(data)
     if dropped:
         least = {1: "one token", 2: "two tokens"}[min_tokens(task)]
@@ -258,12 +279,14 @@ def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, text_colum
     return data
 
 
-def _prepared(data: Any, tokenizer: Any, task: str, max_length: int, text_column: str | None,
+def _prepared(data: Any, tokenizer: Any, task: str, max_length: int, columns: tuple[Any, str | None],
               train: TokenizedData | None, model_names: list[str] | None) -> TokenizedData:
+    text_column, label_column = columns
     if train is None:
         return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column,
-                                model_names=model_names)
+                                label_column=label_column, model_names=model_names)
     if is_dataset_dict(data):  # as training data it gives its "train" split: not here
         raise DataError("eval_data is a DatasetDict: pass one of its splits, e.g. data['validation']")
     return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column,
-                            min_classes=1, label_names=train.label_names)
+                            label_column=label_column, min_classes=1, label_names=train.label_names,
+                            train_kind=label_kind(train))

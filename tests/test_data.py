@@ -251,6 +251,10 @@ def test_a_text_column_of_another_name_is_used_and_said(caplog):
                                 task="classification", max_length=16)
     assert len(data) == 2
     assert "the text is column 'body', the only column of strings" in caplog.text
+    named = [{"body": "w1 w2", "sentiment": "neg"}, {"body": "w3", "sentiment": "pos"}]  # a string label column
+    data = prepare_examples(named, make_tokenizer(), task="classification", max_length=16, label_column="sentiment")
+    assert data.label_names == ["neg", "pos"]
+    assert text_lengths(named, make_tokenizer(), label_column="sentiment") == data.lengths
     with pytest.raises(DataError, match="every text in column 'text' is empty"):
         prepare_examples([{"text": "", "label": 0}, {"text": " ", "label": 1}], make_tokenizer(),
                          task="classification", max_length=16)

@@ -41,6 +41,8 @@ def test_save_and_load_give_the_same_plan(plan, tmp_path):
     assert isinstance(loaded.predicted.peak_shape, tuple)
     assert loaded.predicted.peak_bytes == plan.predicted.peak_bytes
     assert hash(loaded.knobs) == hash(plan.knobs)
+    with pytest.raises(TypeError, match="^Plan.load takes a plan file's path, not NoneType$"):
+        Plan.load(None)
 
 
 def test_a_plan_file_from_before_alternatives_named_their_changes_still_loads(plan, tmp_path):

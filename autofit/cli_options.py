@@ -1,0 +1,51 @@
+"""What the `autofit` command checks and reads before any work: files it will write, options that need another,
+a --seq-len the model cannot take, the data and plan files. Errors name the option as it was typed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def check_out_file(flag: str, path: Path | None) -> None:
+    """A file the command writes once its search is done (--out, --accelerate-config): a folder in its place, a
+    missing folder or no permission fails now, not after the search."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder: name a file to write")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path}: permission denied")
+
+
+def check_needs_data(data: Path | None, options: dict[str, object]) -> None:
+    """Options (flag -> value) that name columns of --data or read it: without it they would be ignored."""
+    given = [flag for flag, value in options.items() if value is not None]
+    if data is None and given:
+        what = "tokenizes the data" if given[0] == "--tokenizer" else "names a column of the data"
+        raise ValueError(f"{given[0]} {what}: give --data too")
+
+
+def checked_seq_len(model: str, seq_len: int | None, multiple: int | None = None) -> int:
+    """`seq_len` when `model` takes it (padded to `multiple`); None: the default, cut to the model's limit."""
+    from autofit.limits import check_seq_len
+    from autofit.models import resolve_config
+
+    config = resolve_config(model)[1]
+    return check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=multiple, flag="--seq-len")
+
+
+def load_data(path: Path | None):
+    from autofit.data_files import load_data_file
+
+    return None if path is None else load_data_file(path)
+
+
+def read_plan(path: Path):
+    from autofit.plan import Plan
+
+    if not path.is_file():
+        raise ValueError(f"plan file {path} is a directory" if path.is_dir() else f"plan file not found: {path}")
+    return Plan.load(path)  # PlanFileError names the file and the first bad field

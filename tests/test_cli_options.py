@@ -1,0 +1,147 @@
+"""The `autofit` command's options that name columns, fix a plan's choices or name files to write: each works,
+or fails in one line before any slow work (a search, a profile, training)."""
+
+import json
+
+import pytest
+
+import autofit.api
+import autofit.profiler
+from autofit.plan import Plan
+
+import test_cli
+from test_cli import assert_one_line_error, invoke
+
+files = test_cli.files  # the tiny model, tokenizer and data files the CLI tests share (a module fixture)
+
+
+@pytest.fixture(scope="module")
+def target_data(files):
+    """The training file with its label column renamed `target`."""
+    path = files["root"] / "target.jsonl"
+    rows = [json.loads(line) for line in files["data"].read_text().splitlines()]
+    path.write_text("".join(json.dumps({"text": r["text"], "target": r["label"]}) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan_file(files):
+    path = files["root"] / "options-plan.json"
+    planned = invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", "--seq-len", "64",
+                     "--batch-size", "4", "--data", files["data"], "--out", path)
+    assert planned.exit_code == 0, planned.output
+    return path
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the slow step ran before the bad option was refused")
+
+
+# ---- --label-column, --task ----------------------------------------------------------------------------------
+
+
+def test_label_column_names_the_labels_to_plan_and_train_with(files, target_data):
+    unnamed = assert_one_line_error(invoke("train", "--vram", "1GB", "--model", files["model"], "--data",
+                                           target_data, "--quiet"))
+    assert "no label column" in unnamed and "--label-column" in unnamed
+    trained = invoke("train", "--vram", "1GB", "--model", files["model"], "--data", target_data, "--label-column",
+                     "target", "--batch-size", "4", "--max-steps", "1", "--quiet")
+    assert trained.exit_code == 0, (trained.output, trained.exception)
+    assert "1 optimizer steps, final loss" in trained.stdout
+    assert "2 classes from integer labels 0-1" in trained.stderr
+    planned = invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", "--seq-len", "64",
+                     "--data", target_data, "--label-column", "target", "--json")
+    assert planned.exit_code == 0, planned.output
+    assert Plan.model_validate_json(planned.stdout).workload.from_data
+
+
+def test_a_label_column_the_data_lacks_is_named(files, target_data, monkeypatch):
+    monkeypatch.setattr(autofit.api, "_search_lazily", _never)
+    line = assert_one_line_error(invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu",
+                                        "--data", target_data, "--label-column", "label"))
+    assert "label column 'label' not found; the data has columns ['target', 'text']" in line
+
+
+def test_task_reaches_train(files, plan_file):
+    line = assert_one_line_error(invoke("train", "--vram", "1GB", "--model", files["model"], "--data",
+                                        files["data"], "--task", "causal-lm", "--quiet"))
+    assert "the task is causal-lm, but the data has labels" in line
+    line = assert_one_line_error(invoke("train", "--plan", plan_file, "--data", files["data"], "--task",
+                                        "causal-lm", "--quiet"))
+    assert "the plan fixes task (--task) at classification, not causal-lm" in line
+
+
+# ---- what a plan fixes ---------------------------------------------------------------------------------------
+
+
+def test_train_with_a_plan_refuses_another_batch_size_or_policy(files, plan_file):
+    args = ("train", "--plan", plan_file, "--data", files["data"], "--quiet")
+    line = assert_one_line_error(invoke(*args, "--batch-size", "8"))
+    assert "the plan fixes batch_size (--batch-size) at 4, not 8" in line
+    line = assert_one_line_error(invoke(*args, "--policy", "fastest"))
+    assert "the plan fixes policy (--policy) at balanced, not fastest" in line
+    same = invoke(*args, "--batch-size", "4", "--policy", "balanced", "--max-steps", "1")  # what it chose: fine
+    assert same.exit_code == 0, (same.output, same.exception)
+
+
+@pytest.mark.parametrize("flag", ["--text-column", "--label-column"])
+def test_plan_column_options_need_data(files, flag):
+    line = assert_one_line_error(invoke("plan", "--model", files["model"], "--vram", "1GB", flag, "text"))
+    assert f"{flag} names a column of the data: give --data too" in line
+
+
+def test_plan_tokenizer_needs_data(files):
+    line = assert_one_line_error(invoke("plan", "--model", files["model"], "--vram", "1GB", "--tokenizer",
+                                        files["model"]))
+    assert "--tokenizer tokenizes the data: give --data too" in line
+
+
+def test_an_empty_output_dir_is_refused_not_taken_for_this_folder(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = assert_one_line_error(invoke("train", "--vram", "1GB", "--model", files["model"], "--data",
+                                        files["data"], "--output-dir", "", "--max-steps", "1", "--quiet"))
+    assert "--output-dir" in line and "''" in line
+    assert list(tmp_path.iterdir()) == []  # no checkpoint landed in the working folder
+
+
+# ---- files to write, --seq-len: before the slow step ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--out", "--accelerate-config"])
+def test_a_file_to_write_is_checked_before_the_search(files, tmp_path, monkeypatch, flag):
+    monkeypatch.setattr(autofit.api, "plan_and_search", _never)
+    args = ("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", flag)
+    folder = assert_one_line_error(invoke(*args, tmp_path))
+    assert folder == f"error: {flag} {tmp_path} is a folder: name a file to write"
+    missing = tmp_path / "no" / "plan.json"
+    line = assert_one_line_error(invoke(*args, missing))
+    assert line == f"error: {flag} {missing}: the folder {missing.parent} does not exist"
+
+
+def test_profile_refuses_a_seq_len_the_model_cannot_take_before_profiling(files, monkeypatch):
+    with monkeypatch.context() as patched:
+        patched.setattr(autofit.profiler, "profile_model", _never)
+        line = assert_one_line_error(invoke("profile", "--model", files["model"], "--seq-len", "4096"))
+    assert "--seq-len 4096 is longer than" in line and "(128 positions)" in line
+    shown = invoke("profile", "--model", files["model"])  # the default, 512, is cut to the model's 128
+    assert shown.exit_code == 0, shown.output
+    assert "seq 128)" in shown.stdout
+
+
+def test_plan_names_seq_len_as_typed():
+    line = assert_one_line_error(invoke("plan", "--model", "bert-base-uncased", "--vram", "16GB",
+                                        "--seq-len", "4096"))
+    assert line.startswith("error: --seq-len 4096 is longer than") and "512 positions" in line
+
+
+def test_a_model_folder_without_weights_is_one_warning_line(files, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(files["model"], bare, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    result = invoke("train", "--vram", "1GB", "--model", bare, "--data", files["data"], "--quiet", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.stderr.splitlines() if "RANDOM" in line]
+    assert warned == [f"warning: {bare.resolve()} has a config.json but no weights file (model.safetensors, "
+                      "pytorch_model.bin): its weights are RANDOM"], result.stderr
+    assert "warnings.warn" not in result.stderr
