@@ -515,7 +515,7 @@ OPTIONAL = {"device.memory_bytes", "knobs.tokens_per_micro_batch", "knobs.pad_to
             "search.space_size", "search.storage", "adapter", "cluster", "cluster.host_memory_bytes",
             "offloaded_bytes", "predicted.gathered", "device.hardware", "device.calibration",
             "device.allocator_reserve_bytes", "device.workspace_bytes", "predicted.context", "predicted.workspace",
-            "profile_device_name"}
+            "profile_device_name", "workload.max_length", "search.risk", "alternatives.0.risk"}
 
 # kind -> {mutation: expectation} for the mutations beyond the common ones (type/null/missing/negative/NaN/inf,
 # refused for every numeric field: no count, size, time or rate is negative or NaN).
@@ -537,6 +537,7 @@ KIND_RULES: dict[str, dict[str, str]] = {
     "freeze_layers": {"zero": EITHER, "huge": REFUSE},
     "optimizer_bits": {"zero": REFUSE, "huge": REFUSE, "sixteen": REFUSE},
     "workload_batch": {"zero": REFUSE, "huge": REFUSE},
+    "max_length": {"zero": REFUSE, "huge": EITHER},  # a cut past the model's positions is refused by train
     "count_info": {"zero": EITHER, "huge": EITHER},
     "shape_dim": {"zero": EITHER, "huge": EITHER},
     "processes": {"zero": REFUSE, "huge": REFUSE},
@@ -583,8 +584,8 @@ FIELD_KINDS: dict[str, str] = {
     "time.step_seconds": "seconds", "time.epoch_seconds": "seconds", "time.samples_per_second": "rate",
     "time.padding_efficiency": "fraction", "time.measured": "bool",
     "workload.task": "task", "workload.lengths.lengths": "hist", "workload.lengths.counts": "hist",
-    "workload.batch_size": "workload_batch", "workload.from_data": "bool", "workload.max_length": "info",
-    "search.risk": "info", "alternatives.0.risk": "info",
+    "workload.batch_size": "workload_batch", "workload.from_data": "bool", "workload.max_length": "max_length",
+    "search.risk": "rate", "alternatives.0.risk": "rate",
     "search.trials": "count_info", "search.seconds": "seconds", "search.space_size": "count_info",
     "search.storage": "info",
     "alternatives": "alternatives", "alternatives.0.peak_bytes": "pred_bytes",
