@@ -3,21 +3,17 @@ a --seq-len the model cannot take, the data and plan files. Errors name the opti
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from autofit.paths import unwritable_reason
 
 
 def check_out_file(flag: str, path: Path | None) -> None:
     """A file the command writes once its search is done (--out, --accelerate-config): a folder in its place, a
     missing folder or no permission fails now, not after the search."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder: name a file to write")
-    if not path.parent.is_dir():
-        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"{flag} {path}: permission denied")
+    reason = unwritable_reason(path) if path is not None else None
+    if reason is not None:
+        raise ValueError(f"{flag} {path}: {reason}")
 
 
 def check_needs_data(data: Path | None, options: dict[str, object]) -> None:

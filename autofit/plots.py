@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from autofit.budget import format_bytes
 from autofit.memory import step_timeline
+from autofit.paths import unwritable_reason
 from autofit.techniques.optimizer import state_bytes
 
 if TYPE_CHECKING:
@@ -54,12 +55,9 @@ def check_paths(*paths: str | os.PathLike | None) -> None:
     The CLI checks before any work is done: a training run should not end in a missing folder."""
     for path in (Path(p) for p in paths if p is not None):
         formats = _figure(1, 1)[0].canvas.get_supported_filetypes()  # matplotlib is there
-        if path.is_dir():
-            raise ValueError(f"cannot draw to {path}: it is a folder")
-        if not path.parent.is_dir():
-            raise ValueError(f"cannot draw to {path}: the folder {path.parent} does not exist")
-        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            raise ValueError(f"cannot draw to {path}: permission denied")
+        reason = unwritable_reason(path)
+        if reason is not None:
+            raise ValueError(f"cannot draw to {path}: {reason}")
         if path.suffix.lstrip(".").lower() not in formats:
             raise ValueError(f"cannot draw to {path}: a picture's name ends in .{', .'.join(sorted(formats))}")
 

@@ -112,7 +112,7 @@ def test_a_file_to_write_is_checked_before_the_search(files, tmp_path, monkeypat
     monkeypatch.setattr(autofit.api, "plan_and_search", _never)
     args = ("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", flag)
     folder = assert_one_line_error(invoke(*args, tmp_path))
-    assert folder == f"error: {flag} {tmp_path} is a folder: name a file to write"
+    assert folder == f"error: {flag} {tmp_path}: it is a folder"
     missing = tmp_path / "no" / "plan.json"
     line = assert_one_line_error(invoke(*args, missing))
     assert line == f"error: {flag} {missing}: the folder {missing.parent} does not exist"
