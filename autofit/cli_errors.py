@@ -121,11 +121,17 @@ def _notes_to_stderr():
     `note:` lines, without touching the caller's logging setup."""
     import logging
 
+    said: set[str] = set()
+
     class _Notes(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             if not _main_process():
                 return  # under a launcher every process infers the same: the first says it
-            err.print("[dim]note:[/] " + escape(record.getMessage()), soft_wrap=True, highlight=False)
+            message = record.getMessage()
+            if message in said:
+                return  # the same inference for the evaluation data, or when training re-reads the plan's
+            said.add(message)
+            err.print("[dim]note:[/] " + escape(message), soft_wrap=True, highlight=False)
 
     logger, handler = logging.getLogger("autofit"), _Notes(logging.INFO)
     level, show = logger.level, warnings.showwarning

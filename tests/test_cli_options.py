@@ -145,3 +145,14 @@ def test_a_model_folder_without_weights_is_one_warning_line(files, tmp_path):
     assert warned == [f"warning: {bare.resolve()} has a config.json but no weights file (model.safetensors, "
                       "pytorch_model.bin): its weights are RANDOM"], result.stderr
     assert "warnings.warn" not in result.stderr
+
+
+def test_a_note_is_said_once_though_train_and_eval_data_both_infer_it(files, tmp_path):
+    rows = [json.loads(line) for line in files["data"].read_text().splitlines()]
+    for name in ("body.jsonl", "eval.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"body": r["text"], "label": r["label"]}) + "\n"
+                                             for r in rows))
+    result = invoke("train", "--vram", "1GB", "--model", files["model"], "--data", tmp_path / "body.jsonl",
+                    "--eval-data", tmp_path / "eval.jsonl", "--batch-size", "4", "--max-steps", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("the text is column 'body'") == 1, result.stderr
