@@ -286,18 +286,25 @@ def _integer_rows(rows: list, name: str) -> list[list[int]]:
         if not isinstance(row, list | tuple):
             found = f"{name} {short_repr(row)}" if row is not None else f"no {name}"
             raise DataError(f"example {i} has {found}: {name} must be a list of integers")
-        if not all(type(v) is int for v in row):
-            bad = next((v for v in row if isinstance(v, bool) or not isinstance(v, int | np.integer)), row)
-            if bad is not row:  # (row: no bad value, as None could be one)
-                raise DataError(f"example {i} has {short_repr(bad)} ({type(bad).__name__}) in {name}: {name} "
-                                "must be a list of integers")
-            row = [int(v) for v in row]  # numpy integers
-        out = min(row) if row and least is not None and min(row) < least else \
-            max(row) if row and greatest is not None and max(row) > greatest else None
+        bad = next((j for j, v in enumerate(row) if isinstance(v, bool) or not isinstance(v, int | np.integer)), None)
+        if bad is not None:
+            raise DataError(f"example {i} has {short_repr(row[bad])} ({type(row[bad]).__name__}) in {name}: {name} "
+                            "must be a list of integers")
+        row = [int(v) for v in row]  # numpy integers too
+        out = _out_of_range(row, least, greatest)
         if out is not None:
             raise DataError(f"example {i} has {out} in {name}: {why}")
-        checked.append(list(row))
+        checked.append(row)
     return checked
+
+
+def _out_of_range(row: list[int], least: int | None, greatest: int | None) -> int | None:
+    """The value of `row` below `least` or above `greatest` (None: no bound), or None."""
+    if row and least is not None and min(row) < least:
+        return min(row)
+    if row and greatest is not None and max(row) > greatest:
+        return max(row)
+    return None
 
 
 def _attended(index: int, mask) -> tuple[int, int]:

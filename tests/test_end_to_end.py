@@ -429,3 +429,7 @@ def test_a_trained_adapter_reloads_with_its_head_size_and_class_names(tok, tmp_p
         torch.testing.assert_close(reloaded(**batch).logits, result.model.eval()(**batch).logits)
     with pytest.raises(ValueError, match="is not an adapter folder"):
         load_adapter(tmp_path / "base")
+    config = tmp_path / "out" / "adapter" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"SEQ_CLS"', '"QUESTION_ANS"'))
+    with pytest.raises(ValueError, match="holds a QUESTION_ANS adapter"):
+        load_adapter(result.adapter_dir)

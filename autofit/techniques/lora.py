@@ -238,7 +238,10 @@ def load_adapter(path: str | os.PathLike, base: str | os.PathLike | nn.Module | 
     if not (path / "adapter_config.json").is_file():
         raise ValueError(f"{path} is not an adapter folder (it has no adapter_config.json)")
     peft_config = PeftConfig.from_pretrained(os.fspath(path))
-    task = {kind: name for name, kind in PEFT_TASK_TYPES.items()}[str(peft_config.task_type)]
+    task = {kind: name for name, kind in PEFT_TASK_TYPES.items()}.get(str(peft_config.task_type))
+    if task is None:
+        raise ValueError(f"{path} holds a {peft_config.task_type} adapter: autofit trains "
+                         f"{', '.join(PEFT_TASK_TYPES.values())} ones")
     saved = AutoConfig.from_pretrained(path / BASE_CONFIG) if (path / BASE_CONFIG).is_file() else None
     if not isinstance(base, nn.Module):
         base = load_model(base or peft_config.base_model_name_or_path, task,
