@@ -62,23 +62,37 @@ def _load_csv(path: Path) -> list[dict]:
     return rows
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object that names a key twice: json.loads would keep the last value without a word."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    if twice is not None:
+        raise _DuplicateKey(twice)
+    return dict(pairs)
+
+
+def _parse_json(text: str):
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+
+
 def _load_json(path: Path) -> list[dict]:
     text = _read_text(path)
     rows = None
-    if text.lstrip().startswith("["):  # one JSON array, or JSON lines whose first line is an array
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":
-                raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if rows is None:  # JSON lines
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+    try:
+        if text.lstrip().startswith("["):  # one JSON array, or JSON lines whose first line is an array
+            try:
+                rows = _parse_json(text)
+            except json.JSONDecodeError as e:
+                if e.msg != "Extra data":
+                    raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        if rows is None:  # JSON lines
+            rows = [_json_line(path, number, line) for number, line in enumerate(text.splitlines(), start=1)
+                    if line.strip()]
+    except _DuplicateKey as e:
+        raise DataError(f"{path}: an example names the key {e.args[0]!r} more than once; keep one") from None
     if isinstance(rows, list) and len(rows) == 1 and _holds_columns(rows[0]):
         return rows[0]  # {"text": [...], "label": [...]}, as pandas' to_json(orient="list") writes
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None) if isinstance(rows, list) else 0
@@ -86,6 +100,15 @@ def _load_json(path: Path) -> list[dict]:
         raise DataError(f"{path}: every example must be a JSON object such as {{\"text\": ..., \"label\": ...}}; "
                         f"example {bad} is not")
     return rows
+
+
+def _json_line(path: Path, number: int, line: str):
+    try:
+        return _parse_json(line)
+    except _DuplicateKey as e:
+        raise DataError(f"{path}: line {number} names the key {e.args[0]!r} more than once; keep one") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
 
 
 def _holds_columns(row: object) -> bool:

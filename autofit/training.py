@@ -4,8 +4,10 @@ planning once for several launched processes, and the evaluation's predicted pea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -129,7 +131,8 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     if isinstance(model, PretrainedConfig):  # a config asks for a model with random weights
         model = build_model(config, task, num_labels=num_labels or train_data.num_labels or 2)
     elif not isinstance(model, nn.Module):
-        model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2, nf4=nf4)
+        with _weights_from_checkpoint(output_dir if resume else None):
+            model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2, nf4=nf4)
     _name_classes(model, train_data.label_names)
     spec = plan.device if plan is not None else target_device(device, train=True)
     if plan is None and resume and output_dir is not None:
@@ -227,6 +230,23 @@ def _nf4_loading(plan: Plan | None) -> dict | None:
 
     return {"double_quant": plan.knobs.double_quant, "compute_dtype": autocast_dtype(plan.knobs.precision)
             or torch.float32}
+
+
+@contextlib.contextmanager
+def _weights_from_checkpoint(output_dir: str | None):
+    """A resume whose checkpoint holds every weight (a full fine-tune's) overwrites whatever load_model built:
+    a model folder without weights is then no reason to warn of random weights. A LoRA checkpoint holds only
+    the adapters: its base is loaded as usual, and the warning stands."""
+    from autofit.executor.checkpoint import latest_checkpoint, load_plan_and_state
+    from autofit.models import RandomWeightsWarning
+
+    path = latest_checkpoint(output_dir) if output_dir is not None and os.path.isdir(output_dir) else None
+    if path is None or load_plan_and_state(path)[0].knobs.adapter == "lora":
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        yield
 
 
 def _plan_in_force(output_dir: str, budget_bytes: int, batch_size: int, device: DeviceSpec,

@@ -147,6 +147,22 @@ def test_a_model_folder_without_weights_is_one_warning_line(files, tmp_path):
     assert "warnings.warn" not in result.stderr
 
 
+def test_a_resumed_full_fine_tune_of_a_model_without_weights_does_not_warn_again(files, tmp_path):
+    """Its weights come from the checkpoint, not from a random init."""
+    import shutil
+
+    bare, out = tmp_path / "bare", tmp_path / "out"
+    shutil.copytree(files["model"], bare, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    args = ("train", "--vram", "1GB", "--model", bare, "--data", files["data"], "--quiet", "--output-dir", out,
+            "--adapter", "none")
+    first = invoke(*args, "--max-steps", "1")
+    assert first.exit_code == 0, first.output
+    assert "RANDOM" in first.stderr
+    resumed = invoke(*args, "--max-steps", "2", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "RANDOM" not in resumed.stderr and "checkpoint-00000001" in resumed.stderr, resumed.stderr
+
+
 def test_a_note_is_said_once_though_train_and_eval_data_both_infer_it(files, tmp_path):
     rows = [json.loads(line) for line in files["data"].read_text().splitlines()]
     for name in ("body.jsonl", "eval.jsonl"):

@@ -98,3 +98,19 @@ def test_a_json_object_of_columns_is_read_as_columns_not_one_example(tmp_path):
     one = tmp_path / "one.jsonl"  # one pre-tokenized token-classification example: lists of numbers
     one.write_text(json.dumps({"input_ids": [5, 6, 7], "labels": [0, 1, 0]}) + "\n")
     assert load_data_file(one) == [{"input_ids": [5, 6, 7], "labels": [0, 1, 0]}]
+
+
+def test_a_json_example_naming_a_key_twice_is_refused(tmp_path):
+    """json.loads would keep the last value without a word: the text or label trained on would be a guess."""
+    lines = tmp_path / "twice.jsonl"
+    lines.write_text('{"text": "a cat", "label": 0}\n{"text": "a dog", "label": 1, "label": 0}\n')
+    with pytest.raises(DataError) as info:
+        load_data_file(lines)
+    assert str(info.value) == f"{lines}: line 2 names the key 'label' more than once; keep one"
+    array = tmp_path / "twice.json"
+    array.write_text('[{"text": "a cat", "label": 0}, {"text": "a dog", "text": "a cow", "label": 1}]')
+    with pytest.raises(DataError, match="names the key 'text' more than once"):
+        load_data_file(array)
+    nested = tmp_path / "nested.jsonl"  # keys of a nested object are that object's own
+    nested.write_text('{"text": "a cat", "label": 0, "meta": {"label": 1}}\n')
+    assert load_data_file(nested) == [{"text": "a cat", "label": 0, "meta": {"label": 1}}]

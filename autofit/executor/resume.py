@@ -86,9 +86,14 @@ def resume_noting(output_dir: str | None, data_print: str, run_print: dict[str, 
     if saved is None:
         notes.append(f"no checkpoint in {output_dir} yet: starting from the first step")
     elif saved[2].epoch >= epochs or (max_steps is not None and saved[2].step >= max_steps):
-        notes.append(f"the run in {output_dir} already finished ({saved[2].step} optimizer steps): nothing left "
+        notes.append(f"the run in {output_dir} already finished ({_steps(saved[2].step)}): nothing left "
                      "to train; what follows is that run's (ask for more --epochs or --max-steps to go on)")
     else:
-        notes.append(f"resuming from {saved[0]}: {saved[2].step} optimizer steps done (epoch {saved[2].epoch + 1}, "
-                     f"step {saved[2].position} of it)")
+        state = saved[2]
+        where = f"{state.position} of its steps done" if state.position else "at its start"
+        notes.append(f"resuming from {saved[0]}: {_steps(state.step)} done; epoch {state.epoch + 1} goes on {where}")
     return saved
+
+
+def _steps(count: int) -> str:
+    return f"{count} optimizer step{'' if count == 1 else 's'}"

@@ -63,8 +63,9 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, data, plan_fo
         result = run(resumed_model, plan, train, output_dir=str(tmp_path), checkpoint_every=2, resume=True)
     assert_same_run(resumed_model, result, ref_model, ref)
     epoch, position = divmod(stop_after, 3)
-    assert (f"resuming from {tmp_path / f'checkpoint-{stop_after:08d}'}: {stop_after} optimizer steps done "
-            f"(epoch {epoch + 1}, step {position} of it)") in caplog.text
+    where = f"{position} of its steps done" if position else "at its start"
+    assert (f"resuming from {tmp_path / f'checkpoint-{stop_after:08d}'}: {stop_after} optimizer step{'s' * (stop_after != 1)} done; "
+            f"epoch {epoch + 1} goes on {where}") in caplog.text
     assert Path(result.output_dir) == tmp_path / "checkpoint-00000006"
 
 
