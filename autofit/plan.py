@@ -290,8 +290,8 @@ class Plan(_Checked):
         are enough micro-batches for each process's share of the effective batch (more than it when that size
         does not divide it).
         So a token-budgeted plan's short examples run in smaller micro-batches than autofit runs them: slower,
-        never over the plan's peak. The optimizer settings are autofit's (lr 2e-5, weight decay 0.01, a
-        constant rate, gradients clipped at 1.0); `overrides` replace any of them.
+        never over the plan's peak. The optimizer settings and seed are autofit's defaults (lr 2e-5, weight decay
+        0.01, a constant rate, gradients clipped at 1.0, seed 0); `overrides` replace any of them.
 
         It cannot express selective checkpointing (HF checkpoints all layers or none: any checkpointed
         layer turns it on for all), freezing (set requires_grad yourself, e.g. with
@@ -321,7 +321,7 @@ class Plan(_Checked):
             fp16=k.precision == Precision.fp16,
             bf16=k.precision == Precision.bf16,
             optim="adamw_bnb_8bit" if k.optimizer_bits == 8 else "adamw_torch",
-            learning_rate=2e-5, weight_decay=0.01, lr_scheduler_type="constant", max_grad_norm=1.0,
+            learning_rate=2e-5, weight_decay=0.01, lr_scheduler_type="constant", max_grad_norm=1.0, seed=0,
             report_to=[],
         )
         if self.device.kind == "cpu":  # a plan for the CPU trains there (bf16 there needs it said)

@@ -147,6 +147,7 @@ def test_training_arguments_map_the_knobs(plan, tmp_path):
     else:
         assert args.group_by_length
     assert args.report_to in ([], "none", ["none"])
+    assert args.seed == 0  # autofit.train's default, not HF's 42
 
 
 def test_training_arguments_for_plain_training(plan, tmp_path):
