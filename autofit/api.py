@@ -142,6 +142,7 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
         profile = _profile(model, task, spec, adapters=chosen.adapters.mode == "always")
     lengths = None
     if data is not None:
+        note_unused_labels(profile.task, data, label_column)
         columns = (text_column, label_column)
         lengths = [n for n in _lengths(data, resolve_tokenizer(tokenizer, model), columns, seq_len)
                    if n >= min_tokens(profile.task)]  # what training keeps (data.without_untrainable)
@@ -152,6 +153,21 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     return Planned(plan_from_search(profile, workload, budget_bytes, spec, found, cluster), profile, found)
 
 
+def note_unused_labels(task: str, data: Any, label_column: str | None = None, what: str = "data") -> None:
+    """A causal LM learns from the text alone: text data's labels go unused, with a note; a label column named
+    for it contradicts the task. (Pre-tokenized data's `labels` are token labels, which it does train on.)"""
+    names = column_names(data) if task == "causal-lm" and data is not None else []
+    if not names or "input_ids" in names:
+        return
+    if label_column is not None:
+        raise ValueError(f"the task is causal-lm, but label_column (--label-column) names labels "
+                         f"({label_column!r}): a causal LM trains on the text alone")
+    found = next((name for name in LABEL_COLUMNS if name in names), None)
+    if found is not None:
+        log.info(f"the task is causal-lm: the {what}'s labels (column {found!r}) are not used, a causal LM "
+                 "trains on the text alone")
+
+
 def inferred_task(model: ModelSpec, config: PretrainedConfig, data: Any, label_column: str | None = None) -> str:
     """models.infer_task, saying so when the data's labels (`label_column`, else a LABEL_COLUMNS one) made a
     decoder a classifier."""
@@ -160,7 +176,7 @@ def inferred_task(model: ModelSpec, config: PretrainedConfig, data: Any, label_c
     task = infer_task(model, config, labelled=labelled)
     if task == "classification" and infer_task(model, config) == "causal-lm":
         log.info(f"the data has labels: training {config.model_type} as a classifier, not a causal LM "
-                 "(for that, give the text without its labels and say task='causal-lm' / --task causal-lm)")
+                 "(for that, say task='causal-lm' / --task causal-lm: the labels then go unused)")
     return task
 
 

@@ -15,7 +15,8 @@ from rich.console import Console
 
 from autofit import plots  # light: matplotlib is imported only to draw
 from autofit.cli_errors import Commands, err, escape, friendly_errors
-from autofit.cli_options import check_needs_data, check_out_file, checked_seq_len, load_data, read_plan
+from autofit.cli_options import (check_needs_data, check_out_file, check_outputs_apart, checked_seq_len, load_data,
+                                 read_plan)
 
 out = Console()
 
@@ -73,6 +74,8 @@ def plan(
     plots.check_paths(plot, pareto)  # before any work: a bad picture path or no matplotlib fails now
     check_out_file("--out", out_path)
     check_out_file("--accelerate-config", accelerate_config)
+    check_outputs_apart({"--out": out_path, "--accelerate-config": accelerate_config, "--plot": plot,
+                         "--pareto": pareto}, {"--data": data, "--policy": policy})
     check_adapter_choice(adapter)
     check_needs_data(data, {"--text-column": text_column, "--label-column": label_column, "--tokenizer": tokenizer})
     if seq_len is not None:  # (plan() checks it too, naming seq_len)
@@ -144,6 +147,8 @@ def train(
     from autofit.report import train_summary
 
     plots.check_paths(plot)
+    check_outputs_apart({"--plot": plot}, {"--data": data, "--eval-data": eval_data, "--plan": plan_path,
+                                          "--policy": policy})
     check_adapter_choice(adapter)
     if (plan_path is None) == (vram is None):
         raise ValueError("give exactly one of --plan and --vram")
@@ -156,7 +161,8 @@ def train(
     if tok is None:
         raise ValueError(f"no tokenizer for {tokenizer or model_spec!r} on this machine: pass --tokenizer")
     result = autofit.train(model_spec, load_data(data), budget=vram, plan=saved, tokenizer=tok, epochs=epochs,
-                           max_steps=max_steps, lr=lr, batch_size=batch_size, eval_data=load_data(eval_data),
+                           max_steps=max_steps, lr=lr, batch_size=batch_size,
+                           eval_data=load_data(eval_data, evaluation=True),
                            policy=policy, task=task, max_length=max_length, text_column=text_column,
                            label_column=label_column, output_dir=output_dir,
                            checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, seed=seed,

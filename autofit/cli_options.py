@@ -16,6 +16,19 @@ def check_out_file(flag: str, path: Path | None) -> None:
         raise ValueError(f"{flag} {path}: {reason}")
 
 
+def check_outputs_apart(outputs: dict[str, Path | None], inputs: dict[str, object]) -> None:
+    """Files a command writes (flag -> path) must be neither a file it reads (flag -> value: `--out data.jsonl`
+    would overwrite the data with the plan) nor each other."""
+    taken = {Path(value).resolve(): flag for flag, value in inputs.items()
+             if isinstance(value, str | Path) and Path(value).is_file()}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        if path.resolve() in taken:
+            raise ValueError(f"{flag} {path} is the file {taken[path.resolve()]} names: write to another file")
+        taken[path.resolve()] = flag
+
+
 def check_needs_data(data: Path | None, options: dict[str, object]) -> None:
     """Options (flag -> value) that name columns of --data or read it: without it they would be ignored."""
     given = [flag for flag, value in options.items() if value is not None]
@@ -33,10 +46,10 @@ def checked_seq_len(model: str, seq_len: int | None, multiple: int | None = None
     return check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=multiple, flag="--seq-len")
 
 
-def load_data(path: Path | None):
+def load_data(path: Path | None, *, evaluation: bool = False):
     from autofit.data_files import load_data_file
 
-    return None if path is None else load_data_file(path)
+    return None if path is None else load_data_file(path, evaluation=evaluation)
 
 
 def read_plan(path: Path):

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from autofit.data_files import train_split
-from autofit.labels import DataError, class_labels, short_repr
+from autofit.labels import NAMES, DataError, class_label_names, class_labels, named_ids, short_repr
 from autofit.techniques.tokenization import encode_batched
 from autofit.workload import TOKEN_LEVEL_TASKS
 
@@ -176,7 +176,7 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
     that are all among `model_names` (the model config's, labels.config_label_names) keep the model's ids.
     Evaluation data passes `train_kind`, the training data's `label_kind`: its labels must be of that kind."""
     label_rules = dict(min_classes=min_classes, label_names=label_names, model_names=model_names,
-                       train_kind=train_kind)
+                       train_kind=train_kind, class_names=class_label_names(train_split(data)))
     columns = _columns(data)
     if "input_ids" in columns:
         return _from_token_ids(columns, task, max_length, label_column, truncation, label_rules)
@@ -190,7 +190,7 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
     fields = dict(task=task, input_ids=ids, token_type_ids=types, num_truncated=truncated)
     label = _label_column(columns, label_column, task)
     if task not in TOKEN_LEVEL_TASKS:
-        fields.update(class_labels(_plain(columns[label]), **label_rules))
+        fields.update(_sequence_labels(columns[label], label, label_rules))
     return TokenizedData.model_construct(**fields)  # built and checked here: skip re-validating every id
 
 
@@ -256,10 +256,22 @@ def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None,
     fields = dict(task=task, input_ids=[cut(row) for row in ids], token_type_ids=types,
                   num_truncated=len(too_long))
     if task not in TOKEN_LEVEL_TASKS:
-        fields.update(class_labels(_plain(columns[label]), **label_rules))
+        fields.update(_sequence_labels(columns[label], label, label_rules))
     elif label is not None:
         fields["labels"] = [cut(row) for row in columns[label]]
     return TokenizedData.model_construct(**fields)
+
+
+def _sequence_labels(values: list, column: str, rules: dict[str, Any]) -> dict[str, Any]:
+    """class_labels of a label column. A datasets ClassLabel column's ids are its names' (so the trained model's
+    id2label names them), unless the training labels were plain ids."""
+    rules = dict(rules)
+    names = rules.pop("class_names").get(column)
+    values = _plain(values)
+    if names is not None and rules["train_kind"] in (None, NAMES):
+        values = named_ids(values, names)
+        rules["label_names"] = rules["label_names"] or names
+    return class_labels(values, **rules)
 
 
 def _unpadded(columns: dict[str, list], labels: list[str]) -> dict[str, list]:

@@ -112,6 +112,19 @@ def _string_classes(values: list[str], min_classes: int, label_names: Sequence[s
                 label_note=f"{num_labels} classes from string labels ({_preview(names)}){numbered}")
 
 
+def class_label_names(data: Any) -> dict[str, list[str]]:
+    """Column -> class names of a `datasets.Dataset`'s ClassLabel columns (ids 0..K-1 by their names)."""
+    features = getattr(data, "features", None) or {}
+    return {name: list(feature.names) for name, feature in features.items()
+            if type(feature).__name__ == "ClassLabel" and feature.names}
+
+
+def named_ids(values: list, names: Sequence[str]) -> list:
+    """A ClassLabel column's ids as its names (anything else, such as -1 for "no label", as it is)."""
+    return [names[v] if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(names) else v
+            for v in values]
+
+
 def config_label_names(config: Any) -> list[str] | None:
     """The class names a model's config gives ids 0..K-1 (`id2label`), or None when they are transformers'
     placeholders (LABEL_0, LABEL_1, ...) or not a full numbering."""

@@ -258,11 +258,13 @@ def calibration_table(calibration: Calibration) -> Group:
 
 def train_summary(result: TrainResult) -> str:
     """What `autofit train` prints at the end: steps, loss, the measured peaks beside the predicted ones, speed."""
-    lines = [f"{result.optimizer_steps} optimizer steps, final loss {result.final_loss:.4f}"
-             if result.final_loss is not None else f"{result.optimizer_steps} optimizer steps"]
+    steps = f"{result.optimizer_steps} optimizer step{'' if result.optimizer_steps == 1 else 's'}"
+    lines = [f"{steps}, final loss {result.final_loss:.4f}" if result.final_loss is not None else steps]
     if result.history:
         samples = [r.samples for r in result.history]
-        lines.append(f"every step trained {max(samples)} examples" + (
+        short = f" (all the data: fewer examples than the batch of {result.plan.batch_size})" \
+            if max(samples) < result.plan.batch_size else ""
+        lines.append(f"every step trained {max(samples)} examples{short}" + (
             f" (the last of an epoch {min(samples)})" if min(samples) < max(samples) else ""))
     if result.measured_peak_bytes is not None:
         each = ""
@@ -278,7 +280,7 @@ def train_summary(result: TrainResult) -> str:
         lines.append(f"allocator reserved {format_bytes(result.measured_reserved_bytes)} measured, "
                      f"{format_bytes(result.predicted_reserved_bytes)} predicted")
     lines.append(f"{result.tokens_per_second:,.0f} tokens/s, padding efficiency {result.padding_efficiency:.0%}")
-    lines += [f"eval after step {e.step} (epoch {e.epoch + 1}): loss {e.loss:.4f}"
+    lines += [f"eval of {e.samples} examples after step {e.step} (epoch {e.epoch + 1}): loss {e.loss:.4f}"
               + (f", accuracy {e.accuracy:.1%}" if e.accuracy is not None else "") for e in result.eval]
     lines += [f"fallback at step {f.step}: {f.summary}" for f in result.fallbacks]
     if result.output_dir:

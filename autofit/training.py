@@ -16,14 +16,14 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from autofit.api import (DEFAULT_MAX_LENGTH, ModelSpec, _config, _profile, _search_lazily, check_batch_size,
-                         inferred_task, make_workload, plan_from_search, resolve_tokenizer, target_device)
+                         inferred_task, make_workload, note_unused_labels, plan_from_search, resolve_tokenizer,
+                         target_device)
 from autofit.arguments import check_output_dir_arg, check_plan_choices, check_train_values, given_plan
 from autofit.budget import format_bytes, parse_budget
 from autofit.cluster import Cluster, make_cluster
 from autofit.cost import predict_time
-from autofit.data import (LABEL_COLUMNS, DataError, TokenizedData, column_names, min_tokens,
-                          prepare_examples, without_untrainable)
-from autofit.data_files import is_dataset_dict
+from autofit.data import DataError, TokenizedData, min_tokens, prepare_examples, without_untrainable
+from autofit.data_files import eval_split
 from autofit.devices import DeviceSpec
 from autofit.labels import config_label_names, label_kind
 from autofit.limits import check_seq_len, max_sequence_length
@@ -109,7 +109,8 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     config = _config(model)
     if task is None:
         task = plan.task if plan is not None else inferred_task(model, config, data, label_column)
-    _check_task_fits_data(task, data, label_column)
+    note_unused_labels(task, data, label_column)
+    note_unused_labels(task, eval_data, label_column, what="evaluation data")
     head = head_task(model) if isinstance(model, nn.Module) else None
     if head not in (None, task):
         raise ValueError(f"the task is {task}, but this model ({type(model).__name__}) has a {head} head: pass a "
@@ -274,16 +275,6 @@ def _say_data_notes(data: TokenizedData, max_length: int) -> None:
                  "truncated")
 
 
-def _check_task_fits_data(task: str, data: Any, label_column: str | None = None) -> None:
-    """A causal LM learns from text alone: labelled rows mean the plan or --task is for another model."""
-    if task == "causal-lm" and label_column is not None:
-        raise ValueError(f"the task is causal-lm, but label_column (--label-column) names labels "
-                         f"({label_column!r}): a causal LM trains on text alone")
-    if task == "causal-lm" and any(name in LABEL_COLUMNS for name in column_names(data)):
-        raise ValueError("the task is causal-lm, but the data has labels: a causal LM trains on text alone "
-                         "(is the plan for another task, or was it edited?)")
-
-
 def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, columns: tuple[Any, str | None],
                train: TokenizedData | None = None, model_names: list[str] | None = None) -> TokenizedData:
     """Tokenized training data, or (given `train`) evaluation data, the (text, label) `columns` named or None
@@ -305,8 +296,9 @@ def _prepared(data: Any, tokenizer: Any, task: str, max_length: int, columns: tu
     if train is None:
         return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column,
                                 label_column=label_column, model_names=model_names)
-    if is_dataset_dict(data):  # as training data it gives its "train" split: not here
-        raise DataError("eval_data is a DatasetDict: pass one of its splits, e.g. data['validation']")
-    return prepare_examples(data, tokenizer, task=task, max_length=max_length, text_column=text_column,
-                            label_column=label_column, min_classes=1, label_names=train.label_names,
-                            train_kind=label_kind(train))
+    try:
+        return prepare_examples(eval_split(data, "eval_data"), tokenizer, task=task, max_length=max_length,
+                                text_column=text_column, label_column=label_column, min_classes=1,
+                                label_names=train.label_names, train_kind=label_kind(train))
+    except DataError as error:  # the training data passed the same checks: say which data this is
+        raise DataError(f"eval_data (--eval-data): {error}") from None

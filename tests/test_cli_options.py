@@ -47,7 +47,7 @@ def test_label_column_names_the_labels_to_plan_and_train_with(files, target_data
     trained = invoke("train", "--vram", "1GB", "--model", files["model"], "--data", target_data, "--label-column",
                      "target", "--batch-size", "4", "--max-steps", "1", "--quiet")
     assert trained.exit_code == 0, (trained.output, trained.exception)
-    assert "1 optimizer steps, final loss" in trained.stdout
+    assert "1 optimizer step, final loss" in trained.stdout
     assert "2 classes from integer labels 0-1" in trained.stderr
     planned = invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", "--seq-len", "64",
                      "--data", target_data, "--label-column", "target", "--json")
@@ -65,7 +65,7 @@ def test_a_label_column_the_data_lacks_is_named(files, target_data, monkeypatch)
 def test_task_reaches_train(files, plan_file):
     line = assert_one_line_error(invoke("train", "--vram", "1GB", "--model", files["model"], "--data",
                                         files["data"], "--task", "causal-lm", "--quiet"))
-    assert "the task is causal-lm, but the data has labels" in line
+    assert "bert is an encoder (a masked language model), not a causal LM" in line
     line = assert_one_line_error(invoke("train", "--plan", plan_file, "--data", files["data"], "--task",
                                         "causal-lm", "--quiet"))
     assert "the plan fixes task (--task) at classification, not causal-lm" in line
@@ -161,6 +161,35 @@ def test_a_resumed_full_fine_tune_of_a_model_without_weights_does_not_warn_again
     resumed = invoke(*args, "--max-steps", "2", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "RANDOM" not in resumed.stderr and "checkpoint-00000001" in resumed.stderr, resumed.stderr
+
+
+def test_eval_data_folder_gives_its_validation_split_and_eval_errors_say_so(files, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [json.loads(line) for line in files["data"].read_text().splitlines()]
+    split = lambda part: datasets.Dataset.from_list(part)  # noqa: E731
+    datasets.DatasetDict({"train": split(rows), "validation": split(rows[:5])}).save_to_disk(str(tmp_path / "dd"))
+    args = ("train", "--vram", "1GB", "--model", files["model"], "--data", files["data"], "--quiet",
+            "--max-steps", "1")
+    result = invoke(*args, "--eval-data", tmp_path / "dd")
+    assert result.exit_code == 0, result.output
+    assert f"note: evaluating on the 'validation' split of {tmp_path / 'dd'}" in result.stderr
+    assert "eval of 5 examples after step 1" in result.stdout, result.stdout
+    (tmp_path / "unlabelled.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    line = assert_one_line_error(invoke(*args, "--eval-data", tmp_path / "unlabelled.jsonl"))
+    assert line.startswith("error: eval_data (--eval-data): no label column ('label' or 'labels')"), line
+
+
+def test_an_output_file_is_never_an_input_file(files, tmp_path):
+    """`--out data.jsonl` overwrote the data with the plan."""
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(files["data"].read_bytes())
+    line = assert_one_line_error(invoke("plan", "--model", files["model"], "--vram", "1GB", "--data", data,
+                                        "--out", data))
+    assert line == f"error: --out {data} is the file --data names: write to another file"
+    assert data.read_bytes() == files["data"].read_bytes()
+    line = assert_one_line_error(invoke("plan", "--model", files["model"], "--vram", "1GB", "--out",
+                                        tmp_path / "p.json", "--accelerate-config", tmp_path / "p.json"))
+    assert line.endswith("is the file --out names: write to another file")
 
 
 def test_a_note_is_said_once_though_train_and_eval_data_both_infer_it(files, tmp_path):

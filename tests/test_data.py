@@ -9,6 +9,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from autofit.data import DataError, TokenizedData, column_names, prepare_examples, text_lengths
 from autofit.data_files import load_data_file
+from autofit.labels import label_kind
 from benchmarks._minilm import minilm_path
 
 WORDS = "the cat sat on a mat and the dog ran in the park while birds sang over green hills".split()
@@ -316,3 +317,23 @@ def test_a_dataset_dict_gives_its_train_split(word_tok):
     with pytest.raises(DataError, match=r"holds splits \['test', 'validation'\] and no 'train' split: pass a single"):
         prepare_examples(datasets.DatasetDict({"test": split, "validation": split}), word_tok,
                          task="classification", max_length=16)
+
+
+def test_class_label_names_of_a_dataset_name_the_classes_with_their_ids(word_tok):
+    """A datasets ClassLabel column's ids keep their numbering and gain their names (the model's id2label)."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["zz_neg", "aa_pos", "mid"])})
+    train = datasets.Dataset.from_dict({"sentence": ["the cat", "a dog sat", "the dog"], "label": [0, 1, 0]},
+                                       features=features)
+    out = prepare_examples(train, word_tok, task="classification", max_length=16)
+    assert out.labels == [0, 1, 0] and out.label_names == ["zz_neg", "aa_pos", "mid"] and out.num_labels == 3
+    evaluation = datasets.Dataset.from_dict({"sentence": ["a cat"], "label": [2]}, features=features)
+    scored = prepare_examples(evaluation, word_tok, task="classification", max_length=16, min_classes=1,
+                              label_names=out.label_names, train_kind=label_kind(out))
+    assert scored.labels == [2]
+    plain = prepare_examples({"sentence": ["the cat", "a dog"], "label": [0, 1]}, word_tok, task="classification",
+                             max_length=16)
+    kept = prepare_examples(evaluation, word_tok, task="classification", max_length=16, min_classes=1,
+                            train_kind=label_kind(plain))  # training labels were plain ids: ids stay ids
+    assert kept.labels == [2] and kept.label_names is None

@@ -114,3 +114,64 @@ def test_a_json_example_naming_a_key_twice_is_refused(tmp_path):
     nested = tmp_path / "nested.jsonl"  # keys of a nested object are that object's own
     nested.write_text('{"text": "a cat", "label": 0, "meta": {"label": 1}}\n')
     assert load_data_file(nested) == [{"text": "a cat", "label": 0, "meta": {"label": 1}}]
+
+
+def test_a_saved_dataset_dict_gives_evaluation_its_validation_split_never_train(tmp_path, caplog):
+    """Scores on the training split reported as evaluation would be no evaluation at all."""
+    datasets = pytest.importorskip("datasets")
+    split = lambda texts: datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)})  # noqa: E731
+    datasets.DatasetDict({"train": split(["a", "b", "c"]), "validation": split(["v"]),
+                          "test": split(["t", "u"])}).save_to_disk(str(tmp_path / "dd"))
+    with caplog.at_level("INFO", logger="autofit"):
+        assert load_data_file(tmp_path / "dd", evaluation=True)["text"] == ["v"]
+    assert f"evaluating on the 'validation' split of {tmp_path / 'dd'}" in caplog.text
+    assert load_data_file(tmp_path / "dd")["text"] == ["a", "b", "c"]
+    datasets.DatasetDict({"train": split(["a"]), "test": split(["t"])}).save_to_disk(str(tmp_path / "tt"))
+    assert load_data_file(tmp_path / "tt", evaluation=True)["text"] == ["t"]
+    datasets.DatasetDict({"train": split(["a"]), "extra": split(["t"])}).save_to_disk(str(tmp_path / "te"))
+    with pytest.raises(DataError, match=r"holds splits \['extra', 'train'\] and none to evaluate on \(validation"):
+        load_data_file(tmp_path / "te", evaluation=True)
+
+
+def test_json_lines_split_at_newlines_only(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028 and U+0085 raw; str.splitlines would cut a line there."""
+    rows = [{"text": "one\u2028two", "label": 0}, {"text": "three\x85four\x0cfive", "label": 1},
+            {"text": "six", "label": 0}]
+    path = tmp_path / "raw.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
+    assert load_data_file(path) == rows
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n{bad\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 4 is not valid JSON"):  # numbered as an editor numbers lines
+        load_data_file(path)
+
+
+def test_a_pretty_printed_json_object_and_pandas_default_to_json_are_read(tmp_path):
+    columns = {"text": ["a cat", "a dog"], "label": [1, 0]}
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(columns, indent=2))
+    assert load_data_file(pretty) == columns
+    indexed = tmp_path / "indexed.json"  # pandas' DataFrame.to_json() default: columns keyed by row index
+    indexed.write_text(json.dumps({"text": {"0": "a cat", "1": "a dog"}, "label": {"0": 1, "1": 0}}, indent=1))
+    assert load_data_file(indexed) == columns
+    one = tmp_path / "one.json"  # one example, pretty-printed
+    one.write_text(json.dumps({"text": "a cat", "label": 1}, indent=2))
+    assert load_data_file(one) == [{"text": "a cat", "label": 1}]
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "text": ["a cat"],\n  "label": [1\n}\n')
+    with pytest.raises(DataError, match=r"broken.json: invalid JSON \(Expecting ',' delimiter at line 4\)"):
+        load_data_file(broken)
+
+
+def test_tsv_is_read_and_a_csv_of_other_separators_is_named(tmp_path):
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("text\tlabel\na cat, sat\tpos\na dog\tneg\n")
+    assert load_data_file(tsv) == [{"text": "a cat, sat", "label": "pos"}, {"text": "a dog", "label": "neg"}]
+    for mark, name in ((";", "';'"), ("\t", "tabs")):
+        path = tmp_path / "semi.csv"
+        path.write_text(f"text{mark}label\na cat{mark}pos\n")
+        with pytest.raises(DataError) as info:
+            load_data_file(path)
+        assert (f"the header {'text' + mark + 'label'!r} is one column: its values look separated by {name}; "
+                "save it separated by commas") in str(info.value)
+    (tmp_path / "one.csv").write_text("text\na cat\n")  # one column, no other separator: fine
+    assert load_data_file(tmp_path / "one.csv") == [{"text": "a cat"}]

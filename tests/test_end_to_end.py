@@ -75,7 +75,9 @@ def test_evaluation_stays_within_the_plan_and_counts_in_the_measured_peak(tok):
     from autofit.report import train_summary
 
     steps = result.optimizer_steps
-    assert f"eval after step {steps} (epoch 1): loss {result.eval[0].loss:.4f}, accuracy" in train_summary(result)
+    first = result.eval[0]
+    assert (f"eval of {first.samples} examples after step {steps} (epoch 1): loss {first.loss:.4f}, accuracy"
+            in train_summary(result))
 
 
 def test_evaluations_own_peak_is_predicted_closely_from_above(tok, monkeypatch):
@@ -208,7 +210,8 @@ def test_a_plan_edited_to_causal_lm_does_not_train_a_classifier_as_a_language_mo
     plan = autofit.plan(model, "1GB", data=rows, tokenizer=tok, batch_size=8, device="cpu")
     lm = plan.model_copy(update={"task": "causal-lm",
                                  "workload": plan.workload.model_copy(update={"task": "causal-lm"})})
-    with pytest.raises(ValueError, match="the task is causal-lm, but the data has labels"):
+    with pytest.raises(ValueError, match=r"the task is causal-lm, but this model \(BertForSequenceClassification\) "
+                                         "has a classification head"):
         autofit.train(model, rows, plan=lm, tokenizer=tok, quiet=True)
 
 
@@ -331,6 +334,26 @@ def test_causal_lm_examples_with_nothing_to_predict_are_left_out_and_said(caplog
     assert [r.samples for r in result.history] == [8, 8, 8] and result.eval[0].samples == kept
     assert all(r.loss > 0 for r in result.history)
     assert "16 training examples had fewer than two tokens and were left out" in caplog.text
+
+
+def test_a_causal_lm_leaves_text_labels_unused_saying_so_and_trains_on_token_labels(tok, caplog):
+    """Labelled text asked to train a causal LM (task="causal-lm"): the labels go unused, with a note, in plan
+    and train, for training and evaluation data alike. Pre-tokenized `labels` are token labels: used."""
+    rows = skewed_rows(24)
+    lm = tiny_model("gpt2", "causal-lm", n_positions=128)
+    with caplog.at_level("INFO", logger="autofit"):
+        plan = autofit.plan(lm, "1GB", data=rows, tokenizer=tok, batch_size=8, device="cpu", seq_len=96)
+        result = autofit.train(lm, rows, plan=plan, tokenizer=tok, max_steps=1, quiet=True, eval_data=rows)
+    assert plan.task == "causal-lm" and result.optimizer_steps == 1 and result.eval[0].samples == 24
+    assert caplog.text.count("the task is causal-lm: the data's labels (column 'label') are not used") == 2
+    assert "the evaluation data's labels (column 'label') are not used" in caplog.text
+    with pytest.raises(ValueError, match="label_column \\(--label-column\\) names labels \\('label'\\)"):
+        autofit.train(lm, rows, plan=plan, tokenizer=tok, max_steps=1, quiet=True, label_column="label")
+    ids = [[5 + (i * 7 + j) % 80 for j in range(3 + i % 9)] for i in range(16)]
+    masked = [{"input_ids": row, "labels": [-100] + row[1:]} for row in ids]  # the first token is not learned
+    token_plan = autofit.plan(lm, "1GB", data=masked, batch_size=8, device="cpu", seq_len=96)
+    trained = autofit.train(lm, masked, plan=token_plan, max_steps=1, quiet=True)
+    assert trained.optimizer_steps == 1 and trained.history[0].samples == 8
 
 
 def test_a_damaged_checkpoint_is_named_not_a_traceback(tok, tmp_path, monkeypatch):
