@@ -4,14 +4,33 @@
     result = autofit.train(model, data, budget="16GB", tokenizer=tok, epochs=1)
 """
 
-from autofit.api import plan
-from autofit.training import train
-from autofit.budget import BudgetError, format_bytes, parse_budget
-from autofit.knobs import Knobs, Precision
-from autofit.plan import MemoryBreakdown, Plan, TimePrediction
-from autofit.policy import Policy, load_policy
-from autofit.profiler import Profile, profile_model
-from autofit.search import NoPlanFitsError
+import signal
+import sys
+
+
+def _as_command() -> bool:
+    """Imported by the `autofit` command (or `python -m autofit`), not as a library."""
+    argv = getattr(sys, "orig_argv", [])
+    return sys.argv[0].rsplit("/", 1)[-1] == "autofit" or any(
+        flag == "-m" and name == "autofit" for flag, name in zip(argv, argv[1:]))
+
+
+def _stopped_while_starting(signum, frame) -> None:
+    sys.stderr.write("stopped: interrupted\n")
+    raise SystemExit(130)
+
+
+if _as_command():  # Ctrl-C while the command imports torch (seconds): no traceback; cli.main restores Python's
+    signal.signal(signal.SIGINT, _stopped_while_starting)
+
+from autofit.api import plan  # noqa: E402
+from autofit.training import train  # noqa: E402
+from autofit.budget import BudgetError, format_bytes, parse_budget  # noqa: E402
+from autofit.knobs import Knobs, Precision  # noqa: E402
+from autofit.plan import MemoryBreakdown, Plan, TimePrediction  # noqa: E402
+from autofit.policy import Policy, load_policy  # noqa: E402
+from autofit.profiler import Profile, profile_model  # noqa: E402
+from autofit.search import NoPlanFitsError  # noqa: E402
 
 __version__ = "0.1.0"
 """The one place the version is written: pyproject.toml reads it from here."""

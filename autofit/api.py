@@ -15,7 +15,7 @@ from autofit.arguments import check_columns, check_columns_are_lists, check_devi
 from autofit.budget import parse_budget
 from autofit.card import card_profile, card_spec, on_card, visible_as
 from autofit.cluster import SINGLE, Cluster, make_cluster
-from autofit.data import LABEL_COLUMNS, DataError, TokenizedData, column_names, min_tokens, text_lengths
+from autofit.data import DataError, TokenizedData, column_names, default_label_column, min_tokens, text_lengths
 from autofit.devices import DeviceSpec, get_device
 from autofit.intmath import check_whole
 from autofit.memory import offloaded_bytes_per_machine
@@ -162,7 +162,7 @@ def note_unused_labels(task: str, data: Any, label_column: str | None = None, wh
     if label_column is not None:
         raise ValueError(f"the task is causal-lm, but label_column (--label-column) names labels "
                          f"({label_column!r}): a causal LM trains on the text alone")
-    found = next((name for name in LABEL_COLUMNS if name in names), None)
+    found = default_label_column(names)
     if found is not None:
         log.info(f"the task is causal-lm: the {what}'s labels (column {found!r}) are not used, a causal LM "
                  "trains on the text alone")
@@ -172,7 +172,7 @@ def inferred_task(model: ModelSpec, config: PretrainedConfig, data: Any, label_c
     """models.infer_task, saying so when the data's labels (`label_column`, else a LABEL_COLUMNS one) made a
     decoder a classifier."""
     labelled = data is not None and (label_column is not None
-                                     or any(name in LABEL_COLUMNS for name in column_names(data)))
+                                     or default_label_column(column_names(data)) is not None)
     task = infer_task(model, config, labelled=labelled)
     if task == "classification" and infer_task(model, config) == "causal-lm":
         log.info(f"the data has labels: training {config.model_type} as a classifier, not a causal LM "

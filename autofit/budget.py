@@ -17,7 +17,8 @@ MAX_BUDGET_BYTES = 2**50
 """Largest memory size accepted (1 PB): far above any device, and well inside exact float and int64 range."""
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
-_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGTP]?)(I?B)?\s*$", re.IGNORECASE)
+_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(?:([KMGTP])(I?B|I)?|(B)?)\s*$",
+                      re.IGNORECASE)  # 16GB, 16GiB, 16G, 16Gi (as Kubernetes writes it), 16B, 16
 
 
 class BudgetError(ValueError):
@@ -68,7 +69,7 @@ def _size_value(text: object, what: str) -> int | float:
     match = _PATTERN.match(text)
     if not match:
         raise BudgetError(f"invalid {what} {_shown(text)}: use e.g. 16GB, 15.5GiB, 16000MB or a byte count")
-    return float(match.group(1)) * _UNITS[match.group(2).upper()]  # 1e400 reads as inf: rejected as not finite
+    return float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]  # 1e400 reads as inf: rejected as not finite
 
 
 def _shown(text: object) -> str:

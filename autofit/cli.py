@@ -6,6 +6,7 @@ Exit codes: 0 success; 2 no plan fits the budget (the message names the smallest
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+import autofit
 from autofit import plots  # light: matplotlib is imported only to draw
 from autofit.cli_errors import Commands, err, escape, friendly_errors
 from autofit.cli_options import (check_needs_data, check_out_file, check_outputs_apart, checked_seq_len, load_data,
@@ -22,6 +24,22 @@ out = Console()
 
 app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plan and run memory-efficient fine-tuning of Hugging Face transformers on a small GPU.")
+
+def _show_version(asked: bool) -> None:
+    if asked:
+        import torch
+        import transformers
+
+        out.print(f"autofit {autofit.__version__} (torch {torch.__version__}, transformers {transformers.__version__})",
+                  highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                          help="Show the versions of autofit, torch and transformers.")) -> None:
+    """Plan and run memory-efficient fine-tuning of Hugging Face transformers on a small GPU."""
+
 
 ADAPTER_HELP = ("auto: the policy decides; none: full fine-tuning only; lora: LoRA/QLoRA adapter plans only "
                 "(with the policy's ranks, targets and bases).")
@@ -264,4 +282,5 @@ def explain(plan_path: Path = typer.Argument(..., help="A plan JSON file.")) -> 
 
 
 def main() -> None:  # pragma: no cover - console-script entry
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is friendly_errors' to handle
     sys.exit(app())

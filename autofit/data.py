@@ -124,6 +124,23 @@ def column_names(data) -> list[str]:
     return []
 
 
+def column_named(names: Sequence[str], name: str) -> str | None:
+    """The column `name`, or the one column that is `name` but for case ("Text", "LABEL"); None if neither."""
+    if name in names:
+        return name
+    alike = [n for n in names if isinstance(n, str) and n.lower() == name]
+    return alike[0] if len(alike) == 1 else None
+
+
+def default_label_column(names: Sequence[str], *, say: bool = False) -> str | None:
+    """The first LABEL_COLUMNS column the data has (any case); with `say`, a second one is named in a note."""
+    found = [column_named(names, name) for name in LABEL_COLUMNS if column_named(names, name)]
+    if say and len(found) > 1:
+        log.info(f"the labels are column {found[0]!r} (the data has {found[1]!r} too: name the one to use with "
+                 "--label-column)")
+    return found[0] if found else None
+
+
 def _text_columns(columns: dict[str, list], text_column: str | Sequence[str] | None,
                   label_column: str | None = None) -> tuple[str, ...]:
     if text_column is not None:
@@ -133,13 +150,14 @@ def _text_columns(columns: dict[str, list], text_column: str | Sequence[str] | N
             raise DataError(f"text column {missing or names} not found; the data has columns {sorted(columns)}")
         return names
     for pair in TEXT_PAIRS:
-        if all(name in columns for name in pair):
-            return pair
-    for name in TEXT_COLUMNS:
-        if name in columns:
-            return (name,)
+        found = tuple(column_named(columns, name) for name in pair)
+        if None not in found:
+            return found
+    found = next((column_named(columns, name) for name in TEXT_COLUMNS if column_named(columns, name)), None)
+    if found is not None:
+        return (found,)
     strings = [n for n, values in columns.items()
-               if n not in (*LABEL_COLUMNS, label_column) and all(isinstance(v, str) for v in values)]
+               if n not in (default_label_column(columns), label_column) and all(isinstance(v, str) for v in values)]
     if len(strings) == 1:
         log.warning(f"the text is column {strings[0]!r}, the only column of strings (name it with --text-column)")
         return (strings[0],)
@@ -152,7 +170,7 @@ def _label_column(columns: dict[str, list], label_column: str | None, task: str)
         if label_column not in columns:
             raise DataError(f"label column {label_column!r} not found; the data has columns {sorted(columns)}")
         return label_column
-    found = next((name for name in LABEL_COLUMNS if name in columns), None)
+    found = default_label_column(columns, say=True)
     if found is None and task not in TOKEN_LEVEL_TASKS:
         raise DataError(f"no label column ('label' or 'labels') for {task}; the data has columns "
                         f"{sorted(columns)} (name it with label_column / --label-column)")

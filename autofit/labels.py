@@ -34,6 +34,11 @@ _NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|inf(?:inity)?|n
 check names them rather than their column turning into class names."""
 
 
+ALL_DISTINCT_MIN = 20
+"""Training data of at least this many examples whose string labels are all different is refused: those are
+texts or ids, not classes (a head with one class per example)."""
+
+
 class DataError(ValueError):
     """Data that cannot be read or trained on, with a one-line reason."""
 
@@ -102,6 +107,9 @@ def _string_classes(values: list[str], min_classes: int, label_names: Sequence[s
         names, numbered = list(model_names), ", numbered as the model's config numbers them"
     else:
         names = sorted(set(values))
+        if len(values) >= ALL_DISTINCT_MIN and len(names) == len(values):  # a text column taken for the labels
+            raise DataError(f"each of the {len(values)} examples has a label of its own ({_preview(values, 3)}): "
+                            "that is no set of classes; name the label column with label_column / --label-column")
     ids = {name: i for i, name in enumerate(names)}
     unknown = next((i for i, v in enumerate(values) if v not in ids), None)
     if unknown is not None:

@@ -13,6 +13,8 @@ GIB = 2**30
         ("16 GB", 16 * GIB),
         ("16gb", 16 * GIB),
         ("15.5GiB", int(15.5 * GIB)),
+        ("16Gi", 16 * GIB),  # Kubernetes writes binary units so
+        ("512 mi", 512 * 2**20),
         ("16000MB", 16000 * 2**20),
         ("512M", 512 * 2**20),
         ("1TB", 2**40),
@@ -28,7 +30,7 @@ def test_parses_sizes_in_binary_units(text, expected):
     assert parse_budget(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "0GB", "-1GB", "-5", "abc", "16 XB", "", "GB", "16GBB", "1.2.3GB", True])
+@pytest.mark.parametrize("text", ["0", "0GB", "-1GB", "-5", "abc", "16 XB", "", "GB", "16GBB", "1.2.3GB", True, "16i", "16 Gi B"])
 def test_rejects_bad_budgets_with_one_line(text):
     with pytest.raises(BudgetError) as err:
         parse_budget(text)

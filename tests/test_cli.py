@@ -337,3 +337,35 @@ def test_an_empty_model_directory_is_named_as_such(files, tmp_path):
     line = assert_one_line_error(invoke("train", "--vram", "1GB", "--model", tmp_path / "empty", "--data",
                                         files["data"]))
     assert "has no config.json" in line
+
+
+@pytest.mark.parametrize("command", [["autofit"], ["python", "-m", "autofit"]])
+def test_ctrl_c_while_the_command_starts_is_no_traceback(command):
+    """The command imports torch for seconds before its own error handling runs: Ctrl-C then still exits
+    130 with one line."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = [sys.executable] + command[1:] if command[0] == "python" else [shutil.which("autofit") or
+                                                                         str(Path(sys.executable).parent / "autofit")]
+    started = subprocess.Popen(exe + ["--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.5)  # Python's handler is in place after a few ms; torch's import takes seconds
+    started.send_signal(signal.SIGINT)
+    err = started.communicate(timeout=60)[1]
+    assert started.returncode == 130 and err.splitlines() == ["stopped: interrupted"], err
+
+
+def test_version_names_autofit_torch_and_transformers():
+    import torch
+    import transformers
+
+    import autofit
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == (f"autofit {autofit.__version__} (torch {torch.__version__}, transformers "
+                                     f"{transformers.__version__})")

@@ -7,7 +7,7 @@ import pytest
 
 from autofit.data import DataError, prepare_examples
 from autofit.data_files import load_data_file
-from autofit.labels import IDS, NAMES, REGRESSION, class_labels, label_kind
+from autofit.labels import ALL_DISTINCT_MIN, IDS, NAMES, REGRESSION, class_labels, label_kind
 
 
 def csv_labels(tmp_path, labels: list[str]) -> list:
@@ -86,3 +86,26 @@ def test_evaluation_labels_of_the_training_kind_are_taken():
     assert prepared(["1", "0"], prepared([0, 1, 2])).labels == [1, 0]  # CSV ids
     scores = prepared([2, 0], prepared([0.5, 1.5]))  # integers are numbers to regress too
     assert scores.labels == [2.0, 0.0] and scores.num_labels == 1
+
+
+def test_string_labels_all_different_are_no_classes():
+    """A text column taken for the labels built a head with one class per example."""
+    texts = [f"sentence number {i}" for i in range(ALL_DISTINCT_MIN)]
+    with pytest.raises(DataError, match=f"each of the {ALL_DISTINCT_MIN} examples has a label of its own "
+                                        r"\(sentence number 0, sentence number 1, sentence number 2, \.\.\."):
+        class_labels(texts)
+    assert class_labels(texts[:-1])["num_labels"] == ALL_DISTINCT_MIN - 1  # a small set may be all classes
+    assert class_labels(texts + texts[:1])["num_labels"] == ALL_DISTINCT_MIN  # one repeat: classes
+    assert class_labels(texts, label_names=texts, min_classes=1)["labels"] == list(range(ALL_DISTINCT_MIN))
+
+
+def test_default_columns_are_found_whatever_their_case(caplog):
+    from autofit.data import _label_column, _text_columns
+
+    columns = {"Text": ["a"], "Label": ["x"]}
+    assert _text_columns(columns, None) == ("Text",) and _label_column(columns, None, "classification") == "Label"
+    assert _text_columns({"Sentence1": ["a"], "sentence2": ["b"]}, None) == ("Sentence1", "sentence2")
+    assert _text_columns({"text": ["a"], "TEXT": ["b"]}, None) == ("text",)  # the exact name first
+    with caplog.at_level("INFO", logger="autofit"):
+        assert _label_column({"text": ["a"], "label": [0], "labels": [1]}, None, "classification") == "label"
+    assert "the labels are column 'label' (the data has 'labels' too" in caplog.text

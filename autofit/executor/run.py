@@ -269,7 +269,7 @@ class _Run:
                         peak_bytes=self.meter.peak_bytes if self.meter else None)
         if self.world.any(interrupt.requested):  # every process stops after the same step
             self.stopped_together = True
-            where = f"; the checkpoint is {self.save()}, run again with resume to continue" \
+            where = f"; the checkpoint is {self.save()}, run again with resume (--resume) to continue" \
                 if self.output_dir is not None else " (no output_dir: nothing was saved)"
             raise TrainingInterruptedError(f"interrupted after step {self.state.step}{where}")
         if self.checkpoint_every and self.state.step % self.checkpoint_every == 0:

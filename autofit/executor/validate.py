@@ -52,7 +52,8 @@ def check_inputs(model: PreTrainedModel, plan: Plan, train: TokenizedData, eval:
         raise ExecutorInputError(f"epochs and max_steps must be whole numbers >= 1, got epochs={epochs!r}, "
                                  f"max_steps={max_steps!r}")
     if (checkpoint_every is not None or resume) and output_dir is None:
-        raise ExecutorInputError("checkpoint_every and resume need an output_dir")
+        raise ExecutorInputError("checkpoint_every (--checkpoint-every) and resume (--resume) need an output_dir "
+                                 "(--output-dir) to keep checkpoints in")
     if checkpoint_every is not None and not _count(checkpoint_every):
         raise ExecutorInputError(f"checkpoint_every must be a whole number >= 1, got {checkpoint_every!r}")
     try:  # first: a model with adapters or 4-bit weights in it would fail the parameter count below unclearly
