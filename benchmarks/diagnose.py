@@ -399,16 +399,21 @@ if __name__ == "__main__":
                              "(0 = the smallest budget that fits, 1 = the naive plan's peak)")
     parser.add_argument("--decompose", metavar="RESULTS_JSON",
                         help="split every cell's error of an accuracy result into fit / fake-tensor / memory-model parts")
+    parser.add_argument("--below", type=float, metavar="ERROR",
+                        help="with --decompose: only the cells (of `arch`, when given) whose error is below this, "
+                             "e.g. -0.015")
     args = parser.parse_args()
     quiet_libraries()
     torch.set_num_threads(1)
     if args.patch_tracker:
         patch_tracker_ignore_params()
     if args.decompose:
-        cells = json.loads(open(args.decompose).read())["cells"]
+        cells = [c for c in json.loads(open(args.decompose).read())["cells"]
+                 if (args.arch is None or c["arch"] == args.arch) and (args.below is None or c["error"] < args.below)]
         rows = decompose(cells)
         print(show_decomposition(rows))
         name = "decomposition_" + __import__("pathlib").Path(args.decompose).stem + ("_tracker_fixed" if args.patch_tracker else "")
+        name += (f"_{args.arch}" if args.arch else "") + ("_worst" if args.below is not None else "")
         from benchmarks._common import environment, write_result
         print(write_result(name, {"benchmark": "decomposition", **environment(), "source": args.decompose, "cells": rows}))
     elif args.e2e:
