@@ -31,6 +31,7 @@ from autofit.search.adapter_bound import adapters_could_win
 from autofit.search.space import adapted_keys
 from autofit.search.space import PAD_MULTIPLE
 from autofit.techniques import lora
+from autofit.techniques.accumulation import process_batch_size
 from autofit.workload import MAX_BATCH_SIZE, LengthHistogram, Workload
 
 log = logging.getLogger("autofit")
@@ -263,7 +264,8 @@ def plan_from_search(profile: Profile, workload: Workload, budget_bytes: int, de
         cluster=cluster, offloaded_bytes=offloaded_bytes_per_machine(profile, result.knobs, cluster),
         policy=result.policy + (" (relaxed)" if result.relaxed else ""), headroom_bytes=result.headroom_bytes,
         knobs=result.knobs, predicted=result.memory, time=result.time, workload=workload,
-        alternatives=alternatives(result), search=result.info(), profile_device=profile.device,
+        alternatives=alternatives(result, share=process_batch_size(workload.batch_size, cluster.processes)),
+        search=result.info(), profile_device=profile.device,
         profile_device_name=profile.device_name,
         adapter=lora.weights_summary(profile, result.knobs),
         versions=package_versions(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

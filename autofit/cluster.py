@@ -9,9 +9,12 @@ Ethernet 12.5 GB/s. Processes on one CPU machine talk through shared memory (glo
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger("autofit")
 
 Interconnect = Literal["nvlink", "pcie", "shared-memory"]
 """How the processes of one machine reach each other."""
@@ -79,6 +82,7 @@ def make_cluster(gpus: int = 1, machines: int = 1, *, interconnect: str | None =
                  device_kind: str = "cuda", host_memory_bytes: int | None = None) -> Cluster:
     """A Cluster from user input, with one-line errors: `interconnect` defaults to PCIe between GPUs and to
     shared memory between CPU processes."""
+    given_interconnect = interconnect
     if interconnect is None:
         interconnect = "shared-memory" if device_kind == "cpu" else "pcie"
     if interconnect not in INTERCONNECT_GBS:
@@ -92,5 +96,11 @@ def make_cluster(gpus: int = 1, machines: int = 1, *, interconnect: str | None =
         raise ValueError(f"{machines} machines need at least {machines} GPUs, not {gpus}")
     if gpus % machines:
         raise ValueError(f"{gpus} GPUs do not spread evenly over {machines} machines")
+    unused = [flag for flag, idle in (("--interconnect", given_interconnect is not None and gpus == 1),
+                                      ("--network", network != "ethernet" and machines == 1),
+                                      ("--host-memory", host_memory_bytes is not None and gpus == 1)) if idle]
+    if unused:  # they describe how several GPUs share a model: said, not silently dropped
+        where = "one GPU" if gpus == 1 else "one machine"
+        log.info(f"{', '.join(unused)} change{'s' if len(unused) == 1 else ''} nothing on {where}")
     return Cluster(processes=gpus, machines=machines, interconnect=interconnect, network=network,
                    host_memory_bytes=host_memory_bytes)

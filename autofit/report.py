@@ -13,6 +13,7 @@ from autofit.calibration import Calibration
 from autofit.knobs import Knobs
 from autofit.plan import AdapterWeights, Alternative, Plan, Technique
 from autofit.profiler.schema import Profile
+from autofit.techniques.accumulation import process_batch_size
 
 if TYPE_CHECKING:
     from autofit.executor.result import TrainResult
@@ -54,8 +55,9 @@ def describe_sharding(k: Knobs, processes: int = 1) -> str:
     return f"FSDP2: weights, gradients and AdamW state sharded over {processes} processes, " + ", ".join(extras)
 
 
-def describe_knobs(k: Knobs, num_layers: int, processes: int = 1) -> dict[Technique, str]:
-    """Each technique's setting in words, keyed by technique: the one place a plan's knobs are phrased."""
+def describe_knobs(k: Knobs, num_layers: int, processes: int = 1, share: int | None = None) -> dict[Technique, str]:
+    """Each technique's setting in words, keyed by technique: the one place a plan's knobs are phrased
+    (micro-batches up to `share`, the most examples a process trains in a step, when given)."""
     freezing = "base frozen (adapters train)" if k.adapter == "lora" else "no freezing"
     if k.freeze_embeddings:
         freezing = "freeze embeddings" + (f" + bottom {k.freeze_layers}/{num_layers} layers" if k.freeze_layers
@@ -74,17 +76,18 @@ def describe_knobs(k: Knobs, num_layers: int, processes: int = 1) -> dict[Techni
         "precision": k.precision.value + (" + grad scaler" if k.precision.value == "fp16" else ""),
         "optimizer": "8-bit AdamW (bitsandbytes)" if k.optimizer_bits == 8 else "32-bit AdamW" + (
             " (bitsandbytes' 8-bit AdamW does not step FSDP's sharded parameters)" if k.strategy == "fsdp" else ""),
-        "micro-batch": f"micro-batches of up to {k.micro_batch_size}",
+        "micro-batch": f"micro-batches of up to {min(k.micro_batch_size, share or k.micro_batch_size)}",
         "padding": padding,
         "sharding": describe_sharding(k, processes),
     }
 
 
-def knobs_line(k: Knobs, num_layers: int) -> str:
+def knobs_line(k: Knobs, num_layers: int, processes: int = 1) -> str:
     """All knobs on one line, e.g. "freeze embeddings, checkpoint 6/6 layers (0-5), bf16, 8-bit AdamW ...";
-    an adapter plan starts with its adapter (and leaves out the frozen base it implies)."""
-    words = describe_knobs(k, num_layers)
-    silent = ("adapter" if k.adapter == "none" else "freezing", "sharding")
+    an adapter plan starts with its adapter (and leaves out the frozen base it implies), a plan for several
+    processes ends with how they share the model."""
+    words = describe_knobs(k, num_layers, processes)
+    silent = ("adapter" if k.adapter == "none" else "freezing",) + (("sharding",) if processes == 1 else ())
     return ", ".join(v for t, v in words.items() if t not in silent)
 
 
@@ -117,7 +120,8 @@ def _speed(ratio: float) -> str:
 
 def describe_alternative(alternative: Alternative, plan: Plan) -> str:
     """One line weighing a runner-up against the chosen plan, e.g. "with 8-bit AdamW: 1.20x slower, 14.1 GB"."""
-    words = describe_knobs(alternative.knobs, plan.num_layers, plan.cluster.processes)
+    words = describe_knobs(alternative.knobs, plan.num_layers, plan.cluster.processes,
+                           process_batch_size(plan.batch_size, plan.cluster.processes))
     changes = " and ".join(words[t] for t in alternative.changed)
     speed = _speed(alternative.epoch_seconds / plan.time.epoch_seconds) if plan.time.epoch_seconds else "?"
     line = f"with {changes}: {speed}, {format_bytes(alternative.peak_bytes)}"

@@ -161,3 +161,33 @@ def test_cpu_offload_must_fit_the_machines_ram():
     assert tight.exit_code == 2 and "no plan fits" in tight.stderr
     needed = re.search(r"smallest budget that fits is ([0-9.]+) GB", tight.stderr)
     assert needed and float(needed.group(1)) > 24  # not the offload plan's, which the RAM cannot hold
+
+
+def test_options_for_several_gpus_say_when_they_change_nothing(caplog):
+    with caplog.at_level("INFO", logger="autofit"):
+        make_cluster(1, interconnect="nvlink", network="infiniband", host_memory_bytes=2**30)
+    assert "--interconnect, --network, --host-memory change nothing on one GPU" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="autofit"):
+        make_cluster(4, network="infiniband")
+        make_cluster(4, 2, interconnect="nvlink", network="infiniband", host_memory_bytes=2**30)
+    assert caplog.text.count("change") == 1 and "--network changes nothing on one machine" in caplog.text
+
+
+def test_no_plan_fits_for_several_gpus_names_how_they_share_the_model():
+    knobs = Knobs(strategy="fsdp", fsdp_unit_layers=1, micro_batch_size=1)
+    error = NoPlanFitsError(8 * 2**30, 17 * 2**30, knobs, 16 * 2**30, num_layers=32, processes=8)
+    assert str(error).startswith("no plan fits in 8.0 GB per GPU; the smallest budget that fits is 17.0 GB per GPU (")
+    assert "FSDP2: weights, gradients and AdamW state sharded over 8 processes, 1 layer per unit" in str(error)
+    alone = NoPlanFitsError(8 * 2**30, 17 * 2**30, Knobs(), 16 * 2**30, num_layers=32)
+    assert "per GPU" not in str(alone) and "process" not in str(alone)
+
+
+def test_alternatives_weigh_micro_batches_at_what_a_process_can_run():
+    """A cap above a process's share of the step changes nothing: no alternative offers it, none says it."""
+    from autofit.search.result import changed_techniques
+
+    chosen, bigger = Knobs(micro_batch_size=8), Knobs(micro_batch_size=32, freeze_embeddings=True)
+    assert changed_techniques(chosen, bigger, 12) == ["freezing", "micro-batch"]
+    assert changed_techniques(chosen, bigger, 12, share=8) == ["freezing"]
+    assert changed_techniques(Knobs(micro_batch_size=4), bigger, 12, share=8) == ["freezing", "micro-batch"]

@@ -80,8 +80,10 @@ def resume_point(output_dir: str, data: str, run: dict[str, str]) -> tuple[Path,
 
 
 def resume_noting(output_dir: str | None, data_print: str, run_print: dict[str, str], epochs: int,
-                  max_steps: int | None, notes: list[str]) -> tuple[Path, Plan, ckpt.TrainerState] | None:
-    """The checkpoint to go on from (resume_point's), saying in `notes` when there is none or it is finished."""
+                  max_steps: int | None, notes: list[str], epoch_steps: int | None = None
+                  ) -> tuple[Path, Plan, ckpt.TrainerState] | None:
+    """The checkpoint to go on from (resume_point's), saying in `notes` where the run goes on (`epoch_steps`:
+    steps per epoch), or that there is none or it is finished."""
     saved = resume_point(output_dir, data_print, run_print)
     if saved is None:
         notes.append(f"no checkpoint in {output_dir} yet: starting from the first step")
@@ -90,8 +92,11 @@ def resume_noting(output_dir: str | None, data_print: str, run_print: dict[str, 
                      "to train; what follows is that run's (ask for more --epochs or --max-steps to go on)")
     else:
         state = saved[2]
-        where = f"{state.position} of its steps done" if state.position else "at its start"
-        notes.append(f"resuming from {saved[0]}: {_steps(state.step)} done; epoch {state.epoch + 1} goes on {where}")
+        epoch, position = state.epoch, state.position
+        if epoch_steps is not None and position >= epoch_steps:  # saved after an epoch's last step, before its end
+            epoch, position = epoch + 1, 0
+        where = f"{position} of its steps done" if position else "at its start"
+        notes.append(f"resuming from {saved[0]}: {_steps(state.step)} done; epoch {epoch + 1} goes on {where}")
     return saved
 
 

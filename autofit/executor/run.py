@@ -102,7 +102,8 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
         run_print = run_fingerprint(plan, model, seed=seed, lr=lr, weight_decay=weight_decay,
                                     max_grad_norm=max_grad_norm, drop_last=drop_last)
         check_same_run(world, data_print, run_print, epochs, max_steps)
-        saved = resume_noting(output_dir, data_print, run_print, epochs, max_steps, notes) if resume else None
+        saved = resume_noting(output_dir, data_print, run_print, epochs, max_steps, notes,
+                              steps_per_epoch(len(train), plan.batch_size, drop_last)) if resume else None
         state = saved[2] if saved else ckpt.TrainerState(data_fingerprint=data_print, run_fingerprint=run_print)
         run = _Run(model, saved[1] if saved else plan, train, eval, state=state, epochs=epochs, max_steps=max_steps,
                    seed=seed, drop_last=drop_last, output_dir=output_dir, checkpoint_every=checkpoint_every,

@@ -73,12 +73,13 @@ class NoPlanFitsError(ValueError):
     """No knobs the policy allows fit the budget; carries the smallest budget that would, and how."""
 
     def __init__(self, budget_bytes: int, smallest_budget_bytes: int, knobs: Knobs, peak_bytes: int,
-                 num_layers: int):
+                 num_layers: int, processes: int = 1):
         self.budget_bytes, self.smallest_budget_bytes = budget_bytes, smallest_budget_bytes
         self.knobs, self.peak_bytes = knobs, peak_bytes
+        each = " per GPU" if processes > 1 else ""
         super().__init__(
-            f"no plan fits in {format_bytes(budget_bytes)}; the smallest budget that fits is "
-            f"{format_bytes(smallest_budget_bytes)} ({knobs_line(knobs, num_layers)})")
+            f"no plan fits in {format_bytes(budget_bytes)}{each}; the smallest budget that fits is "
+            f"{format_bytes(smallest_budget_bytes)}{each} ({knobs_line(knobs, num_layers, processes)})")
 
 
 def round_up_budget(n: int) -> int:
@@ -103,9 +104,10 @@ def rank(candidates: list[Candidate], policy: Policy, limit_bytes: int) -> list[
 # --- what changed --------------------------------------------------------------------------------------
 
 
-def knob_settings(k: Knobs, num_layers: int) -> dict[Technique, tuple]:
+def knob_settings(k: Knobs, num_layers: int, share: int | None = None) -> dict[Technique, tuple]:
     """Each technique's setting, keyed by technique, as coarse as a person weighs it: two plans set a technique
-    differently when these differ (which layers are checkpointed does not count, only how many, or all)."""
+    differently when these differ (which layers are checkpointed does not count, only how many, or all; a
+    micro-batch counts up to `share`, the most examples a process trains in a step)."""
     trainable = num_layers - k.freeze_layers
     checkpointed = len(k.checkpoint_layers)
     adapter = ("none",) if k.adapter == "none" else (k.adapter, k.lora_rank, k.lora_targets, k.quantized,
@@ -116,26 +118,27 @@ def knob_settings(k: Knobs, num_layers: int) -> dict[Technique, tuple]:
         "checkpointing": ("all",) if checkpointed and checkpointed == trainable else (checkpointed,),
         "precision": (k.precision.value,),
         "optimizer": (k.optimizer_bits,),
-        "micro-batch": (k.micro_batch_size,),
+        "micro-batch": (min(k.micro_batch_size, share or k.micro_batch_size),),
         "padding": (k.bucket_boundaries and len(k.bucket_boundaries),
                     k.tokens_per_micro_batch if k.bucket_boundaries else None),
         "sharding": (k.strategy, k.reshard_after_forward, k.cpu_offload, k.fsdp_unit_layers),
     }
 
 
-def changed_techniques(chosen: Knobs, other: Knobs, num_layers: int) -> list[Technique]:
-    """The techniques `other` sets differently from `chosen`, in plan order."""
-    mine, theirs = knob_settings(chosen, num_layers), knob_settings(other, num_layers)
+def changed_techniques(chosen: Knobs, other: Knobs, num_layers: int, share: int | None = None) -> list[Technique]:
+    """The techniques `other` sets differently from `chosen`, in plan order (micro-batches as `knob_settings`)."""
+    mine, theirs = knob_settings(chosen, num_layers, share), knob_settings(other, num_layers, share)
     return [t for t in theirs if theirs[t] != mine[t]]
 
 
-def alternatives(result: SearchResult, k: int = 3) -> list[Alternative]:
+def alternatives(result: SearchResult, k: int = 3, share: int | None = None) -> list[Alternative]:
     """The `k` best runner-ups that differ from the chosen plan in more than the micro-batch, one per
-    distinct set of changed techniques."""
+    distinct set of changed techniques; micro-batches count up to `share`, the most examples a process trains
+    in a step (a larger cap changes nothing)."""
     best, chosen = result.best, []
     seen: set[tuple[str, ...]] = set()
     for candidate in result.ranked:
-        changed = tuple(changed_techniques(best.knobs, candidate.knobs, result.num_layers))
+        changed = tuple(changed_techniques(best.knobs, candidate.knobs, result.num_layers, share))
         if not changed or changed == ("micro-batch",) or changed in seen:
             continue
         seen.add(changed)

@@ -64,13 +64,14 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, data, plan_fo
     assert_same_run(resumed_model, result, ref_model, ref)
     epoch, position = divmod(stop_after, 3)
     where = f"{position} of its steps done" if position else "at its start"
-    assert (f"resuming from {tmp_path / f'checkpoint-{stop_after:08d}'}: {stop_after} optimizer step{'s' * (stop_after != 1)} done; "
+    steps = f"{stop_after} optimizer step{'s' * (stop_after != 1)}"
+    assert (f"resuming from {tmp_path / f'checkpoint-{stop_after:08d}'}: {steps} done; "
             f"epoch {epoch + 1} goes on {where}") in caplog.text
     assert Path(result.output_dir) == tmp_path / "checkpoint-00000006"
 
 
 @pytest.mark.parametrize("every", [2, 3])  # 3: the checkpoint ends epoch 0 but precedes its evaluation
-def test_killed_mid_step_resumes_from_the_last_periodic_checkpoint(tiny, data, plan_for, tmp_path, every):
+def test_killed_mid_step_resumes_from_the_last_periodic_checkpoint(tiny, data, plan_for, tmp_path, every, caplog):
     ref_model, plan, train = setup(tiny, data, plan_for)
     ref = run(ref_model, plan, train, eval=train)
 
@@ -93,10 +94,14 @@ def test_killed_mid_step_resumes_from_the_last_periodic_checkpoint(tiny, data, p
     assert len(saved["eval"]) == (1 if every == 2 else 0)
 
     resumed_model, plan, train = setup(tiny, data, plan_for, seed=1)
-    result = run(resumed_model, plan, train, eval=train, output_dir=str(tmp_path), checkpoint_every=every,
-                 resume=True)
+    with caplog.at_level("WARNING", logger="autofit"):
+        result = run(resumed_model, plan, train, eval=train, output_dir=str(tmp_path), checkpoint_every=every,
+                     resume=True)
     assert_same_run(resumed_model, result, ref_model, ref)
     assert [e.model_dump() for e in result.eval] == [e.model_dump() for e in ref.eval]
+    # 3 steps an epoch: checkpoint 3 closes epoch 1 (its evaluation still to run), checkpoint 4 is inside epoch 2
+    assert f"{last} optimizer steps done; epoch 2 goes on {'at its start' if every == 3 else '1 of its steps done'}" \
+        in caplog.text
     assert [e.epoch for e in result.eval] == [0, 1]
 
 
