@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from transformers import PretrainedConfig
 from autofit.models import resolve_config
 from autofit.profiler.profile import add_adapters, package_versions, profile_model
 from autofit.profiler.schema import Profile
+
+log = logging.getLogger("autofit")
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parent.parent / name for name in (
     "layers.py", "techniques/lora.py")]  # lora.py: what the adapted twin's adapters are
@@ -100,6 +103,9 @@ def cached_profile(spec: str | os.PathLike | PretrainedConfig | nn.Module, *, ta
     if plain is not None:  # made earlier without adapters: measure only what they add
         profile = add_adapters(plain, spec, attn_implementation=attn_implementation)
     else:
+        if timing:  # seconds for a small model, minutes for billions of parameters: say why nothing shows
+            log.info(f"timing every block of {getattr(config, 'name_or_path', '') or config.model_type} on the "
+                     f"{timing_device} at a few shapes, once (cached in {folder})")
         profile = profile_model(spec, **made, adapters=adapters)
     try:
         folder.mkdir(parents=True, exist_ok=True)
