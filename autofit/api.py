@@ -15,7 +15,8 @@ from autofit.arguments import check_columns, check_columns_are_lists, check_devi
 from autofit.budget import parse_budget
 from autofit.card import card_profile, card_spec, on_card, visible_as
 from autofit.cluster import SINGLE, Cluster, make_cluster
-from autofit.data import DataError, TokenizedData, column_names, default_label_column, min_tokens, text_lengths
+from autofit.columns import column_names, default_label_column
+from autofit.data import DataError, TokenizedData, min_tokens, text_lengths
 from autofit.devices import DeviceSpec, get_device
 from autofit.intmath import check_whole
 from autofit.memory import offloaded_bytes_per_machine

@@ -10,7 +10,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from autofit.data import DataError, column_names
+from autofit.columns import column_names
+from autofit.data import DataError
 from autofit.devices import DeviceSpec
 from autofit.intmath import check_whole
 from autofit.labels import short_repr as shown

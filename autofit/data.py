@@ -1,5 +1,5 @@
-"""Data intake: find the text and label columns of data (files are read by data_files.py), tokenize, and hand
-the executor plain token-id lists (`TokenizedData`) and the planner a length distribution (`text_lengths`).
+"""Data intake: tokenize the text and label columns (found by columns.py; files are read by data_files.py), and
+hand the executor plain token-id lists (`TokenizedData`) and the planner a length distribution (`text_lengths`).
 
 Accepted data: a `datasets.Dataset` (or a `DatasetDict`'s "train" split), a list of dicts (or a dict of
 columns), or already tokenized examples (`input_ids` present; pads an `attention_mask` marks at either end
@@ -11,21 +11,18 @@ counted (`num_truncated`); with `truncation=False` they are an error instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
 
+from autofit.columns import columns_of, find_label_column, find_text_columns
 from autofit.data_files import train_split
 from autofit.labels import NAMES, DataError, class_label_names, class_labels, named_ids, short_repr
 from autofit.techniques.tokenization import encode_batched
 from autofit.workload import TOKEN_LEVEL_TASKS
 
-TEXT_PAIRS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
-              ("question1", "question2"))
-TEXT_COLUMNS = ("text", "sentence", "content")
-LABEL_COLUMNS = ("label", "labels")
 TOKEN_RANGES = {"input_ids": (0, None, "token ids must be >= 0 (-100 is for labels)"),
                 "token_type_ids": (0, None, "segment ids must be >= 0"),
                 "attention_mask": (0, 1, "a mask holds only 0s and 1s")}
@@ -88,95 +85,6 @@ def without_untrainable(data: TokenizedData) -> tuple[TokenizedData, int]:
                                        labels=pick(data.labels))), len(data) - len(keep)
 
 
-# ---- columns ----------------------------------------------------------------------------------------------
-
-
-def _columns(data) -> dict[str, list]:
-    """Column name -> values, from a datasets.Dataset, a dict of columns or a list of dicts."""
-    data = train_split(data)
-    if hasattr(data, "column_names") and hasattr(data, "to_dict"):  # datasets.Dataset
-        columns = data.to_dict()
-    elif isinstance(data, Mapping):
-        columns = {name: list(values) for name, values in data.items()}
-    elif isinstance(data, Sequence) and not isinstance(data, str):
-        if data and not all(isinstance(row, Mapping) for row in data):
-            raise DataError("each example must be a dict such as {'text': ..., 'label': ...}")
-        names = list(dict.fromkeys(name for row in data for name in row))
-        columns = {name: [row.get(name) for row in data] for name in names}
-    else:
-        raise DataError(f"cannot read data of type {type(data).__name__}: "
-                        "pass a datasets.Dataset, a list of dicts or a dict of columns")
-    if not columns or not len(next(iter(columns.values()))):
-        raise DataError("the data holds no examples")
-    return columns
-
-
-def column_names(data) -> list[str]:
-    """The column names of `data` (a datasets.Dataset, a dict of columns, or a list of dicts), without
-    reading it whole; [] for anything else (the full check happens when it is tokenized)."""
-    data = train_split(data)
-    if hasattr(data, "column_names"):
-        return list(data.column_names)
-    if isinstance(data, Mapping):
-        return list(data)
-    if isinstance(data, Sequence) and not isinstance(data, str):
-        return list(dict.fromkeys(name for row in data[:1000] if isinstance(row, Mapping) for name in row))
-    return []
-
-
-def column_named(names: Sequence[str], name: str) -> str | None:
-    """The column `name`, or the one column that is `name` but for case ("Text", "LABEL"); None if neither."""
-    if name in names:
-        return name
-    alike = [n for n in names if isinstance(n, str) and n.lower() == name]
-    return alike[0] if len(alike) == 1 else None
-
-
-def default_label_column(names: Sequence[str], *, say: bool = False) -> str | None:
-    """The first LABEL_COLUMNS column the data has (any case); with `say`, a second one is named in a note."""
-    found = [column_named(names, name) for name in LABEL_COLUMNS if column_named(names, name)]
-    if say and len(found) > 1:
-        log.info(f"the labels are column {found[0]!r} (the data has {found[1]!r} too: name the one to use with "
-                 "--label-column)")
-    return found[0] if found else None
-
-
-def _text_columns(columns: dict[str, list], text_column: str | Sequence[str] | None,
-                  label_column: str | None = None) -> tuple[str, ...]:
-    if text_column is not None:
-        names = (text_column,) if isinstance(text_column, str) else tuple(text_column)
-        missing = [n for n in names if n not in columns]
-        if missing or not 1 <= len(names) <= 2:
-            raise DataError(f"text column {missing or names} not found; the data has columns {sorted(columns)}")
-        return names
-    for pair in TEXT_PAIRS:
-        found = tuple(column_named(columns, name) for name in pair)
-        if None not in found:
-            return found
-    found = next((column_named(columns, name) for name in TEXT_COLUMNS if column_named(columns, name)), None)
-    if found is not None:
-        return (found,)
-    strings = [n for n, values in columns.items()
-               if n not in (default_label_column(columns), label_column) and all(isinstance(v, str) for v in values)]
-    if len(strings) == 1:
-        log.warning(f"the text is column {strings[0]!r}, the only column of strings (name it with --text-column)")
-        return (strings[0],)
-    raise DataError(f"cannot tell which column holds the text (columns: {sorted(columns)}); "
-                    "name it with text_column / --text-column")
-
-
-def _label_column(columns: dict[str, list], label_column: str | None, task: str) -> str | None:
-    if label_column is not None:
-        if label_column not in columns:
-            raise DataError(f"label column {label_column!r} not found; the data has columns {sorted(columns)}")
-        return label_column
-    found = default_label_column(columns, say=True)
-    if found is None and task not in TOKEN_LEVEL_TASKS:
-        raise DataError(f"no label column ('label' or 'labels') for {task}; the data has columns "
-                        f"{sorted(columns)} (name it with label_column / --label-column)")
-    return found
-
-
 # ---- tokenizing -------------------------------------------------------------------------------------------
 
 
@@ -195,18 +103,18 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
     Evaluation data passes `train_kind`, the training data's `label_kind`: its labels must be of that kind."""
     label_rules = dict(min_classes=min_classes, label_names=label_names, model_names=model_names,
                        train_kind=train_kind, class_names=class_label_names(train_split(data)))
-    columns = _columns(data)
+    columns = columns_of(data)
     if "input_ids" in columns:
         return _from_token_ids(columns, task, max_length, label_column, truncation, label_rules)
     if task == "token-classification":
         raise DataError("token-classification needs pre-tokenized examples with input_ids and token labels")
     if tokenizer is None:
         raise DataError("text data needs a tokenizer (or pass examples that already hold input_ids)")
-    names = _text_columns(columns, text_column, label_column)
+    names = find_text_columns(columns, text_column, label_column)
     texts = [_texts(columns, name) for name in names]
     ids, types, truncated = _encode(tokenizer, texts, max_length, truncation)
     fields = dict(task=task, input_ids=ids, token_type_ids=types, num_truncated=truncated)
-    label = _label_column(columns, label_column, task)
+    label = find_label_column(columns, label_column, task)
     if task not in TOKEN_LEVEL_TASKS:
         fields.update(_sequence_labels(columns[label], label, label_rules))
     return TokenizedData.model_construct(**fields)  # built and checked here: skip re-validating every id
@@ -215,11 +123,11 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
 def text_lengths(data, tokenizer, text_column: str | Sequence[str] | None = None,
                  max_length: int | None = None, label_column: str | None = None) -> list[int]:
     """Token length of every example (with special tokens), capped at `max_length`: the planner's input."""
-    columns = _columns(data)
+    columns = columns_of(data)
     if "input_ids" in columns:
         lengths = [len(ids) for ids in _unpadded(columns, [])["input_ids"]]
     else:
-        texts = [_texts(columns, name) for name in _text_columns(columns, text_column, label_column)]
+        texts = [_texts(columns, name) for name in find_text_columns(columns, text_column, label_column)]
         lengths = [len(ids) for ids in _encode(tokenizer, texts, None, True)[0]]
     return [min(n, max_length) for n in lengths] if max_length else lengths
 
@@ -257,7 +165,7 @@ def _encode(tokenizer, texts: list[list[str]], max_length: int | None,
 def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None, label_column: str | None,
                     truncation: bool, label_rules: dict[str, Any]) -> TokenizedData:
     """Examples that already hold input_ids (and maybe token_type_ids, attention_mask and labels)."""
-    label = _label_column(columns, label_column, task)
+    label = find_label_column(columns, label_column, task)
     if task in TOKEN_LEVEL_TASKS and label is None and task != "causal-lm":
         raise DataError(f"{task} examples need token labels; the data has columns {sorted(columns)}")
     columns = _unpadded(columns, [label] if task in TOKEN_LEVEL_TASKS and label else [])

@@ -7,7 +7,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from autofit.data import DataError, TokenizedData, column_names, prepare_examples, text_lengths
+from autofit.columns import column_names
+from autofit.data import DataError, TokenizedData, prepare_examples, text_lengths
 from autofit.data_files import load_data_file
 from autofit.labels import label_kind
 from benchmarks._minilm import minilm_path

@@ -100,7 +100,7 @@ def test_string_labels_all_different_are_no_classes():
 
 
 def test_default_columns_are_found_whatever_their_case(caplog):
-    from autofit.data import _label_column, _text_columns
+    from autofit.columns import find_label_column as _label_column, find_text_columns as _text_columns
 
     columns = {"Text": ["a"], "Label": ["x"]}
     assert _text_columns(columns, None) == ("Text",) and _label_column(columns, None, "classification") == "Label"

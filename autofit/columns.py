@@ -1,0 +1,103 @@
+"""Columns: where the text and the labels are in data given as a `datasets.Dataset` (or a DatasetDict's
+"train" split), a dict of columns or a list of dicts. Default names match whatever their case ("Text")."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from autofit.data_files import train_split
+from autofit.labels import DataError
+from autofit.workload import TOKEN_LEVEL_TASKS
+
+TEXT_PAIRS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
+              ("question1", "question2"))
+TEXT_COLUMNS = ("text", "sentence", "content")
+LABEL_COLUMNS = ("label", "labels")
+log = logging.getLogger("autofit")
+
+
+def columns_of(data) -> dict[str, list]:
+    """Column name -> values, from a datasets.Dataset, a dict of columns or a list of dicts."""
+    data = train_split(data)
+    if hasattr(data, "column_names") and hasattr(data, "to_dict"):  # datasets.Dataset
+        columns = data.to_dict()
+    elif isinstance(data, Mapping):
+        columns = {name: list(values) for name, values in data.items()}
+    elif isinstance(data, Sequence) and not isinstance(data, str):
+        if data and not all(isinstance(row, Mapping) for row in data):
+            raise DataError("each example must be a dict such as {'text': ..., 'label': ...}")
+        names = list(dict.fromkeys(name for row in data for name in row))
+        columns = {name: [row.get(name) for row in data] for name in names}
+    else:
+        raise DataError(f"cannot read data of type {type(data).__name__}: "
+                        "pass a datasets.Dataset, a list of dicts or a dict of columns")
+    if not columns or not len(next(iter(columns.values()))):
+        raise DataError("the data holds no examples")
+    return columns
+
+
+def column_names(data) -> list[str]:
+    """The column names of `data` (a datasets.Dataset, a dict of columns, or a list of dicts), without
+    reading it whole; [] for anything else (the full check happens when it is tokenized)."""
+    data = train_split(data)
+    if hasattr(data, "column_names"):
+        return list(data.column_names)
+    if isinstance(data, Mapping):
+        return list(data)
+    if isinstance(data, Sequence) and not isinstance(data, str):
+        return list(dict.fromkeys(name for row in data[:1000] if isinstance(row, Mapping) for name in row))
+    return []
+
+
+def column_named(names: Sequence[str], name: str) -> str | None:
+    """The column `name`, or the one column that is `name` but for case ("Text", "LABEL"); None if neither."""
+    if name in names:
+        return name
+    alike = [n for n in names if isinstance(n, str) and n.lower() == name]
+    return alike[0] if len(alike) == 1 else None
+
+
+def default_label_column(names: Sequence[str], *, say: bool = False) -> str | None:
+    """The first LABEL_COLUMNS column the data has (any case); with `say`, a second one is named in a note."""
+    found = [column_named(names, name) for name in LABEL_COLUMNS if column_named(names, name)]
+    if say and len(found) > 1:
+        log.info(f"the labels are column {found[0]!r} (the data has {found[1]!r} too: name the one to use with "
+                 "--label-column)")
+    return found[0] if found else None
+
+
+def find_text_columns(columns: dict[str, list], text_column: str | Sequence[str] | None,
+                  label_column: str | None = None) -> tuple[str, ...]:
+    if text_column is not None:
+        names = (text_column,) if isinstance(text_column, str) else tuple(text_column)
+        missing = [n for n in names if n not in columns]
+        if missing or not 1 <= len(names) <= 2:
+            raise DataError(f"text column {missing or names} not found; the data has columns {sorted(columns)}")
+        return names
+    for pair in TEXT_PAIRS:
+        found = tuple(column_named(columns, name) for name in pair)
+        if None not in found:
+            return found
+    found = next((column_named(columns, name) for name in TEXT_COLUMNS if column_named(columns, name)), None)
+    if found is not None:
+        return (found,)
+    strings = [n for n, values in columns.items()
+               if n not in (default_label_column(columns), label_column) and all(isinstance(v, str) for v in values)]
+    if len(strings) == 1:
+        log.warning(f"the text is column {strings[0]!r}, the only column of strings (name it with --text-column)")
+        return (strings[0],)
+    raise DataError(f"cannot tell which column holds the text (columns: {sorted(columns)}); "
+                    "name it with text_column / --text-column")
+
+
+def find_label_column(columns: dict[str, list], label_column: str | None, task: str) -> str | None:
+    if label_column is not None:
+        if label_column not in columns:
+            raise DataError(f"label column {label_column!r} not found; the data has columns {sorted(columns)}")
+        return label_column
+    found = default_label_column(columns, say=True)
+    if found is None and task not in TOKEN_LEVEL_TASKS:
+        raise DataError(f"no label column ('label' or 'labels') for {task}; the data has columns "
+                        f"{sorted(columns)} (name it with label_column / --label-column)")
+    return found
