@@ -197,7 +197,7 @@ def _sequence_labels(values: list, column: str, rules: dict[str, Any]) -> dict[s
     if names is not None and rules["train_kind"] in (None, NAMES):
         values = named_ids(values, names)
         rules["label_names"] = rules["label_names"] or names
-    return class_labels(values, **rules)
+    return class_labels(values, **rules, column=repr(column))
 
 
 def _unpadded(columns: dict[str, list], labels: list[str]) -> dict[str, list]:

@@ -44,14 +44,16 @@ class DataError(ValueError):
 
 
 def class_labels(values: list, *, min_classes: int = 2, label_names: Sequence[str] | None = None,
-                 model_names: Sequence[str] | None = None, train_kind: str | None = None) -> dict[str, Any]:
+                 model_names: Sequence[str] | None = None, train_kind: str | None = None,
+                 column: str | None = None) -> dict[str, Any]:
     """labels, num_labels, label_names (string classes) and label_note of sequence-level labels.
 
     `min_classes`: fewest distinct classes the data must hold (training: 2; evaluation data may hold 1).
     `label_names`: the training data's class names, so that string labels of evaluation data get the same ids.
     `model_names`: the class names the model's config gives its ids (`config_label_names`): training data's
     string labels that are all among them keep those ids, so the trained head answers in the model's names.
-    `train_kind`: the training data's `label_kind`, which evaluation data's labels must share."""
+    `train_kind`: the training data's `label_kind`, which evaluation data's labels must share. `column`: the
+    labels' column, named in errors about the column as a whole."""
     missing = next((i for i, v in enumerate(values) if v is None or v == ""), None)
     if missing is not None:
         raise DataError(f"example {missing} has no label")
@@ -65,7 +67,7 @@ def class_labels(values: list, *, min_classes: int = 2, label_names: Sequence[st
         raise DataError(f"the training data's labels are {expected}{names} but the evaluation data's are {kind} "
                         f"(example {odd} has label {short_repr(values[odd])}): give both the same kind of labels")
     if kind == NAMES:
-        return _string_classes(taken, min_classes, label_names, model_names)
+        return _string_classes(taken, min_classes, label_names, model_names, column)
     return _integer_classes(taken, min_classes) if kind == IDS else _regression(taken)
 
 
@@ -98,7 +100,7 @@ def _kind(values: list, label_names: Sequence[str] | None) -> tuple[str, list]:
 
 
 def _string_classes(values: list[str], min_classes: int, label_names: Sequence[str] | None,
-                    model_names: Sequence[str] | None) -> dict[str, Any]:
+                    model_names: Sequence[str] | None, column: str | None = None) -> dict[str, Any]:
     _check_enough_classes(values, min_classes)
     numbered = ""
     if label_names is not None:
@@ -109,7 +111,8 @@ def _string_classes(values: list[str], min_classes: int, label_names: Sequence[s
         names = sorted(set(values))
         if len(values) >= ALL_DISTINCT_MIN and len(names) == len(values):  # a text column taken for the labels
             raise DataError(f"each of the {len(values)} examples has a label of its own ({_preview(values, 3)}): "
-                            "that is no set of classes; name the label column with label_column / --label-column")
+                            f"{column or 'the label column'} holds no classes; name the column that does with "
+                            "label_column / --label-column")
     ids = {name: i for i, name in enumerate(names)}
     unknown = next((i for i, v in enumerate(values) if v not in ids), None)
     if unknown is not None:

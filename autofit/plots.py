@@ -106,8 +106,9 @@ class MemoryTimeline:
 
 
 def memory_timeline(plan: Plan, profile: Profile) -> MemoryTimeline:
-    """The memory model's moments (autofit.memory.step_timeline) for `plan`'s knobs, workload and device."""
-    moments = step_timeline(profile, plan.knobs, plan.workload, plan.device)
+    """The memory model's moments (autofit.memory.step_timeline) for `plan`'s knobs, workload, device and
+    processes (each one's share of the step and of the model)."""
+    moments = step_timeline(profile, plan.knobs, plan.workload, plan.device, plan.cluster)
     totals = [m.peak_bytes for _, m in moments]
     return MemoryTimeline(
         labels=[label for label, _ in moments], phases=[m.peak_phase for _, m in moments],

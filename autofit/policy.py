@@ -14,6 +14,7 @@ reads it; nothing else does. Conventions a policy relies on:
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -44,6 +45,15 @@ def _a_number(value: object) -> object:
 
 Number = Annotated[float, BeforeValidator(_a_number)]
 """A float field of a policy: ints are fine, strings and booleans are refused as typos."""
+
+
+class _PolicyLoader(yaml.SafeLoader):
+    """YAML 1.2's numbers: PyYAML follows YAML 1.1, which reads 5e-2 and 1e3 (no dot) as strings."""
+
+
+_PolicyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789."))
 
 
 class _Strict(BaseModel):
@@ -322,7 +332,7 @@ def load_policy(name_or_path: str | Path | Policy) -> Policy:
         return name_or_path
     text, source, stem = _read_policy_text(str(name_or_path))
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_PolicyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise PolicyError(f"invalid policy {source}: not YAML ({str(exc).splitlines()[0]})") from None
     except RecursionError:

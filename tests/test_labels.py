@@ -94,6 +94,9 @@ def test_string_labels_all_different_are_no_classes():
     with pytest.raises(DataError, match=f"each of the {ALL_DISTINCT_MIN} examples has a label of its own "
                                         r"\(sentence number 0, sentence number 1, sentence number 2, \.\.\."):
         class_labels(texts)
+    with pytest.raises(DataError, match="'name' holds no classes; name the column that does with label_column"):
+        prepare_examples({"input_ids": [[5, 6]] * ALL_DISTINCT_MIN, "name": texts}, task="classification",
+                         max_length=8, label_column="name")
     assert class_labels(texts[:-1])["num_labels"] == ALL_DISTINCT_MIN - 1  # a small set may be all classes
     assert class_labels(texts + texts[:1])["num_labels"] == ALL_DISTINCT_MIN  # one repeat: classes
     assert class_labels(texts, label_names=texts, min_classes=1)["labels"] == list(range(ALL_DISTINCT_MIN))

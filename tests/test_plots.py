@@ -100,6 +100,17 @@ def test_memory_picture_of_a_searched_plan(profile, tmp_path, budget_gb, policy)
     assert is_png(path)
 
 
+def test_memory_picture_of_a_plan_for_several_gpus_is_one_process_peak(profile):
+    """Each process's share of the step and of the model: the picture showed a whole replica's step."""
+    from autofit.cluster import make_cluster
+
+    device, workload, cluster = get_device("a10g"), skewed_workload(), make_cluster(4)
+    found = search(profile, workload, device, 2 * 2**30, "balanced", cluster=cluster)
+    plan = plan_from_search(profile, workload, 2 * 2**30, device, found, cluster)
+    t = plots.memory_timeline(plan, profile)
+    assert max(t.totals) == plan.predicted.peak_bytes and t.shape == plan.predicted.peak_shape
+
+
 # ---- 2. the search's candidates ---------------------------------------------------------------------------
 
 

@@ -331,3 +331,14 @@ def test_a_policy_field_of_the_wrong_kind_is_refused_not_coerced(tmp_path, field
         load_policy(str(path))
     path.write_text(yaml.safe_dump({"name": "mine", "risk_price": 1, "max_micro_batch": 4, "checkpointing": False}))
     assert load_policy(str(path)).risk_price == 1.0
+
+
+def test_numbers_with_an_exponent_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 5e-2 as a string; YAML 1.2, and people, read a number. A quoted one is a string."""
+    path = tmp_path / "p.yaml"
+    path.write_text("name: mine\nheadroom:\n  fraction: 5e-2\nrisk_price: 1E-3\n")
+    policy = load_policy(str(path))
+    assert policy.headroom.fraction == 0.05 and policy.risk_price == 0.001
+    path.write_text('name: mine\nrisk_price: "1e-3"\n')
+    with pytest.raises(PolicyError, match="risk_price"):
+        load_policy(str(path))

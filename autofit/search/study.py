@@ -138,7 +138,10 @@ def _run_one_study(space: SearchSpace, policy: Policy, evaluate: Evaluator, limi
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if budget:
             study.optimize(objective, n_trials=budget)
-    knobs = {Knobs.model_validate(t.user_attrs["knobs"]) for t in study.trials if "knobs" in t.user_attrs}
+    # distinct, in trial order: a set's order follows string hashing (PYTHONHASHSEED), and ties in the ranking
+    # keep this order, so the same search would name other plans from one run to the next
+    knobs = list(dict.fromkeys(Knobs.model_validate(t.user_attrs["knobs"]) for t in study.trials
+                               if "knobs" in t.user_attrs))
     return [evaluate(k, policy) for k in knobs], len(study.trials) - done
 
 
