@@ -120,19 +120,24 @@ def memory_timeline(plan: Plan, profile: Profile) -> MemoryTimeline:
 def draw_memory(t: MemoryTimeline) -> Figure:
     """Stacked bars, one per moment, with the budget, the headroom line and the peak marked."""
     fig, (ax,) = _figure(10, 4.8)
-    size, unit = _unit(max(t.budget_bytes, *t.totals))
-    _stack(ax, t.labels, t.parts, size)
-    ax.axhline(t.budget_bytes / size, color="black", lw=1.2, label=f"budget {format_bytes(t.budget_bytes)}")
-    ax.axhline(t.limit_bytes / size, color="black", lw=1, ls="--",
-               label=f"budget - headroom {format_bytes(t.limit_bytes)}")
     peak = t.totals[t.peak]
+    budget_shown = t.budget_bytes <= 3 * peak  # a far larger budget would flatten the bars
+    size, unit = _unit(max(t.budget_bytes if budget_shown else 0, *t.totals))
+    _stack(ax, t.labels, t.parts, size)
+    title = f"predicted memory over one training step (micro-batch {t.shape[0]} x {t.shape[1]} tokens)"
+    if budget_shown:
+        ax.axhline(t.budget_bytes / size, color="black", lw=1.2, label=f"budget {format_bytes(t.budget_bytes)}")
+        ax.axhline(t.limit_bytes / size, color="black", lw=1, ls="--",
+                   label=f"budget - headroom {format_bytes(t.limit_bytes)}")
+    else:
+        title += f"\nbudget {format_bytes(t.budget_bytes)} (off the scale)"
     ax.annotate(f"peak {format_bytes(peak)}\n{t.labels[t.peak]}", (t.peak, peak / size),
                 xytext=(0, 18), textcoords="offset points", ha="center", fontsize=8,
                 arrowprops=dict(arrowstyle="->"))
     ax.set_xlim(-0.6, len(t.labels) - 0.4)
-    ax.set_ylim(0, max(t.budget_bytes, peak) / size * 1.18)
+    ax.set_ylim(0, max(t.budget_bytes if budget_shown else 0, peak) / size * 1.18)
     ax.set_ylabel(unit)
-    ax.set_title(f"predicted memory over one training step (micro-batch {t.shape[0]} x {t.shape[1]} tokens)")
+    ax.set_title(title)
     ax.legend(fontsize=7, loc="upper left", ncols=2)
     return fig
 

@@ -111,6 +111,16 @@ def test_memory_picture_of_a_plan_for_several_gpus_is_one_process_peak(profile):
     assert max(t.totals) == plan.predicted.peak_bytes and t.shape == plan.predicted.peak_shape
 
 
+def test_a_budget_far_above_the_peak_does_not_flatten_the_memory_picture(profile):
+    device, workload = get_device("a10g"), skewed_workload()
+    found = search(profile, workload, device, 80 * 2**30, "balanced")
+    t = plots.memory_timeline(plan_from_search(profile, workload, 80 * 2**30, device, found), profile)
+    assert t.budget_bytes > 3 * max(t.totals)
+    ax = plots.draw_memory(t).axes[0]
+    assert "budget 80.0 GB (off the scale)" in ax.get_title()
+    assert not [line for line in ax.lines if "budget" in line.get_label()]  # no line far above the bars
+
+
 # ---- 2. the search's candidates ---------------------------------------------------------------------------
 
 
