@@ -113,6 +113,8 @@ class Headroom(_Strict):
     def _parse_bytes(cls, value: object) -> object:
         if isinstance(value, str):  # "512MB", or "0": no 1 MB floor, a small headroom is fine
             return 0 if value.strip() == "0" else parse_size(value, what="headroom")
+        if isinstance(value, float):  # 2.5e9, as YAML 1.2 reads it: a byte count (parse_size says if too large)
+            return parse_size(value, what="headroom")
         return value
 
     def for_budget(self, budget_bytes: int) -> int:
