@@ -30,7 +30,8 @@ def test_parses_sizes_in_binary_units(text, expected):
     assert parse_budget(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "0GB", "-1GB", "-5", "abc", "16 XB", "", "GB", "16GBB", "1.2.3GB", True, "16i", "16 Gi B"])
+@pytest.mark.parametrize("text", ["0", "0GB", "-1GB", "-5", "abc", "16 XB", "", "GB", "16GBB", "1.2.3GB", True, "16i",
+                                  "16 Gi B"])
 def test_rejects_bad_budgets_with_one_line(text):
     with pytest.raises(BudgetError) as err:
         parse_budget(text)

@@ -287,8 +287,8 @@ def cut_step(step: Iterable[int], lengths: Sequence[int], knobs: Knobs, upper_le
     So a micro-batch topped by a bucket's example is never larger than the shape the memory model checks for
     that bucket, and the micro-batch of the step's longest examples runs first, before any gradient of the
     step exists (and the worst shape of the longest bucket really occurs once an epoch, where its longest
-    example is). The buckets in `exact_buckets` (every example exactly its padded length) share micro-batches with no other
-    bucket: theirs stay free of pad tokens, as the memory model assumes."""
+    example is). The buckets in `exact_buckets` (every example exactly its padded length) share micro-batches
+    with no other bucket: theirs stay free of pad tokens, as the memory model assumes."""
     pieces: list[list[int]] = []
     current: list[int] = []
     top, size = -1, 0
