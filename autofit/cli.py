@@ -25,6 +25,7 @@ out = Console()
 app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plan and run memory-efficient fine-tuning of Hugging Face transformers on a small GPU.")
 
+
 def _show_version(asked: bool) -> None:
     if asked:
         import torch

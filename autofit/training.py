@@ -129,15 +129,16 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
                              train=train_data) if eval_data is not None else None
     set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
     source, nf4 = model, _nf4_loading(plan)
+    resumed = _resumed_plan(output_dir) if resume else None
     if isinstance(model, PretrainedConfig):  # a config asks for a model with random weights
         model = build_model(config, task, num_labels=num_labels or train_data.num_labels or 2)
     elif not isinstance(model, nn.Module):
-        with _weights_from_checkpoint(output_dir if resume else None):
+        with _weights_from_checkpoint(resumed):
             model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2, nf4=nf4)
     _name_classes(model, train_data.label_names)
     spec = plan.device if plan is not None else target_device(device, train=True)
-    if plan is None and resume and output_dir is not None:
-        plan = _plan_in_force(output_dir, budget_bytes, batch_size, spec, policy, adapter)
+    if plan is None and resumed is not None:
+        plan = _plan_in_force(resumed, budget_bytes, batch_size, spec, policy, adapter)
     adapters = plan.knobs.adapter == "lora" if plan is not None else chosen.adapters.mode == "always"
     # a model loaded here from an id or path is profiled from it, as plan() profiles it, so one cached profile
     # serves both (in 4 bits too: the profiler measures a full-precision twin); unless the data gave it
@@ -233,16 +234,22 @@ def _nf4_loading(plan: Plan | None) -> dict | None:
             or torch.float32}
 
 
-@contextlib.contextmanager
-def _weights_from_checkpoint(output_dir: str | None):
-    """A resume whose checkpoint holds every weight (a full fine-tune's) overwrites whatever load_model built:
-    a model folder without weights is then no reason to warn of random weights. A LoRA checkpoint holds only
-    the adapters: its base is loaded as usual, and the warning stands."""
+def _resumed_plan(output_dir: str | None) -> Plan | None:
+    """The plan of the newest checkpoint in `output_dir` (the run a resume continues), None without one."""
     from autofit.executor.checkpoint import latest_checkpoint, load_plan_and_state
-    from autofit.models import RandomWeightsWarning
 
     path = latest_checkpoint(output_dir) if output_dir is not None and os.path.isdir(output_dir) else None
-    if path is None or load_plan_and_state(path)[0].knobs.adapter == "lora":
+    return load_plan_and_state(path)[0] if path is not None else None
+
+
+@contextlib.contextmanager
+def _weights_from_checkpoint(resumed: Plan | None):
+    """A resume whose checkpoint holds every weight (a full fine-tune's, `resumed` its plan) overwrites whatever
+    load_model built: a model folder without weights is then no reason to warn of random weights. A LoRA
+    checkpoint holds only the adapters: its base is loaded as usual, and the warning stands."""
+    from autofit.models import RandomWeightsWarning
+
+    if resumed is None or resumed.knobs.adapter == "lora":
         yield
         return
     with warnings.catch_warnings():
@@ -250,17 +257,11 @@ def _weights_from_checkpoint(output_dir: str | None):
         yield
 
 
-def _plan_in_force(output_dir: str, budget_bytes: int, batch_size: int, device: DeviceSpec,
+def _plan_in_force(found: Plan, budget_bytes: int, batch_size: int, device: DeviceSpec,
                    policy: str, adapter: str) -> Plan | None:
-    """The plan of the run being resumed, when it was asked for with the same budget, batch, device and
-    policy, and an adapter choice it meets: planning again could choose other knobs (a CPU target's block
+    """The plan of the run being resumed (`found`), when it was asked for with the same budget, batch, device
+    and policy, and an adapter choice it meets: planning again could choose other knobs (a CPU target's block
     times are measured, not looked up), and a resume must continue the run it finished, not refuse it."""
-    from autofit.executor.checkpoint import latest_checkpoint, load_plan_and_state
-
-    path = latest_checkpoint(output_dir)
-    if path is None:
-        return None
-    found, _ = load_plan_and_state(path)
     same = (found.budget_bytes, found.batch_size, found.device, found.policy) == \
         (budget_bytes, batch_size, device, policy) and adapter in ("auto", found.knobs.adapter)
     return found if same else None  # asked differently: plan anew, and the resume names what changed
