@@ -244,10 +244,11 @@ def measure_memory(subject: Subject, precision: str, shape: tuple[int, int], dev
 def _checkpointed(recomputing: Timeline, full: Timeline, layer: str, saved: float) -> dict[str, dict[str, float]]:
     """The checkpointed layer's quantities, from the run that checkpoints it against the one that does not."""
     forward, backward = recomputing.windows[f"fwd:{layer}"], recomputing.windows[f"bwd:{layer}"]
-    # Live at the forward's end with the layer checkpointed, against without: its saved tensors are gone,
-    # its arguments stay (the input hidden state and whatever else the model passes, such as masks).
+    # Live once the forward has returned with the layer checkpointed, against without: its saved tensors
+    # are gone, its arguments stay (the input hidden state and whatever else the model passes, such as
+    # masks). Autocast's weight copies are gone by then too: its cache empties when the forward returns.
     kept = recomputing.windows["fwd:head"].end_live - full.windows["fwd:head"].end_live + saved
-    # Of that, what the layer's own forward left beyond its output: autocast's cached weight copies.
+    # What the layer's own forward left beyond its output until then: autocast's cached weight copies.
     leftover = max(0.0, forward.end_live - forward.start_live - forward.output)
     # Above everything live when its backward opens, less the recompute's saved bytes. Of what is live there
     # unsaved, only the gradient flowing in (live in the plain run too) belongs to this transient: what
@@ -258,7 +259,7 @@ def _checkpointed(recomputing: Timeline, full: Timeline, layer: str, saved: floa
     quantities = {
         "checkpointed_forward_transient": max(0, forward.peak - forward.end_live),
         "recompute_backward_transient": max(0, recompute),
-        "checkpoint_args": max(0.0, kept - full.windows[f"fwd:{layer}"].output - leftover),
+        "checkpoint_args": max(0.0, kept - full.windows[f"fwd:{layer}"].output),
         "checkpointed_leftover": leftover,
     }
     return {name: {"embeddings": 0.0, "layer": float(value), "head": 0.0} for name, value in quantities.items()}

@@ -244,7 +244,8 @@ def _blocks(params: dict, samples: dict, unpadded: dict, held_out: dict,
         blocks.append(BlockProfile(
             name=kind, kind=kind, count=count, param_numels=[t.numel() for t in tensors],
             embedding_numels=embedding_numels, param_bytes=sum(t.numel() * t.element_size() for t in tensors),
-            flops_forward=fit_shape([(x.batch, x.seq) for x in samples["fp32"]], [x.flops[kind] for x in samples["fp32"]]),
+            flops_forward=fit_shape([(x.batch, x.seq) for x in samples["fp32"]],
+                                    [x.flops[kind] for x in samples["fp32"]]),
             activations=activations, time=time_fits))
         checks += fit_checks(kind, activations, held_out)
     return blocks, checks
