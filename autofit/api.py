@@ -22,6 +22,7 @@ from autofit.intmath import check_whole
 from autofit.memory import offloaded_bytes_per_machine
 from autofit.limits import check_config, check_seq_len
 from autofit.models import check_module, infer_task, load_tokenizer, resolve_config
+from autofit.notes import noted
 from autofit.plan import Plan
 from autofit.policy import Policy, load_policy
 from autofit.profiler import Profile
@@ -79,13 +80,14 @@ def make_workload(task: str, *, seq_len: int, batch_size: int, lengths: list[int
     return Workload(task=task, lengths=hist, batch_size=batch_size, from_data=False, max_length=seq_len)
 
 
+@noted
 def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, batch_size: int = 32,
          data: Any = None, policy: str = "balanced", task: str | None = None,
          device: str | DeviceSpec | None = None, tokenizer: Any = None, text_column: str | None = None,
          label_column: str | None = None, num_samples: int | None = None, n_trials: int | None = None,
          storage: str | None = None, profile: Profile | None = None, adapter: str = "auto", gpus: int = 1,
          machines: int = 1, interconnect: str | None = None, network: str = "ethernet",
-         host_memory: str | int | None = None) -> Plan:
+         host_memory: str | int | None = None, quiet: bool = False) -> Plan:
     """The fastest plan whose predicted peak fits `budget` (e.g. "16GB"; GB = 2**30 bytes, as nvidia-smi).
 
     `data` (examples with text, or tokenized) gives the real length distribution, cut at `seq_len`, and a
@@ -96,7 +98,8 @@ def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, bat
     `gpus` processes on `machines` machines (linked by `interconnect`: nvlink | pcie, and `network`:
     infiniband | ethernet) plan DDP or FSDP, and `budget` is each GPU's; `host_memory` (each machine's CPU RAM,
     e.g. "512GB") rules out CPU offload that needs more. Raises search.NoPlanFitsError (with the smallest
-    budget that fits) when nothing does."""
+    budget that fits) when nothing does. What it infers about its input (the task, the text column, examples
+    cut) is shown as `note:` lines on stderr unless `quiet` or your logging setup shows the "autofit" logger."""
     return plan_and_search(model, budget, seq_len=seq_len, batch_size=batch_size, data=data, policy=policy,
                            task=task, device=device, tokenizer=tokenizer, text_column=text_column,
                            label_column=label_column, num_samples=num_samples, n_trials=n_trials,

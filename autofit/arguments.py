@@ -111,10 +111,11 @@ def check_train_values(*, data: Any, eval_data: Any, tokenizer: Any, text_column
     check_columns_are_lists(data)
     check_columns_are_lists(eval_data, "eval_data")
     check_columns(data, text_column, label_column)
-    for name, value, least in (("seed", seed, 0), ("gpus", gpus, 1), ("num_labels", num_labels, 1)):
+    check_whole("seed", seed, least=0)  # a number, never None: everything random follows it
+    for name, value in (("gpus", gpus), ("num_labels", num_labels)):
         if value is not None:  # (0 gpus or labels read as "not given" further on)
-            check_whole(name, value, least=least)
-    if seed is not None and seed >= 2**32:  # numpy's seeds are 32-bit: its own error would not name the argument
+            check_whole(name, value, least=1)
+    if seed >= 2**32:  # numpy's seeds are 32-bit: its own error would not name the argument
         raise ValueError(f"seed (--seed) must be below 2**32 ({2**32}), not {seed}")
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"the learning rate must be a positive number, not {lr!r}")

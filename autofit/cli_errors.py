@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from autofit.notes import main_process, noting
+
 err = Console(stderr=True)
 
 try:  # recent typer ships its own copy of click
@@ -82,7 +84,7 @@ def friendly_errors(command: Callable) -> Callable:
         except (typer.Exit, typer.Abort):
             raise
         except (TrainingInterruptedError, KeyboardInterrupt) as error:
-            if _main_process():  # every process stopped at the same step: one says so
+            if main_process():  # every process stopped at the same step: one says so
                 err.print("[yellow]stopped:[/] " + escape(str(error) or "interrupted"), soft_wrap=True,
                           highlight=False)
             raise typer.Exit(130) from None
@@ -110,40 +112,22 @@ def one_line(message: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3].rstrip() + "..."
 
 
-def _main_process() -> bool:
-    """Process 0 of a launch (torchrun and accelerate set RANK), or the only process."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 @contextmanager
 def _notes_to_stderr():
     """What autofit's logger says at INFO (a fallback, an inferred task, a resumed run) goes to stderr as
-    `note:` lines, without touching the caller's logging setup."""
-    import logging
-
-    said: set[str] = set()
-
-    class _Notes(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if not _main_process():
-                return  # under a launcher every process infers the same: the first says it
-            message = record.getMessage()
-            if message in said:
-                return  # the same inference for the evaluation data, or when training re-reads the plan's
-            said.add(message)
-            err.print("[dim]note:[/] " + escape(message), soft_wrap=True, highlight=False)
-
-    logger, handler = logging.getLogger("autofit"), _Notes(logging.INFO)
-    level, show = logger.level, warnings.showwarning
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    `note:` lines, and its warnings as `warning:` lines, without touching the caller's logging setup."""
+    show = warnings.showwarning
     warnings.showwarning = _one_line_warning(show)
     try:
-        yield
+        with noting(_print_note):
+            yield
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
         warnings.showwarning = show
+
+
+def _print_note(message: str, warning: bool) -> None:
+    err.print(("[yellow]warning:[/] " if warning else "[dim]note:[/] ") + escape(message), soft_wrap=True,
+              highlight=False)
 
 
 def _one_line_warning(show: Callable) -> Callable:
@@ -154,7 +138,7 @@ def _one_line_warning(show: Callable) -> Callable:
     def show_warning(message, category, filename, lineno, file=None, line=None):
         if not str(filename).startswith(package):
             return show(message, category, filename, lineno, file, line)
-        if _main_process():
+        if main_process():
             err.print("[yellow]warning:[/] " + escape(str(message)), soft_wrap=True, highlight=False)
 
     return show_warning

@@ -19,7 +19,7 @@ log = logging.getLogger("autofit")
 
 def columns_of(data) -> dict[str, list]:
     """Column name -> values, from a datasets.Dataset, a dict of columns or a list of dicts."""
-    data = train_split(data)
+    data = _not_streamed(train_split(data))
     if hasattr(data, "column_names") and hasattr(data, "to_dict"):  # datasets.Dataset
         columns = data.to_dict()
     elif isinstance(data, Mapping):
@@ -37,10 +37,19 @@ def columns_of(data) -> dict[str, list]:
     return columns
 
 
+def _not_streamed(data):
+    """`data`, unless it is a streamed datasets.IterableDataset: planning reads every length and training
+    shuffles and resumes by index."""
+    if type(data).__name__ in ("IterableDataset", "IterableDatasetDict"):
+        raise DataError(f"cannot read a streamed {type(data).__name__}: load the data set without "
+                        "streaming=True (a datasets.Dataset), or pass a list of dicts")
+    return data
+
+
 def column_names(data) -> list[str]:
     """The column names of `data` (a datasets.Dataset, a dict of columns, or a list of dicts), without
     reading it whole; [] for anything else (the full check happens when it is tokenized)."""
-    data = train_split(data)
+    data = _not_streamed(train_split(data))
     if hasattr(data, "column_names"):
         return list(data.column_names)
     if isinstance(data, Mapping):

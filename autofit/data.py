@@ -11,6 +11,7 @@ counted (`num_truncated`); with `truncation=False` they are an error instead.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 from autofit.columns import columns_of, find_label_column, find_text_columns
 from autofit.data_files import train_split
 from autofit.labels import NAMES, DataError, class_label_names, class_labels, named_ids, short_repr
+from autofit.techniques.loss_weighting import IGNORE_INDEX
 from autofit.techniques.tokenization import encode_batched
 from autofit.workload import TOKEN_LEVEL_TASKS
 
@@ -72,17 +74,27 @@ def min_tokens(task: str) -> int:
 
 def without_untrainable(data: TokenizedData) -> tuple[TokenizedData, int]:
     """(`data` less the examples nothing can be learnt from, how many went): no tokens (an empty text under a
-    tokenizer that adds none), or for a causal LM a single one (no next token to predict: a step of only
-    such examples would log a loss of 0 and update nothing)."""
+    tokenizer that adds none), for a causal LM a single one (no next token to predict: a step of only such
+    examples would log a loss of 0 and update nothing), or token labels all -100 (none is scored)."""
     least = min_tokens(data.task)
-    keep = [i for i, ids in enumerate(data.input_ids) if len(ids) >= least]
+    keep = [i for i, ids in enumerate(data.input_ids) if len(ids) >= least and _scores_a_token(data, i)]
     if len(keep) == len(data):
         return data, 0
     if not keep:
-        raise DataError(f"no example has {least} or more tokens: there is nothing to train on")
+        raise DataError(f"no example has {least} or more tokens with a label to predict: there is nothing to "
+                        "train on")
     pick = lambda column: None if column is None else [column[i] for i in keep]  # noqa: E731
     return data.model_copy(update=dict(input_ids=pick(data.input_ids), token_type_ids=pick(data.token_type_ids),
                                        labels=pick(data.labels))), len(data) - len(keep)
+
+
+def _scores_a_token(data: TokenizedData, i: int) -> bool:
+    """Example i has a token label the loss counts (always, without token labels). A causal LM predicts
+    token t from those before it: its first label is never scored."""
+    if data.labels is None or data.task not in TOKEN_LEVEL_TASKS:
+        return True
+    scored = data.labels[i][1:] if data.task == "causal-lm" else data.labels[i]
+    return any(label != IGNORE_INDEX for label in scored)
 
 
 # ---- tokenizing -------------------------------------------------------------------------------------------
@@ -185,7 +197,23 @@ def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None,
         fields.update(_sequence_labels(columns[label], label, label_rules))
     elif label is not None:
         fields["labels"] = [cut(row) for row in columns[label]]
+        if task == "token-classification":
+            fields["num_labels"] = _token_classes(fields["labels"], label)
     return TokenizedData.model_construct(**fields)
+
+
+def _token_classes(rows: list[list], column: str) -> int:
+    """How many classes token-classification labels name: class ids from 0, -100 on tokens not scored."""
+    values = {v for row in rows for v in row}
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                or (v < 0 and v != IGNORE_INDEX)), None)
+    if bad is not None:
+        raise DataError(f"token labels ({column!r}) must be class ids from 0, or -100 on tokens not scored; "
+                        f"found {bad!r}")
+    scored = values - {IGNORE_INDEX}
+    if not scored:
+        raise DataError(f"no token has a label ({column!r} holds only -100): there is nothing to train on")
+    return max(2, int(max(scored)) + 1)
 
 
 def _sequence_labels(values: list, column: str, rules: dict[str, Any]) -> dict[str, Any]:

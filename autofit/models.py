@@ -220,6 +220,12 @@ def check_module(model: torch.nn.Module) -> None:
     if not hasattr(model, "config"):
         raise ValueError(f"autofit plans Hugging Face models: pass a PreTrainedModel, a config, a model id or a "
                          f"path, not a plain {type(model).__name__} (it has no .config)")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model's weights are on the meta device (no values): load them first, e.g. with "
+                         "from_pretrained, or pass its config or id")
+    if getattr(model, "base_model", None) is model and head_task(model) is None:
+        raise ValueError(f"{type(model).__name__} has no task head, so its output has no loss to train: pass a "
+                         "model with one (e.g. AutoModelForSequenceClassification), or its id or config")
     floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if floats and floats <= {torch.float16, torch.bfloat16}:
         raise ValueError(f"the model's weights are {sorted(map(str, floats))[0].removeprefix('torch.')}: pass it "

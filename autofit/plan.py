@@ -285,10 +285,10 @@ class Plan(_Checked):
         """transformers.TrainingArguments with the settings HF Trainer can express.
 
         HF's step is per_device_train_batch_size x gradient_accumulation_steps sequences, every micro-batch of
-        the same size: the size is the plan's cap at the data's longest padded length (with a token budget,
-        long examples go a few at a time, and HF may put the longest example in any micro-batch), and there
-        are enough micro-batches for each process's share of the effective batch (more than it when that size
-        does not divide it).
+        the same size: the largest size that divides each process's share of the effective batch, at most
+        the plan's cap at the data's longest padded length (with a token budget, long examples go a few at a
+        time, and HF may put the longest example in any micro-batch). HF's step is then exactly the plan's
+        batch (a share that is a prime number above the cap runs one sequence at a time).
         So a token-budgeted plan's short examples run in smaller micro-batches than autofit runs them: slower,
         never over the plan's peak. The optimizer settings and seed are autofit's defaults (lr 2e-5, weight decay
         0.01, a constant rate, gradients clipped at 1.0, seed 0); `overrides` replace any of them.
@@ -311,19 +311,22 @@ class Plan(_Checked):
         # HF's step is that of every process: each trains its share of the effective batch
         share = process_batch_size(self.batch_size, self.cluster.processes)
         longest = padded_length(self.workload.lengths.max_length, k.pad_to_multiple_of)
-        micro = min(micro_batch_size_for(longest, k), share)
+        cap = min(micro_batch_size_for(longest, k), share)
+        micro = max(size for size in range(1, cap + 1) if share % size == 0)  # HF's step is then exactly ours
         args: dict[str, Any] = dict(
             output_dir=output_dir,
             per_device_train_batch_size=micro,
             gradient_accumulation_steps=ceil_div(share, micro),
-            gradient_checkpointing=bool(k.checkpoint_layers),
-            gradient_checkpointing_kwargs={"use_reentrant": False} if k.checkpoint_layers else None,
             fp16=k.precision == Precision.fp16,
             bf16=k.precision == Precision.bf16,
             optim="adamw_bnb_8bit" if k.optimizer_bits == 8 else "adamw_torch",
             learning_rate=2e-5, weight_decay=0.01, lr_scheduler_type="constant", max_grad_norm=1.0, seed=0,
             report_to=[],
         )
+        # transformers 5 renamed gradient_checkpointing (the old name warns)
+        named = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+        args[f"{named}_checkpointing"] = bool(k.checkpoint_layers)
+        args[f"{named}_checkpointing_kwargs"] = {"use_reentrant": False} if k.checkpoint_layers else None
         if self.device.kind == "cpu":  # a plan for the CPU trains there (bf16 there needs it said)
             args["use_cpu"] = True
         if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:  # transformers >= 5

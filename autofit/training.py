@@ -29,6 +29,7 @@ from autofit.labels import config_label_names, label_kind
 from autofit.limits import check_seq_len, max_sequence_length
 from autofit.memory import peak_over_shapes, predict_eval_peak, predict_peak
 from autofit.models import build_model, head_task, load_model
+from autofit.notes import noted
 from autofit.plan import MemoryBreakdown, Plan
 from autofit.policy import Policy, check_adapter_choice, load_policy
 from autofit.processes import launched_processes, main_process_first, on_main_process
@@ -36,7 +37,7 @@ from autofit.profiler import Profile
 from autofit.search.space import PAD_MULTIPLE, adapted_keys
 from autofit.techniques.accumulation import eval_micro_batches
 from autofit.techniques.bucketing import padded_length
-from autofit.workload import Workload
+from autofit.workload import TOKEN_LEVEL_TASKS, Workload
 
 log = logging.getLogger("autofit")
 
@@ -67,6 +68,7 @@ DEFAULT_BATCH_SIZE = 32
 """Examples per optimizer step when training without a plan and none is asked for (plan()'s default)."""
 
 
+@noted
 def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
           plan: Plan | str | os.PathLike | None = None,
           tokenizer: Any = None, epochs: int = 1, max_steps: int | None = None, lr: float = 2e-5,
@@ -89,7 +91,8 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     `torchrun`) every process calls train: the main process plans (for `gpus` processes, default: as many as
     were launched on `machines` machines) and the others train its plan. `measure_memory=False` skips
     measuring the peak: free on a GPU (the allocator counts it), it makes a CPU run 2-7x slower (every op's
-    tensors are tracked)."""
+    tensors are tracked). What it infers or changes about its input is shown as `note:` lines on stderr
+    (none when `quiet`, or when your logging setup shows the "autofit" logger) and kept in `result.notes`."""
     from autofit.executor import run_plan  # the executor is the last stage: imported only to train
 
     if (plan is None) == (budget is None):
@@ -106,6 +109,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
                        label_column=label_column, device=device, gpus=gpus, num_labels=num_labels, seed=seed,
                        lr=lr, resume=resume, quiet=quiet, measure_memory=measure_memory)
     check_output_dir_arg(output_dir, resume)
+    seed = int(seed)  # a numpy integer too: Python's random.seed takes only int
     config = _config(model)
     if task is None:
         task = plan.task if plan is not None else inferred_task(model, config, data, label_column)
@@ -286,8 +290,9 @@ def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, columns: t
     data, dropped = without_untrainable(data)
     if dropped:
         least = {1: "one token", 2: "two tokens"}[min_tokens(task)]
-        log.info(f"{dropped} {'training' if train is None else 'evaluation'} examples had fewer than {least} and "
-                 "were left out: nothing can be learnt from them")
+        unscored = " or no token label but -100" if data.labels is not None and task in TOKEN_LEVEL_TASKS else ""
+        log.info(f"{dropped} {'training' if train is None else 'evaluation'} examples had fewer than {least}"
+                 f"{unscored} and were left out: nothing can be learnt from them")
     return data
 
 

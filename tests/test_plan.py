@@ -153,10 +153,10 @@ def test_training_arguments_map_the_knobs(plan, tmp_path):
 def test_training_arguments_for_plain_training(plan, tmp_path):
     args = with_knobs(plan, micro_batch_size=16).to_training_arguments(str(tmp_path), use_cpu=True)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 1)
-    # a cap that does not divide the batch: HF's fixed step then holds at least the batch
+    # a cap that does not divide the batch: the largest size under it that does, so HF's step is the batch
     args = with_knobs(plan, micro_batch_size=6).to_training_arguments(str(tmp_path), use_cpu=True)
-    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (6, 3)
-    assert not args.fp16 and not args.bf16 and not args.gradient_checkpointing
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4)
+    assert not args.fp16 and not args.bf16 and not args.activation_checkpointing
     assert str(args.optim.value) == "adamw_torch"
     if hasattr(args, "train_sampling_strategy"):
         assert args.train_sampling_strategy == "random"
@@ -228,8 +228,8 @@ def test_training_arguments_keep_a_token_budgets_cap_at_the_longest_length(plan,
     budgeted = with_knobs(plan, micro_batch_size=8, tokens_per_micro_batch=1024, bucket_boundaries=(64, 512))
     longest = budgeted.workload.lengths.max_length
     args = budgeted.to_training_arguments(str(tmp_path), use_cpu=True)
-    assert args.per_device_train_batch_size == max(1, 1024 // longest) < 8
-    assert args.per_device_train_batch_size * args.gradient_accumulation_steps >= plan.workload.batch_size
+    assert args.per_device_train_batch_size <= max(1, 1024 // longest) < 8
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == plan.workload.batch_size
     assert (args.learning_rate, args.weight_decay, args.max_grad_norm) == (2e-5, 0.01, 1.0)
     assert str(args.lr_scheduler_type.value) == "constant"
 

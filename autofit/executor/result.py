@@ -102,6 +102,9 @@ class TrainResult(BaseModel):
     epochs_completed: int
     seconds: float
     output_dir: str | None = None
+    notes: list[str] = []
+    """What autofit.train inferred or changed about its input, in order (the task, examples truncated or
+    left out, a head's classes renamed) and the warnings it logged: the lines it showed unless quiet."""
     adapter_dir: str | None = None
     """A LoRA run with an output_dir: the adapters saved at its end (peft's `save_pretrained` folder; reload
     with `PeftModel.from_pretrained(base, adapter_dir)`)."""

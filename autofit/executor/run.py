@@ -141,12 +141,14 @@ class _Run:
         self.lengths = train.lengths
         self.sampler = StepSampler(len(train), plan.batch_size, seed=seed, drop_last=drop_last)
         self.uppers, self.exact_buckets = bucket_uppers(self.lengths, plan.knobs)
-        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.lora = plan.knobs.adapter == "lora"
+        # the caller's requires_grad flags, to give back; not under LoRA (peft's frozen base stays frozen), where
+        # holding the parameters would keep a 4-bit base's fp32 originals alive through the whole run
+        self.flags = [] if self.lora else [(p, p.requires_grad) for p in model.parameters()]
         self.was_training = model.training
         self.started = time.perf_counter()
         self.last_checkpoint: Path | None = None
         self.ctx: StepContext | None = None
-        self.lora = plan.knobs.adapter == "lora"
         self.trained: torch.nn.Module = model  # what trains, and what runs forward (setup.Setup)
         self.wrapped: torch.nn.Module = model
         self.unit_counts: dict[int, int] = {}
@@ -334,7 +336,7 @@ class _Run:
         FSDP its weights are the trained ones gathered whole when the processes stopped together (after an
         error they are those it came with: the trained shards are in the last checkpoint)."""
         checkpointing.remove(self.model)
-        for param, flag in [] if self.lora else self.flags:
+        for param, flag in self.flags:
             param.requires_grad_(flag)
         self.model.train(self.was_training)
         if self.world.distributed:  # DDP's gradients are views of its buckets

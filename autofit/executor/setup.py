@@ -86,9 +86,26 @@ def set_up(model: nn.Module, plan: Plan, world: World, *, seed: int, lr: float, 
     ddp = world.distributed and not sharded
     ctx = StepContext(wrapped, optimizer, scaler, precision, accelerator.device, plan.task, max_grad_norm,
                       processes=world.size, no_sync=wrapped.no_sync if ddp else None, grads_to_none=not ddp)
-    if pad_token_id is None:
-        pad_token_id = getattr(model.config, "pad_token_id", None) or 0
+    pad_token_id = _pad_id(model, pad_token_id)
     note = align_model_padding(model, pad_token_id, plan.task)
     if note and world.main:
         log.info(note)
     return Setup(trained, wrapped, ctx, PaddingCollator(pad_token_id, knobs.pad_to_multiple_of, task=plan.task))
+
+
+def _pad_id(model: nn.Module, tokenizer_pad: int | None) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else the config's, else its end-of-text
+    token (as a model built from a config pads: gpt2 and llama have no pad token), else 0; one the
+    embeddings hold (a config may keep gpt2's 50256 under a small vocabulary)."""
+    config = model.config
+    eos = getattr(config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list | tuple) and eos else eos
+    found = next((i for i in (tokenizer_pad, getattr(config, "pad_token_id", None), eos) if i is not None), 0)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and not 0 <= found < vocab:
+        raise ExecutorInputError(f"the padding id {found} (the tokenizer's pad token, else the config's pad or "
+                                 f"end-of-text id) is not in the model's vocabulary of {vocab}: set "
+                                 "tokenizer.pad_token or config.pad_token_id")
+    return found
+

@@ -145,8 +145,11 @@ def make_batch(config, task: str, batch: int, seq: int, device: str) -> dict[str
             inputs["labels"] = torch.randn(batch, device=device)
         else:
             inputs["labels"] = torch.randint(0, num_labels, (batch,), device=device)
+    elif task == "token-classification":
+        inputs["labels"] = torch.randint(0, getattr(config, "num_labels", 2), (batch, seq), device=device)
     else:
-        raise UnsupportedTaskError(f"cannot profile task {task!r}; expected 'classification' or 'causal-lm'")
+        raise UnsupportedTaskError(f"cannot profile task {task!r}; expected 'classification', 'causal-lm' or "
+                                   "'token-classification'")
     return inputs
 
 

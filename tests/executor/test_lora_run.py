@@ -244,3 +244,26 @@ def test_models_that_cannot_take_the_plan_are_refused_in_one_line(monkeypatch):
 
 def test_nf4_is_available_on_this_cpu():
     assert quantization.nf4_unavailable(torch.device("cpu")) is None
+
+
+def test_a_4bit_bases_fp32_originals_are_freed_while_it_trains():
+    """The run kept every parameter of the caller's model (to give back its requires_grad flags), so the fp32
+    weights the 4-bit layers replaced lived through the whole run: neither predicted nor seen by the meter,
+    5-22% over the prediction on small models (over the budget in 3 of 4 such plans)."""
+    import weakref
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    model = model_for("classification")
+    train = halves_data(16, seed=0)
+    plan = make_plan(model, "classification", train, batch_size=8, micro_batch_size=8, base_dtype="nf4", **LORA)
+    layers = model.model.layers
+    originals = [weakref.ref(m.weight) for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+    alive_at_steps = []
+    hook = register_optimizer_step_post_hook(
+        lambda *_: alive_at_steps.append(sum(ref() is not None for ref in originals)))
+    try:
+        run_plan(model, plan, train, epochs=1, quiet=True, measure_memory=False)
+    finally:
+        hook.remove()
+    assert originals and alive_at_steps and max(alive_at_steps) == 0
