@@ -260,6 +260,17 @@ def calibration_table(calibration: Calibration) -> Group:
     return Group(*parts)
 
 
+def _step_time_line(result: TrainResult) -> str:
+    """The measured step time (the median: an epoch's short last step and the first step's set-up aside)
+    beside the plan's prediction for a full step of this data."""
+    seconds = sorted(r.seconds for r in result.history)
+    median = seconds[len(seconds) // 2]
+    slowed = " (measuring memory on the CPU slows steps: --no-measure)" \
+        if result.plan.device.kind == "cpu" and result.measured_peak_bytes is not None else ""
+    return (f"step time {median:.3g} s measured (median of {len(seconds)}), {result.plan.time.step_seconds:.3g} s "
+            f"predicted{slowed}")
+
+
 def train_summary(result: TrainResult) -> str:
     """What `autofit train` prints at the end: steps, loss, the measured peaks beside the predicted ones, speed."""
     steps = f"{result.optimizer_steps} optimizer step{'' if result.optimizer_steps == 1 else 's'}"
@@ -268,7 +279,7 @@ def train_summary(result: TrainResult) -> str:
         samples = [r.samples for r in result.history]
         short = f" (all the data: fewer examples than the batch of {result.plan.batch_size})" \
             if max(samples) < result.plan.batch_size else ""
-        lines.append(f"every step trained {max(samples)} examples{short}" + (
+        lines.append(f"every step trained {max(samples)} example{'' if max(samples) == 1 else 's'}{short}" + (
             f" (the last of an epoch {min(samples)})" if min(samples) < max(samples) else ""))
     if result.measured_peak_bytes is not None:
         each = ""
@@ -284,6 +295,8 @@ def train_summary(result: TrainResult) -> str:
         lines.append(f"allocator reserved {format_bytes(result.measured_reserved_bytes)} measured, "
                      f"{format_bytes(result.predicted_reserved_bytes)} predicted")
     lines.append(f"{result.tokens_per_second:,.0f} tokens/s, padding efficiency {result.padding_efficiency:.0%}")
+    if result.history:
+        lines.append(_step_time_line(result))
     lines += [f"eval of {e.samples} examples after step {e.step} (epoch {e.epoch + 1}): loss {e.loss:.4f}"
               + (f", accuracy {e.accuracy:.1%}" if e.accuracy is not None else "") for e in result.eval]
     lines += [f"fallback at step {f.step}: {f.summary}" for f in result.fallbacks]

@@ -153,3 +153,11 @@ def test_causal_lm_examples_without_a_scored_token_are_left_out_with_a_note():
     with pytest.raises(ValueError, match="nothing to train on"):
         _train(tiny_model("gpt2", "causal-lm", eos_token_id=1, bos_token_id=1),
                [dict(r, labels=[-100] * len(r["input_ids"])) for r in rows], task="causal-lm", quiet=True)
+
+
+def test_an_evaluation_class_id_the_head_lacks_is_named(tok):
+    rows = make_rows(16)
+    unseen = [dict(r, label=7) for r in make_rows(4, seed=1)]
+    with pytest.raises(ValueError, match=r"evaluation data has class id 7 but the model's head has 2 classes "
+                                         r"\(ids 0 to 1\)"):
+        _train(tiny_model("bert"), rows, tok, eval_data=unseen, quiet=True)

@@ -76,8 +76,13 @@ def test_evaluation_stays_within_the_plan_and_counts_in_the_measured_peak(tok):
 
     steps = result.optimizer_steps
     first = result.eval[0]
+    summary = train_summary(result)
     assert (f"eval of {first.samples} examples after step {steps} (epoch 1): loss {first.loss:.4f}, accuracy"
-            in train_summary(result))
+            in summary)
+    # the time promise beside what the run took (the median step: the first pays set-up, an epoch's last is short)
+    median = sorted(r.seconds for r in result.history)[steps // 2]
+    assert (f"step time {median:.3g} s measured (median of {steps}), {result.plan.time.step_seconds:.3g} s "
+            "predicted (measuring memory on the CPU slows steps: --no-measure)") in summary
 
 
 def test_evaluations_own_peak_is_predicted_closely_from_above(tok, monkeypatch):

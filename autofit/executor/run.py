@@ -268,7 +268,9 @@ class _Run:
     def after_step(self, interrupt: GracefulInterrupt) -> None:
         self.peak.after_step()
         record = self.state.history[-1]
-        self.bar.update(record.step, loss=record.loss, tokens_per_second=record.tokens_per_second,
+        # the run's rate so far, as the summary gives it at the end (one short step would swing the last step's)
+        self.bar.update(record.step, loss=record.loss,
+                        tokens_per_second=self.state.real_tokens / max(self.state.train_seconds, 1e-9),
                         peak_bytes=self.meter.peak_bytes if self.meter else None)
         if self.world.any(interrupt.requested):  # every process stops after the same step
             self.stopped_together = True

@@ -121,9 +121,11 @@ def _check_data_fits(model: PreTrainedModel, plan: Plan, data: TokenizedData, na
                                  f"takes at most {positions} positions: prepare it with max_length <= "
                                  f"{positions // multiple * multiple} or plan with pad_to_multiple_of=None")
     labels = getattr(config, "num_labels", None)
-    if data.num_labels is not None and labels is not None and data.task == "classification" \
+    if data.num_labels is not None and labels is not None and data.task in ("classification",
+                                                                            "token-classification") \
             and data.num_labels > labels:
-        raise ExecutorInputError(f"the {name} data has {data.num_labels} labels but the model's head has {labels}")
+        raise ExecutorInputError(f"the {name} data has class id {data.num_labels - 1} but the model's head has "
+                                 f"{labels} classes (ids 0 to {labels - 1})")
     if data.num_labels == 1 and labels not in (None, 1) and data.task == "classification":
         raise ExecutorInputError(f"the {name} data's labels are numbers to regress (one output), but the model's "
                                  f"head has {labels}: build it with num_labels=1, or give class labels")
