@@ -166,6 +166,7 @@ class PeakMemoryMeter:
             if isinstance(thing, torch.optim.Optimizer):
                 # State made by the first step outside the dispatcher (e.g. from numpy) is found here.
                 self._hooks.append(thing.register_step_post_hook(lambda opt, *_: self._walk(opt)))
+        self.track = []  # walked: the counter follows each storage's life from here, without holding it
         self._counter.peak = self._counter.current
         self._watch_resizes()
         self._mode = _TensorTracker(self._counter)

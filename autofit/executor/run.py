@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -109,11 +110,15 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
                    seed=seed, drop_last=drop_last, output_dir=output_dir, checkpoint_every=checkpoint_every,
                    fallback=fallback or default_fallback, world=world)
         notes += short_data_notes(len(train), run.plan.batch_size, drop_last)
+        # the caller's parameters, weakly: set-up may replace some (4-bit layers, shards); any still alive when
+        # the meter starts is held by something and counts, though the model no longer has it
+        originals = [weakref.ref(p) for p in model.parameters()]
         try:
             run.build(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, pad_token_id=pad_token_id,
                       resume_from=saved[0] if saved else None)
             run_prediction = run.predicted(price_shapes) if measure_memory else None
-            meter = PeakMemoryMeter(run.ctx.device, track=[run.wrapped, run.ctx.optimizer]) if measure_memory else None
+            meter = PeakMemoryMeter(run.ctx.device, track=[run.wrapped, run.ctx.optimizer, *_alive(originals)]) \
+                if measure_memory else None
             total = epochs * len(run.sampler) if max_steps is None else min(epochs * len(run.sampler), max_steps)
             with meter or nullcontext(), TrainingProgress(total, quiet=quiet or not world.main, completed=state.step) \
                     as bar, GracefulInterrupt() as interrupt:
@@ -363,3 +368,7 @@ class _Run:
                            output_dir=self.last_checkpoint, adapter_dir=self.adapter_dir, rank=self.world.rank)
         result._model = self.trained
         return result
+
+
+def _alive(refs: list[weakref.ref]) -> list[torch.Tensor]:
+    return [tensor for tensor in (ref() for ref in refs) if tensor is not None]

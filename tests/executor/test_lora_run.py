@@ -267,3 +267,18 @@ def test_a_4bit_bases_fp32_originals_are_freed_while_it_trains():
     finally:
         hook.remove()
     assert originals and alive_at_steps and max(alive_at_steps) == 0
+
+
+def test_the_meter_counts_replaced_parameters_that_something_still_holds():
+    """The meter walked the model's parameters after set-up: originals a 4-bit base replaced but something
+    kept alive (as the run itself did) were invisible to it. Here the test holds them: the measured peak
+    must grow by their bytes."""
+    peaks = []
+    for hold in (False, True):
+        model = model_for("classification")
+        train = halves_data(16, seed=0)
+        plan = make_plan(model, "classification", train, batch_size=8, micro_batch_size=8, base_dtype="nf4", **LORA)
+        held = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)] if hold else []
+        peaks.append(run_plan(model, plan, train, epochs=2, quiet=True).measured_peak_bytes)
+        held_bytes = sum(w.numel() * w.element_size() for w in held)
+    assert peaks[1] - peaks[0] == held_bytes > 0
