@@ -11,8 +11,8 @@ number to make the average the whole step's gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 
 from autofit.knobs import Precision
 from autofit.techniques import precision as amp
+from autofit.techniques.kv_cache import no_kv_cache
 from autofit.techniques.loss_weighting import count_units, loss_scale, step_units
 
 Batch = dict[str, torch.Tensor]
@@ -61,16 +62,17 @@ def accumulate(ctx: StepContext, step: list[Batch], weights: Sequence[float] | N
         total = step_units(step, ctx.task)
         weights = [loss_scale(units, total) if units else None for units in (count_units(b, ctx.task) for b in step)]
     step_loss = torch.zeros((), device=ctx.device)
-    for i, (batch, weight) in enumerate(zip(step, weights, strict=True)):
-        if weight is None:
-            continue  # no label token in this micro-batch: its mean loss would be NaN
-        batch = {name: tensor.to(ctx.device, non_blocking=True) for name, tensor in batch.items()}
-        last = i == len(step) - 1
-        with ctx.no_sync() if ctx.no_sync is not None and not last else nullcontext():
-            with amp.autocast(ctx.precision, ctx.device.type):
-                loss = ctx.model(**batch).loss
-            ctx.scaler.scale(loss * (weight * ctx.processes)).backward()
-        step_loss += loss.detach() * weight
+    with no_kv_cache(ctx.model):
+        for i, (batch, weight) in enumerate(zip(step, weights, strict=True)):
+            if weight is None:
+                continue  # no label token in this micro-batch: its mean loss would be NaN
+            batch = {name: tensor.to(ctx.device, non_blocking=True) for name, tensor in batch.items()}
+            last = i == len(step) - 1
+            with ctx.no_sync() if ctx.no_sync is not None and not last else nullcontext():
+                with amp.autocast(ctx.precision, ctx.device.type):
+                    loss = ctx.model(**batch).loss
+                ctx.scaler.scale(loss * (weight * ctx.processes)).backward()
+            step_loss += loss.detach() * weight
     return step_loss
 
 
@@ -116,7 +118,7 @@ def evaluate(ctx: StepContext, batches: Iterable[Batch]) -> tuple[float, float |
     ctx.model.eval()
     loss_sum, units_sum, correct, samples = 0.0, 0, 0, 0
     classify = ctx.task == "classification"
-    with _no_kv_cache(ctx.model):  # a single forward never reads its key/value cache: not building it saves memory
+    with no_kv_cache(ctx.model):
         for batch in batches:
             units = count_units(batch, ctx.task)
             batch = {name: tensor.to(ctx.device, non_blocking=True) for name, tensor in batch.items()}
@@ -132,17 +134,3 @@ def evaluate(ctx: StepContext, batches: Iterable[Batch]) -> tuple[float, float |
             del output  # its logits would otherwise live through the next batch's forward
     ctx.model.train(was_training)
     return loss_sum / max(units_sum, 1), (correct / samples if classify else None), samples
-
-
-@contextmanager
-def _no_kv_cache(model: nn.Module) -> Iterator[None]:
-    """`use_cache` off on every config of `model` (a wrapper's, peft's and the base model's) while the block runs."""
-    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
-               and getattr(c, "use_cache", None)}
-    for config in configs.values():
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        for config in configs.values():
-            config.use_cache = True

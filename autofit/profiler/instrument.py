@@ -20,6 +20,7 @@ from torch import nn
 
 from autofit.knobs import Precision
 from autofit.profiler.tracker import LiveBytes, SavedBytes
+from autofit.techniques.kv_cache import no_kv_cache
 from autofit.techniques.precision import autocast_dtype
 
 
@@ -226,7 +227,7 @@ def run_step(model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Ten
     saved_hooks = timeline.saved.hooks() if timeline.saved is not None else nullcontext()
     with windows_on(layers, timeline, detach_last):
         timeline.enter("fwd:emb")
-        with saved_hooks, autocast:
+        with saved_hooks, autocast, no_kv_cache(model):  # as the executor trains: no key/value cache
             loss = model(**batch).loss  # the ModelOutput (and its logits) is dropped right here
         timeline.windows["fwd:head"].output = _nbytes(loss)
         timeline.close()

@@ -112,3 +112,16 @@ def test_evaluate_reports_loss_and_accuracy(tiny, data):
     lm_data, lm_collate = token_data(4, task="causal-lm"), PaddingCollator(0, 8, task="causal-lm")
     _, accuracy, _ = evaluate(context(lm, "causal-lm"), [lm_collate([lm_data.example(i) for i in range(4)])])
     assert accuracy is None
+
+
+def test_a_training_step_builds_no_key_value_cache(tiny, data):
+    """gpt2 builds a DynamicCache by default: in training it held a frozen layer's keys and values (which no
+    op saves) until the forward's output was dropped. The profiler measures without it too."""
+    model = tiny("gpt2", "causal-lm")
+    assert model.config.use_cache
+    caches = []
+    model.register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    train = data(4, task="causal-lm", seed=3)
+    accumulate(context(model, "causal-lm"), [PaddingCollator(0, 8, task="causal-lm")([train.example(i)
+                                                                                      for i in range(4)])])
+    assert caches == [None] and model.config.use_cache  # none built, and the setting given back
