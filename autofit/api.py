@@ -17,6 +17,7 @@ from autofit.card import card_profile, card_spec, on_card, visible_as
 from autofit.cluster import SINGLE, Cluster, make_cluster
 from autofit.columns import column_names, default_label_column
 from autofit.data import DataError, TokenizedData, min_tokens, text_lengths
+from autofit.data_files import read_data
 from autofit.devices import DeviceSpec, get_device
 from autofit.intmath import check_whole
 from autofit.memory import offloaded_bytes_per_machine
@@ -90,7 +91,8 @@ def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, bat
          host_memory: str | int | None = None, quiet: bool = False) -> Plan:
     """The fastest plan whose predicted peak fits `budget` (e.g. "16GB"; GB = 2**30 bytes, as nvidia-smi).
 
-    `data` (examples with text, or tokenized) gives the real length distribution, cut at `seq_len`, and a
+    `data` (examples with text, or tokenized; or a file's path, read as the CLI's --data) gives the real
+    length distribution, cut at `seq_len`, and a
     label column (`label_column`, default "label" or "labels") makes a decoder a classifier; without data
     every example is `seq_len` tokens (default: the model's limit, at most 512; a longer `seq_len` than the
     model takes is refused). `adapter` (auto | none | lora) overrides when the policy
@@ -126,6 +128,7 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
                     gpus: int = 1, machines: int = 1, interconnect: str | None = None,
                     network: str = "ethernet", host_memory: str | int | None = None) -> Planned:
     """`plan`, returning the profile and the search result with the plan."""
+    data = read_data(data)
     chosen = load_policy(policy).with_adapter(adapter)
     budget_bytes = parse_budget(budget)
     check_batch_size(batch_size)

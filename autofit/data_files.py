@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,12 @@ log = logging.getLogger("autofit")
 
 EVAL_SPLITS = ("validation", "valid", "val", "eval", "evaluation", "dev", "test")
 """A DatasetDict's splits that evaluation data may be, in the order they are looked for."""
+
+
+def read_data(data, *, evaluation: bool = False):
+    """`data` as the API takes it: a path (str or os.PathLike) is read as the CLI reads --data (--eval-data
+    with `evaluation`); anything else is returned as it is."""
+    return load_data_file(data, evaluation=evaluation) if isinstance(data, str | os.PathLike) else data
 
 
 def load_data_file(path: str | Path, *, evaluation: bool = False):

@@ -23,7 +23,7 @@ from autofit.budget import format_bytes, parse_budget
 from autofit.cluster import Cluster, make_cluster
 from autofit.cost import predict_time
 from autofit.data import DataError, TokenizedData, min_tokens, prepare_examples, without_untrainable
-from autofit.data_files import eval_split
+from autofit.data_files import eval_split, read_data
 from autofit.devices import DeviceSpec
 from autofit.labels import config_label_names, label_kind
 from autofit.limits import check_seq_len, max_sequence_length
@@ -80,7 +80,8 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
           gpus: int | None = None, machines: int = 1, interconnect: str | None = None, network: str = "ethernet",
           measure_memory: bool = True):
     """Plan (unless `plan` is given) and train `model` on `data`; returns an executor.TrainResult with the
-    plan, the measured peak next to the predicted one, and the loss/eval history.
+    plan, the measured peak next to the predicted one, and the loss/eval history. `data` and `eval_data` may
+    be paths, read as the CLI reads --data and --eval-data.
 
     `plan` is a Plan or a saved plan's file. A given plan's peak is predicted again from its knobs on this
     data (its profile is cached), and a plan that no longer fits its budget is refused; what it fixes
@@ -98,6 +99,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     if (plan is None) == (budget is None):
         raise ValueError("give a memory budget (e.g. budget='16GB') or a plan" + (", not both" if plan else ""))
     budget_bytes = parse_budget(budget) if budget is not None else None  # a bad budget fails before any work
+    data, eval_data = read_data(data), read_data(eval_data, evaluation=True)
     plan = given_plan(plan)
     chosen = _policy_or_plan_choices(plan, adapter, batch_size=batch_size, policy=policy, task=task, device=device,
                                      gpus=gpus)

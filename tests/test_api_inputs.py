@@ -161,3 +161,21 @@ def test_an_evaluation_class_id_the_head_lacks_is_named(tok):
     with pytest.raises(ValueError, match=r"evaluation data has class id 7 but the model's head has 2 classes "
                                          r"\(ids 0 to 1\)"):
         _train(tiny_model("bert"), rows, tok, eval_data=unseen, quiet=True)
+
+
+def test_data_and_eval_data_may_be_paths_read_as_the_cli_reads_them(tok, tmp_path):
+    import json
+
+    rows, held_out = make_rows(24, seed=1), make_rows(8, seed=2)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "val.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in held_out))
+    from_files = _train(tiny_model("bert"), str(tmp_path / "train.jsonl"), tok, eval_data=tmp_path / "val.csv",
+                        quiet=True)
+    in_memory = _train(tiny_model("bert"), rows, tok, eval_data=held_out, quiet=True)
+    assert [h.loss for h in from_files.history] == [h.loss for h in in_memory.history]
+    assert from_files.eval[0].samples == 8 and from_files.eval[0].loss == in_memory.eval[0].loss
+    plan = autofit.plan(tiny_model("bert"), "1GB", data=tmp_path / "train.jsonl", tokenizer=tok, device="cpu",
+                        batch_size=8, quiet=True)
+    assert plan.workload.lengths.num_samples == 24
+    with pytest.raises(ValueError, match="data file not found"):
+        _train(tiny_model("bert"), str(tmp_path / "missing.jsonl"), tok)
