@@ -1,4 +1,5 @@
-"""The `autofit` command: plan | train | profile | calibrate | explain. Formatting only; the work happens in autofit.api.
+"""The `autofit` command: plan | train | profile | calibrate | explain. Formatting only; the work happens in
+autofit.api.
 
 Exit codes: 0 success; 2 no plan fits the budget (the message names the smallest budget that would);
 1 any other bad input, with a one-line reason and no traceback (AUTOFIT_DEBUG=1 shows it).

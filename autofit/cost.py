@@ -2,7 +2,8 @@
 
 An epoch is the micro-batches its steps are cut into (each step's examples sorted by length and cut under
 the knobs' caps, bucket by bucket, each micro-batch padded to its own longest example:
-`techniques.accumulation.epoch_micro_batches`) plus one optimizer step per effective batch. One micro-batch of shape (B, L) costs, per block copy:
+`techniques.accumulation.epoch_micro_batches`) plus one optimizer step per effective batch. One micro-batch
+of shape (B, L) costs, per block copy:
 
 - forward, always (frozen layers still run forward);
 - backward: ~2x forward for a trainable block whose input needs a gradient, ~1x for the first trainable

@@ -1,6 +1,7 @@
 """Policies: which knobs the search may turn, how far, what it optimises and how much risk it accepts.
 
-A policy is a small YAML file (shipped ones live in `policies/` at the top of the repository, installed as `autofit/policies/`), validated by pydantic. The search
+A policy is a small YAML file (shipped ones live in `policies/` at the top of the repository, installed as
+`autofit/policies/`), validated by pydantic. The search
 reads it; nothing else does. Conventions a policy relies on:
 
 - Freezing is a depth: embeddings first, then the bottom `k` layers (frozen layers need frozen embeddings).

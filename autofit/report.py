@@ -215,7 +215,8 @@ def plan_report(plan: Plan) -> Group:
 
 def profile_table(profile: Profile, seq: int = 512) -> Table:
     """Per-block table: params, grads, optimizer state, activation bytes per token, forward/backward time."""
-    table = Table(title=f"{profile.model_id}: per-block profile (measured on {profile.device_name or profile.device}, seq {seq})")
+    where = profile.device_name or profile.device
+    table = Table(title=f"{profile.model_id}: per-block profile (measured on {where}, seq {seq})")
     for col in ("block", "count", "params", "grads", "adam state", "act/token fp32", "act/token bf16",
                 "fwd ms (b1)", "bwd ms (b1)"):
         table.add_column(col, justify="right" if col != "block" else "left")
@@ -284,11 +285,12 @@ def train_summary(result: TrainResult) -> str:
     if result.measured_peak_bytes is not None:
         each = ""
         if result.processes > 1:  # the worst process's peak, each one's after it
-            each = f" by the busiest of {result.processes} processes ({', '.join(map(format_bytes, result.rank_peak_bytes))})"
+            peaks = ", ".join(map(format_bytes, result.rank_peak_bytes))
+            each = f" by the busiest of {result.processes} processes ({peaks})"
         run = result.run_predicted_allocated_bytes
-        predicted = f"{format_bytes(result.predicted_allocated_bytes)} predicted per process" if run is None else \
-            f"{format_bytes(run)} predicted for this run's micro-batches ({format_bytes(result.predicted_allocated_bytes)} " \
-            "for any step of this data)"
+        bound = format_bytes(result.predicted_allocated_bytes)
+        predicted = f"{bound} predicted per process" if run is None else \
+            f"{format_bytes(run)} predicted for this run's micro-batches ({bound} for any step of this data)"
         lines.append(f"peak memory {format_bytes(result.measured_peak_bytes)} measured{each}, {predicted}, "
                      f"budget {format_bytes(result.budget_bytes)}")
     if result.measured_reserved_bytes is not None and result.predicted_reserved_bytes is not None:

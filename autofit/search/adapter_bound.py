@@ -40,8 +40,9 @@ def best_adapter_score_bound(profile: Profile, workload: Workload, device: Devic
     """The lowest score any adapter plan of `policy` can have: epoch seconds x (1 + risk price x risk) of the
     unchecked, plain-base adapter plans over every batching, precision, optimizer, rank and target set."""
     space = SearchSpace(policy.with_adapter("lora"), profile.num_layers, workload, device, cluster=cluster)
+    bases = space.full_dims.get("lora_base", ["plain"])
     dims = dict(space.full_dims, freeze_depth=[0], checkpoint=[0], adapter=["lora"],
-                lora_base=["plain"] if "plain" in space.full_dims.get("lora_base", ["plain"]) else space.full_dims["lora_base"])
+                lora_base=["plain"] if "plain" in bases else space.full_dims["lora_base"])
     best = float("inf")
     for values in itertools.product(*dims.values()):
         knobs = space.knobs(dict(zip(dims, values)))

@@ -208,7 +208,8 @@ def traffic(profile: Profile, knobs: Knobs, cluster: Cluster) -> Traffic:
     """What the processes exchange: ring collectives send (n-1)/n of their data from each process."""
     n = cluster.processes
     ring = (n - 1) / n if n > 1 else 0.0
-    trainable = sum(lora.block_grad_bytes(c.block, knobs) for c in freeze.block_copies(profile.blocks, knobs) if c.trains)
+    trainable = sum(lora.block_grad_bytes(c.block, knobs) for c in freeze.block_copies(profile.blocks, knobs)
+                    if c.trains)
     if not is_sharded(knobs, cluster):
         return Traffic(0.0, 0, 2 * ring * trainable, 1 if n > 1 else 0)  # all-reduce: reduce-scatter + gather
     g = gathered(profile, knobs, cluster)
