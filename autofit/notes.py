@@ -46,21 +46,22 @@ class _Notes(logging.Handler):
             self.show(message, record.levelno >= logging.WARNING)
 
 
-def _shown_already() -> bool:
-    """The caller's logging setup shows autofit's INFO records itself (basicConfig(level=INFO), a handler)."""
-    return log.isEnabledFor(logging.INFO) and log.hasHandlers()
+def _left_to_logging() -> bool:
+    """The caller's logging setup decides: it shows autofit's INFO records itself (basicConfig(level=INFO), a
+    handler), or it set the "autofit" logger above INFO to silence them."""
+    return (log.isEnabledFor(logging.INFO) and log.hasHandlers()) or log.level > logging.INFO
 
 
 @contextmanager
 def noting(show: Callable[[str, bool], None] | None = print_note) -> Iterator[list[str]]:
     """Collect autofit's notes and logged warnings while the block runs (the list it yields fills as they
     come); show each once with `show(message, is_warning)` (None: collect only), unless the caller's own
-    logging already shows them. Nested blocks, as when the CLI calls the API, collect too; the outermost
-    shows."""
+    logging already shows them or silenced them. Nested blocks, as when the CLI calls the API, collect too;
+    the outermost shows."""
     handler = next((h for h in log.handlers if isinstance(h, _Notes)), None)
     outermost = handler is None
     if outermost:
-        handler = _Notes(None if _shown_already() else show)
+        handler = _Notes(None if _left_to_logging() else show)
         level = log.level
         log.addHandler(handler)
         log.setLevel(logging.INFO)

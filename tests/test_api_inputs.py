@@ -179,3 +179,15 @@ def test_data_and_eval_data_may_be_paths_read_as_the_cli_reads_them(tok, tmp_pat
     assert plan.workload.lengths.num_samples == 24
     with pytest.raises(ValueError, match="data file not found"):
         _train(tiny_model("bert"), str(tmp_path / "missing.jsonl"), tok)
+
+
+def test_a_logger_silenced_by_the_caller_shows_no_notes_but_keeps_them(capsys):
+    logger = logging.getLogger("autofit")
+    logger.setLevel(logging.WARNING)
+    try:
+        with noting() as notes:
+            logger.info("inferred something")
+    finally:
+        logger.setLevel(logging.NOTSET)
+    assert notes == ["inferred something"] and "note:" not in capsys.readouterr().err
+    assert logger.level == logging.NOTSET
