@@ -3,6 +3,7 @@ wires them together."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from datetime import datetime, timezone
@@ -16,7 +17,7 @@ from autofit.budget import parse_budget
 from autofit.card import card_profile, card_spec, on_card, visible_as
 from autofit.cluster import SINGLE, Cluster, make_cluster
 from autofit.columns import column_names, default_label_column
-from autofit.data import DataError, TokenizedData, min_tokens, text_lengths
+from autofit.data import DataError, TokenizedData, class_count, min_tokens, text_lengths
 from autofit.data_files import read_data
 from autofit.devices import DeviceSpec, get_device
 from autofit.intmath import check_whole
@@ -144,10 +145,12 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
     check_batch_size(batch_size, cluster.processes)
     config = _config(model)
     seq_len = check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=PAD_MULTIPLE, flag="seq_len")
-    given = profile is not None
+    given, profiled = profile is not None, model
     if profile is None:  # the task spelled out, as train() asks for it: one cached profile serves both
         task = task or inferred_task(model, config, data, label_column)
-        profile = _profile(model, task, spec, adapters=chosen.adapters.mode == "always")
+        classes = class_count(data, label_column) if data is not None and task == "classification" else None
+        profiled = spec_with_labels(model, config, classes)
+        profile = _profile(profiled, task, spec, adapters=chosen.adapters.mode == "always")
     lengths = None
     if data is not None:
         note_unused_labels(profile.task, data, label_column)
@@ -156,7 +159,7 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
                    if n >= min_tokens(profile.task)]  # what training keeps (data.without_untrainable)
     workload = make_workload(profile.task, seq_len=seq_len, batch_size=batch_size, lengths=lengths,
                              num_samples=num_samples)
-    profile, found = _search_lazily(model, profile, workload, spec, budget_bytes, chosen, measure=not given,
+    profile, found = _search_lazily(profiled, profile, workload, spec, budget_bytes, chosen, measure=not given,
                                     n_trials=n_trials, storage=storage, cluster=cluster)
     return Planned(plan_from_search(profile, workload, budget_bytes, spec, found, cluster), profile, found)
 
@@ -206,6 +209,17 @@ def _search_lazily(model: ModelSpec, profile: Profile, workload: Workload, devic
     if found is None:
         raise failure
     return profile, found
+
+
+def spec_with_labels(model: ModelSpec, config: PretrainedConfig, num_labels: int | None) -> ModelSpec:
+    """What to profile for a classifier of `num_labels` outputs: `model`, or when it is named by id or path
+    (or is a config) whose head has another size, its config with that many labels, the head training
+    builds. plan() and train() both ask this, so one cached profile serves both."""
+    if num_labels is None or isinstance(model, nn.Module) or num_labels == config.num_labels:
+        return model
+    labelled = copy.deepcopy(config)
+    labelled.num_labels = num_labels
+    return labelled
 
 
 def _profile(model: ModelSpec, task: str, device: DeviceSpec, *, adapters: bool) -> Profile:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from autofit.columns import columns_of, find_label_column, find_text_columns
+from autofit.columns import columns_of, default_label_column, find_label_column, find_text_columns
 from autofit.data_files import train_split
 from autofit.labels import NAMES, DataError, class_label_names, class_labels, named_ids, short_repr
 from autofit.techniques.loss_weighting import IGNORE_INDEX
@@ -214,6 +214,18 @@ def _token_classes(rows: list[list], column: str) -> int:
     if not scored:
         raise DataError(f"no token has a label ({column!r} holds only -100): there is nothing to train on")
     return max(2, int(max(scored)) + 1)
+
+
+def class_count(data, label_column: str | None = None) -> int | None:
+    """How many outputs a classifier trained on `data` needs (classes; 1 for numbers to regress), read from
+    its label column as training reads it; None without one."""
+    columns = columns_of(data)
+    label = label_column if label_column is not None else default_label_column(list(columns))
+    if label not in columns:
+        return None
+    rules = dict(min_classes=2, label_names=None, model_names=None, train_kind=None,
+                 class_names=class_label_names(train_split(data)))
+    return _sequence_labels(columns[label], label, rules)["num_labels"]
 
 
 def _sequence_labels(values: list, column: str, rules: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 
 from autofit.api import (DEFAULT_MAX_LENGTH, ModelSpec, _config, _profile, _search_lazily, check_batch_size,
                          inferred_task, make_workload, note_unused_labels, plan_from_search, resolve_tokenizer,
-                         target_device)
+                         spec_with_labels, target_device)
 from autofit.arguments import check_output_dir_arg, check_plan_choices, check_train_values, given_plan
 from autofit.budget import format_bytes, parse_budget
 from autofit.cluster import Cluster, make_cluster
@@ -146,11 +146,11 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     if plan is None and resumed is not None:
         plan = _plan_in_force(resumed, budget_bytes, batch_size, spec, policy, adapter)
     adapters = plan.knobs.adapter == "lora" if plan is not None else chosen.adapters.mode == "always"
-    # a model loaded here from an id or path is profiled from it, as plan() profiles it, so one cached profile
-    # serves both (in 4 bits too: the profiler measures a full-precision twin); unless the data gave it
-    # another head than its config's
-    loaded_here = model is not source and not isinstance(source, PretrainedConfig)
-    profiled = source if loaded_here and (nf4 or model.config.num_labels == config.num_labels) else model
+    # a model built here from an id, a path or a config is profiled from that, with the head the data gave it,
+    # as plan() profiles it, so one cached profile serves both (in 4 bits too: the profiler measures a
+    # full-precision twin)
+    classes = model.config.num_labels if task == "classification" and not nf4 else None
+    profiled = spec_with_labels(source, config, classes) if model is not source else model
     with main_process_first(cpu=spec.kind == "cpu"):  # several processes: one profiles, the rest read its cache
         profile = _profile(profiled, task, spec, adapters=adapters)
     if plan is None:
@@ -158,7 +158,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
                                  lengths=train_data.lengths)
         cluster = make_cluster(gpus or launched_processes(), machines, interconnect=interconnect, network=network,
                                device_kind=spec.kind)
-        plan = on_main_process(lambda: _search_plan(model, profile, workload, spec, budget_bytes, chosen,
+        plan = on_main_process(lambda: _search_plan(profiled, profile, workload, spec, budget_bytes, chosen,
                                                     cluster), cpu=spec.kind == "cpu")
         if plan.knobs.adapter == "lora" and not adapted_keys(profile):  # measured into the cache by the search
             profile = _profile(profiled, task, spec, adapters=True)

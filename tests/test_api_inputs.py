@@ -191,3 +191,21 @@ def test_a_logger_silenced_by_the_caller_shows_no_notes_but_keeps_them(capsys):
         logger.setLevel(logging.NOTSET)
     assert notes == ["inferred something"] and "note:" not in capsys.readouterr().err
     assert logger.level == logging.NOTSET
+
+
+def test_a_plan_from_data_profiles_the_head_the_data_needs_and_train_reuses_it(tok, tmp_path, monkeypatch):
+    """A model folder whose config has 2 labels, data with 3 classes: plan() profiled the 2-class head, so
+    train(plan=...) profiled the model again (tens of seconds on a real model) and its figures moved."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AUTOFIT_CACHE", str(cache))
+    tiny_model("bert").save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = [dict(r, label=i % 3) for i, r in enumerate(make_rows(24, seed=4))]
+    plan = autofit.plan(str(tmp_path / "model"), "1GB", data=rows, device="cpu", batch_size=8, quiet=True)
+    profiles = sorted(p.name for p in cache.rglob("*.json"))
+    result = _train(str(tmp_path / "model"), rows, plan=plan, budget=None, batch_size=None, device=None,
+                    quiet=True)
+    assert sorted(p.name for p in cache.rglob("*.json")) == profiles and len(profiles) >= 1
+    assert not any("timing every block" in n for n in result.notes)
+    trained = sum(p.numel() for p in result.model.parameters())
+    assert result.model.config.num_labels == 3 and plan.num_params == trained

@@ -109,7 +109,7 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
         run = _Run(model, saved[1] if saved else plan, train, eval, state=state, epochs=epochs, max_steps=max_steps,
                    seed=seed, drop_last=drop_last, output_dir=output_dir, checkpoint_every=checkpoint_every,
                    fallback=fallback or default_fallback, world=world)
-        notes += short_data_notes(len(train), run.plan.batch_size, drop_last)
+        warned = short_data_notes(len(train), run.plan.batch_size, drop_last)  # the batch promise not kept
         # the caller's parameters, weakly: set-up may replace some (4-bit layers, shards); any still alive when
         # the meter starts is held by something and counts, though the model no longer has it
         originals = [weakref.ref(p) for p in model.parameters()]
@@ -123,6 +123,8 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
             with meter or nullcontext(), TrainingProgress(total, quiet=quiet or not world.main, completed=state.step) \
                     as bar, GracefulInterrupt() as interrupt:
                 for line in notes if world.main else ():
+                    log.info(line)
+                for line in warned if world.main else ():
                     log.warning(line)
                 run.train(meter, bar, interrupt)
         finally:

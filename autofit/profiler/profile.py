@@ -157,7 +157,8 @@ def _fake_twin(live: nn.Module | None, config: PretrainedConfig, task: str, attn
     but every op runs only its shape function: bytes are exact and nothing is computed."""
     with fake:
         if live is None:
-            return build_model(_two_layer_config(config), task, device="cpu", attn_implementation=attn)
+            return build_model(_two_layer_config(config), task, device="cpu", attn_implementation=attn,
+                               num_labels=config.num_labels)
         if not isinstance(live, PreTrainedModel):
             return None
         first = next(live.parameters())
@@ -171,7 +172,8 @@ def _timed_model(live: nn.Module | None, config: PretrainedConfig, task: str, at
     if live is not None and (_device_of(live) == device or not isinstance(live, PreTrainedModel)):
         return live
     if live is None:
-        return build_model(_two_layer_config(config), task, device=device, attn_implementation=attn)
+        return build_model(_two_layer_config(config), task, device=device, attn_implementation=attn,
+                           num_labels=config.num_labels)
     return _copy_of(live, config, attn, device, next(live.parameters()).dtype)
 
 
@@ -179,7 +181,8 @@ def _meta_twin(live: nn.Module | None, config: PretrainedConfig, task: str, attn
     """A two-layer fp32 copy of the model on the meta device (peft adapts it there: its Module.to calls refuse
     fake tensors)."""
     if live is None:
-        return build_model(_two_layer_config(config), task, device="meta", attn_implementation=attn)
+        return build_model(_two_layer_config(config), task, device="meta", attn_implementation=attn,
+                           num_labels=config.num_labels)
     return _copy_of(live, config, attn, "meta", torch.float32)
 
 

@@ -78,7 +78,7 @@ def test_a_fresh_run_into_an_earlier_runs_checkpoints_is_refused_and_they_stay(t
     message = str(error.value)
     assert "holds an earlier run's checkpoints (checkpoint-00000002)" in message and "--resume" in message
     assert "\n" not in message and list_checkpoints(tmp_path) == earlier
-    with caplog.at_level("WARNING", logger="autofit"):
+    with caplog.at_level("INFO", logger="autofit"):
         resumed = run_plan(tiny_model(), plan, data, output_dir=str(tmp_path), resume=True, quiet=True,
                            measure_memory=False, max_steps=1)
     assert "already finished (2 optimizer steps)" in caplog.text

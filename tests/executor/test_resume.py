@@ -59,7 +59,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, data, plan_fo
 
     # A fresh process: another model object with other initial weights, loaded from the checkpoint.
     resumed_model, plan, train = setup(tiny, data, plan_for, seed=1)
-    with caplog.at_level("WARNING", logger="autofit"):
+    with caplog.at_level("INFO", logger="autofit"):
         result = run(resumed_model, plan, train, output_dir=str(tmp_path), checkpoint_every=2, resume=True)
     assert_same_run(resumed_model, result, ref_model, ref)
     epoch, position = divmod(stop_after, 3)
@@ -94,7 +94,7 @@ def test_killed_mid_step_resumes_from_the_last_periodic_checkpoint(tiny, data, p
     assert len(saved["eval"]) == (1 if every == 2 else 0)
 
     resumed_model, plan, train = setup(tiny, data, plan_for, seed=1)
-    with caplog.at_level("WARNING", logger="autofit"):
+    with caplog.at_level("INFO", logger="autofit"):
         result = run(resumed_model, plan, train, eval=train, output_dir=str(tmp_path), checkpoint_every=every,
                      resume=True)
     assert_same_run(resumed_model, result, ref_model, ref)
@@ -286,7 +286,7 @@ def test_resuming_a_finished_run_says_there_is_nothing_left(tiny, data, plan_for
     model, plan, train = setup(tiny, data, plan_for)
     first = run(model, plan, train, output_dir=str(tmp_path))
     again, plan, train = setup(tiny, data, plan_for)
-    with caplog.at_level("WARNING", logger="autofit"):
+    with caplog.at_level("INFO", logger="autofit"):
         second = run(again, plan, train, output_dir=str(tmp_path), resume=True)
     assert f"already finished ({first.optimizer_steps} optimizer steps): nothing left to train" in caplog.text
     assert second.optimizer_steps == first.optimizer_steps
