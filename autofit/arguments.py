@@ -117,7 +117,8 @@ def check_train_values(*, data: Any, eval_data: Any, tokenizer: Any, text_column
             check_whole(name, value, least=1)
     if seed >= 2**32:  # numpy's seeds are 32-bit: its own error would not name the argument
         raise ValueError(f"seed (--seed) must be below 2**32 ({2**32}), not {seed}")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr)
+                           or lr <= 0):  # None: the plan's default (default_learning_rate)
         raise ValueError(f"the learning rate must be a positive number, not {lr!r}")
 
 

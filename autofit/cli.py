@@ -148,7 +148,7 @@ def train(
     epochs: int = typer.Option(1, "--epochs", min=1),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
                                             help="Optimizer steps to run, instead of --epochs."),
-    lr: float = typer.Option(2e-5, "--lr"),
+    lr: float = typer.Option(None, "--lr", help="learning rate (default 2e-5; 2e-4 for a LoRA plan)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Effective batch size, with --vram "
                                              "(default 32; a plan fixes it)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1),

@@ -290,8 +290,8 @@ class Plan(_Checked):
         time, and HF may put the longest example in any micro-batch). HF's step is then exactly the plan's
         batch (a share that is a prime number above the cap runs one sequence at a time).
         So a token-budgeted plan's short examples run in smaller micro-batches than autofit runs them: slower,
-        never over the plan's peak. The optimizer settings and seed are autofit's defaults (lr 2e-5, weight decay
-        0.01, a constant rate, gradients clipped at 1.0, seed 0); `overrides` replace any of them.
+        never over the plan's peak. The optimizer settings and seed are autofit's defaults (lr 2e-5, 2e-4 for
+        LoRA; weight decay 0.01, a constant rate, gradients clipped at 1.0, seed 0); `overrides` replace any.
 
         It cannot express selective checkpointing (HF checkpoints all layers or none: any checkpointed
         layer turns it on for all), freezing (set requires_grad yourself, e.g. with
@@ -300,6 +300,8 @@ class Plan(_Checked):
         approximation of bucketing)."""
         import torch
         from transformers import TrainingArguments
+
+        from autofit.techniques.optimizer import default_learning_rate
 
         if self.device.kind == "cuda" and not torch.cuda.is_available() and not overrides.get("use_cpu"):
             raise ValueError(f"this plan is for a CUDA device ({self.device.name}) and none is visible here: "
@@ -320,8 +322,8 @@ class Plan(_Checked):
             fp16=k.precision == Precision.fp16,
             bf16=k.precision == Precision.bf16,
             optim="adamw_bnb_8bit" if k.optimizer_bits == 8 else "adamw_torch",
-            learning_rate=2e-5, weight_decay=0.01, lr_scheduler_type="constant", max_grad_norm=1.0, seed=0,
-            report_to=[],
+            learning_rate=default_learning_rate(k), weight_decay=0.01, lr_scheduler_type="constant",
+            max_grad_norm=1.0, seed=0, report_to=[],
         )
         # transformers 5 renamed gradient_checkpointing (the old name warns)
         named = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"

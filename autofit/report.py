@@ -275,7 +275,9 @@ def _step_time_line(result: TrainResult) -> str:
 def train_summary(result: TrainResult) -> str:
     """What `autofit train` prints at the end: steps, loss, the measured peaks beside the predicted ones, speed."""
     steps = f"{result.optimizer_steps} optimizer step{'' if result.optimizer_steps == 1 else 's'}"
-    lines = [f"{steps}, final loss {result.final_loss:.4f}" if result.final_loss is not None else steps]
+    plan = result.plan
+    lines = [f"plan: {knobs_line(plan.knobs, plan.num_layers, plan.cluster.processes)}",
+             f"{steps}, final loss {result.final_loss:.4f}" if result.final_loss is not None else steps]
     if result.history:
         samples = [r.samples for r in result.history]
         short = f" (all the data: fewer examples than the batch of {result.plan.batch_size})" \

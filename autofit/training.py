@@ -37,6 +37,7 @@ from autofit.profiler import Profile
 from autofit.search.space import PAD_MULTIPLE, adapted_keys
 from autofit.techniques.accumulation import eval_micro_batches
 from autofit.techniques.bucketing import padded_length
+from autofit.techniques.optimizer import default_learning_rate
 from autofit.workload import TOKEN_LEVEL_TASKS, Workload
 
 log = logging.getLogger("autofit")
@@ -71,7 +72,7 @@ DEFAULT_BATCH_SIZE = 32
 @noted
 def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
           plan: Plan | str | os.PathLike | None = None,
-          tokenizer: Any = None, epochs: int = 1, max_steps: int | None = None, lr: float = 2e-5,
+          tokenizer: Any = None, epochs: int = 1, max_steps: int | None = None, lr: float | None = None,
           batch_size: int | None = None, eval_data: Any = None, policy: str | None = None, task: str | None = None,
           max_length: int | None = None, text_column: str | None = None, label_column: str | None = None,
           device: str | None = None,
@@ -165,6 +166,9 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     else:
         plan = replan_for_data(plan, profile, train_data.lengths, max_length)
     eval_prediction = None if eval_tokens is None else predict_evaluation(profile, plan, eval_tokens.lengths)
+    if lr is None and plan.knobs.adapter == "lora":
+        log.info(f"the LoRA adapters train at learning rate {default_learning_rate(plan.knobs):g}, ten times full "
+                 "fine-tuning's (lr / --lr sets another)")
     result = run_plan(model, plan, train_data, eval=eval_tokens, epochs=epochs, max_steps=max_steps, lr=lr,
                       seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, resume=resume,
                       quiet=quiet, pad_token_id=getattr(tokenizer, "pad_token_id", None),

@@ -54,6 +54,7 @@ from autofit.executor.validate import check_inputs, run_device, short_data_notes
 from autofit.intmath import ceil_div
 from autofit.knobs import Knobs, Precision
 from autofit.measure import PeakMemoryMeter, SteadyStatePeak
+from autofit.techniques.optimizer import default_learning_rate
 from autofit.plan import MemoryBreakdown, Plan
 from autofit.techniques import checkpointing, lora, sharding
 from autofit.techniques.accumulation import (MicroBatchShape, StepSampler, bucket_uppers, eval_micro_batches,
@@ -65,7 +66,7 @@ log = logging.getLogger("autofit")
 
 
 def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: TokenizedData | None = None,
-             epochs: int = 1, max_steps: int | None = None, lr: float = 2e-5, weight_decay: float = 0.01,
+             epochs: int = 1, max_steps: int | None = None, lr: float | None = None, weight_decay: float = 0.01,
              max_grad_norm: float | None = 1.0, seed: int = 0, output_dir: str | None = None,
              checkpoint_every: int | None = None, resume: bool = False, measure_memory: bool = True,
              quiet: bool = False, fallback: Callable[[Plan], Plan | None] | None = None,
@@ -100,6 +101,7 @@ def run_plan(model: PreTrainedModel, plan: Plan, train: TokenizedData, *, eval: 
     with claim:
         notes = claim.notes
         data_print = data_fingerprint(train)
+        lr = default_learning_rate(plan.knobs) if lr is None else lr
         run_print = run_fingerprint(plan, model, seed=seed, lr=lr, weight_decay=weight_decay,
                                     max_grad_norm=max_grad_norm, drop_last=drop_last)
         check_same_run(world, data_print, run_print, epochs, max_steps)
