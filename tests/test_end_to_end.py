@@ -432,7 +432,7 @@ def test_train_says_what_it_tidied_after_a_killed_save(tok, tmp_path, caplog):
     autofit.train(model, rows, max_steps=2, **settings)
     # killed between moving a same-step checkpoint aside and putting its replacement in place
     (tmp_path / "checkpoint-00000002").rename(tmp_path / ".old-checkpoint-00000002-999")
-    with caplog.at_level("WARNING", logger="autofit"):
+    with caplog.at_level("INFO", logger="autofit"):  # a note: it says what was done, nothing to check
         result = autofit.train(tiny_model("bert", "classification", num_labels=3, **BERT), rows, max_steps=3,
                                resume=True, **settings)
     assert "restored checkpoint-00000002, whose replacement an interrupted save never finished" in caplog.text
