@@ -219,6 +219,8 @@ def _token_classes(rows: list[list], column: str) -> int:
 def class_count(data, label_column: str | None = None) -> int | None:
     """How many outputs a classifier trained on `data` needs (classes; 1 for numbers to regress), read from
     its label column as training reads it; None without one."""
+    if isinstance(data, TokenizedData):  # already prepared: it knows
+        return data.num_labels
     columns = columns_of(data)
     label = label_column if label_column is not None else default_label_column(list(columns))
     if label not in columns:

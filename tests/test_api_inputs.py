@@ -224,3 +224,14 @@ def test_lora_plans_train_at_the_adapters_learning_rate_unless_one_is_given(tok)
     assert {h.lr for h in full.history} == {2e-5}
     args = lora.plan.to_training_arguments("out", use_cpu=True)
     assert args.learning_rate == 2e-4
+
+
+def test_a_plan_takes_prepared_data_and_its_class_count(tok):
+    from autofit.data import prepare_examples
+
+    rows = [dict(r, label=i % 3) for i, r in enumerate(make_rows(24, seed=4))]
+    prepared = prepare_examples(rows, tok, task="classification", max_length=64)
+    plan = autofit.plan(tiny_model("bert").config, "1GB", data=prepared, device="cpu", batch_size=8, quiet=True)
+    with_rows = autofit.plan(tiny_model("bert").config, "1GB", data=rows, tokenizer=tok, device="cpu",
+                             batch_size=8, quiet=True)
+    assert plan.num_params == with_rows.num_params == tiny_model("bert", num_labels=3).num_parameters()
