@@ -353,10 +353,21 @@ def test_ctrl_c_while_the_command_starts_is_no_traceback(command):
                                                                          str(Path(sys.executable).parent / "autofit")]
     started = subprocess.Popen(exe + ["--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(0.5)  # Python's handler is in place after a few ms; torch's import takes seconds
+    # autofit's handler is in place before torch's import starts, which takes seconds: interrupt once torch's
+    # library is loading (a fixed sleep came too early on a loaded machine)
+    deadline = time.monotonic() + 30
+    while started.poll() is None and time.monotonic() < deadline and not _loads_torch(started.pid):
+        time.sleep(0.02)
     started.send_signal(signal.SIGINT)
     err = started.communicate(timeout=60)[1]
     assert started.returncode == 130 and err.splitlines() == ["stopped: interrupted"], err
+
+
+def _loads_torch(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # it exited
+        return False
 
 
 def test_version_names_autofit_torch_and_transformers():
