@@ -4,6 +4,7 @@
     result = autofit.train(model, data, budget="16GB", tokenizer=tok, epochs=1)
 """
 
+import os
 import signal
 import sys
 
@@ -17,7 +18,10 @@ def _as_command() -> bool:
 
 def _stopped_while_starting(signum, frame) -> None:
     sys.stderr.write("stopped: interrupted\n")
-    raise SystemExit(130)
+    sys.stderr.flush()
+    # nothing has started, so nothing to save; an exception raised here lands inside some import and can
+    # leave a half-made module behind (numpy's then recursed into a traceback after all)
+    os._exit(130)
 
 
 if _as_command():  # Ctrl-C while the command imports torch (seconds): no traceback; cli.main restores Python's
