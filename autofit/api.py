@@ -93,11 +93,11 @@ def plan(model: ModelSpec, budget: str | int, *, seq_len: int | None = None, bat
     """The fastest plan whose predicted peak fits `budget` (e.g. "16GB"; GB = 2**30 bytes, as nvidia-smi).
 
     `data` (examples with text, or tokenized; or a file's path, read as the CLI's --data) gives the real
-    length distribution, cut at `seq_len`, and a
-    label column (`label_column`, default "label" or "labels") makes a decoder a classifier; without data
-    every example is `seq_len` tokens (default: the model's limit, at most 512; a longer `seq_len` than the
-    model takes is refused). `adapter` (auto | none | lora) overrides when the policy
-    trains LoRA adapters: auto lets it decide, none searches full fine-tuning only, lora adapter plans only.
+    length distribution, cut at `seq_len`, and a label column (`label_column`, default "label" or "labels")
+    makes a decoder a classifier, with a head of as many classes as it holds; without data every example is
+    `seq_len` tokens (default: the model's limit, at most 512; a longer `seq_len` than the model takes is
+    refused). `adapter` (auto | none | lora) overrides when the policy trains LoRA adapters: auto lets it
+    decide, none searches full fine-tuning only, lora adapter plans only.
     `gpus` processes on `machines` machines (linked by `interconnect`: nvlink | pcie, and `network`:
     infiniband | ethernet) plan DDP or FSDP, and `budget` is each GPU's; `host_memory` (each machine's CPU RAM,
     e.g. "512GB") rules out CPU offload that needs more. Raises search.NoPlanFitsError (with the smallest

@@ -252,11 +252,21 @@ def _prepare_config(config: PretrainedConfig, task: str, num_labels: int) -> Pre
     config = copy.deepcopy(config)  # from_config/from_pretrained mutate it (dtype, attention choice)
     if task != "causal-lm":
         config.num_labels = num_labels
-    eos = getattr(config, "eos_token_id", None)
-    if getattr(config, "pad_token_id", None) is None and eos is not None:
-        # gpt2/llama have no pad token; sequence classification finds each row's last token via pad_token_id.
-        config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    # gpt2/llama have no pad token; sequence classification finds each row's last token via pad_token_id.
+    config.pad_token_id = padding_id(config)
     return config
+
+
+def padding_id(config: PretrainedConfig) -> int | None:
+    """The id a batch for `config`'s model pads with: its pad token, else its end-of-text token (the first,
+    when it names several); None with neither."""
+    pad = getattr(config, "pad_token_id", None)
+    if pad is not None:
+        return pad
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, list | tuple):
+        return eos[0] if eos else None
+    return eos
 
 
 def build_model(

@@ -54,12 +54,12 @@ from autofit.executor.validate import check_inputs, run_device, short_data_notes
 from autofit.intmath import ceil_div
 from autofit.knobs import Knobs, Precision
 from autofit.measure import PeakMemoryMeter, SteadyStatePeak
-from autofit.techniques.optimizer import default_learning_rate
 from autofit.plan import MemoryBreakdown, Plan
 from autofit.techniques import checkpointing, lora, sharding
 from autofit.techniques.accumulation import (MicroBatchShape, StepSampler, bucket_uppers, eval_micro_batches,
                                              run_shapes, steps_per_epoch)
 from autofit.techniques.loss_weighting import count_units
+from autofit.techniques.optimizer import default_learning_rate
 from autofit.techniques.padding import PaddingCollator
 
 log = logging.getLogger("autofit")

@@ -20,6 +20,7 @@ from torch import nn
 from autofit.executor.distributed import World, check_world
 from autofit.executor.loop import StepContext
 from autofit.executor.validate import ExecutorInputError, run_device
+from autofit.models import padding_id
 from autofit.plan import Plan
 from autofit.techniques import adapter, checkpointing, freeze, sharding
 from autofit.techniques import optimizer as optim
@@ -97,10 +98,8 @@ def _pad_id(model: nn.Module, tokenizer_pad: int | None) -> int:
     """The id batches are padded with: the tokenizer's pad token, else the config's, else its end-of-text
     token (as a model built from a config pads: gpt2 and llama have no pad token), else 0; one the
     embeddings hold (a config may keep gpt2's 50256 under a small vocabulary)."""
-    config = model.config
-    eos = getattr(config, "eos_token_id", None)
-    eos = eos[0] if isinstance(eos, list | tuple) and eos else eos
-    found = next((i for i in (tokenizer_pad, getattr(config, "pad_token_id", None), eos) if i is not None), 0)
+    from_config = padding_id(model.config)
+    found = next((i for i in (tokenizer_pad, from_config) if i is not None), 0)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embeddings, "num_embeddings", None)
     if vocab is not None and not 0 <= found < vocab:
@@ -108,4 +107,3 @@ def _pad_id(model: nn.Module, tokenizer_pad: int | None) -> int:
                                  f"end-of-text id) is not in the model's vocabulary of {vocab}: set "
                                  "tokenizer.pad_token or config.pad_token_id")
     return found
-
