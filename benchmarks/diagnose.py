@@ -155,12 +155,12 @@ def record_run(model: nn.Module, plan, data, **run_kwargs) -> tuple[Any, dict[st
     original_accumulate = executor_run.accumulate
     original_evaluate = executor_run.evaluate
 
-    def accumulate(ctx, step):
+    def accumulate(ctx, step, *weights):
         ctx.optimizer.register_step_pre_hook(lambda *a: setattr(WHERE, "phase", "optimizer")) \
             if not getattr(ctx.optimizer, "_diag", False) else None
         ctx.optimizer._diag = True
         WHERE.phase = "forward"
-        return original_accumulate(ctx, step)
+        return original_accumulate(ctx, step, *weights)
 
     def evaluate(ctx, batches):
         WHERE.evaluating = True

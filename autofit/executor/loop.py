@@ -50,15 +50,45 @@ class StepContext:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
-def accumulate(ctx: StepContext, step: list[Batch], weights: Sequence[float] | None = None) -> torch.Tensor:
+class CollatedPieces:
+    """A step's micro-batches, each collated only when its turn comes: the memory model counts the running
+    micro-batch's inputs, not the whole step's. Counts the real and computed tokens of those it collated."""
+
+    def __init__(self, pieces: Sequence[Sequence[int]], collate: Callable[[Sequence[int]], Batch]):
+        self.pieces, self.collate = pieces, collate
+        self.tokens: list[tuple[int, int]] = []
+        """(real, computed) tokens of each micro-batch collated so far, in order."""
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def __iter__(self):
+        self.tokens = []
+        for piece in self.pieces:
+            batch = self.collate(piece)
+            self.tokens.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+            yield batch
+
+
+def unit_weights(pieces: Sequence[Sequence[int]], units: Callable[[int], int]) -> list[float | None]:
+    """Each micro-batch's share of the step's units (None for one without a unit: it is skipped), from the
+    examples' own unit counts, so that no micro-batch is collated before its turn."""
+    counts = [sum(map(units, piece)) for piece in pieces]
+    total = sum(counts)
+    return [loss_scale(count, total) if count else None for count in counts]
+
+
+def accumulate(ctx: StepContext, step: Iterable[Batch], weights: Sequence[float | None] | None = None
+               ) -> torch.Tensor:
     """Forward and backward of each micro-batch of one optimizer step; returns the step's mean loss (with
-    `weights`, this process's part of it).
+    `weights`, this process's part of it). Without `weights`, `step` is a list (its units are counted first).
 
     Each micro-batch's mean loss is weighted by its share of the step's units (samples or label tokens),
     so the summed gradients are those of the whole step's mean, even for uneven micro-batches. `weights`
     gives those shares instead (several processes: shares of the whole step over all processes; a weight
     0 runs forward and backward only to keep FSDP's collectives in step with the other processes)."""
     if weights is None:
+        step = list(step)
         total = step_units(step, ctx.task)
         weights = [loss_scale(units, total) if units else None for units in (count_units(b, ctx.task) for b in step)]
     step_loss = torch.zeros((), device=ctx.device)
@@ -67,7 +97,7 @@ def accumulate(ctx: StepContext, step: list[Batch], weights: Sequence[float] | N
             if weight is None:
                 continue  # no label token in this micro-batch: its mean loss would be NaN
             batch = {name: tensor.to(ctx.device, non_blocking=True) for name, tensor in batch.items()}
-            last = i == len(step) - 1
+            last = i == len(weights) - 1
             with ctx.no_sync() if ctx.no_sync is not None and not last else nullcontext():
                 with amp.autocast(ctx.precision, ctx.device.type):
                     loss = ctx.model(**batch).loss

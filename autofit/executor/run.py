@@ -28,7 +28,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -45,8 +45,8 @@ from autofit.executor.fallback import (TrainingOutOfMemoryError, default_fallbac
                                        describe_change, free_memory, is_out_of_memory)
 from autofit.executor.output_dir import OutputDirClaim, claim_output_dir
 from autofit.executor.interrupt import GracefulInterrupt, TrainingDivergedError, TrainingInterruptedError
-from autofit.executor.loop import (NonFiniteGradientError, StepContext, accumulate, evaluate, optimizer_step,
-                                   weights_finite)
+from autofit.executor.loop import (CollatedPieces, NonFiniteGradientError, StepContext, accumulate, evaluate,
+                                   optimizer_step, unit_weights, weights_finite)
 from autofit.executor.progress import TrainingProgress
 from autofit.executor.resume import data_fingerprint, resume_noting, run_fingerprint
 from autofit.executor.result import EvalRecord, FallbackRecord, StepRecord, TrainResult, summarize
@@ -222,8 +222,8 @@ class _Run:
         """One optimizer step over the examples `step`."""
         started = time.perf_counter()
         batches, padding, loss = self.forward_backward(step)
-        real = sum(int(b["attention_mask"].sum()) for b in batches[:len(batches) - padding])
-        computed = sum(b["input_ids"].numel() for b in batches)
+        real = sum(tokens for tokens, _ in batches.tokens[:len(batches) - padding])
+        computed = sum(tokens for _, tokens in batches.tokens)
         loss_value, real, computed = self.world.sum(float(loss), real, computed)  # float() waits for the device
         if not math.isfinite(loss_value) and self.ctx.precision is not Precision.fp16:
             self.ctx.optimizer.zero_grad(set_to_none=True)
@@ -257,10 +257,10 @@ class _Run:
         while True:
             share = share_step(step, self.lengths, self.units, self.plan.knobs, self.uppers, self.exact_buckets,
                                self.world)
-            batches = [self.collator([self.train_data.example(i) for i in piece]) for piece in share.pieces]
+            batches = CollatedPieces(share.pieces, self.collate)
+            weights = share.weights if share.weights is not None else unit_weights(share.pieces, self.units)
             try:
-                weights = () if share.weights is None else (share.weights,)  # one process: accumulate weighs
-                return batches, share.padding, accumulate(self.ctx, batches, *weights)
+                return batches, share.padding, accumulate(self.ctx, batches, weights)
             except Exception as error:  # only out-of-memory is handled; the traceback dies with the block
                 if not is_out_of_memory(error):
                     raise
@@ -268,10 +268,14 @@ class _Run:
             del batches
             self.fall_back(message)
 
+    def collate(self, indices: Sequence[int]) -> dict:
+        """One micro-batch of training examples, padded."""
+        return self.collator([self.train_data.example(i) for i in indices])
+
     def units(self, index: int) -> int:
         """Units (samples, or label tokens) of one training example: what its loss averages over."""
         if index not in self.unit_counts:
-            self.unit_counts[index] = count_units(self.collator([self.train_data.example(index)]), self.plan.task)
+            self.unit_counts[index] = count_units(self.collate([index]), self.plan.task)
         return self.unit_counts[index]
 
     def after_step(self, interrupt: GracefulInterrupt) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autofit.executor.loop import NonFiniteGradientError, StepContext, accumulate, evaluate, optimizer_step
+from autofit.executor.loop import (CollatedPieces, NonFiniteGradientError, StepContext, accumulate, evaluate,
+                                   optimizer_step, unit_weights)
 from autofit.knobs import Knobs, Precision
 from autofit.techniques.accumulation import bucket_uppers, cut_step
+from autofit.techniques.loss_weighting import count_units
 from autofit.techniques.padding import PaddingCollator
 
 
@@ -63,6 +65,40 @@ def test_a_bucketed_token_budgeted_step_has_the_big_batch_gradient(tiny, data, m
     scale = float(flat_big.abs().max())
     for name in big:  # and every tensor, up to rounding of the largest entries (key biases' are ~0 exactly)
         torch.testing.assert_close(step[name], big[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def test_a_step_collates_each_micro_batch_at_its_turn_with_the_same_gradient(tiny, data):
+    """The memory model counts the running micro-batch's inputs: the later ones of a step must not be collated
+    (alive) yet. Weights from the examples' unit counts give the gradient of the step collated up front."""
+    task = "causal-lm"
+    train = data(8, task=task, min_len=3, max_len=30, seed=7)
+    collate = PaddingCollator(0, 8, task=task)
+    pieces = [[0, 1, 2], [3, 4], [5, 6, 7]]
+    events = []
+
+    def collate_logged(piece):
+        events.append(("collate", piece[0]))
+        return collate([train.example(i) for i in piece])
+
+    model = tiny("gpt2", task)
+    model.register_forward_pre_hook(lambda module, args, kwargs: events.append(("forward", None)), with_kwargs=True)
+    units = {i: count_units_of(collate, train, i, task) for i in range(8)}
+    lazy = CollatedPieces(pieces, collate_logged)
+    lazy_loss = accumulate(context(model, task), lazy, unit_weights(pieces, units.__getitem__))
+    assert events == [("collate", 0), ("forward", None), ("collate", 3), ("forward", None), ("collate", 5),
+                      ("forward", None)]
+    padded = [collate([train.example(i) for i in p]) for p in pieces]
+    assert lazy.tokens == [(int(b["attention_mask"].sum()), b["input_ids"].numel()) for b in padded]
+    eager = tiny("gpt2", task)
+    eager_loss = accumulate(context(eager, task), padded)
+    assert float(lazy_loss) == pytest.approx(float(eager_loss), rel=1e-6)
+    lazy_grads, eager_grads = grads(model), grads(eager)
+    for name in eager_grads:
+        torch.testing.assert_close(lazy_grads[name], eager_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def count_units_of(collate, train, index, task):
+    return count_units(collate([train.example(index)]), task)
 
 
 def test_optimizer_step_updates_and_clears_grads(tiny, data):
