@@ -82,12 +82,14 @@ EMBEDDINGS, FIRST_LAYER = 0, 1
 
 
 def _held_bytes(blocks: list[Block], batch: int, seq: int, padded: bool, adapter: str) -> float:
-    """The embeddings' output the model's code keeps through the forward, when layer 0 does not save it:
-    frozen, or under LoRA (its frozen norms save nothing; adapters save the normed input, not this)."""
-    if len(blocks) <= FIRST_LAYER:
+    """The embeddings' output the model's code keeps through the forward, when a frozen layer 0 does not save
+    it. None under LoRA: its fits were measured with the embeddings frozen, as it trains, so the layers'
+    `resident` already holds that output when no adapter saves it (Llama's normed inputs), and their `saved`
+    when one does (BERT's attention adapters read the layer's input itself)."""
+    if len(blocks) <= FIRST_LAYER or adapter != "none":
         return 0.0
     layer0 = blocks[FIRST_LAYER]
-    if layer0.profile.kind != "layer" or layer0.needs_input_grad or (layer0.trainable and adapter == "none"):
+    if layer0.profile.kind != "layer" or layer0.needs_input_grad or layer0.trainable:
         return 0.0
     return blocks[EMBEDDINGS].fits.at(batch, padded).held(batch, seq)
 

@@ -216,7 +216,8 @@ def diagnose(arch: str, knob_set: str, seq: int, micro: int, steps: int = 3) -> 
     from autofit.profiler import profile_model
 
     _, task, _ = accuracy.ARCHS[arch]
-    profile = profile_model(accuracy.build_model(arch), task=task)
+    profile = profile_model(accuracy.build_model(arch), task=task,
+                            adapters=accuracy.KNOB_SETS[knob_set].get("adapter") == "lora")
     knobs = accuracy.make_knobs(knob_set, profile.num_layers, micro)
     batch = accuracy.step_batch(knob_set, micro)  # examples per optimizer step
     device = get_device("cpu")
@@ -246,7 +247,7 @@ def diagnose_e2e(family: str, point: float) -> dict[str, Any]:
     lo, hi, _ = accuracy_e2e.budget_range(model, task, train)
     budget = accuracy_e2e.budget_at(point, lo, hi)
     plan = autofit.plan(model, budget, data=train, batch_size=batch, device="cpu", task=task)
-    profile = cached_profile(model, task=task, timing=PRECISIONS)
+    profile = cached_profile(model, task=task, timing=PRECISIONS, adapters=plan.knobs.adapter != "none")
     buckets = [(b.micro_batch_size, b.upper_length, b.padded, b.grads_held,
                 predict_step_peak(profile, plan.knobs, b.micro_batch_size, b.upper_length, plan.device, b.padded,
                                   b.grads_held).allocated_bytes) for b in plan.step.buckets]
