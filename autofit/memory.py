@@ -64,7 +64,7 @@ def predict_step_peak(profile: Profile, knobs: Knobs, batch: int, seq: int, devi
     """Predicted peak of one steady-state micro-batch of shape (batch, seq), with pad tokens (`padded`) or of
     sequences all exactly `seq` long; `grads_held` when earlier micro-batches of its step left gradients. With
     several processes, one process's peak (the one training this micro-batch)."""
-    weights, state, moments = _step_parts(profile, knobs, batch, seq, padded, grads_held, cluster)
+    weights, state, moments = _step_parts(profile, knobs, batch, seq, padded, grads_held, cluster, device)
     peak = max(moments, key=lambda m: m.allocated)  # the first of equal moments: the optimizer only above them
     return peak.breakdown(weights, state, device, (batch, seq))
 
@@ -93,11 +93,11 @@ class _StepPart:
 
 
 def _step_parts(profile: Profile, knobs: Knobs, batch: int, seq: int, padded: bool, grads_held: bool,
-                cluster: Cluster) -> tuple[float, float, list[_StepPart]]:
+                cluster: Cluster, device: DeviceSpec) -> tuple[float, float, list[_StepPart]]:
     """(weights, optimizer state, every moment of one micro-batch's step in order, the optimizer step last:
     activations and the batch are gone then, every gradient and the optimizer's temporaries live)."""
     share = sharding.share(profile, knobs, cluster)
-    weights, grads, state, opt_temps = _device_states(profile, knobs, share)
+    weights, grads, state, opt_temps = _device_states(profile, knobs, share, device)
     grads_held = grads_held or share.grads_resident
     inputs, earlier = input_bytes(profile, batch, seq), grads if grads_held else 0.0
     moments = step_moments(expand_blocks(profile, knobs), knobs.adapter, batch, seq, padded, grads_held, share)
@@ -126,11 +126,16 @@ def offloaded_bytes_per_machine(profile: Profile, knobs: Knobs, cluster: Cluster
     return int(sharding.shard(weights + grads + state, cluster.processes) * cluster.per_machine)
 
 
-def _device_states(profile: Profile, knobs: Knobs, share: sharding.Share) -> tuple[float, float, float, float]:
-    """(weights, gradients, optimizer state, optimizer temporaries) one process keeps on its device."""
+def _device_states(profile: Profile, knobs: Knobs, share: sharding.Share,
+                   device: DeviceSpec) -> tuple[float, float, float, float]:
+    """(weights, gradients, optimizer state, optimizer temporaries) one process keeps on its device. FSDP
+    shards a twin of the model and the caller's whole model waits in host memory until the trained weights
+    are gathered back into it (executor/setup.py): on a CPU device that is the memory the budget counts."""
     weights, grads, state, trainable = param_state(profile, knobs)
     opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
-    return tuple(share.on_device(x) for x in (weights, grads, state, opt_temps))
+    waiting = weights if share.sharded and device.kind == "cpu" else 0.0
+    on_device = tuple(share.on_device(x) for x in (weights, grads, state, opt_temps))
+    return (on_device[0] + waiting, *on_device[1:])
 
 
 def predict_peak(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec,
@@ -174,7 +179,7 @@ def predict_eval_peak(profile: Profile, knobs: Knobs, shapes: list[tuple[int, in
     the forward returns). Optimizer state stays; under FSDP the root stays gathered, with the running unit and
     the last gather's flat buffer."""
     share = sharding.share(profile, knobs, cluster)
-    weights, grads, state, _ = _device_states(profile, knobs, share)
+    weights, grads, state, _ = _device_states(profile, knobs, share, device)
     grads = grads if share.grads_resident else 0.0  # DDP's buckets stay through evaluation
     g = share.gathered
     worst, at, worst_gathered = 0.0, (0, 0), 0.0
@@ -215,5 +220,5 @@ def step_timeline(profile: Profile, knobs: Knobs, workload: Workload, device: De
     peak_bytes: these are predict_step_peak's candidates (`_step_parts`), all kept instead of only the largest."""
     _, shape = _worst_micro_batch(profile, knobs, workload, device, cluster)
     batch, seq = shape.batch, shape.length
-    weights, state, parts = _step_parts(profile, knobs, batch, seq, shape.padded, shape.grads_held, cluster)
+    weights, state, parts = _step_parts(profile, knobs, batch, seq, shape.padded, shape.grads_held, cluster, device)
     return [(part.label, part.breakdown(weights, state, device, (batch, seq))) for part in parts]

@@ -28,10 +28,21 @@ def test_fsdp_keeps_one_shard_of_weights_gradients_and_state_per_process(profile
     weights, grads, state, _ = param_state(profile, Knobs())
     for cluster in (TWO, FOUR):
         # the optimizer step's moment holds every gradient: compare the states there
-        m = predict_step_peak(profile, Knobs(strategy="fsdp"), 1, 8, CPU, cluster=cluster)
+        m = predict_step_peak(profile, Knobs(strategy="fsdp"), 1, 8, A100, cluster=cluster)
         assert m.weights == int(weights / cluster.processes)
         assert m.optimizer_state == int(state / cluster.processes)
         assert m.gradients <= grads / cluster.processes + profile.blocks[-1].param_bytes + profile.blocks[0].param_bytes
+
+
+def test_on_a_cpu_device_fsdp_also_holds_the_callers_whole_model(profile):
+    """FSDP shards a twin; the caller's model waits whole in host memory until the trained weights are gathered
+    back into it: on a GPU that is not the card's memory, on the CPU it is the memory the budget counts."""
+    weights = param_state(profile, Knobs())[0]
+    for knobs in (Knobs(strategy="fsdp"), Knobs(strategy="ddp")):
+        on_gpu = predict_step_peak(profile, knobs, 1, 8, A100, cluster=TWO)
+        on_cpu = predict_step_peak(profile, knobs, 1, 8, CPU, cluster=TWO)
+        waiting = weights if knobs.strategy == "fsdp" else 0  # DDP wraps the caller's model itself
+        assert on_cpu.weights == on_gpu.weights + waiting
 
 
 def test_fsdp_gathers_the_root_and_two_units_at_most_while_a_layer_runs(profile):
