@@ -27,7 +27,7 @@ from autofit.data_files import eval_split, read_data
 from autofit.devices import DeviceSpec
 from autofit.labels import config_label_names, label_kind
 from autofit.limits import check_seq_len, max_sequence_length
-from autofit.memory import peak_over_shapes, predict_eval_peak, predict_peak
+from autofit.memory import offloaded_bytes_per_machine, peak_over_shapes, predict_eval_peak, predict_peak
 from autofit.models import build_model, head_task, load_model
 from autofit.notes import noted
 from autofit.plan import MemoryBreakdown, Plan
@@ -35,6 +35,7 @@ from autofit.policy import Policy, check_adapter_choice, load_policy
 from autofit.processes import launched_processes, main_process_first, on_main_process
 from autofit.profiler import Profile
 from autofit.search.space import PAD_MULTIPLE, adapted_keys
+from autofit.techniques import lora
 from autofit.techniques.accumulation import eval_micro_batches
 from autofit.techniques.bucketing import padded_length
 from autofit.techniques.optimizer import default_learning_rate
@@ -57,7 +58,10 @@ def replan_for_data(plan: Plan, profile: Profile, lengths: list[int], max_length
             f"them), over its {format_bytes(plan.budget_bytes)} budget less its "
             f"{format_bytes(plan.headroom_bytes)} headroom: plan again for this data and budget")
     time = predict_time(profile, plan.knobs, workload, plan.device, cluster=plan.cluster)
-    return plan.model_copy(update=dict(workload=workload, predicted=memory, time=time))
+    # what the file says of its adapters and offloaded shards follows its knobs too (an edited rank or base)
+    return plan.model_copy(update=dict(workload=workload, predicted=memory, time=time,
+                                       adapter=lora.weights_summary(profile, plan.knobs),
+                                       offloaded_bytes=offloaded_bytes_per_machine(profile, plan.knobs, plan.cluster)))
 
 
 class PlanNoLongerFitsError(ValueError):

@@ -14,6 +14,8 @@ from autofit.plan import Plan
 from autofit.policy import PolicyError
 from autofit.policy import load_policy
 from autofit.search import NoPlanFitsError, search
+from autofit.techniques import adapter
+from autofit.training import replan_for_data
 from autofit.profiler import profile_model
 
 from _tiny import make_plan, short_model, token_data
@@ -121,6 +123,19 @@ def test_lora_fits_are_measured_only_when_adapters_could_win(bert, profile, with
     assert asked == [True] and fitted is with_fits and found.best.knobs.adapter == "lora"
     calls, chosen = ask("1GB", "balanced", "auto")
     assert calls[0] is False and len(calls) <= 2 and (chosen == "none" or calls == [False, True])
+
+
+def test_a_plan_file_edited_to_another_rank_reports_the_adapters_it_trains(bert, with_fits):
+    """Training predicts an edited plan's peak again from its knobs; its adapter summary (what `explain` and
+    the run's summary print) follows them too, not the file's figures for the rank it was made with."""
+    plan = autofit.plan(bert, "2GB", seq_len=32, batch_size=8, device="cpu", profile=with_fits, adapter="lora")
+    rank = 4 if plan.knobs.lora_rank != 4 else 8
+    edited = plan.model_copy(update={"knobs": plan.knobs.model_copy(update={"lora_rank": rank})})
+    replanned = replan_for_data(edited, with_fits, [32] * 16, 32)
+    model = short_model("bert", "classification")
+    adapter.prepare(model, edited.knobs, "classification", precision_dtype=None)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert replanned.adapter.trainable_params == trained != plan.adapter.trainable_params
 
 
 def test_train_refuses_an_adapter_choice_its_plan_did_not_make(bert):
