@@ -15,6 +15,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from autofit.notes import main_process, noting
+from autofit.processes import close_process_group, said_by_main_process
 
 err = Console(stderr=True)
 
@@ -79,7 +80,9 @@ def friendly_errors(command: Callable) -> Callable:
             with _notes_to_stderr():
                 return command(*args, **kwargs)
         except NoPlanFitsError as error:
-            err.print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
+            if not said_by_main_process(error):
+                err.print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
+            close_process_group()
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -94,7 +97,9 @@ def friendly_errors(command: Callable) -> Callable:
             text = one_line(str(error)) or type(error).__name__
             if not isinstance(error, ValueError | OSError | KeyError | ArithmeticError):
                 text = f"{type(error).__name__}: {text}"
-            err.print("[red]error:[/] " + escape(text), soft_wrap=True, highlight=False)
+            if not said_by_main_process(error):  # under a launcher: one line, not one per process
+                err.print("[red]error:[/] " + escape(text), soft_wrap=True, highlight=False)
+            close_process_group()
             raise typer.Exit(1) from None
     return wrapper
 

@@ -8,6 +8,8 @@ plans deadlock in their first collective.
 from __future__ import annotations
 
 import os
+import pickle
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TypeVar
@@ -38,8 +40,23 @@ def main_process_first(cpu: bool) -> Iterator[None]:
 
 
 class MainProcessError(ValueError):
-    """What the main process failed with, as the other processes hear of it: its message, said as a bad input
-    is said (the main process says the same line)."""
+    """What the main process failed with, as the other processes hear of it when the error itself cannot be
+    sent: its message, said as a bad input is said."""
+
+
+def said_by_main_process(error: BaseException) -> bool:
+    """Whether `error` is the main process's, raised again on another process: the main process says it."""
+    return getattr(error, "said_by_main_process", False)
+
+
+def _portable(error: Exception) -> Exception | str:
+    """The error itself when it survives pickling (the other processes then raise the same kind: the CLI's
+    exit code follows it), else its message."""
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001 - any error that cannot cross goes as its message
+        return str(error)
+    return copy if type(copy) is type(error) and str(copy) == str(error) else str(error)
 
 
 def on_main_process(make: Callable[[], T], cpu: bool) -> T:
@@ -56,11 +73,22 @@ def on_main_process(make: Callable[[], T], cpu: bool) -> T:
         try:
             box[0] = ("ok", make())
         except Exception as error:  # every process must reach the broadcast below
-            failure, box[0] = error, ("error", str(error))
+            failure, box[0] = error, ("error", _portable(error))
     broadcast_object_list(box, from_process=0)
     if failure is not None:
         raise failure
     status, value = box[0]
     if status == "error":
-        raise MainProcessError(value)
+        heard = value if isinstance(value, Exception) else MainProcessError(value)
+        heard.said_by_main_process = True
+        raise heard
     return value
+
+
+def close_process_group() -> None:
+    """Close the launcher's process group, if one is open, when a command ends on an error: left open, gloo's
+    threads can abort the process as it exits ("terminate called without an active exception"), and the
+    launcher then reports a signal instead of the command's exit code."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no group (and no torch import for an early error)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -2,6 +2,7 @@
 DDP/FSDP, the CLI's --gpus/--machines and the accelerate config a plan writes."""
 
 import json
+import pickle
 import re
 
 import pytest
@@ -181,6 +182,13 @@ def test_no_plan_fits_for_several_gpus_names_how_they_share_the_model():
     assert "FSDP2: weights, gradients and AdamW state sharded over 8 processes, 1 layer per unit" in str(error)
     alone = NoPlanFitsError(8 * 2**30, 17 * 2**30, Knobs(), 16 * 2**30, num_layers=32)
     assert "per GPU" not in str(alone) and "process" not in str(alone)
+    on_cpus = NoPlanFitsError(8 * 2**30, 17 * 2**30, knobs, 16 * 2**30, num_layers=32, processes=2,
+                              device_kind="cpu")
+    assert str(on_cpus).startswith("no plan fits in 8.0 GB per process; the smallest budget that fits is 17.0 GB "
+                                   "per process (")
+    sent = pickle.loads(pickle.dumps(on_cpus))  # what the main process of a launch sends the others
+    assert type(sent) is NoPlanFitsError and str(sent) == str(on_cpus)
+    assert (sent.smallest_budget_bytes, sent.knobs) == (17 * 2**30, knobs)
 
 
 def test_alternatives_weigh_micro_batches_at_what_a_process_can_run():

@@ -70,3 +70,21 @@ def test_a_plan_for_two_processes_trains_under_accelerate_launch(files, strategy
     assert "by the busiest of 2 processes" in done.stdout
     assert done.stdout.count("optimizer steps") == 1  # process 0 reports, the other is quiet
     assert (files / f"out-{strategy}" / "checkpoint-00000005").is_dir()
+
+
+def test_no_plan_fits_under_a_launcher_exits_2_on_every_process_with_one_line(files):
+    """Under torchrun the main process plans and the others hear of its failure: every process exits as it
+    does (2: no plan fits), and only it says the error."""
+    wide = short_model("bert", "classification", max_position_embeddings=128, hidden_size=128, intermediate_size=512,
+                       num_hidden_layers=4)
+    wide.save_pretrained(files / "wide")  # 3.3 MB of weights: 1.6 MB shards, over a 1 MB budget
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (files / "model" / name).exists():
+            (files / "wide" / name).write_bytes((files / "model" / name).read_bytes())
+    done = _autofit(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(free_port()), "-m", "autofit", "train", "--model", "wide",
+                    "--vram", "1MB", "--data", "train.jsonl", "--batch-size", "8", cwd=files)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: no plan fits in 1.0 MB per process"), \
+        (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
+    assert "exitcode  : 2" in done.stderr and "exitcode  : 1" not in done.stderr, done.stderr[-3000:]

@@ -73,13 +73,18 @@ class NoPlanFitsError(ValueError):
     """No knobs the policy allows fit the budget; carries the smallest budget that would, and how."""
 
     def __init__(self, budget_bytes: int, smallest_budget_bytes: int, knobs: Knobs, peak_bytes: int,
-                 num_layers: int, processes: int = 1):
+                 num_layers: int, processes: int = 1, device_kind: str = "cuda"):
         self.budget_bytes, self.smallest_budget_bytes = budget_bytes, smallest_budget_bytes
         self.knobs, self.peak_bytes = knobs, peak_bytes
-        each = " per GPU" if processes > 1 else ""
+        self._made = (budget_bytes, smallest_budget_bytes, knobs, peak_bytes, num_layers, processes, device_kind)
+        each = (" per GPU" if device_kind == "cuda" else " per process") if processes > 1 else ""
         super().__init__(
             f"no plan fits in {format_bytes(budget_bytes)}{each}; the smallest budget that fits is "
             f"{format_bytes(smallest_budget_bytes)}{each} ({knobs_line(knobs, num_layers, processes)})")
+
+    def __reduce__(self):
+        """Picklable with its figures: the main process of a launch sends it to the others."""
+        return type(self), self._made
 
 
 def round_up_budget(n: int) -> int:

@@ -265,7 +265,8 @@ def search(profile: Profile, workload: Workload, device: DeviceSpec, budget_byte
     # the smallest budget for a plan the machines' RAM can hold too (offload's shards), when there is one
     least = min([c for c in smallest if c.fits_host] or smallest, key=lambda c: c.peak_bytes)
     needed = round_up_budget(policy.headroom.smallest_budget_for(least.peak_bytes))
-    raise NoPlanFitsError(budget_bytes, needed, least.knobs, least.peak_bytes, profile.num_layers, cluster.processes)
+    raise NoPlanFitsError(budget_bytes, needed, least.knobs, least.peak_bytes, profile.num_layers, cluster.processes,
+                          device.kind)
 
 
 def minimal_memory(space: SearchSpace, policy: Policy, evaluate: Evaluator,
