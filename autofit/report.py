@@ -82,11 +82,12 @@ def describe_knobs(k: Knobs, num_layers: int, processes: int = 1, share: int | N
     }
 
 
-def knobs_line(k: Knobs, num_layers: int, processes: int = 1) -> str:
+def knobs_line(k: Knobs, num_layers: int, processes: int = 1, share: int | None = None) -> str:
     """All knobs on one line, e.g. "freeze embeddings, checkpoint 6/6 layers (0-5), bf16, 8-bit AdamW ...";
     an adapter plan starts with its adapter (and leaves out the frozen base it implies), a plan for several
-    processes ends with how they share the model."""
-    words = describe_knobs(k, num_layers, processes)
+    processes ends with how they share the model (micro-batches up to `share`, a process's most examples of a
+    step, when given)."""
+    words = describe_knobs(k, num_layers, processes, share)
     silent = ("adapter" if k.adapter == "none" else "freezing",) + (("sharding",) if processes == 1 else ())
     return ", ".join(v for t, v in words.items() if t not in silent)
 
@@ -276,7 +277,8 @@ def train_summary(result: TrainResult) -> str:
     """What `autofit train` prints at the end: steps, loss, the measured peaks beside the predicted ones, speed."""
     steps = f"{result.optimizer_steps} optimizer step{'' if result.optimizer_steps == 1 else 's'}"
     plan = result.plan
-    lines = [f"plan: {knobs_line(plan.knobs, plan.num_layers, plan.cluster.processes)}",
+    share = process_batch_size(plan.batch_size, plan.cluster.processes)
+    lines = [f"plan: {knobs_line(plan.knobs, plan.num_layers, plan.cluster.processes, share)}",
              f"{steps}, final loss {result.final_loss:.4f}" if result.final_loss is not None else steps]
     if result.history:
         samples = [r.samples for r in result.history]

@@ -29,6 +29,8 @@ def test_describe_knobs_words_every_technique():
     assert describe_knobs(Knobs(), 6, processes=2)["sharding"] == "DDP: a full replica on each of 2 processes"
     assert knobs_line(Knobs(checkpoint_layers=(0, 2), micro_batch_size=16), 6) == (
         "no freezing, checkpoint 2/6 layers (0,2), fp32, 32-bit AdamW, micro-batches of up to 16, dynamic padding")
+    # two processes share a step of 16: each runs at most 8 examples, whatever the cap (the train summary's line)
+    assert "micro-batches of up to 8," in knobs_line(Knobs(micro_batch_size=16, strategy="fsdp"), 6, 2, share=8)
 
 
 def test_an_alternative_reads_as_its_changes_its_speed_and_its_peak():
