@@ -159,6 +159,7 @@ def _encode(tokenizer, texts: list[list[str]], max_length: int | None,
     """(input_ids, token_type_ids or None, number truncated). Tokenizes untruncated first so that what
     truncation cuts is counted, then re-tokenizes only the too-long examples with truncation."""
     ids, types = encode_batched(tokenizer, texts, None)
+    _check_texts_were_read(texts, ids)
     too_long = [i for i, row in enumerate(ids) if max_length is not None and len(row) > max_length]
     if too_long and not truncation:
         raise DataError(f"{len(too_long)} examples are longer than max_length={max_length} tokens "
@@ -172,6 +173,15 @@ def _encode(tokenizer, texts: list[list[str]], max_length: int | None,
             if types is not None:
                 types[i] = cut_types[j]
     return ids, types, len(too_long)
+
+
+def _check_texts_were_read(texts: list[list[str]], ids: list[list[int]]) -> None:
+    """Different texts that all tokenize to the same ids: the tokenizer reads none of their words (one that
+    does not match the model, or whose vocabulary misses every word), and nothing could be learnt."""
+    rows = list(zip(*texts))
+    if len(set(rows)) > 2 and all(row == ids[0] for row in ids):
+        raise DataError(f"all {len(ids)} examples tokenize to the same ids {ids[0][:8]} although their texts "
+                        "differ: the tokenizer does not read their words (check that it is the model's)")
 
 
 def _from_token_ids(columns: dict[str, list], task: str, max_length: int | None, label_column: str | None,

@@ -338,3 +338,16 @@ def test_class_label_names_of_a_dataset_name_the_classes_with_their_ids(word_tok
     kept = prepare_examples(evaluation, word_tok, task="classification", max_length=16, min_classes=1,
                             train_kind=label_kind(plain))  # training labels were plain ids: ids stay ids
     assert kept.labels == [2] and kept.label_names is None
+
+
+def test_texts_the_tokenizer_cannot_read_are_refused(word_tok):
+    """A tokenizer that is not the model's can turn every text into the same ids (a Qwen2 folder read as
+    Qwen2Tokenizer gave [BOS, EOS] for each): a classifier would train on identical inputs."""
+    unknown = [{"text": word, "label": i % 2} for i, word in enumerate(["zebra", "quokka", "okapi", "tapir"])]
+    with pytest.raises(DataError, match=r"^all 4 examples tokenize to the same ids \[1\] although their texts "
+                                        r"differ: the tokenizer does not read their words"):
+        prepare_examples(unknown, word_tok, task="classification", max_length=8)
+    with pytest.raises(DataError, match="tokenize to the same ids"):
+        text_lengths(unknown, word_tok)  # the planner reads the data the same way
+    same = [{"text": "zebra", "label": i % 2} for i in range(4)]  # one text repeated: what it says is kept
+    assert prepare_examples(same, word_tok, task="classification", max_length=8).input_ids == [[1]] * 4
