@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from autofit.notes import main_process, noting
+from autofit.notes import main_process, noting, transformers_quiet
 from autofit.processes import close_process_group, said_by_main_process
 
 err = Console(stderr=True)
@@ -39,21 +39,10 @@ class Commands(TyperGroup):
             return super().invoke(ctx)
 
 
-@contextmanager
 def _transformers_errors_only():
     """transformers' advisory warnings (e.g. GPT-2's "`loss_type=None` ... unrecognized" on the profiler's
     first loss) and progress bars would land on stderr next to our one-line error."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would precede a one-line error too
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
+    return transformers_quiet()
 
 
 @contextmanager

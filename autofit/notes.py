@@ -87,3 +87,20 @@ def noted(function: Callable) -> Callable:
             result.notes = list(notes)
         return result
     return wrapper
+
+
+@contextmanager
+def transformers_quiet():
+    """transformers' advisory warnings and progress bars ("Loading weights") off for the block: the CLI's
+    one-line errors and the API's quiet runs print nothing of theirs."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -29,7 +29,7 @@ from autofit.labels import config_label_names, label_kind
 from autofit.limits import check_seq_len, max_sequence_length
 from autofit.memory import offloaded_bytes_per_machine, peak_over_shapes, predict_eval_peak, predict_peak
 from autofit.models import build_model, head_task, load_model
-from autofit.notes import noted
+from autofit.notes import noted, transformers_quiet
 from autofit.plan import MemoryBreakdown, Plan
 from autofit.policy import Policy, check_adapter_choice, load_policy
 from autofit.processes import launched_processes, main_process_first, on_main_process
@@ -144,7 +144,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     if isinstance(model, PretrainedConfig):  # a config asks for a model with random weights
         model = build_model(config, task, num_labels=num_labels or train_data.num_labels or 2)
     elif not isinstance(model, nn.Module):
-        with _weights_from_checkpoint(resumed):
+        with _weights_from_checkpoint(resumed), transformers_quiet() if quiet else contextlib.nullcontext():
             model = load_model(model, task=task, num_labels=num_labels or train_data.num_labels or 2, nf4=nf4)
     _name_classes(model, train_data.label_names)
     spec = plan.device if plan is not None else target_device(device, train=True)

@@ -39,11 +39,15 @@ def test_train_shows_its_notes_once_and_keeps_them_on_the_result(tok, capsys):
     assert err.count(f"note: {truncated[0]}") == 1
 
 
-def test_quiet_train_says_nothing_but_keeps_its_notes(tok, capsys):
+def test_quiet_train_says_nothing_but_keeps_its_notes(tok, capsys, tmp_path):
     rows = make_rows(24, seed=3, max_words=30)
     result = _train(tiny_model("bert"), rows, tok, max_length=16, quiet=True)
     assert "note:" not in capsys.readouterr().err
     assert any("truncated" in n for n in result.notes)
+    tiny_model("bert").save_pretrained(tmp_path / "bert")  # loaded from a folder: transformers' bars stay off too
+    capsys.readouterr()
+    _train(str(tmp_path / "bert"), rows, tok, max_length=16, quiet=True, max_steps=1)
+    assert capsys.readouterr().err == ""
 
 
 def test_notes_are_not_repeated_where_the_callers_logging_shows_them(caplog, capsys):
