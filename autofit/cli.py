@@ -19,7 +19,7 @@ import autofit
 from autofit import plots  # light: matplotlib is imported only to draw
 from autofit.cli_errors import Commands, err, escape, friendly_errors
 from autofit.cli_options import (check_needs_data, check_out_file, check_outputs_apart, checked_seq_len, load_data,
-                                 read_plan)
+                                 read_plan, text_columns)
 
 out = Console()
 
@@ -60,7 +60,7 @@ def plan(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Effective batch size, kept by every plan."),
     data: Optional[Path] = typer.Option(None, "--data", help="CSV, JSON lines or saved dataset: real lengths."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory for --data."),
-    text_column: Optional[str] = typer.Option(None, "--text-column"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="The text column, or a pair: a,b."),
     label_column: Optional[str] = typer.Option(None, "--label-column", help=LABEL_HELP),
     policy: str = typer.Option("balanced", "--policy", help="balanced, quality-first, fastest, minimal-memory, "
                                                             "or a policy YAML file."),
@@ -109,7 +109,7 @@ def plan(
         if tok is None:
             raise ValueError(f"--data needs a tokenizer and none for {model!r} is on this machine: pass --tokenizer")
     found = plan_and_search(model, vram, seq_len=seq_len, batch_size=batch_size, data=rows, policy=policy,
-                            task=task, device=device, tokenizer=tok, text_column=text_column,
+                            task=task, device=device, tokenizer=tok, text_column=text_columns(text_column),
                             label_column=label_column, n_trials=trials,
                             storage=storage, adapter=adapter, gpus=gpus, machines=machines,
                             interconnect=interconnect, network=network, host_memory=host_memory)
@@ -137,7 +137,7 @@ def train(
     vram: Optional[str] = typer.Option(None, "--vram", help="Plan and train in one go. " + VRAM_HELP),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: the model's)."),
-    text_column: Optional[str] = typer.Option(None, "--text-column"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="The text column, or a pair: a,b."),
     label_column: Optional[str] = typer.Option(None, "--label-column", help=LABEL_HELP),
     task: Optional[str] = typer.Option(None, "--task", help="classification | causal-lm (default: the plan's, "
                                        "else by model and data)."),
@@ -183,7 +183,7 @@ def train(
     result = autofit.train(model_spec, load_data(data), budget=vram, plan=saved, tokenizer=tok, epochs=epochs,
                            max_steps=max_steps, lr=lr, batch_size=batch_size,
                            eval_data=load_data(eval_data, evaluation=True),
-                           policy=policy, task=task, max_length=max_length, text_column=text_column,
+                           policy=policy, task=task, max_length=max_length, text_column=text_columns(text_column),
                            label_column=label_column, output_dir=output_dir,
                            checkpoint_every=checkpoint_every, resume=resume, quiet=quiet, seed=seed,
                            adapter=adapter, measure_memory=measure)

@@ -46,6 +46,13 @@ def checked_seq_len(model: str, seq_len: int | None, multiple: int | None = None
     return check_seq_len(config, seq_len, explicit=seq_len is not None, multiple=multiple, flag="--seq-len")
 
 
+def text_columns(option: str | None) -> str | list[str] | None:
+    """--text-column: one column, or a pair named "a,b" (question and passage, premise and hypothesis)."""
+    if option is None or "," not in option:
+        return option
+    return [name.strip() for name in option.split(",")]
+
+
 def load_data(path: Path | None, *, evaluation: bool = False):
     from autofit.data_files import load_data_file
 

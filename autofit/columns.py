@@ -76,13 +76,39 @@ def default_label_column(names: Sequence[str], *, say: bool = False) -> str | No
     return found[0] if found else None
 
 
+def reads_token_ids(columns: dict[str, list], text_column: str | Sequence[str] | None,
+                    label_column: str | None = None) -> bool:
+    """Whether examples are read as their `input_ids`. A named text column is tokenized instead; text left
+    unread beside the ids is said, as the ids may come from another tokenizer."""
+    if "input_ids" not in columns:
+        return False
+    if text_column is not None:
+        log.info(f"the data's input_ids are not read: its text column {_names(text_column)} is tokenized")
+        return False
+    labels = (default_label_column(columns), label_column)
+    texts = [n for n, values in columns.items()
+             if n not in labels and values and all(isinstance(v, str) for v in values)]
+    if texts:
+        log.info(f"trained on the data's input_ids; its text {_names(texts)} is not read (name it with "
+                 "text_column / --text-column to tokenize it instead)")
+    return True
+
+
+def _names(names: str | Sequence[str]) -> str:
+    """'text', or 'question' and 'passage'."""
+    names = [names] if isinstance(names, str) else list(names)
+    return " and ".join(repr(n) for n in names)
+
+
 def find_text_columns(columns: dict[str, list], text_column: str | Sequence[str] | None,
                   label_column: str | None = None) -> tuple[str, ...]:
     if text_column is not None:
         names = (text_column,) if isinstance(text_column, str) else tuple(text_column)
+        if not 1 <= len(names) <= 2:
+            raise DataError(f"name one text column or a pair, not {len(names)} ({_names(names)})")
         missing = [n for n in names if n not in columns]
-        if missing or not 1 <= len(names) <= 2:
-            raise DataError(f"text column {missing or names} not found; the data has columns {sorted(columns)}")
+        if missing:
+            raise DataError(f"text column {_names(missing)} not found; the data has columns {sorted(columns)}")
         return names
     for pair in TEXT_PAIRS:
         found = tuple(column_named(columns, name) for name in pair)

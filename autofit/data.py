@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from autofit.columns import columns_of, default_label_column, find_label_column, find_text_columns
+from autofit.columns import (columns_of, default_label_column, find_label_column, find_text_columns,
+                             reads_token_ids)
 from autofit.data_files import train_split
 from autofit.labels import NAMES, DataError, class_label_names, class_labels, named_ids, short_repr
 from autofit.techniques.loss_weighting import IGNORE_INDEX
@@ -116,7 +117,7 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
     label_rules = dict(min_classes=min_classes, label_names=label_names, model_names=model_names,
                        train_kind=train_kind, class_names=class_label_names(train_split(data)))
     columns = columns_of(data)
-    if "input_ids" in columns:
+    if reads_token_ids(columns, text_column, label_column):
         return _from_token_ids(columns, task, max_length, label_column, truncation, label_rules)
     if task == "token-classification":
         raise DataError("token-classification needs pre-tokenized examples with input_ids and token labels")
@@ -136,7 +137,7 @@ def text_lengths(data, tokenizer, text_column: str | Sequence[str] | None = None
                  max_length: int | None = None, label_column: str | None = None) -> list[int]:
     """Token length of every example (with special tokens), capped at `max_length`: the planner's input."""
     columns = columns_of(data)
-    if "input_ids" in columns:
+    if reads_token_ids(columns, text_column, label_column):
         lengths = [len(ids) for ids in _unpadded(columns, [])["input_ids"]]
     else:
         texts = [_texts(columns, name) for name in find_text_columns(columns, text_column, label_column)]

@@ -62,6 +62,24 @@ def test_a_label_column_the_data_lacks_is_named(files, target_data, monkeypatch)
     assert "label column 'label' not found; the data has columns ['target', 'text']" in line
 
 
+def test_text_column_names_a_pair_as_a_comma_separated_list(files):
+    """A pair the column finder does not know (question, passage) is named on the command line as "a,b"."""
+    path = files["root"] / "qp.jsonl"
+    rows = [json.loads(line) for line in files["data"].read_text().splitlines()]
+    path.write_text("".join(json.dumps({"question": r["text"], "passage": r["text"][::-1], "label": r["label"]})
+                            + "\n" for r in rows))
+    unnamed = assert_one_line_error(invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu",
+                                           "--data", path))
+    assert "cannot tell which column holds the text" in unnamed
+    planned = invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", "--data", path,
+                     "--text-column", "question,passage", "--json")
+    assert planned.exit_code == 0, (planned.output, planned.exception)
+    single = invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", "--data", path,
+                    "--text-column", "question", "--json")
+    pair_lengths = Plan.model_validate_json(planned.stdout).workload.lengths
+    assert pair_lengths.num_tokens > Plan.model_validate_json(single.stdout).workload.lengths.num_tokens
+
+
 def test_task_reaches_train(files, plan_file):
     line = assert_one_line_error(invoke("train", "--vram", "1GB", "--model", files["model"], "--data",
                                         files["data"], "--task", "causal-lm", "--quiet"))

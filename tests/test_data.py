@@ -111,7 +111,7 @@ def test_text_lengths_for_the_planner(word_tok):
     ([], {}, "holds no examples"),
     ([{"text": "a"}], {}, r"no label column \('label' or 'labels'\) for classification; the data has columns \['text'\]"),
     ([{"body": "a", "title": "b", "label": 0}], {}, r"cannot tell which column holds the text \(columns: \['body', 'label', 'title'\]\)"),
-    ([{"text": "a", "label": 0}], {"text_column": "review"}, r"text column \['review'\] not found"),
+    ([{"text": "a", "label": 0}], {"text_column": "review"}, r"text column 'review' not found"),
     ([{"text": "a", "y": 0}], {"label_column": "label"}, r"label column 'label' not found; the data has columns \['text', 'y'\]"),
     ([{"text": "a", "label": 0}, {"text": None, "label": 1}], {}, "example 1 has no text in column 'text'"),
     ([{"text": "a", "label": 0}, {"text": "b"}], {}, "example 1 has no label"),
@@ -351,3 +351,19 @@ def test_texts_the_tokenizer_cannot_read_are_refused(word_tok):
         text_lengths(unknown, word_tok)  # the planner reads the data the same way
     same = [{"text": "zebra", "label": i % 2} for i in range(4)]  # one text repeated: what it says is kept
     assert prepare_examples(same, word_tok, task="classification", max_length=8).input_ids == [[1]] * 4
+
+
+def test_a_named_text_column_is_tokenized_even_beside_input_ids(word_tok, caplog):
+    """Rows holding text and input_ids (from another tokenizer, say) trained on the ids, silently, even when
+    the user named the text column. The named column wins; without a name the ids do, with a note."""
+    rows = [{"text": sentence(n), "input_ids": [5, 6], "label": n % 2} for n in (3, 7, 4, 9)]
+    with caplog.at_level("INFO", logger="autofit"):
+        named = prepare_examples(rows, word_tok, task="classification", max_length=16, text_column="text")
+    assert [len(ids) for ids in named.input_ids] == [3, 7, 4, 9]
+    assert "the data's input_ids are not read: its text column 'text' is tokenized" in caplog.text
+    assert text_lengths(rows, word_tok, text_column="text") == [3, 7, 4, 9]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="autofit"):
+        unnamed = prepare_examples(rows, word_tok, task="classification", max_length=16)
+    assert unnamed.input_ids == [[5, 6]] * 4
+    assert "trained on the data's input_ids; its text 'text' is not read" in caplog.text
