@@ -196,13 +196,21 @@ def train(
         # the checkpoints hold weights and training state; this is a model to load (--model DIR, from_pretrained)
         folder = Path(output_dir) / "model"
         result.model.save_pretrained(folder)
-        tok.save_pretrained(folder)
+        _pad_like_training(tok, result.model.config.pad_token_id).save_pretrained(folder)
         out.print(f"trained model saved to {folder} (load it with --model {folder} or from_pretrained)",
                   style="dim")
     if plot is not None:
         out.print(f"saved to {result.plot(plot)}", style="dim")
     if result.memory_warning:
         err.print("[red]warning:[/] " + escape(result.memory_warning), soft_wrap=True, highlight=False)
+
+
+def _pad_like_training(tok, pad_id: int | None):
+    """The tokenizer, padding with the id training padded with (a decoder's end token): one without a pad
+    token could not batch the saved model's inputs."""
+    if tok is not None and getattr(tok, "pad_token", None) is None and pad_id is not None:
+        tok.pad_token = tok.convert_ids_to_tokens(pad_id)
+    return tok
 
 
 def _end_process_group() -> None:

@@ -219,3 +219,22 @@ def test_a_note_is_said_once_though_train_and_eval_data_both_infer_it(files, tmp
                     "--eval-data", tmp_path / "eval.jsonl", "--batch-size", "4", "--max-steps", "1", "--quiet")
     assert result.exit_code == 0, result.output
     assert result.stderr.count("the text is column 'body'") == 1, result.stderr
+
+
+def test_the_saved_tokenizer_pads_as_training_padded(tmp_path):
+    """A GPT-2 tokenizer has no pad token; training pads with the end token's id (the config's pad_token_id).
+    The tokenizer saved beside the trained model pads with it, so the model's inputs can be batched."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from autofit.cli import _pad_like_training
+
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(["good bad movie film plot"], trainers.WordLevelTrainer(special_tokens=["<eos>",
+                                                                                                      "<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>", unk_token="<unk>")
+    assert tok.pad_token is None
+    _pad_like_training(tok, 0).save_pretrained(tmp_path)
+    batch = AutoTokenizer.from_pretrained(tmp_path)(["good movie", "bad film plot"], padding=True)
+    assert batch["input_ids"][0][-1] == 0 and batch["attention_mask"][0] == [1, 1, 0]
