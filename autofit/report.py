@@ -183,6 +183,8 @@ def plan_report(plan: Plan) -> Group:
         detail = {name: f" (1/{plan.cluster.processes} shard)" for name in ("weights", "gradients", "optimizer_state")}
         if plan.knobs.cpu_offload:
             detail = {name: " (in CPU RAM)" for name in detail}
+        elif plan.device.kind == "cpu":  # memory.py: the caller's whole model waits in the same memory
+            detail["weights"] = f" (1/{plan.cluster.processes} shard, and the whole model waiting to be trained)"
     names = ["weights", "gradients", "optimizer_state", "activations", "temporaries"]
     names += ["workspace"] * bool(m.workspace) + ["overhead"]
     if m.context:
@@ -204,6 +206,10 @@ def plan_report(plan: Plan) -> Group:
     speed.add_row("per epoch", f"{_seconds(t.epoch_seconds)} ({samples})")
     speed.add_row("padding efficiency", f"{t.padding_efficiency:.0%}")
     parts = [Text.from_markup(title), knobs, mem, speed]
+    if m.peak_bytes > plan.budget_bytes - plan.headroom_bytes:  # a file edited by hand: train refuses it
+        parts.insert(1, Text(f"warning: the predicted peak {format_bytes(m.peak_bytes)} is over the budget less "
+                             f"its {format_bytes(plan.headroom_bytes)} headroom: this plan does not fit (train "
+                             "refuses it)", style="red"))
     if plan.alternatives:
         alt = Table(title="alternatives", show_header=False, box=None, padding=(0, 2))
         for a in plan.alternatives:

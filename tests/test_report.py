@@ -61,6 +61,18 @@ def test_the_plan_report_shows_knobs_step_and_alternatives():
 # --- adapters ------------------------------------------------------------------------------------------------
 
 
+def test_a_plan_edited_over_its_budget_is_flagged_when_shown():
+    plan = searched_plan()
+    console = Console(width=200, record=True)
+    console.print(plan_report(plan))
+    assert "does not fit" not in console.export_text()
+    edited = plan.model_copy(update={"budget_bytes": plan.predicted.peak_bytes})  # no room for its headroom
+    console = Console(width=200, record=True)
+    console.print(plan_report(edited))
+    text = console.export_text()
+    assert "is over the budget less its" in text and "this plan does not fit" in text
+
+
 def test_an_adapter_plan_names_its_adapter_and_leaves_out_the_frozen_base():
     k = Knobs(adapter="lora", base_dtype="nf4", lora_rank=32, lora_targets="all-linear", precision=Precision.bf16,
               checkpoint_layers=(0, 1))
