@@ -152,6 +152,10 @@ def _texts(columns: dict[str, list], name: str) -> list[str]:
         raise DataError(f"example {bad} has no text in column {name!r} (found {values[bad]!r})")
     if not any(v.strip() for v in values):
         raise DataError(f"every text in column {name!r} is empty: there is nothing to learn from")
+    blank = sum(not v.strip() for v in values)
+    if blank:  # kept: with a tokenizer's special tokens they still make an input (without any, they are left out)
+        log.info(f"{blank} example{'s' * (blank != 1)} of {len(values)} {'have' if blank != 1 else 'has'} an "
+                 f"empty text in column {name!r}")
     return values
 
 

@@ -298,11 +298,15 @@ def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, columns: t
     if not isinstance(data, TokenizedData):
         data = _prepared(data, tokenizer, task, max_length, columns, train, model_names)
     data, dropped = without_untrainable(data)
+    kind = "training" if train is None else "evaluation"
     if dropped:
-        least = {1: "one token", 2: "two tokens"}[min_tokens(task)]
+        least = {1: "no token", 2: "fewer than two tokens"}[min_tokens(task)]
         unscored = " or no token label but -100" if data.labels is not None and task in TOKEN_LEVEL_TASKS else ""
-        log.info(f"{dropped} {'training' if train is None else 'evaluation'} examples had fewer than {least}"
-                 f"{unscored} and were left out: nothing can be learnt from them")
+        log.info(f"{dropped} {kind} example{'s' * (dropped != 1)} had {least}{unscored} and "
+                 f"{'were' if dropped != 1 else 'was'} left out: nothing can be learnt from them")
+    if train is not None and data.num_truncated:  # the training data's is said with its other notes
+        log.info(f"{data.num_truncated} of {len(data)} evaluation examples were longer than {max_length} tokens "
+                 "and were truncated")
     return data
 
 

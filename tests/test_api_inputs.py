@@ -39,6 +39,13 @@ def test_train_shows_its_notes_once_and_keeps_them_on_the_result(tok, capsys):
     assert err.count(f"note: {truncated[0]}") == 1
 
 
+def test_evaluation_examples_cut_at_the_length_are_noted(tok):
+    rows = make_rows(24, seed=3, max_words=8)
+    long_eval = make_rows(6, seed=4, max_words=8) + [{"text": " ".join(["w1"] * 60), "label": 0}]
+    result = _train(tiny_model("bert"), rows, tok, eval_data=long_eval, max_length=16, quiet=True, max_steps=1)
+    assert "1 of 7 evaluation examples were longer than 16 tokens and were truncated" in result.notes
+
+
 def test_quiet_train_says_nothing_but_keeps_its_notes(tok, capsys, tmp_path):
     rows = make_rows(24, seed=3, max_words=30)
     result = _train(tiny_model("bert"), rows, tok, max_length=16, quiet=True)

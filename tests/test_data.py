@@ -367,3 +367,10 @@ def test_a_named_text_column_is_tokenized_even_beside_input_ids(word_tok, caplog
         unnamed = prepare_examples(rows, word_tok, task="classification", max_length=16)
     assert unnamed.input_ids == [[5, 6]] * 4
     assert "trained on the data's input_ids; its text 'text' is not read" in caplog.text
+
+
+def test_empty_texts_are_noted(word_tok, caplog):
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(["", "   ", sentence(3), sentence(5)])]
+    with caplog.at_level("INFO", logger="autofit"):
+        text_lengths(rows, word_tok)
+    assert "2 examples of 4 have an empty text in column 'text'" in caplog.text
