@@ -122,6 +122,9 @@ def _load_json(path: Path) -> list[dict]:
         return {name: list(values.values()) for name, values in rows[0].items()}
     if len(rows) == 1 and _holds_columns(rows[0]):
         return rows[0]  # {"text": [...], "label": [...]}, as pandas' to_json(orient="list") writes
+    if len(rows) == 1 and _uneven_columns(rows[0]):
+        sizes = ", ".join(f"{name} {len(values)}" for name, values in rows[0].items())
+        raise DataError(f"{path}: its columns hold different numbers of examples ({sizes})")
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None) if isinstance(rows, list) else 0
     if bad is not None:
         raise DataError(f"{path}: every example must be a JSON object such as {{\"text\": ..., \"label\": ...}}; "
@@ -153,6 +156,14 @@ def _holds_columns(row: object) -> bool:
     if not isinstance(row, dict) or not row or not all(isinstance(v, list) for v in row.values()):
         return False
     return len({len(v) for v in row.values()}) == 1 and any(v and isinstance(v[0], str | list) for v in row.values())
+
+
+def _uneven_columns(row: object) -> bool:
+    """A lone object of lists of different lengths, one of them of several strings: columns that do not line
+    up (an example would hold one text, not a list of them)."""
+    if not isinstance(row, dict) or len(row) < 2 or not all(isinstance(v, list) for v in row.values()):
+        return False
+    return any(len(v) > 1 and all(isinstance(x, str) for x in v) for v in row.values())
 
 
 def _load_saved_dataset(path: Path, evaluation: bool):

@@ -98,6 +98,10 @@ def test_a_json_object_of_columns_is_read_as_columns_not_one_example(tmp_path):
     one = tmp_path / "one.jsonl"  # one pre-tokenized token-classification example: lists of numbers
     one.write_text(json.dumps({"input_ids": [5, 6, 7], "labels": [0, 1, 0]}) + "\n")
     assert load_data_file(one) == [{"input_ids": [5, 6, 7], "labels": [0, 1, 0]}]
+    uneven = tmp_path / "uneven.json"  # read as one example before, with the label list as its label
+    uneven.write_text(json.dumps({"text": ["a b", "c d", "e", "f"], "label": [1, 0]}))
+    with pytest.raises(DataError, match=r"its columns hold different numbers of examples \(text 4, label 2\)$"):
+        load_data_file(uneven)
 
 
 def test_a_json_example_naming_a_key_twice_is_refused(tmp_path):
