@@ -238,3 +238,13 @@ def test_the_saved_tokenizer_pads_as_training_padded(tmp_path):
     _pad_like_training(tok, 0).save_pretrained(tmp_path)
     batch = AutoTokenizer.from_pretrained(tmp_path)(["good movie", "bad film plot"], padding=True)
     assert batch["input_ids"][0][-1] == 0 and batch["attention_mask"][0] == [1, 1, 0]
+
+
+def test_planning_on_data_without_labels_warns_that_training_needs_them(files):
+    path = files["root"] / "unlabelled.jsonl"
+    rows = [json.loads(line) for line in files["data"].read_text().splitlines()]
+    path.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    planned = invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", "--data", path, "--json")
+    assert planned.exit_code == 0, planned.output
+    assert "warning: the data has no label column ('label' or 'labels'): training a classifier on it needs one" \
+        in planned.stderr
