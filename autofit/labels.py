@@ -68,7 +68,7 @@ def class_labels(values: list, *, min_classes: int = 2, label_names: Sequence[st
                         f"(example {odd} has label {short_repr(values[odd])}): give both the same kind of labels")
     if kind == NAMES:
         return _string_classes(taken, min_classes, label_names, model_names, column)
-    return _integer_classes(taken, min_classes) if kind == IDS else _regression(taken)
+    return _integer_classes(taken, min_classes, column) if kind == IDS else _regression(taken)
 
 
 def label_kind(prepared: Any) -> str | None:
@@ -146,11 +146,15 @@ def config_label_names(config: Any) -> list[str] | None:
     return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
 
 
-def _integer_classes(ids: list[int], min_classes: int) -> dict[str, Any]:
+def _integer_classes(ids: list[int], min_classes: int, column: str | None = None) -> dict[str, Any]:
     if min(ids) < 0:
         raise DataError(f"class labels must be >= 0, found {min(ids)}")
     _check_enough_classes(ids, min_classes)
     distinct = sorted(set(ids))
+    if min_classes > 1 and len(ids) >= ALL_DISTINCT_MIN and len(distinct) == len(ids):  # an id column, say
+        raise DataError(f"each of the {len(ids)} examples has a label of its own ({_preview(distinct, 3)}): "
+                        f"{column or 'the label column'} holds no classes; name the column that does with "
+                        "label_column / --label-column")
     largest = distinct[-1]
     if largest + 1 > max(MIN_MAX_CLASS_ID, 10 * len(distinct)):
         raise DataError(f"the largest label is {largest} but there are only {len(distinct)} distinct labels: "

@@ -236,7 +236,7 @@ def test_absurd_class_ids_are_refused_before_building_a_model(labels):
 
 def test_sparse_class_ids_within_reason_are_taken():
     assert prepare_examples(rows([0, 999]), task="classification", max_length=8).num_labels == 1000
-    many = list(range(0, 2000, 10))  # 200 distinct ids up to 1990: at most 10 ids per label
+    many = list(range(0, 2000, 10)) * 2  # 200 distinct ids up to 1990, twice each: at most 10 ids per label
     assert prepare_examples(rows(many), task="classification", max_length=8).num_labels == 1991
 
 

@@ -100,6 +100,12 @@ def test_string_labels_all_different_are_no_classes():
     assert class_labels(texts[:-1])["num_labels"] == ALL_DISTINCT_MIN - 1  # a small set may be all classes
     assert class_labels(texts + texts[:1])["num_labels"] == ALL_DISTINCT_MIN  # one repeat: classes
     assert class_labels(texts, label_names=texts, min_classes=1)["labels"] == list(range(ALL_DISTINCT_MIN))
+    ids = list(range(ALL_DISTINCT_MIN))  # an id column named as the labels built an 80-class head silently
+    with pytest.raises(DataError, match=f"each of the {ALL_DISTINCT_MIN} examples has a label of its own "
+                                        r"\(0, 1, 2, \.\.\."):
+        class_labels(ids)
+    assert class_labels(ids[:-1])["num_labels"] == ALL_DISTINCT_MIN - 1
+    assert class_labels(ids, min_classes=1)["num_labels"] == ALL_DISTINCT_MIN  # evaluation data may
 
 
 def test_default_columns_are_found_whatever_their_case(caplog):
