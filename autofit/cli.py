@@ -65,7 +65,8 @@ def plan(
     policy: str = typer.Option("balanced", "--policy", help="balanced, quality-first, fastest, minimal-memory, "
                                                             "or a policy YAML file."),
     adapter: str = typer.Option("auto", "--adapter", help=ADAPTER_HELP),
-    task: Optional[str] = typer.Option(None, "--task", help="classification | causal-lm (default: by model)."),
+    task: Optional[str] = typer.Option(None, "--task", help="classification | causal-lm | token-classification "
+                                       "(default: by model)."),
     device: Optional[str] = typer.Option(None, "--device", help="Target card: h100, a100, a10g, l4, t4, "
                                                                 "rtx4090, rtx3090, v100, cuda, cpu."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs in all (one process each); --vram is each one's."),
@@ -139,7 +140,8 @@ def train(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: the model's)."),
     text_column: Optional[str] = typer.Option(None, "--text-column", help="The text column, or a pair: a,b."),
     label_column: Optional[str] = typer.Option(None, "--label-column", help=LABEL_HELP),
-    task: Optional[str] = typer.Option(None, "--task", help="classification | causal-lm (default: the plan's, "
+    task: Optional[str] = typer.Option(None, "--task", help="classification | causal-lm | token-classification "
+                                       "(default: the plan's, "
                                        "else by model and data)."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Checkpoints go here."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1),

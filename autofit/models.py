@@ -305,8 +305,9 @@ def load_model(spec: str | os.PathLike, task: str = "classification", num_labels
     config = _prepare_config(config, task, num_labels)
     has_head = any("Classification" in name for name in getattr(config, "architectures", None) or ())
     if task != "causal-lm" and has_head and saved_labels not in (None, num_labels):
-        log.warning(f"{model_id} was saved with a {saved_labels}-label head and the data has {num_labels} labels: "
-                    "a new head is trained")
+        classes = "1 class (a regression)" if num_labels == 1 else f"{num_labels} classes"
+        log.warning(f"{model_id} was saved with a {saved_labels}-label head and the data has {classes}: a new "
+                    "head is trained")
     try:
         # A classifier checkpoint fine-tuned for other labels: its head is replaced by a new one of the right
         # size (randomly initialised, as for any new head); the rest of the weights load as usual.

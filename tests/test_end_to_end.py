@@ -382,7 +382,7 @@ def test_a_checkpoint_with_another_head_size_is_loaded_with_a_new_head_and_said(
         result = autofit.train(str(tmp_path / "model"), skewed_rows(16), budget="1GB", batch_size=8, max_steps=1,
                                quiet=True, device="cpu")
     assert result.optimizer_steps == 1
-    assert "saved with a 2-label head and the data has 3 labels: a new head is trained" in caplog.text
+    assert "saved with a 2-label head and the data has 3 classes: a new head is trained" in caplog.text
 
 
 def test_a_saved_plan_trains_its_data_cut_where_the_plan_cut_it(tok, tmp_path, caplog):
