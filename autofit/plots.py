@@ -291,6 +291,9 @@ def draw_training(c: TrainingCurves) -> Figure:
     if c.eval_steps:
         left.plot(c.eval_steps, c.eval_losses, "o--", color="#c44e52", label="eval loss")
     left.set_xlabel("optimizer step")
+    from matplotlib.ticker import MaxNLocator  # _figure has checked matplotlib is there
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 1.2, 1.4 on a short run
     left.set_ylabel("loss")
     left.legend(fontsize=8)
     bars = {"predicted": c.predicted_allocated_bytes}

@@ -2,6 +2,7 @@
 candidates, the profile's fits, the run's records), and each picture is written; `--plot`/`--pareto` on the CLI;
 one-line errors for a path no picture can be written to, or no matplotlib."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -192,6 +193,10 @@ def test_training_curves_are_the_runs_records(tmp_path, monkeypatch):
     assert c.budget_bytes == result.budget_bytes == 2**30
     fig = plots.draw_training(c)
     assert list(fig.axes[0].lines[0].get_ydata()) == c.losses
+    short = plots.draw_training(dataclasses.replace(c, steps=[1, 2], losses=c.losses[:2], eval_steps=[],
+                                                    eval_losses=[]))
+    short.canvas.draw()
+    assert all(float(t).is_integer() for t in short.axes[0].get_xticks())  # no step 1.2: steps are whole
     assert is_png(result.plot(tmp_path / "curves.png"))
 
 
