@@ -49,6 +49,9 @@ class TokenizedData(BaseModel):
     """One sentence on the task the labels asked for and why, e.g. "3 classes from integer labels 0-2" or
     "labels are floats (0.0, 1.0): regression with 1 output and MSE loss; ..."; None without class labels."""
     num_truncated: int = 0
+    text_columns: tuple[str, ...] | None = None
+    """The column (or pair) its texts were read from; None for examples given as token ids. Evaluation data
+    is read from the same ones."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -126,7 +129,7 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
     names = find_text_columns(columns, text_column, label_column)
     texts = [_texts(columns, name) for name in names]
     ids, types, truncated = _encode(tokenizer, texts, max_length, truncation)
-    fields = dict(task=task, input_ids=ids, token_type_ids=types, num_truncated=truncated)
+    fields = dict(task=task, input_ids=ids, token_type_ids=types, num_truncated=truncated, text_columns=tuple(names))
     label = find_label_column(columns, label_column, task)
     if task not in TOKEN_LEVEL_TASKS:
         fields.update(_sequence_labels(columns[label], label, label_rules))

@@ -136,7 +136,9 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     train_data = _tokenized(data, tokenizer, task, max_length, (text_column, label_column),
                             model_names=config_label_names(config))
     _say_data_notes(train_data, max_length)
-    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, (text_column, label_column),
+    # evaluation reads the texts training read (a pair, say), not what its own columns would suggest
+    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length,
+                             (text_column or train_data.text_columns, label_column),
                              train=train_data) if eval_data is not None else None
     set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
     source, nf4 = model, _nf4_loading(plan)

@@ -374,3 +374,18 @@ def test_empty_texts_are_noted(word_tok, caplog):
     with caplog.at_level("INFO", logger="autofit"):
         text_lengths(rows, word_tok)
     assert "2 examples of 4 have an empty text in column 'text'" in caplog.text
+
+
+def test_evaluation_reads_the_text_columns_training_read(word_tok):
+    """Training on pairs and evaluating on single texts (or the reverse) gave an accuracy of other inputs."""
+    from autofit.training import _tokenized
+
+    pairs = [{"sentence1": sentence(n), "sentence2": sentence(n + 2), "label": n % 2} for n in range(1, 9)]
+    train = prepare_examples(pairs, word_tok, task="classification", max_length=32)
+    assert train.text_columns == ("sentence1", "sentence2")
+    singles = [{"text": sentence(n), "label": n % 2} for n in range(1, 5)]
+    with pytest.raises(DataError, match=r"^eval_data \(--eval-data\): text column 'sentence1' and 'sentence2' not "
+                                        r"found; the data has columns \['label', 'text'\]"):
+        _tokenized(singles, word_tok, "classification", 32, (train.text_columns, None), train=train)
+    same = _tokenized(pairs[:4], word_tok, "classification", 32, (train.text_columns, None), train=train)
+    assert same.input_ids == train.input_ids[:4]
