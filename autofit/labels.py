@@ -153,8 +153,8 @@ def _integer_classes(ids: list[int], min_classes: int, column: str | None = None
     distinct = sorted(set(ids))
     if min_classes > 1 and len(ids) >= ALL_DISTINCT_MIN and len(distinct) == len(ids):  # an id column, say
         raise DataError(f"each of the {len(ids)} examples has a label of its own ({_preview(distinct, 3)}): "
-                        f"{column or 'the label column'} holds no classes; name the column that does with "
-                        "label_column / --label-column")
+                        f"{column or 'the label column'} holds no classes (numbers to regress are given as floats); "
+                        "name the column that does with label_column / --label-column")
     largest = distinct[-1]
     if largest + 1 > max(MIN_MAX_CLASS_ID, 10 * len(distinct)):
         raise DataError(f"the largest label is {largest} but there are only {len(distinct)} distinct labels: "
