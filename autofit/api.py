@@ -150,8 +150,9 @@ def plan_and_search(model: ModelSpec, budget: str | int, *, seq_len: int | None 
         task = task or inferred_task(model, config, data, label_column)
         classes = class_count(data, label_column) if data is not None and task == "classification" else None
         if data is not None and task == "classification" and classes is None:  # train refuses such data
-            log.warning("the data has no label column ('label' or 'labels'): training a classifier on it needs "
-                        "one (label_column / --label-column)")
+            named = repr(label_column) if label_column else "'label' or 'labels'"
+            log.warning(f"the data has no label column ({named}): training a classifier on it needs one "
+                        "(label_column / --label-column)")
         profiled = spec_with_labels(model, config, classes)
         profile = _profile(profiled, task, spec, adapters=chosen.adapters.mode == "always")
     lengths = None

@@ -71,7 +71,7 @@ def friendly_errors(command: Callable) -> Callable:
         except NoPlanFitsError as error:
             if not said_by_main_process(error):
                 err.print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
-            close_process_group()
+            close_process_group(error)
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -88,7 +88,7 @@ def friendly_errors(command: Callable) -> Callable:
                 text = f"{type(error).__name__}: {text}"
             if not said_by_main_process(error):  # under a launcher: one line, not one per process
                 err.print("[red]error:[/] " + escape(text), soft_wrap=True, highlight=False)
-            close_process_group()
+            close_process_group(error)
             raise typer.Exit(1) from None
     return wrapper
 

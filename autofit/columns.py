@@ -83,7 +83,9 @@ def reads_token_ids(columns: dict[str, list], text_column: str | Sequence[str] |
     if "input_ids" not in columns:
         return False
     if text_column is not None:
-        log.info(f"the data's input_ids are not read: its text column {_names(text_column)} is tokenized")
+        names = [text_column] if isinstance(text_column, str) else list(text_column)
+        if all(n in columns for n in names):  # else find_text_columns names what is missing
+            log.info(f"the data's input_ids are not read: its text column {_names(text_column)} is tokenized")
         return False
     labels = (default_label_column(columns), label_column)
     texts = [n for n, values in columns.items()
@@ -101,7 +103,19 @@ def _names(names: str | Sequence[str]) -> str:
 
 
 def find_text_columns(columns: dict[str, list], text_column: str | Sequence[str] | None,
-                  label_column: str | None = None) -> tuple[str, ...]:
+                      label_column: str | None = None, like: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The text column or pair: `text_column` if named, else the columns `like` names (what training read, for
+    evaluation data) when the data has them, else found by name. Found ones must be as many as `like`'s."""
+    if text_column is None and like:
+        same = tuple(column_named(list(columns), name) for name in like)
+        if None not in same:
+            return same
+        found = find_text_columns(columns, None, label_column)
+        if len(found) != len(like):
+            what = {1: "one text", 2: "a pair"}
+            raise DataError(f"training read {what[len(like)]} ({_names(like)}) but this data has "
+                            f"{what[len(found)]} ({_names(found)}): name its text with text_column / --text-column")
+        return found
     if text_column is not None:
         names = (text_column,) if isinstance(text_column, str) else tuple(text_column)
         if not 1 <= len(names) <= 2:

@@ -107,8 +107,8 @@ def _scores_a_token(data: TokenizedData, i: int) -> bool:
 def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
                      text_column: str | Sequence[str] | None = None, label_column: str | None = None,
                      truncation: bool = True, min_classes: int = 2,
-                     label_names: Sequence[str] | None = None,
-                     model_names: Sequence[str] | None = None, train_kind: str | None = None) -> TokenizedData:
+                     label_names: Sequence[str] | None = None, model_names: Sequence[str] | None = None,
+                     train_kind: str | None = None, train_text_columns: tuple[str, ...] | None = None) -> TokenizedData:
     """Tokenize `data` for `task` ("classification", "causal-lm", "token-classification").
 
     Sequences longer than `max_length` (the smaller of the user's limit and the model's positions) are
@@ -116,17 +116,20 @@ def prepare_examples(data, tokenizer=None, *, task: str, max_length: int | None,
     Class labels must hold at least `min_classes` classes: 2 for training data; evaluation data may pass 1,
     and the training data's `label_names` so that its string labels get the same class ids. String labels
     that are all among `model_names` (the model config's, labels.config_label_names) keep the model's ids.
-    Evaluation data passes `train_kind`, the training data's `label_kind`: its labels must be of that kind."""
+    Evaluation data passes `train_kind`, the training data's `label_kind`: its labels must be of that kind, and
+    `train_text_columns`, the columns training read its texts from: read them when it has them, and a pair
+    where training read one text (or the reverse) is refused."""
     label_rules = dict(min_classes=min_classes, label_names=label_names, model_names=model_names,
                        train_kind=train_kind, class_names=class_label_names(train_split(data)))
     columns = columns_of(data)
-    if reads_token_ids(columns, text_column, label_column):
+    ids_only = task == "token-classification" and "input_ids" in columns  # its labels are per token id
+    if ids_only or reads_token_ids(columns, text_column, label_column):
         return _from_token_ids(columns, task, max_length, label_column, truncation, label_rules)
     if task == "token-classification":
         raise DataError("token-classification needs pre-tokenized examples with input_ids and token labels")
+    names = find_text_columns(columns, text_column, label_column, like=train_text_columns)
     if tokenizer is None:
         raise DataError("text data needs a tokenizer (or pass examples that already hold input_ids)")
-    names = find_text_columns(columns, text_column, label_column)
     texts = [_texts(columns, name) for name in names]
     ids, types, truncated = _encode(tokenizer, texts, max_length, truncation)
     fields = dict(task=task, input_ids=ids, token_type_ids=types, num_truncated=truncated, text_columns=tuple(names))
@@ -186,8 +189,8 @@ def _encode(tokenizer, texts: list[list[str]], max_length: int | None,
 def _check_texts_were_read(texts: list[list[str]], ids: list[list[int]]) -> None:
     """Different texts that all tokenize to the same ids: the tokenizer reads none of their words (one that
     does not match the model, or whose vocabulary misses every word), and nothing could be learnt."""
-    rows = list(zip(*texts))
-    if len(set(rows)) > 2 and all(row == ids[0] for row in ids):
+    rows = {tuple(" ".join(text.lower().split()) for text in row) for row in zip(*texts)}  # uncased tokenizers
+    if len(rows) > 2 and all(row == ids[0] for row in ids):
         raise DataError(f"all {len(ids)} examples tokenize to the same ids {ids[0][:8]} although their texts "
                         "differ: the tokenizer does not read their words (check that it is the model's)")
 

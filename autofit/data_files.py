@@ -163,6 +163,8 @@ def _uneven_columns(row: object) -> bool:
     up (an example would hold one text, not a list of them)."""
     if not isinstance(row, dict) or len(row) < 2 or not all(isinstance(v, list) for v in row.values()):
         return False
+    if "input_ids" in row:  # one pre-tokenized example: its words and its token ids differ in length
+        return False
     return any(len(v) > 1 and all(isinstance(x, str) for x in v) for v in row.values())
 
 

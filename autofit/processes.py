@@ -49,6 +49,12 @@ def said_by_main_process(error: BaseException) -> bool:
     return getattr(error, "said_by_main_process", False)
 
 
+def failed_together(error: BaseException) -> bool:
+    """Whether every process raises `error` at the same point (on_main_process's failures): none is left
+    waiting in a collective, so the process group may be closed."""
+    return getattr(error, "failed_together", False)
+
+
 def _portable(error: Exception) -> Exception | str:
     """The error itself when it survives pickling (the other processes then raise the same kind: the CLI's
     exit code follows it), else its message."""
@@ -61,7 +67,8 @@ def _portable(error: Exception) -> Exception | str:
 
 def on_main_process(make: Callable[[], T], cpu: bool) -> T:
     """`make()` on the main process, its result (picklable) sent to every process. When it raises, the main
-    process raises the error and the others a MainProcessError with its message, instead of waiting forever."""
+    process raises the error and the others the same error (a MainProcessError with its message when it does
+    not pickle), instead of waiting forever."""
     if launched_processes() == 1:
         return make()
     from accelerate.utils import broadcast_object_list
@@ -76,19 +83,25 @@ def on_main_process(make: Callable[[], T], cpu: bool) -> T:
             failure, box[0] = error, ("error", _portable(error))
     broadcast_object_list(box, from_process=0)
     if failure is not None:
+        failure.failed_together = True
         raise failure
     status, value = box[0]
     if status == "error":
         heard = value if isinstance(value, Exception) else MainProcessError(value)
-        heard.said_by_main_process = True
+        heard.said_by_main_process = heard.failed_together = True
         raise heard
     return value
 
 
-def close_process_group() -> None:
-    """Close the launcher's process group, if one is open, when a command ends on an error: left open, gloo's
-    threads can abort the process as it exits ("terminate called without an active exception"), and the
-    launcher then reports a signal instead of the command's exit code."""
+def close_process_group(error: BaseException) -> None:
+    """Close the launcher's process group, if one is open, when every process ends on `error` together: left
+    open, gloo's threads can abort the process as it exits ("terminate called without an active exception"),
+    and the launcher then reports a signal instead of the command's exit code. An error of one process leaves
+    it open: the others wait in a collective, and NCCL's destroy would wait with them."""
     dist = sys.modules.get("torch.distributed")  # not imported: no group (and no torch import for an early error)
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    if not failed_together(error) or dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
         dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the command's own error is the one to report
+        pass

@@ -136,9 +136,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     train_data = _tokenized(data, tokenizer, task, max_length, (text_column, label_column),
                             model_names=config_label_names(config))
     _say_data_notes(train_data, max_length)
-    # evaluation reads the texts training read (a pair, say), not what its own columns would suggest
-    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length,
-                             (text_column or train_data.text_columns, label_column),
+    eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, (text_column, label_column),
                              train=train_data) if eval_data is not None else None
     set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
     source, nf4 = model, _nf4_loading(plan)
@@ -321,6 +319,7 @@ def _prepared(data: Any, tokenizer: Any, task: str, max_length: int, columns: tu
     try:
         return prepare_examples(eval_split(data, "eval_data"), tokenizer, task=task, max_length=max_length,
                                 text_column=text_column, label_column=label_column, min_classes=1,
-                                label_names=train.label_names, train_kind=label_kind(train))
+                                label_names=train.label_names, train_kind=label_kind(train),
+                                train_text_columns=train.text_columns)
     except DataError as error:  # the training data passed the same checks: say which data this is
         raise DataError(f"eval_data (--eval-data): {error}") from None

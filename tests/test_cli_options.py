@@ -248,3 +248,6 @@ def test_planning_on_data_without_labels_warns_that_training_needs_them(files):
     assert planned.exit_code == 0, planned.output
     assert "warning: the data has no label column ('label' or 'labels'): training a classifier on it needs one" \
         in planned.stderr
+    typo = invoke("plan", "--model", files["model"], "--vram", "1GB", "--device", "cpu", "--data", path,
+                  "--label-column", "sentiment", "--json")
+    assert "no label column ('sentiment')" in typo.stderr or "label column 'sentiment' not found" in typo.stderr

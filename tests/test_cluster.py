@@ -199,3 +199,24 @@ def test_alternatives_weigh_micro_batches_at_what_a_process_can_run():
     assert changed_techniques(chosen, bigger, 12) == ["freezing", "micro-batch"]
     assert changed_techniques(chosen, bigger, 12, share=8) == ["freezing"]
     assert changed_techniques(Knobs(micro_batch_size=4), bigger, 12, share=8) == ["freezing", "micro-batch"]
+
+
+def test_the_process_group_is_closed_only_when_every_process_failed_together(monkeypatch):
+    """An error every process raises at the same point (the main process's plan failing) closes the group;
+    one process's own error leaves it open: the others wait in a collective (NCCL's destroy would too)."""
+    import torch.distributed as dist
+
+    from autofit import processes
+
+    closed = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: closed.append(True))
+    alone = ValueError("this process only")
+    processes.close_process_group(alone)
+    assert closed == []
+    together = ValueError("every process")
+    together.failed_together = True
+    processes.close_process_group(together)
+    assert closed == [True]
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: 1 / 0)
+    processes.close_process_group(together)  # a failing close is not the error to report

@@ -377,15 +377,24 @@ def test_empty_texts_are_noted(word_tok, caplog):
 
 
 def test_evaluation_reads_the_text_columns_training_read(word_tok):
-    """Training on pairs and evaluating on single texts (or the reverse) gave an accuracy of other inputs."""
+    """Training on pairs and evaluating on single texts (or the reverse) gave an accuracy of other inputs; an
+    evaluation file that names its one text otherwise, or holds token ids, is read as before."""
     from autofit.training import _tokenized
 
     pairs = [{"sentence1": sentence(n), "sentence2": sentence(n + 2), "label": n % 2} for n in range(1, 9)]
     train = prepare_examples(pairs, word_tok, task="classification", max_length=32)
     assert train.text_columns == ("sentence1", "sentence2")
     singles = [{"text": sentence(n), "label": n % 2} for n in range(1, 5)]
-    with pytest.raises(DataError, match=r"^eval_data \(--eval-data\): text column 'sentence1' and 'sentence2' not "
-                                        r"found; the data has columns \['label', 'text'\]"):
-        _tokenized(singles, word_tok, "classification", 32, (train.text_columns, None), train=train)
-    same = _tokenized(pairs[:4], word_tok, "classification", 32, (train.text_columns, None), train=train)
+    with pytest.raises(DataError, match=r"^eval_data \(--eval-data\): training read a pair \('sentence1' and "
+                                        r"'sentence2'\) but this data has one text \('text'\): name its text"):
+        _tokenized(singles, word_tok, "classification", 32, (None, None), train=train)
+    same = _tokenized([{k.upper(): v for k, v in row.items()} for row in pairs[:4]], word_tok, "classification",
+                      32, (None, None), train=train)  # the same columns but for case
     assert same.input_ids == train.input_ids[:4]
+    one = prepare_examples([{"sentence": sentence(n), "label": n % 2} for n in range(1, 9)], word_tok,
+                           task="classification", max_length=32)
+    other_name = _tokenized(singles, word_tok, "classification", 32, (None, None), train=one)
+    assert other_name.text_columns == ("text",)
+    ids = _tokenized({"input_ids": [[5, 6], [7]], "label": [0, 1]}, word_tok, "classification", 32, (None, None),
+                     train=one)
+    assert ids.input_ids == [[5, 6], [7]]

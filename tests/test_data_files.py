@@ -102,6 +102,10 @@ def test_a_json_object_of_columns_is_read_as_columns_not_one_example(tmp_path):
     uneven.write_text(json.dumps({"text": ["a b", "c d", "e", "f"], "label": [1, 0]}))
     with pytest.raises(DataError, match=r"its columns hold different numbers of examples \(text 4, label 2\)$"):
         load_data_file(uneven)
+    words = tmp_path / "words.jsonl"  # one token-classification example: its words and its ids differ in length
+    row = {"tokens": ["Hello", "world"], "input_ids": [101, 7592, 2088, 102], "labels": [-100, 0, 0, -100]}
+    words.write_text(json.dumps(row) + "\n")
+    assert load_data_file(words) == [row]
 
 
 def test_a_json_example_naming_a_key_twice_is_refused(tmp_path):

@@ -167,7 +167,8 @@ class Share:
     pieces: list[list[int]]
     weights: list[float] | None
     """Each micro-batch's units over the whole step's (all processes'); 0 for a pass that only keeps counts
-    equal. None for a one-process run: loop.accumulate weighs its micro-batches as it always has."""
+    equal. None for a one-process run: the executor weighs its micro-batches by their examples' units
+    (loop.unit_weights)."""
     padding: int
     """How many of the pieces, at the end, are such passes."""
 

@@ -60,6 +60,7 @@ from autofit.techniques.accumulation import (MicroBatchShape, StepSampler, bucke
                                              run_shapes, steps_per_epoch)
 from autofit.techniques.loss_weighting import count_units
 from autofit.techniques.optimizer import default_learning_rate
+from autofit.workload import TOKEN_LEVEL_TASKS
 from autofit.techniques.padding import PaddingCollator
 
 log = logging.getLogger("autofit")
@@ -274,6 +275,8 @@ class _Run:
 
     def units(self, index: int) -> int:
         """Units (samples, or label tokens) of one training example: what its loss averages over."""
+        if self.plan.task not in TOKEN_LEVEL_TASKS:
+            return 1  # one sample: no need to collate it to count
         if index not in self.unit_counts:
             self.unit_counts[index] = count_units(self.collate([index]), self.plan.task)
         return self.unit_counts[index]
