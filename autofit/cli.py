@@ -164,7 +164,7 @@ def train(
 ) -> None:
     """Train with a plan (or plan first with --vram), measuring the real peak memory."""
     import autofit
-    from autofit.models import load_tokenizer, resolve_config
+    from autofit.models import load_tokenizer, padding_id, resolve_config
     from autofit.policy import check_adapter_choice
     from autofit.report import train_summary
 
@@ -198,7 +198,7 @@ def train(
         # the checkpoints hold weights and training state; this is a model to load (--model DIR, from_pretrained)
         folder = Path(output_dir) / "model"
         result.model.save_pretrained(folder)
-        _pad_like_training(tok, result.model.config.pad_token_id).save_pretrained(folder)
+        _pad_like_training(tok, padding_id(result.model.config)).save_pretrained(folder)
         out.print(f"trained model saved to {folder} (load it with --model {folder} or from_pretrained)",
                   style="dim")
     if plot is not None:
@@ -208,8 +208,8 @@ def train(
 
 
 def _pad_like_training(tok, pad_id: int | None):
-    """The tokenizer, padding with the id training padded with (a decoder's end token): one without a pad
-    token could not batch the saved model's inputs."""
+    """The tokenizer, padding with the id training padded with (models.padding_id: a decoder's end token): one
+    without a pad token could not batch the saved model's inputs."""
     if tok is not None and getattr(tok, "pad_token", None) is None and pad_id is not None:
         tok.pad_token = tok.convert_ids_to_tokens(pad_id)
     return tok
