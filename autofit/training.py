@@ -54,8 +54,8 @@ def replan_for_data(plan: Plan, profile: Profile, lengths: list[int], max_length
     memory = predict_peak(profile, plan.knobs, workload, plan.device, cluster=plan.cluster)
     if memory.peak_bytes > plan.budget_bytes - plan.headroom_bytes:
         raise PlanNoLongerFitsError(
-            f"this plan's knobs need {format_bytes(memory.peak_bytes)} on this data (predicted again from "
-            f"them), over its {format_bytes(plan.budget_bytes)} budget less its "
+            f"this plan's knobs need {format_bytes(memory.peak_bytes)} on this data cut at {max_length} tokens "
+            f"(predicted again from them), over its {format_bytes(plan.budget_bytes)} budget less its "
             f"{format_bytes(plan.headroom_bytes)} headroom: plan again for this data and budget")
     time = predict_time(profile, plan.knobs, workload, plan.device, cluster=plan.cluster)
     # what the file says of its adapters and offloaded shards follows its knobs too (an edited rank or base)
@@ -304,6 +304,9 @@ def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, columns: t
         unscored = " or no token label but -100" if data.labels is not None and task in TOKEN_LEVEL_TASKS else ""
         log.info(f"{dropped} {kind} example{'s' * (dropped != 1)} had {least}{unscored} and "
                  f"{'were' if dropped != 1 else 'was'} left out: nothing can be learnt from them")
+    if train is not None and train.text_columns is None and data.text_columns is not None:
+        log.info(f"evaluation examples are tokenized from their text ({', '.join(data.text_columns)}) while training "
+                 "read token ids: they must come from the same tokenizer")
     if train is not None and data.num_truncated:  # the training data's is said with its other notes
         log.info(f"{data.num_truncated} of {len(data)} evaluation examples were longer than {max_length} tokens "
                  "and were truncated")

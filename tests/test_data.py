@@ -398,3 +398,14 @@ def test_evaluation_reads_the_text_columns_training_read(word_tok):
     ids = _tokenized({"input_ids": [[5, 6], [7]], "label": [0, 1]}, word_tok, "classification", 32, (None, None),
                      train=one)
     assert ids.input_ids == [[5, 6], [7]]
+
+
+def test_evaluating_text_against_training_token_ids_is_noted(word_tok, caplog):
+    from autofit.training import _tokenized
+
+    trained_on_ids = prepare_examples({"input_ids": [[5, 6], [7, 8, 9]], "label": [0, 1]}, task="classification",
+                                      max_length=32)
+    with caplog.at_level("INFO", logger="autofit"):
+        _tokenized([{"text": sentence(n), "label": n % 2} for n in range(1, 5)], word_tok, "classification", 32,
+                   (None, None), train=trained_on_ids)
+    assert "evaluation examples are tokenized from their text (text) while training read token ids" in caplog.text
