@@ -35,14 +35,10 @@ class Commands(TyperGroup):
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx):
-        with _usage_errors_as_bad_input(), _transformers_errors_only():
+        # transformers' advisories (e.g. GPT-2's "`loss_type=None` ... unrecognized" on the profiler's first
+        # loss) and progress bars would land on stderr next to our one-line error
+        with _usage_errors_as_bad_input(), transformers_quiet():
             return super().invoke(ctx)
-
-
-def _transformers_errors_only():
-    """transformers' advisory warnings (e.g. GPT-2's "`loss_type=None` ... unrecognized" on the profiler's
-    first loss) and progress bars would land on stderr next to our one-line error."""
-    return transformers_quiet()
 
 
 @contextmanager

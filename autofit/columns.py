@@ -83,8 +83,7 @@ def reads_token_ids(columns: dict[str, list], text_column: str | Sequence[str] |
     if "input_ids" not in columns:
         return False
     if text_column is not None:
-        names = [text_column] if isinstance(text_column, str) else list(text_column)
-        if all(n in columns for n in names):  # else find_text_columns names what is missing
+        if all(n in columns for n in _as_names(text_column)):  # else find_text_columns names what is missing
             log.info(f"the data's input_ids are not read: its text column {_names(text_column)} is tokenized")
         return False
     labels = (default_label_column(columns), label_column)
@@ -96,10 +95,14 @@ def reads_token_ids(columns: dict[str, list], text_column: str | Sequence[str] |
     return True
 
 
+def _as_names(names: str | Sequence[str]) -> tuple[str, ...]:
+    """A column name or several, as a tuple."""
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
 def _names(names: str | Sequence[str]) -> str:
     """'text', or 'question' and 'passage'."""
-    names = [names] if isinstance(names, str) else list(names)
-    return " and ".join(repr(n) for n in names)
+    return " and ".join(repr(n) for n in _as_names(names))
 
 
 def find_text_columns(columns: dict[str, list], text_column: str | Sequence[str] | None,
@@ -117,7 +120,7 @@ def find_text_columns(columns: dict[str, list], text_column: str | Sequence[str]
                             f"{what[len(found)]} ({_names(found)}): name its text with text_column / --text-column")
         return found
     if text_column is not None:
-        names = (text_column,) if isinstance(text_column, str) else tuple(text_column)
+        names = _as_names(text_column)
         if not 1 <= len(names) <= 2:
             raise DataError(f"name one text column or a pair, not {len(names)} ({_names(names)})")
         missing = [n for n in names if n not in columns]

@@ -156,9 +156,9 @@ def _texts(columns: dict[str, list], name: str) -> list[str]:
     bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
     if bad is not None:
         raise DataError(f"example {bad} has no text in column {name!r} (found {values[bad]!r})")
-    if not any(v.strip() for v in values):
-        raise DataError(f"every text in column {name!r} is empty: there is nothing to learn from")
     blank = sum(not v.strip() for v in values)
+    if blank == len(values):
+        raise DataError(f"every text in column {name!r} is empty: there is nothing to learn from")
     if blank:  # kept: with a tokenizer's special tokens they still make an input (without any, they are left out)
         log.info(f"{blank} example{'s' * (blank != 1)} of {len(values)} {'have' if blank != 1 else 'has'} an "
                  f"empty text in column {name!r}")
@@ -189,8 +189,10 @@ def _encode(tokenizer, texts: list[list[str]], max_length: int | None,
 def _check_texts_were_read(texts: list[list[str]], ids: list[list[int]]) -> None:
     """Different texts that all tokenize to the same ids: the tokenizer reads none of their words (one that
     does not match the model, or whose vocabulary misses every word), and nothing could be learnt."""
+    if any(row != ids[0] for row in ids):  # the usual case, settled at the first two rows
+        return
     rows = {tuple(" ".join(text.lower().split()) for text in row) for row in zip(*texts)}  # uncased tokenizers
-    if len(rows) > 2 and all(row == ids[0] for row in ids):
+    if len(rows) > 2:
         raise DataError(f"all {len(ids)} examples tokenize to the same ids {ids[0][:8]} although their texts "
                         "differ: the tokenizer does not read their words (check that it is the model's)")
 

@@ -134,8 +134,8 @@ def _device_states(profile: Profile, knobs: Knobs, share: sharding.Share,
     weights, grads, state, trainable = param_state(profile, knobs)
     opt_temps = profile.optimizer_transient_per_param.get(str(knobs.optimizer_bits), 0.0) * trainable
     waiting = weights if share.sharded and device.kind == "cpu" else 0.0
-    on_device = tuple(share.on_device(x) for x in (weights, grads, state, opt_temps))
-    return (on_device[0] + waiting, *on_device[1:])
+    return (share.on_device(weights) + waiting, share.on_device(grads), share.on_device(state),
+            share.on_device(opt_temps))
 
 
 def predict_peak(profile: Profile, knobs: Knobs, workload: Workload, device: DeviceSpec,

@@ -135,7 +135,7 @@ def train(model: ModelSpec, data: Any, budget: str | int | None = None, *,
     max_length = check_seq_len(config, asked, explicit=max_length is not None, multiple=multiple, flag="max_length")
     train_data = _tokenized(data, tokenizer, task, max_length, (text_column, label_column),
                             model_names=config_label_names(config))
-    _say_data_notes(train_data, max_length)
+    _say_label_note(train_data)
     eval_tokens = _tokenized(eval_data, tokenizer, task, max_length, (text_column, label_column),
                              train=train_data) if eval_data is not None else None
     set_seed(seed)  # before the model exists: a new head's random weights follow the seed too
@@ -281,13 +281,10 @@ def _plan_in_force(found: Plan, budget_bytes: int, batch_size: int, device: Devi
     return found if same else None  # asked differently: plan anew, and the resume names what changed
 
 
-def _say_data_notes(data: TokenizedData, max_length: int) -> None:
-    """What was inferred or changed about the data, one line each: a regression head is worth a warning."""
+def _say_label_note(data: TokenizedData) -> None:
+    """What the labels asked for (the head's classes): a regression head is worth a warning."""
     if data.label_note:
         (log.warning if data.num_labels == 1 else log.info)(data.label_note)
-    if data.num_truncated:
-        log.info(f"{data.num_truncated} of {len(data)} examples were longer than {max_length} tokens and were "
-                 "truncated")
 
 
 def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, columns: tuple[Any, str | None],
@@ -307,9 +304,9 @@ def _tokenized(data: Any, tokenizer: Any, task: str, max_length: int, columns: t
     if train is not None and train.text_columns is None and data.text_columns is not None:
         log.info(f"evaluation examples are tokenized from their text ({', '.join(data.text_columns)}) while training "
                  "read token ids: they must come from the same tokenizer")
-    if train is not None and data.num_truncated:  # the training data's is said with its other notes
-        log.info(f"{data.num_truncated} of {len(data)} evaluation examples were longer than {max_length} tokens "
-                 "and were truncated")
+    if data.num_truncated:
+        log.info(f"{data.num_truncated} of {len(data)} {'evaluation ' if train is not None else ''}examples were "
+                 f"longer than {max_length} tokens and were truncated")
     return data
 
 

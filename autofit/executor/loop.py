@@ -21,7 +21,7 @@ from torch import nn
 from autofit.knobs import Precision
 from autofit.techniques import precision as amp
 from autofit.techniques.kv_cache import no_kv_cache
-from autofit.techniques.loss_weighting import count_units, loss_scale, step_units
+from autofit.techniques.loss_weighting import count_units, loss_scale
 
 Batch = dict[str, torch.Tensor]
 
@@ -71,9 +71,13 @@ class CollatedPieces:
 
 
 def unit_weights(pieces: Sequence[Sequence[int]], units: Callable[[int], int]) -> list[float | None]:
-    """Each micro-batch's share of the step's units (None for one without a unit: it is skipped), from the
-    examples' own unit counts, so that no micro-batch is collated before its turn."""
-    counts = [sum(map(units, piece)) for piece in pieces]
+    """Each micro-batch's share of the step's units, from the examples' own unit counts, so that no
+    micro-batch is collated before its turn."""
+    return _shares([sum(map(units, piece)) for piece in pieces])
+
+
+def _shares(counts: Sequence[int]) -> list[float | None]:
+    """Each micro-batch's share of the step's units (None for one without a unit: it is skipped)."""
     total = sum(counts)
     return [loss_scale(count, total) if count else None for count in counts]
 
@@ -89,8 +93,7 @@ def accumulate(ctx: StepContext, step: Iterable[Batch], weights: Sequence[float 
     0 runs forward and backward only to keep FSDP's collectives in step with the other processes)."""
     if weights is None:
         step = list(step)
-        total = step_units(step, ctx.task)
-        weights = [loss_scale(units, total) if units else None for units in (count_units(b, ctx.task) for b in step)]
+        weights = _shares([count_units(batch, ctx.task) for batch in step])
     step_loss = torch.zeros((), device=ctx.device)
     with no_kv_cache(ctx.model):
         for i, (batch, weight) in enumerate(zip(step, weights, strict=True)):

@@ -60,8 +60,8 @@ from autofit.techniques.accumulation import (MicroBatchShape, StepSampler, bucke
                                              run_shapes, steps_per_epoch)
 from autofit.techniques.loss_weighting import count_units
 from autofit.techniques.optimizer import default_learning_rate
-from autofit.workload import TOKEN_LEVEL_TASKS
 from autofit.techniques.padding import PaddingCollator
+from autofit.workload import TOKEN_LEVEL_TASKS
 
 log = logging.getLogger("autofit")
 

@@ -8,7 +8,7 @@ big batch's gradient exactly. Saves nothing and costs nothing: it is what makes 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,11 +36,6 @@ def count_units(batch: Mapping[str, Any], task: str) -> int:
     if task == "causal-lm":
         labels = labels[..., 1:]
     return int((labels != IGNORE_INDEX).sum())
-
-
-def step_units(batches: Iterable[Mapping[str, Any]], task: str) -> int:
-    """Units in a whole step (collate the step's micro-batches first, then weight each)."""
-    return sum(count_units(batch, task) for batch in batches)
 
 
 def loss_scale(micro_count: int, step_count: int) -> float:
